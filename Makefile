@@ -1,0 +1,45 @@
+# The two commands: `make demo` and `make test`. Both set everything up on a fresh machine.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+STAMP := $(VENV)/.installed
+APT_STAMP := .venv-apt-checked
+
+.PHONY: demo test bench setup system-deps lint clean
+
+setup: system-deps $(STAMP)
+
+# Install through apt-get only what is missing: the Fashion-MNIST files, mosquitto, redis-server.
+system-deps:
+	@missing=""; \
+	[ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || missing="$$missing dataset-fashion-mnist"; \
+	command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || missing="$$missing mosquitto"; \
+	command -v redis-server >/dev/null || [ -x /usr/bin/redis-server ] || missing="$$missing redis-server"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing with apt-get:$$missing"; \
+	  $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+
+$(STAMP): pyproject.toml
+	@[ -x $(BIN)/python ] || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e ".[dev]"
+	@touch $(STAMP)
+
+demo: setup
+	$(BIN)/harmony compare examples/quickstart.yaml \
+	  --algorithms "splitfed,multi-exit,splitgp(lambda=0.2),splitgp(lambda=1)" --out runs/demo
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/python benchmarks/engine_throughput.py
+
+lint: setup
+	$(BIN)/ruff check harmony broker edge_agent server orchestrator testbed tests benchmarks
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,214 @@
+"""Experiment configuration: one validated tree, loaded from YAML with ``--set`` overrides.
+
+A bad value raises :class:`ConfigError`, whose message names the key, the value given and
+what is allowed, e.g. ``train.participation = 1.5: must be <= 1``.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DEFAULT_TAUS: list[float] = [0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0,
+                             1.2, 1.4, 1.6, 1.8, 2.0, 2.3]
+
+
+class ConfigError(ValueError):
+    """An invalid experiment configuration; the message says which key and how to fix it."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    dataset: Literal["fashion_mnist", "mnist", "cifar10", "cifar100", "cinic10", "tiny_imagenet"] = (
+        "fashion_mnist"
+    )
+    data_dir: str | None = None
+    partition: Literal["shard", "dirichlet"] = "shard"
+    shards_per_client: int = Field(2, ge=1)
+    num_shards: int = Field(100, ge=1)
+    dirichlet_beta: float = Field(0.5, gt=0)
+    train_fraction: float = Field(1.0, gt=0, le=1, description="fraction of each client's samples kept")
+    test_per_client: int = Field(200, ge=1)
+    rhos: list[float] = Field(default_factory=lambda: [0.0, 0.2, 0.4, 0.6, 0.8])
+
+    @field_validator("rhos")
+    @classmethod
+    def _rhos_in_range(cls, v: list[float]) -> list[float]:
+        if not v:
+            raise ValueError("give at least one OOD ratio")
+        for r in v:
+            if not 0.0 <= r <= 1.0:
+                raise ValueError(f"every OOD ratio must lie in [0, 1], got {r}")
+        return v
+
+
+class ModelConfig(_Section):
+    family: Literal["cnn8", "vgg11_bn", "mobilenet_v2", "resnet18", "resnet50", "vit_s"] = "cnn8"
+    width: float = Field(1.0, gt=0, le=4)
+    channels_last: bool = True
+
+
+class FleetConfig(_Section):
+    num_clients: int = Field(10, ge=1, le=100_000)
+    split_depths: list[int] | None = Field(
+        None, description="one depth per client, or a pattern repeated over the clients"
+    )
+    depth_distribution: dict[int, float] | None = None
+    profiles: list[str] | None = Field(
+        None, description="device profile per client (repeated); depth chosen to fit the profile"
+    )
+    step_budget_s: float = Field(1.0, gt=0, description="per-step time budget when depths come from profiles")
+
+    @model_validator(mode="after")
+    def _one_depth_source(self) -> FleetConfig:
+        given = [k for k in ("split_depths", "depth_distribution", "profiles") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give only one of split_depths, depth_distribution, profiles (got {given})")
+        if self.depth_distribution is not None:
+            if not self.depth_distribution or any(w < 0 for w in self.depth_distribution.values()):
+                raise ValueError("depth_distribution needs non-negative weights for at least one depth")
+            if sum(self.depth_distribution.values()) <= 0:
+                raise ValueError("depth_distribution weights must not all be zero")
+        if self.split_depths is not None and not self.split_depths:
+            raise ValueError("split_depths must not be empty")
+        return self
+
+
+class TrainConfig(_Section):
+    algorithm: str = "splitgp"
+    rounds: int = Field(10, ge=1)
+    participation: float = Field(1.0, gt=0, le=1)
+    local_epochs: int = Field(1, ge=1)
+    local_steps: int | None = Field(None, ge=1, description="if set, steps per round instead of epochs")
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(0.01, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    gamma: float = Field(0.5, ge=0, le=1, description="weight of the on-device loss in the hybrid loss")
+    lam: float | None = Field(None, ge=0, le=1, description="personalisation mix; the algorithm's default if unset")
+    finetune_lr: float = Field(0.01, gt=0, description="on-device fine-tuning / personalisation rate")
+    finetune_steps: int = Field(5, ge=0, description="on-device fine-tuning / personalisation steps")
+    feature_dtype: Literal["float16", "float32"] = "float16"
+
+    @field_validator("algorithm")
+    @classmethod
+    def _known_algorithm(cls, v: str) -> str:
+        from harmony.algorithms import parse_algorithm
+
+        parse_algorithm(v)  # raises ValueError naming the known algorithms
+        return v
+
+
+class EvalConfig(_Section):
+    taus: list[float] = Field(default_factory=lambda: list(DEFAULT_TAUS))
+    fixed_tau: float = Field(0.5, gt=0)
+    eval_every: int = Field(0, ge=0, description="full evaluation every N rounds (0: only at the end)")
+    server_profile: str = "server"
+    client_profiles: list[str] = Field(
+        default_factory=lambda: ["pi_zero_2", "pi4", "pi5", "jetson_nano", "jetson_orin_nano"],
+        description="profiles for clients by ascending split depth, when the fleet gives no profiles",
+    )
+    bits_per_element: int = Field(16, ge=1, le=64)
+    measure_latency_samples: int = Field(16, ge=0)
+    batch_size: int = Field(500, ge=1)
+
+    @field_validator("taus")
+    @classmethod
+    def _taus_positive(cls, v: list[float]) -> list[float]:
+        if not v or any(t <= 0 for t in v):
+            raise ValueError("taus must be a non-empty list of positive entropy thresholds")
+        return sorted(v)
+
+
+class ExperimentConfig(_Section):
+    name: str = "experiment"
+    seed: int = Field(0, ge=0)
+    device: Literal["cpu", "cuda"] = "cpu"
+    threads: int | None = Field(None, ge=1)
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    fleet: FleetConfig = Field(default_factory=FleetConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    def with_overrides(self, **dotted: Any) -> ExperimentConfig:
+        """A copy with dotted keys replaced, validated like a file."""
+        raw = self.model_dump()
+        for key, value in dotted.items():
+            _set_dotted(raw, key, value)
+        return validate_config(raw)
+
+
+def _format_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        given = e.get("input")
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; see examples/*.yaml for the keys)"
+        lines.append(f"{key} = {given!r}: {msg}")
+    return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def validate_config(raw: dict[str, Any]) -> ExperimentConfig:
+    """Validate a raw dict into an :class:`ExperimentConfig` or raise :class:`ConfigError`."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"invalid config: the top level must be a mapping, got {type(raw).__name__}")
+    try:
+        return ExperimentConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err)) from None
+
+
+def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = raw
+    for p in parts[:-1]:
+        child = node.get(p)
+        if child is None:
+            child = node[p] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {key}: {p!r} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Parse ``key=value`` (value read as YAML, so ``0.5``, ``[2,3]`` and ``true`` work)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. train.rounds=5")
+    key, _, value = text.partition("=")
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"--set {text!r}: empty key")
+    try:
+        parsed = yaml.safe_load(value)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--set {key}: cannot read value {value!r}: {err}") from None
+    return key, parsed
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Read a YAML config, apply ``key=value`` overrides, validate."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    raw = copy.deepcopy(raw)
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    for item in overrides or []:
+        key, value = parse_override(item)
+        _set_dotted(raw, key, value)
+    return validate_config(raw)

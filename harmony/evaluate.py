@@ -1,0 +1,150 @@
+"""Per-client test with entropy early exit (DESIGN.md §3 "Inference").
+
+A client exits on device when the Shannon entropy (nats) of ``softmax(H_d(f(x)))`` is
+below ``τ``; otherwise it offloads ``f(x)`` (fp16) and the server answers
+``argmax g_d(f(x))``. The models run once per client on the union of its test pools
+(:func:`client_outputs`); every OOD ratio ρ and threshold τ is then a slice and a mask
+over those arrays (:func:`score_client`), so the sweep costs no extra forward passes.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from harmony.models import ClientModel, ServerModel
+
+
+def entropy_nats(logits: torch.Tensor) -> torch.Tensor:
+    """Shannon entropy of ``softmax(logits)`` per row, in nats (max ``ln C``)."""
+    logp = torch.log_softmax(logits.float(), dim=1)
+    return -(logp.exp() * logp).sum(dim=1)
+
+
+@dataclass
+class ClientOutputs:
+    """Per test sample: exit entropy, and whether the exit and the server are right."""
+
+    exit_entropy: np.ndarray  # float64; +inf where the algorithm has no early exit
+    exit_correct: np.ndarray  # bool
+    server_correct: np.ndarray  # bool
+
+
+@torch.no_grad()
+def client_outputs(
+    client: ClientModel,
+    server: ServerModel,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    early_exit: bool,
+    feature_dtype: torch.dtype = torch.float16,
+    batch_size: int = 500,
+    channels_last: bool = False,
+) -> ClientOutputs:
+    """Run the on-device model and the server fallback over ``x`` once."""
+    client.eval()
+    server.eval()
+    entropies, exit_ok, server_ok = [], [], []
+    for start in range(0, x.shape[0], batch_size):
+        xb, yb = x[start : start + batch_size], y[start : start + batch_size]
+        if channels_last and xb.dim() == 4:
+            xb = xb.contiguous(memory_format=torch.channels_last)
+        z = client.features(xb)
+        if early_exit:
+            exit_logits = client.exit_head(z)
+            entropies.append(entropy_nats(exit_logits))
+            exit_ok.append(exit_logits.argmax(1) == yb)
+        else:
+            entropies.append(torch.full((xb.shape[0],), float("inf")))
+            exit_ok.append(torch.zeros(xb.shape[0], dtype=torch.bool))
+        server_logits = server(z.to(feature_dtype).float(), client.depth)
+        server_ok.append(server_logits.argmax(1) == yb)
+    return ClientOutputs(
+        exit_entropy=torch.cat(entropies).double().cpu().numpy(),
+        exit_correct=torch.cat(exit_ok).cpu().numpy(),
+        server_correct=torch.cat(server_ok).cpu().numpy(),
+    )
+
+
+@dataclass
+class ThresholdScore:
+    """Accuracy and offload probability of one client's test set at one τ."""
+
+    tau: float
+    accuracy: float
+    offload_probability: float
+
+
+def score_threshold(outputs: ClientOutputs, select: np.ndarray, tau: float) -> ThresholdScore:
+    """Accuracy when samples ``select`` exit below entropy ``tau`` and offload otherwise."""
+    ent = outputs.exit_entropy[select]
+    exits = ent < tau
+    correct = np.where(exits, outputs.exit_correct[select], outputs.server_correct[select])
+    n = max(1, select.size)
+    return ThresholdScore(tau, float(correct.sum()) / n, float((~exits).sum()) / n)
+
+
+def oracle_threshold(outputs: ClientOutputs, select: np.ndarray, taus: list[float]) -> ThresholdScore:
+    """The best τ of the sweep for this client (ties: the larger τ, which offloads less)."""
+    best: ThresholdScore | None = None
+    for tau in sorted(taus):
+        s = score_threshold(outputs, select, tau)
+        if best is None or s.accuracy >= best.accuracy:
+            best = s
+    assert best is not None
+    return best
+
+
+@dataclass
+class ClientScore:
+    """One client's result at one OOD ratio."""
+
+    rho: float
+    oracle: ThresholdScore
+    fixed: ThresholdScore
+
+
+def score_client(
+    outputs: ClientOutputs, n_id_used: int, n_ood_used: int, id_counts: list[int], ood_counts: list[int],
+    rhos: list[float], taus: list[float], fixed_tau: float,
+) -> list[ClientScore]:
+    """Scores per ρ. ``outputs`` cover ``n_id_used`` ID samples then ``n_ood_used`` OOD
+    samples (nested pools); at ρ index ``k`` the test set is the first ``id_counts[k]`` ID
+    and the first ``ood_counts[k]`` OOD samples."""
+    scores = []
+    for rho, n_id, n_ood in zip(rhos, id_counts, ood_counts, strict=True):
+        select = np.concatenate([np.arange(n_id), n_id_used + np.arange(n_ood)])
+        scores.append(
+            ClientScore(rho, oracle_threshold(outputs, select, taus), score_threshold(outputs, select, fixed_tau))
+        )
+    return scores
+
+
+@torch.no_grad()
+def measure_latency_s(
+    client: ClientModel, server: ServerModel, x: torch.Tensor, early_exit: bool, repeats: int,
+    feature_dtype: torch.dtype = torch.float16, channels_last: bool = False,
+) -> tuple[float, float]:
+    """Median wall-clock seconds per sample at batch 1: (on-device forward, server forward).
+    The transfer is not included (it is modelled); no network is involved locally."""
+    client.eval()
+    server.eval()
+    tc, ts = [], []
+    for i in range(repeats + 2):  # two warm-up passes
+        xb = x[i % x.shape[0] : i % x.shape[0] + 1]
+        if channels_last and xb.dim() == 4:
+            xb = xb.contiguous(memory_format=torch.channels_last)
+        t0 = time.perf_counter()
+        z = client.features(xb)
+        if early_exit:
+            client.exit_head(z)
+        t1 = time.perf_counter()
+        server(z.to(feature_dtype).float(), client.depth)
+        t2 = time.perf_counter()
+        if i >= 2:
+            tc.append(t1 - t0)
+            ts.append(t2 - t1)
+    return float(np.median(tc)), float(np.median(ts))

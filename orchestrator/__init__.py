@@ -1,0 +1,1 @@
+"""orchestrator package (see DESIGN.md §2; filled by the distributed-runtime issue)."""

@@ -1,0 +1,1 @@
+"""The testbed around the algorithm core: CLI, experiment runs, comparisons, reports."""

@@ -1,0 +1,166 @@
+"""The ``harmony`` command line: ``run`` one experiment, ``compare`` algorithms over seeds."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from harmony.config import ConfigError, load_config
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="harmony-testbed: hybrid split federated learning on mixed edge hardware.")
+console = Console(stderr=True)
+out_console = Console()
+
+ConfigArg = Annotated[Path, typer.Argument(help="experiment config (YAML)")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override a config key: KEY=VALUE (repeatable)")]
+
+
+class RoundProgress:
+    """A rich progress bar over the sessions of every round, showing loss and accuracy."""
+
+    def __init__(self) -> None:
+        self.bar = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[metrics]}"), TimeElapsedColumn(), console=console, transient=False,
+        )
+        self.task: Any = None
+        self.label = ""
+
+    def __enter__(self) -> RoundProgress:
+        self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.__exit__(*exc)
+
+    def __call__(self, event: str, **f: Any) -> None:
+        if event == "run_start":
+            self.label = f"{f['algorithm']} seed {f['seed']} "
+            self.task = None
+        elif event == "round_start":
+            total = f["rounds"] * f["sessions"]
+            if self.task is None:
+                self.task = self.bar.add_task(f"{self.label}round {f['round']}", total=total, metrics="")
+            self.bar.update(self.task, description=f"{self.label}round {f['round']}/{f['rounds']}")
+        elif event == "session_done" and self.task is not None:
+            self.bar.advance(self.task)
+        elif event == "round_end" and self.task is not None:
+            r = f["record"]
+            self.bar.update(self.task, metrics=(
+                f"loss {r.train_loss_exit:.3f}/{r.train_loss_server:.3f} "
+                f"acc {100 * r.train_acc_exit:.1f}/{100 * r.train_acc_server:.1f}% (exit/server)"))
+        elif event == "evaluate_start" and self.task is not None:
+            self.bar.update(self.task, description=f"{self.label}evaluating")
+
+
+def _load(config: Path, overrides: list[str] | None):
+    try:
+        return load_config(config, overrides or [])
+    except ConfigError as err:
+        console.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(2) from None
+
+
+def _fail(err: Exception) -> None:
+    console.print(f"[red]error:[/red] {err}")
+    raise typer.Exit(2) from None
+
+
+@app.command()
+def run(
+    config: ConfigArg,
+    set_: SetOpt = None,
+    out: Annotated[Path, typer.Option("--out", help="output directory")] = Path("runs/latest"),
+    resume: Annotated[bool, typer.Option("--resume", help="continue from the checkpoint in --out")] = False,
+) -> None:
+    """Run one experiment; writes OUT/results.json, rounds.csv, evaluation.csv, checkpoint.pt."""
+    from harmony.engine import LocalEngine
+
+    cfg = _load(config, set_)
+    try:
+        with RoundProgress() as progress:
+            engine = LocalEngine(cfg, out, progress)
+            results = engine.run(resume=resume)
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        _fail(err)
+    ev = results["evaluation"]
+    table = Table(title=f"{results['algorithm']} on {cfg.data.dataset} (seed {cfg.seed})")
+    table.add_column("metric")
+    for rho in ev["rho"]:
+        table.add_column(f"ρ={rho:g}", justify="right")
+    table.add_row("accuracy % (oracle τ)", *(f"{a:.2f}" for a in ev["accuracy"]))
+    table.add_row(f"accuracy % (τ={ev['fixed_tau']:g})", *(f"{a:.2f}" for a in ev["accuracy_fixed_tau"]))
+    table.add_row("offload probability", *(f"{p:.3f}" for p in ev["offload_probability"]))
+    table.add_row("modelled latency ms", *(f"{v:.2f}" for v in ev["latency_ms"]))
+    table.add_row("measured latency ms", *(f"{v:.2f}" for v in ev["measured_latency_ms"]))
+    out_console.print(table)
+    console.print(f"results: {out / 'results.json'}")
+
+
+@app.command()
+def compare(
+    config: ConfigArg,
+    algorithms: Annotated[str, typer.Option("--algorithms", help="comma-separated algorithm names")] = (
+        "splitfed,multi-exit,splitgp(lambda=0.2),splitgp(lambda=1)"
+    ),
+    seeds: Annotated[int, typer.Option("--seeds", min=1, help="seeds per algorithm")] = 1,
+    set_: SetOpt = None,
+    out: Annotated[Path, typer.Option("--out", help="output directory")] = Path("runs/compare"),
+) -> None:
+    """Compare algorithms over seeds: the paper-style table, and OUT/compare.json."""
+    from harmony.algorithms import parse_algorithm, split_algorithm_list
+    from testbed.compare import compare as run_compare
+
+    cfg = _load(config, set_)
+    names = split_algorithm_list(algorithms)
+    try:
+        for name in names:
+            parse_algorithm(name)
+    except ValueError as err:
+        _fail(err)
+    try:
+        with RoundProgress() as progress:
+            doc = run_compare(cfg, names, seeds, out, progress)
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        _fail(err)
+    out_console.print(compare_table(doc, f"{cfg.data.dataset}, {cfg.fleet.num_clients} clients, "
+                                         f"{cfg.model.family}, {seeds} seed(s)"))
+    console.print(f"written: {out / 'compare.json'}")
+
+
+def compare_table(doc: dict[str, Any], title: str) -> Table:
+    """Accuracy ± 95% CI and modelled latency per ρ, one row pair per algorithm."""
+    table = Table(title=f"Test accuracy (%) and modelled latency (ms): {title}")
+    table.add_column("algorithm")
+    table.add_column("metric")
+    for rho in doc["rho"]:
+        table.add_column(f"ρ={rho:g}", justify="right")
+    for row in doc["rows"]:
+        table.add_row(row["algorithm"], "accuracy",
+                      *(f"{a:.2f} ± {c:.2f}" for a, c in zip(row["accuracy"], row["ci95"], strict=True)))
+        table.add_row("", "latency", *(f"{v:.2f}" for v in row["latency_ms"]), end_section=True)
+    return table
+
+
+@app.command()
+def show(path: Annotated[Path, typer.Argument(help="a compare.json")]) -> None:
+    """Print the table of an existing compare.json."""
+    doc = json.loads(path.read_text())
+    out_console.print(compare_table(doc, str(path)))
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING)
+    app()
+
+
+if __name__ == "__main__":
+    main()
