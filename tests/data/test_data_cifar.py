@@ -40,7 +40,9 @@ def cifar10_dir(tmp_path: Path) -> Path:
 def cifar100_dir(tmp_path: Path) -> Path:
     directory = tmp_path / "cifar-100-python"
     directory.mkdir()
-    _dump(directory / "train", {b"data": _rows(4, 1), b"fine_labels": [99, 0, 42, 7], b"coarse_labels": [1] * 4})
+    _dump(
+        directory / "train", {b"data": _rows(4, 1), b"fine_labels": [99, 0, 42, 7], b"coarse_labels": [1] * 4}
+    )
     _dump(directory / "test", {b"data": _rows(2, 2), b"fine_labels": [3, 98], b"coarse_labels": [0, 0]})
     return directory
 

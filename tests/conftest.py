@@ -1,0 +1,32 @@
+"""Shared fixtures: a tiny experiment on the real Fashion-MNIST files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from harmony.config import ExperimentConfig, validate_config
+
+FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
+
+
+def tiny_config(**overrides) -> ExperimentConfig:
+    """4 clients at depths 2,3,4,2 on 3% of their Shard-2 data, quarter-width cnn8, 2 rounds."""
+    raw = {
+        "name": "tiny",
+        "seed": 7,
+        "data": {"num_shards": 8, "train_fraction": 0.03, "test_per_client": 40, "rhos": [0.0, 0.5]},
+        "model": {"family": "cnn8", "width": 0.25},
+        "fleet": {"num_clients": 4, "split_depths": [2, 3, 4, 2]},
+        "train": {"algorithm": "splitgp", "rounds": 2, "batch_size": 16, "lr": 0.05},
+        "eval": {"measure_latency_samples": 2},
+    }
+    cfg = validate_config(raw)
+    return cfg.with_overrides(**overrides) if overrides else cfg
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _needs_fashion_mnist():
+    if not FMNIST.exists():
+        pytest.exit("Fashion-MNIST is missing: run `make test` (it apt-get installs dataset-fashion-mnist)", 3)
