@@ -32,7 +32,7 @@ from harmony.evaluate import client_outputs, measure_latency_s, score_client
 from harmony.latency import assign_profiles_by_depth, modelled_latency_s
 from harmony.models import ClientModel, DepthCost, MultiExitNet, ServerModel, build_model, cost_table
 from harmony.profiles import DeviceProfile, load_profiles
-from harmony.seeding import numpy_rng, seeded_torch, torch_generator
+from harmony.seeding import numpy_rng, seeded_torch
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,10 @@ class FleetPlan:
     profiles: list[str]
     train_indices: list[np.ndarray]
     weights: list[int] = field(default_factory=list)
+
+
+class TrainingDivergedError(RuntimeError):
+    """A round produced NaN or Inf weights; the run stops rather than report garbage."""
 
 
 def _clone(state: State) -> State:
@@ -247,6 +251,13 @@ class LocalEngine:
             self.progress("session_done", round=rnd, device=i)
         self.client_global = client_sum.average(self.client_global)
         self.server_global = server_sum.average(self.server_global)
+        for side, state in (("client", self.client_global), ("server", self.server_global)):
+            bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+            if bad:
+                raise TrainingDivergedError(
+                    f"round {rnd}: the aggregated {side} model has non-finite values in {bad[:3]}; "
+                    f"training diverged at train.lr = {self.cfg.train.lr} — lower train.lr"
+                )
         seen = max(1.0, totals[0])
         record = RoundRecord(
             round=rnd, participants=len(chosen), samples=int(totals[0]),
@@ -297,7 +308,7 @@ class LocalEngine:
             rows = []
             for s in scores:
                 modelled = modelled_latency_s(
-                    self.costs[depth], s.oracle.offload_probability, profile.compute_flops,
+                    self.costs[depth], s.oracle.offload_probability if early else 1.0, profile.compute_flops,
                     profile.uplink_bps, server_rate, cfg.eval.bits_per_element, has_exit_head=early,
                 )
                 t_c, t_s = measured.get(depth, (float("nan"), float("nan")))

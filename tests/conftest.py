@@ -19,7 +19,7 @@ def tiny_config(**overrides) -> ExperimentConfig:
         "data": {"num_shards": 8, "train_fraction": 0.03, "test_per_client": 40, "rhos": [0.0, 0.5]},
         "model": {"family": "cnn8", "width": 0.25},
         "fleet": {"num_clients": 4, "split_depths": [2, 3, 4, 2]},
-        "train": {"algorithm": "splitgp", "rounds": 2, "batch_size": 16, "lr": 0.05},
+        "train": {"algorithm": "splitgp", "rounds": 2, "batch_size": 16, "lr": 0.01},
         "eval": {"measure_latency_samples": 2},
     }
     cfg = validate_config(raw)

@@ -32,12 +32,12 @@ def test_weighted_sum_merge_equals_single_accumulator():
     states = [{"w": torch.randn(5, generator=torch.Generator().manual_seed(i))} for i in range(6)]
     weights = [3, 1, 4, 1, 5, 9]
     one = WeightedSum()
-    for s, w in zip(states, weights):
+    for s, w in zip(states, weights, strict=True):
         one.add(s, w)
     left, right = WeightedSum(), WeightedSum()
-    for s, w in zip(states[:2], weights[:2]):
+    for s, w in zip(states[:2], weights[:2], strict=True):
         left.add(s, w)
-    for s, w in zip(states[2:][::-1], weights[2:][::-1]):  # other worker, other order
+    for s, w in zip(states[2:][::-1], weights[2:][::-1], strict=True):  # other worker, other order
         right.add(s, w)
     right.merge(left)
     prev = {"w": torch.zeros(5)}

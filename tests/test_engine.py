@@ -135,3 +135,11 @@ def test_splitfed_always_offloads_and_pays_full_server_latency():
     engine = LocalEngine(tiny_config(**{"train.algorithm": "splitfed", "train.rounds": 1}))
     ev = engine.evaluate()
     assert ev["offload_probability"] == [1.0, 1.0]
+
+
+def test_divergence_stops_the_run_with_a_clear_error():
+    from harmony.engine import TrainingDivergedError
+
+    engine = LocalEngine(tiny_config(**{"train.algorithm": "splitfed", "train.lr": 50.0, "train.rounds": 3}))
+    with pytest.raises(TrainingDivergedError, match="lower train.lr"):
+        engine.train()

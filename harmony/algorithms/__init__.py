@@ -8,7 +8,14 @@ from __future__ import annotations
 
 import re
 
-from harmony.algorithms.base import Algorithm, BatchStream, ClientSide, ServerSession, SessionContext, run_session
+from harmony.algorithms.base import (
+    Algorithm,
+    BatchStream,
+    ClientSide,
+    ServerSession,
+    SessionContext,
+    run_session,
+)
 from harmony.algorithms.splitgp import SplitGP
 
 ALGORITHM_NAMES = ["splitfed", "multi-exit", "splitgp", "splitgp(lambda=X)", "splitgp+ft"]

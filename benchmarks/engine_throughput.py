@@ -1,0 +1,145 @@
+"""Local-engine client steps per second against the raw-compute floor.
+
+The floor is the same forward/backward/SGD work in a bare loop (client prefix, exit head,
+server back end, hybrid loss, one backward, two SGD updates) over the same batches, in the
+same process with the same threads. The engine runs it through the algorithm interface
+(U-shaped messages, fp16 features, per-session replicas, aggregation). Also reported: the
+achieved GFLOP/s (FLOPs counted by torch's FlopCounterMode over one real training step)
+against this machine's dense fp32 matmul GFLOP/s.
+
+    python benchmarks/engine_throughput.py            # full size (~1 minute)
+    python benchmarks/engine_throughput.py --smoke    # seconds; what the test suite runs
+
+The last line printed is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from harmony.algorithms import BatchStream  # noqa: E402
+from harmony.config import validate_config  # noqa: E402
+from harmony.engine import LocalEngine  # noqa: E402
+
+
+def matmul_gflops(n: int = 2048, repeats: int = 10) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        torch.mm(a, b)
+    return 2 * n**3 * repeats / (time.perf_counter() - t0) / 1e9
+
+
+def bench_config(width: float, clients: int, steps: int, batch: int, rounds: int):
+    return validate_config({
+        "name": "engine-throughput",
+        "data": {"num_shards": 2 * clients, "train_fraction": min(1.0, 4 * batch * steps / (60000 / clients)),
+                 "test_per_client": 10, "rhos": [0.0]},
+        "model": {"family": "cnn8", "width": width},
+        "fleet": {"num_clients": clients, "split_depths": [2, 3, 4]},
+        "train": {"algorithm": "multi-exit", "rounds": rounds, "local_steps": steps, "batch_size": batch,
+                  "lr": 0.01},
+    })
+
+
+def floor_step_fn(engine: LocalEngine, depth: int, gamma: float):
+    """One bare training step on fresh copies of the models at ``depth``."""
+    client = engine.client_models[depth]
+    server = engine.server_model
+    opt_c = torch.optim.SGD(client.parameters(), lr=0.01, momentum=0.9)
+    opt_s = torch.optim.SGD(server.parameters(), lr=0.01, momentum=0.9)
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> None:
+        z = client.features(x)
+        loss = gamma * F.cross_entropy(client.exit_head(z), y) + (1 - gamma) * F.cross_entropy(server(z, depth), y)
+        opt_c.zero_grad(set_to_none=True)
+        opt_s.zero_grad(set_to_none=True)
+        loss.backward()
+        opt_c.step()
+        opt_s.step()
+
+    return step
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny size for the test suite")
+    parser.add_argument("--width", type=float, default=1.0)
+    parser.add_argument("--clients", type=int, default=6)
+    parser.add_argument("--steps", type=int, default=12, help="local steps per client per round")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+    if args.smoke:
+        args.width, args.clients, args.steps, args.batch, args.rounds = 0.25, 3, 3, 32, 1
+    torch.set_flush_denormal(True)
+    cfg = bench_config(args.width, args.clients, args.steps, args.batch, args.rounds)
+    engine = LocalEngine(cfg)
+    gamma = cfg.train.gamma
+
+    # The batches each client would draw, pre-sampled for the floor loop.
+    batches = []
+    for i in range(args.clients):
+        idx = torch.as_tensor(engine.plan.train_indices[i])
+        stream = BatchStream(engine.train_x, engine.train_y, idx, args.batch,
+                             torch.Generator().manual_seed(i), cfg.model.channels_last)
+        batches.append([stream.next() for _ in range(args.steps)])
+    steps_total = args.clients * args.steps * args.rounds
+
+    # Warm up both paths once (allocator, oneDNN primitive caches).
+    engine.run_client_session(0, 1)
+    warm = floor_step_fn(engine, engine.plan.depths[0], gamma)
+    warm(*batches[0][0])
+
+    engine = LocalEngine(cfg)
+    t0 = time.perf_counter()
+    engine.train()
+    engine_s = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    for _ in range(args.rounds):
+        for i in range(args.clients):
+            step = floor_step_fn(engine, engine.plan.depths[i], gamma)
+            for x, y in batches[i]:
+                step(x, y)
+    floor_s = time.perf_counter() - t0
+
+    flops = 0
+    for i in range(args.clients):
+        step = floor_step_fn(engine, engine.plan.depths[i], gamma)
+        with FlopCounterMode(display=False) as counter:
+            step(*batches[i][0])
+        flops += counter.get_total_flops() * args.steps * args.rounds
+
+    mm = matmul_gflops()
+    result = {
+        "bench": "engine_throughput",
+        "ratio_to_floor": round(floor_s / engine_s, 4),
+        "engine_steps_per_s": round(steps_total / engine_s, 3),
+        "floor_steps_per_s": round(steps_total / floor_s, 3),
+        "gflops": round(flops / engine_s / 1e9, 2),
+        "floor_gflops": round(flops / floor_s / 1e9, 2),
+        "matmul_gflops": round(mm, 2),
+        "threads": torch.get_num_threads(),
+        "size": {"width": args.width, "clients": args.clients, "steps": args.steps, "batch": args.batch,
+                 "rounds": args.rounds},
+    }
+    print(f"engine: {result['engine_steps_per_s']} steps/s, floor: {result['floor_steps_per_s']} steps/s, "
+          f"ratio {result['ratio_to_floor']}; {result['gflops']} GFLOP/s achieved of "
+          f"{result['matmul_gflops']} matmul GFLOP/s")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
