@@ -81,6 +81,17 @@ class FleetConfig(_Section):
         return self
 
 
+class HarmonyConfig(_Section):
+    """HARMONY's knobs (DESIGN.md §3), with the paper's defaults where it gives them."""
+
+    inner_lr: float = Field(0.01, gt=0, description="α, the meta-adaptation (inner-loop) SGD rate")
+    inner_steps: int = Field(1, ge=0, description="m, inner-loop SGD steps per branch")
+    csa_weight: float = Field(1.0, ge=0, description="weight of L_CSA in the server replica's loss")
+    csa_margin: float = Field(1.0, gt=0, description="m_c, the CCSA margin")
+    negatives: int = Field(32, ge=0, description="sampled different-class pairs per step, beside the within-step pairs")
+    stochastic_depth: bool = Field(True, description="sample z¹'s exit depth e ≤ d_i (False: e = d_i)")
+
+
 class TrainConfig(_Section):
     algorithm: str = "splitgp"
     rounds: int = Field(10, ge=1)
@@ -96,6 +107,7 @@ class TrainConfig(_Section):
     finetune_lr: float = Field(0.01, gt=0, description="on-device fine-tuning / personalisation rate")
     finetune_steps: int = Field(5, ge=0, description="on-device fine-tuning / personalisation steps")
     feature_dtype: Literal["float16", "float32"] = "float16"
+    harmony: HarmonyConfig = Field(default_factory=HarmonyConfig)
 
     @field_validator("algorithm")
     @classmethod

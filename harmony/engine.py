@@ -156,6 +156,8 @@ class LocalEngine:
             depths = [self._depth_for_profile(profiles[p]) for p in names]
         else:
             depths = [allowed[i % len(allowed)] for i in range(n)]
+        if self.algorithm.fixed_max_depth:
+            depths = [max(allowed)] * n
         if fleet.profiles is not None:
             client_profiles = [fleet.profiles[i % len(fleet.profiles)] for i in range(n)]
         else:

@@ -71,7 +71,8 @@ def test_partial_participation_picks_seeded_subsets():
     assert picks == [LocalEngine(tiny_config(**{"train.participation": 0.5})).participants(r) for r in range(1, 6)]
 
 
-@pytest.mark.parametrize("algorithm", ["splitfed", "multi-exit", "splitgp", "splitgp(lambda=1)", "splitgp+ft"])
+@pytest.mark.parametrize("algorithm", ["splitfed", "multi-exit", "splitgp", "splitgp(lambda=1)", "splitgp+ft",
+                                       "harmony", "harmony(depth-agnostic)", "splitgp+csa"])
 def test_server_side_never_receives_labels(algorithm):
     """Every payload handed to the server side is inspected: only features (and, for
     logit gradients, floats); never the label tensor or anything integer-valued."""
@@ -102,8 +103,14 @@ def test_server_side_never_receives_labels(algorithm):
     for msg in seen:
         assert isinstance(msg, (FeaturesUp, LogitGradUp))
         for name, value in vars(msg).items():
-            if isinstance(value, torch.Tensor):
-                assert value.is_floating_point() or name == "same_label", f"{name} is {value.dtype}"
+            if not isinstance(value, torch.Tensor):
+                continue
+            if name == "same_label":  # HARMONY's s_j: 0/1 only
+                assert value.dtype == torch.uint8 and set(value.unique().tolist()) <= {0, 1}
+            elif name == "negative_pairs":  # HARMONY: row indices into the batch, not classes
+                assert value.dim() == 2 and value.shape[1] == 2
+            else:
+                assert value.is_floating_point(), f"{name} is {value.dtype}"
                 assert value.dim() >= 2, f"{name} has the shape of a label vector"
         if isinstance(msg, FeaturesUp):
             assert msg.features.dtype == torch.float16

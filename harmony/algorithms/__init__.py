@@ -1,7 +1,10 @@
 """Hybrid-SFL algorithms behind one interface, built by name.
 
-Names: ``splitfed``, ``multi-exit``, ``splitgp`` (λ = 0.2 unless ``train.lam`` says),
-``splitgp(lambda=X)``, ``splitgp+ft``.
+Baselines: ``splitfed``, ``multi-exit``, ``splitgp`` (λ = 0.2 unless ``train.lam`` says),
+``splitgp(lambda=X)``, ``splitgp+ft``. HARMONY: ``harmony``; ablations ``harmony(no-csa)``,
+``harmony(depth-agnostic)`` (no stochastic early extraction), ``harmony(max-depth)`` (every
+client at the largest split depth) and ``splitgp+csa`` (SplitGP at λ = 1 with CSA and no
+meta-adaptation).
 """
 
 from __future__ import annotations
@@ -16,9 +19,20 @@ from harmony.algorithms.base import (
     SessionContext,
     run_session,
 )
+from harmony.algorithms.harmony import Harmony
 from harmony.algorithms.splitgp import SplitGP
 
-ALGORITHM_NAMES = ["splitfed", "multi-exit", "splitgp", "splitgp(lambda=X)", "splitgp+ft"]
+ALGORITHM_NAMES = [
+    "splitfed", "multi-exit", "splitgp", "splitgp(lambda=X)", "splitgp+ft",
+    "harmony", "harmony(no-csa)", "harmony(depth-agnostic)", "harmony(max-depth)", "splitgp+csa",
+]
+_HARMONY = {
+    "harmony": lambda: Harmony("harmony"),
+    "harmony(no-csa)": lambda: Harmony("harmony(no-csa)", csa=False),
+    "harmony(depth-agnostic)": lambda: Harmony("harmony(depth-agnostic)", stochastic_depth=False),
+    "harmony(max-depth)": lambda: Harmony("harmony(max-depth)", fixed_max_depth=True),
+    "splitgp+csa": lambda: Harmony("splitgp+csa", inner_steps=0, lam=1.0, personalise_after=False),
+}
 _LAMBDA = re.compile(r"^splitgp\(lambda=([0-9.eE+-]+)\)$")
 
 
@@ -33,6 +47,8 @@ def parse_algorithm(name: str, lam: float | None = None) -> Algorithm:
         return SplitGP("splitgp", lam=0.2 if lam is None else lam)
     if key == "splitgp+ft":
         return SplitGP("splitgp+ft", lam=0.0, finetune=True)
+    if key in _HARMONY:
+        return _HARMONY[key]()
     m = _LAMBDA.match(key)
     if m:
         try:

@@ -135,6 +135,7 @@ class Algorithm(ABC):
     early_exit: bool = True  # inference may exit on device (False: always offload)
     lam: float = 0.0  # personalisation mix of the client side after aggregation
     batches_per_step: int = 1
+    fixed_max_depth: bool = False  # ablation: every client at the largest split depth
 
     @abstractmethod
     def client_side(self, model: ClientModel, batches: BatchStream, ctx: SessionContext) -> ClientSide: ...

@@ -25,7 +25,8 @@ class FeaturesUp:
     features: torch.Tensor  # fp16 (or fp32) cut-layer activations, batch-first
     view_depth: int | None = None  # HARMONY: the sampled early-exit depth e of z¹
     view_features: torch.Tensor | None = None  # HARMONY: z¹ = f^{≤e}_{θ¹}(x ∈ B²)
-    same_label: torch.Tensor | None = None  # HARMONY: s_j ∈ {0,1} (uint8), never labels
+    same_label: torch.Tensor | None = None  # HARMONY: s_j = 1[y(B²)_j = y(B¹)_j] (uint8), never labels
+    negative_pairs: torch.Tensor | None = None  # HARMONY: [P, 2] int64 (j, k): z¹_j, z²_k differ in class
 
 
 @dataclass
