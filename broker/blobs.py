@@ -1,0 +1,206 @@
+"""Model weights as content-addressed blobs: chunking, verified reassembly, safe (de)serialisation, cache.
+
+A blob is addressed by the sha256 (lowercase hex) of its whole content and split into chunks of at
+most ``BLOB_CHUNK_BYTES`` (8 MiB − 64 KiB, so each encoded ``blob_chunk`` message stays within the
+8 MiB message limit). Reassembly checks count, indices and the final hash; any inconsistency is a
+``WireError``. ``state_dict`` bytes come from ``torch.save`` and are only ever read back with
+``torch.load(..., weights_only=True)``. ``BlobCache`` keeps blobs by hash so an agent fetches
+weights only when the hash in ``round_start`` changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import tempfile
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import torch
+
+from broker.errors import WireError
+from broker.limits import BLOB_CHUNK_BYTES
+from broker.schemas import BlobChunk
+from broker.topics import validate_sha256
+
+log = logging.getLogger(__name__)
+
+
+def sha256_hex(data: bytes | bytearray | memoryview) -> str:
+    """Lowercase hex sha256 of ``data``: the blob's address."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def split_blob(data: bytes | bytearray | memoryview, chunk_bytes: int = BLOB_CHUNK_BYTES) -> list[BlobChunk]:
+    """Split ``data`` into ``blob_chunk`` messages of at most ``chunk_bytes`` each (one chunk if empty)."""
+    if not 1 <= chunk_bytes <= BLOB_CHUNK_BYTES:
+        raise WireError("chunk_bytes", f"expected 1 … {BLOB_CHUNK_BYTES} bytes per chunk, got {chunk_bytes}")
+    view = memoryview(data).cast("B")
+    sha = sha256_hex(view)
+    count = max(1, -(-len(view) // chunk_bytes))
+    return [
+        BlobChunk(sha256=sha, index=i, count=count, data=bytes(view[i * chunk_bytes:(i + 1) * chunk_bytes]))
+        for i in range(count)
+    ]
+
+
+class BlobAssembler:
+    """Collects the chunks of one blob as they arrive (any order) and returns the verified bytes.
+
+    ``add`` returns ``None`` until the last chunk, then the whole blob. A chunk for another hash,
+    a different ``count``, an index seen before, or a final hash mismatch raise ``WireError``.
+    """
+
+    def __init__(self, sha256: str) -> None:
+        self.sha256 = validate_sha256(sha256)
+        self.count: int | None = None
+        self._parts: dict[int, bytes] = {}
+
+    @property
+    def received(self) -> int:
+        return len(self._parts)
+
+    def missing(self) -> list[int]:
+        """Indices still to come (empty before the first chunk tells the count)."""
+        return [] if self.count is None else [i for i in range(self.count) if i not in self._parts]
+
+    def add(self, chunk: BlobChunk) -> bytes | None:
+        if chunk.sha256 != self.sha256:
+            raise WireError("sha256", f"chunk of blob {chunk.sha256} given to the assembler of {self.sha256}")
+        if self.count is None:
+            self.count = chunk.count
+        elif chunk.count != self.count:
+            raise WireError("count", f"chunk {chunk.index} says {chunk.count} chunks, earlier ones said {self.count}")
+        if not 0 <= chunk.index < self.count:
+            raise WireError("index", f"expected a chunk index in [0, {self.count}), got {chunk.index}")
+        if chunk.index in self._parts:
+            raise WireError("index", f"duplicate chunk {chunk.index} of blob {self.sha256}")
+        self._parts[chunk.index] = chunk.data
+        if len(self._parts) < self.count:
+            return None
+        data = b"".join(self._parts[i] for i in range(self.count))
+        actual = sha256_hex(data)
+        if actual != self.sha256:
+            raise WireError("sha256", f"reassembled blob hashes to {actual}, expected {self.sha256}")
+        return data
+
+
+def reassemble(chunks: Iterable[BlobChunk], sha256: str | None = None) -> bytes:
+    """Join a complete set of chunks and verify the hash; ``WireError`` on a missing/duplicate chunk or bad hash."""
+    chunks = list(chunks)
+    if not chunks:
+        raise WireError("index", "no chunks to reassemble")
+    assembler = BlobAssembler(sha256 if sha256 is not None else chunks[0].sha256)
+    result: bytes | None = None
+    for chunk in chunks:
+        result = assembler.add(chunk)
+    if result is None:
+        raise WireError("index", f"missing chunk(s) {assembler.missing()} of blob {assembler.sha256}")
+    return result
+
+
+def state_dict_to_bytes(state: Mapping[str, torch.Tensor]) -> bytes:
+    """Serialise a state dict with ``torch.save`` (tensors moved to the CPU, made contiguous)."""
+    clean = {}
+    for name, value in state.items():
+        if not isinstance(name, str) or not isinstance(value, torch.Tensor):
+            raise WireError(f"state.{name}", f"expected str → tensor entries, got {type(value).__name__}")
+        clean[name] = value.detach().cpu().contiguous()
+    buffer = io.BytesIO()
+    torch.save(clean, buffer)
+    return buffer.getvalue()
+
+
+def bytes_to_state_dict(data: bytes | bytearray | memoryview) -> dict[str, torch.Tensor]:
+    """Load a state dict with ``torch.load(weights_only=True)`` onto the CPU; ``WireError`` if it is not one."""
+    try:
+        state = torch.load(io.BytesIO(bytes(data)), map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types (UnpicklingError, RuntimeError, EOFError, …)
+        raise WireError("blob", f"not a weights-only torch state dict ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise WireError("blob", "expected a mapping of parameter names to tensors")
+    return state
+
+
+class BlobCache:
+    """Blobs by sha256, in a directory (``{sha256}.blob`` files, written atomically) or in memory.
+
+    The in-memory cache keeps the ``max_entries`` most recently used blobs. Reads from a directory
+    re-verify the hash and drop a corrupt file. Thread-safe.
+    """
+
+    def __init__(self, directory: str | Path | None = None, *, max_entries: int = 8) -> None:
+        self.directory = Path(directory) if directory is not None else None
+        if self.directory is not None:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        self.max_entries = max_entries
+        self._memory: OrderedDict[str, bytes] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def _path(self, sha256: str) -> Path:
+        assert self.directory is not None
+        return self.directory / f"{validate_sha256(sha256)}.blob"
+
+    def __contains__(self, sha256: object) -> bool:
+        if not isinstance(sha256, str):
+            return False
+        validate_sha256(sha256)
+        with self._lock:
+            if self.directory is None:
+                return sha256 in self._memory
+            return self._path(sha256).exists()
+
+    def needs_fetch(self, sha256: str) -> bool:
+        """True when the blob is not cached (the hash changed since the last fetch)."""
+        return sha256 not in self
+
+    def get(self, sha256: str) -> bytes | None:
+        """The cached bytes, or ``None`` if absent (or a cached file failed its hash check)."""
+        validate_sha256(sha256)
+        with self._lock:
+            if self.directory is None:
+                data = self._memory.get(sha256)
+                if data is not None:
+                    self._memory.move_to_end(sha256)
+                return data
+            path = self._path(sha256)
+            try:
+                data = path.read_bytes()
+            except FileNotFoundError:
+                return None
+            if sha256_hex(data) != sha256:
+                log.warning("blob cache file %s is corrupt; removing it", path)
+                path.unlink(missing_ok=True)
+                return None
+            return data
+
+    def put(self, data: bytes | bytearray | memoryview, sha256: str | None = None) -> str:
+        """Store ``data``; if ``sha256`` is given it must match (``WireError`` otherwise). Returns the hash."""
+        data = bytes(data)
+        actual = sha256_hex(data)
+        if sha256 is not None and validate_sha256(sha256) != actual:
+            raise WireError("sha256", f"data hashes to {actual}, expected {sha256}")
+        with self._lock:
+            if self.directory is None:
+                self._memory[actual] = data
+                self._memory.move_to_end(actual)
+                while len(self._memory) > self.max_entries:
+                    self._memory.popitem(last=False)
+                return actual
+            path = self._path(actual)
+            if not path.exists():
+                fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".tmp-", suffix=".blob")
+                try:
+                    with os.fdopen(fd, "wb") as handle:
+                        handle.write(data)
+                    os.replace(tmp, path)
+                except BaseException:
+                    Path(tmp).unlink(missing_ok=True)
+                    raise
+        return actual
