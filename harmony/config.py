@@ -90,6 +90,9 @@ class HarmonyConfig(_Section):
     csa_margin: float = Field(1.0, gt=0, description="m_c, the CCSA margin")
     negatives: int = Field(32, ge=0, description="sampled different-class pairs per step, beside the within-step pairs")
     stochastic_depth: bool = Field(True, description="sample z¹'s exit depth e ≤ d_i (False: e = d_i)")
+    normalize_embeddings: bool = Field(
+        True, description="L2-normalise u, v before the CCSA distance (False: raw CCSA, which collapses φ here)"
+    )
 
 
 class TrainConfig(_Section):

@@ -114,6 +114,7 @@ def compare(
     seeds: Annotated[int, typer.Option("--seeds", min=1, help="seeds per algorithm")] = 1,
     set_: SetOpt = None,
     out: Annotated[Path, typer.Option("--out", help="output directory")] = Path("runs/compare"),
+    plots: Annotated[bool, typer.Option("--plots", help="also write the PNG report (harmony report)")] = False,
 ) -> None:
     """Compare algorithms over seeds: the paper-style table, and OUT/compare.json."""
     from harmony.algorithms import parse_algorithm, split_algorithm_list
@@ -134,6 +135,11 @@ def compare(
     out_console.print(compare_table(doc, f"{cfg.data.dataset}, {cfg.fleet.num_clients} clients, "
                                          f"{cfg.model.family}, {seeds} seed(s)"))
     console.print(f"written: {out / 'compare.json'}")
+    if plots:
+        from testbed.report import write_report
+
+        for p in write_report(out):
+            console.print(f"wrote {p}")
 
 
 def compare_table(doc: dict[str, Any], title: str) -> Table:
@@ -149,6 +155,26 @@ def compare_table(doc: dict[str, Any], title: str) -> Table:
         table.add_row(row["algorithm"], "acc", *(f"{a:.2f}±{c:.2f}" if with_ci else f"{a:.2f}" for a, c in acc))
         table.add_row("", "ms", *(f"{v:.2f}" for v in row["latency_ms"]), end_section=True)
     return table
+
+
+@app.command()
+def report(
+    compare_dir: Annotated[Path, typer.Argument(help="a `harmony compare --out` directory")],
+    tsne: Annotated[str | None, typer.Option("--tsne", help="algorithms for t-SNE panels (comma-separated)")] = None,
+    rho: Annotated[float, typer.Option("--rho", help="OOD ratio of the t-SNE test queries")] = 0.8,
+) -> None:
+    """Write PNG plots: accuracy vs ρ, accuracy–latency, t-SNE of the server representation."""
+    from harmony.algorithms import split_algorithm_list
+    from testbed.report import write_report
+
+    if not (compare_dir / "compare.json").is_file():
+        _fail(FileNotFoundError(f"{compare_dir / 'compare.json'} not found; run `harmony compare --out DIR` first"))
+    try:
+        paths = write_report(compare_dir, split_algorithm_list(tsne) if tsne else None, rho)
+    except (ValueError, FileNotFoundError) as err:
+        _fail(err)
+    for p in paths:
+        out_console.print(f"wrote {p}")
 
 
 @app.command()

@@ -9,7 +9,9 @@ One local step, as the paper numbers it:
    ``z² = f_{θ²}(x ∈ B¹)`` at ``d_i``, both fp16 on the wire (straight-through);
 4. the client sends ``z¹, z²``, ``e`` and the indicators ``s_j = 1[y(B²)_j = y(B¹)_j]``
    (plus sampled different-class pairs) — never labels;
-5. server CSA on ``u = φ_e(z¹)``, ``v = φ_{d_i}(z²)``, its gradient confined to the replica;
+5. server CSA on ``u = φ_e(z¹)``, ``v = φ_{d_i}(z²)`` (L2-normalised by default: with the raw
+   embeddings the CCSA positive term collapses φ and the fallback with it — measured, see the
+   README), its gradient confined to the replica;
 6. U-shaped task training on ``z²`` (logits down, ``∂ℓ/∂logits`` up, ``∂/∂z²`` down);
 7. first-order MAML: the gradient taken at ``θ_i²`` is applied to ``θ_i``;
 8. after the last round, a few on-device SGD steps from the aggregated model (eq. 5).
@@ -155,9 +157,10 @@ class HarmonyClient(ClientSide):
 class HarmonyServer(ServerSession):
     """Server side of a HARMONY session: CSA (step 5) and U-shaped task training (step 6)."""
 
-    def __init__(self, model: ServerModel, depth: int, ctx: SessionContext, csa_weight: float, margin: float) -> None:
+    def __init__(self, model: ServerModel, depth: int, ctx: SessionContext, csa_weight: float, margin: float,
+                 normalize: bool = True) -> None:
         self.model, self.depth, self.ctx = model, depth, ctx
-        self.csa_weight, self.margin = csa_weight, margin
+        self.csa_weight, self.margin, self.normalize = csa_weight, margin, normalize
         self.optimizer = sgd(model, ctx.train.lr, ctx.train)
         self._params = [p for p in model.parameters() if p.requires_grad]
         self._z: torch.Tensor | None = None
@@ -177,6 +180,8 @@ class HarmonyServer(ServerSession):
             # 5. CSA: u = φ_e(stopgrad z¹), v = φ_d(z²); its gradient never reaches z² (see below)
             u = self.model.embed(msg.view_features.to(torch.float32), int(msg.view_depth)).flatten(1)
             v = v.flatten(1)
+            if self.normalize:  # see HarmonyConfig.normalize_embeddings and the README
+                u, v = F.normalize(u, dim=1), F.normalize(v, dim=1)
             rows = torch.arange(u.shape[0], device=u.device)
             pairs = msg.negative_pairs if msg.negative_pairs is not None else torch.zeros((0, 2), dtype=torch.int64)
             a = torch.cat([rows, pairs[:, 0].to(u.device)])
@@ -232,7 +237,8 @@ class Harmony(Algorithm):
 
     def server_session(self, model: ServerModel, depth: int, ctx: SessionContext) -> ServerSession:
         knobs = ctx.train.harmony
-        return HarmonyServer(model, depth, ctx, knobs.csa_weight if self.csa else 0.0, knobs.csa_margin)
+        return HarmonyServer(model, depth, ctx, knobs.csa_weight if self.csa else 0.0, knobs.csa_margin,
+                             knobs.normalize_embeddings)
 
     def personalise(self, model: ClientModel, batches: BatchStream, ctx: SessionContext) -> None:
         if self.personalise_after:  # 8. eq. 5: a few on-device SGD steps from the aggregated model

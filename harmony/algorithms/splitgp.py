@@ -126,12 +126,13 @@ def finetune_on_device(model: ClientModel, batches: BatchStream, ctx: SessionCon
         return
     optimizer = sgd(model, train.finetune_lr, train)
     model.train()
-    for _ in range(train.finetune_steps):
-        x, y = batches.next()
-        _, logits = model(x)
-        optimizer.zero_grad(set_to_none=True)
-        F.cross_entropy(logits, y).backward()
-        optimizer.step()
+    with torch.enable_grad():  # callers may be inside no_grad (evaluation, reports)
+        for _ in range(train.finetune_steps):
+            x, y = batches.next()
+            _, logits = model(x)
+            optimizer.zero_grad(set_to_none=True)
+            F.cross_entropy(logits, y).backward()
+            optimizer.step()
 
 
 class SplitGP(Algorithm):

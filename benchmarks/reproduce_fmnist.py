@@ -1,0 +1,106 @@
+"""Reproduce the structure of the paper's Table 2 (Fashion-MNIST, Shard-2, heterogeneous cnn8).
+
+    python benchmarks/reproduce_fmnist.py --scale smoke      # ~2 min per seed, what CI checks
+    python benchmarks/reproduce_fmnist.py --scale reduced    # the documented CPU scale (< 2 h)
+    python benchmarks/reproduce_fmnist.py --scale paper      # 50 clients × 1,200 samples, full width
+    python benchmarks/reproduce_fmnist.py --scale paper --project   # time one round, project the run
+
+Scales (all Shard-2, depths 2/3/4 in turn, SGD momentum 0.9, fp16 features, τ oracle-best):
+- smoke:   10 clients on 20 shards, 10% of each client's data, half-width cnn8, batch 32, 6 rounds.
+- reduced: the paper's 50 clients on 100 shards, 25% of each client's data (300 samples),
+           half-width cnn8, batch 64, 20 rounds.
+- paper:   the paper's setting (examples/fmnist-shard2-50.yaml): full data, width 1, batch 64,
+           100 rounds (the paper does not state its round count for this table).
+
+The last line printed is one JSON object in the compare.json shape.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from harmony.config import load_config  # noqa: E402
+from harmony.engine import LocalEngine  # noqa: E402
+from testbed.compare import compare  # noqa: E402
+
+ALGORITHMS = ["splitfed", "multi-exit", "splitgp(lambda=1)", "splitgp(lambda=0.2)", "splitgp+ft", "harmony"]
+SCALES: dict[str, list[str]] = {
+    "smoke": ["fleet.num_clients=10", "data.num_shards=20", "data.train_fraction=0.1", "model.width=0.5",
+              "train.batch_size=32", "train.rounds=6"],
+    "reduced": ["data.train_fraction=0.25", "model.width=0.5", "train.rounds=20"],
+    "paper": [],
+}
+
+
+def scaled_config(scale: str, extra: list[str] | None = None):
+    return load_config(ROOT / "examples" / "fmnist-shard2-50.yaml", SCALES[scale] + (extra or []))
+
+
+def project(scale: str, sessions: int) -> dict:
+    """Time one round of ``sessions`` clients per algorithm and project the whole run."""
+    out = {}
+    for name in ALGORITHMS:
+        cfg = scaled_config(scale, [f"train.algorithm={name}"])
+        engine = LocalEngine(cfg)
+        t0 = time.perf_counter()
+        for i in range(sessions):
+            engine.run_client_session(i, 1)
+        per_session = (time.perf_counter() - t0) / sessions
+        round_s = per_session * cfg.fleet.num_clients
+        out[name] = {"session_s": round(per_session, 3), "round_s": round(round_s, 1),
+                     "run_h": round(round_s * cfg.train.rounds / 3600, 2)}
+        print(f"{name}: {per_session:.2f} s/session, {round_s / 60:.1f} min/round, "
+              f"{out[name]['run_h']:.1f} h for {cfg.train.rounds} rounds (one seed)", file=sys.stderr)
+    total = sum(v["run_h"] for v in out.values())
+    return {"bench": "reproduce_fmnist_projection", "scale": scale, "algorithms": out,
+            "total_h_per_seed": round(total, 2), "threads": torch.get_num_threads()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--scale", choices=sorted(SCALES), default="smoke")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--algorithms", default=",".join(ALGORITHMS))
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--project", action="store_true", help="time one round and project instead of running")
+    parser.add_argument("--project-sessions", type=int, default=3)
+    parser.add_argument("--set", action="append", default=[], help="extra config override KEY=VALUE")
+    args = parser.parse_args()
+
+    if args.project:
+        print(json.dumps(project(args.scale, args.project_sessions)))
+        return
+    cfg = scaled_config(args.scale, args.set)
+    out = args.out or ROOT / "runs" / f"reproduce-{args.scale}"
+    names = [a for a in args.algorithms.split(",") if a]
+
+    def progress(event: str, **f) -> None:
+        if event == "run_start":
+            print(f"[{time.strftime('%H:%M:%S')}] {f['algorithm']} seed {f['seed']}", file=sys.stderr, flush=True)
+
+    t0 = time.perf_counter()
+    doc = compare(cfg, names, args.seeds, out, progress)
+    doc["scale"] = args.scale
+    doc["wall_seconds"] = round(time.perf_counter() - t0, 1)
+    (out / "compare.json").write_text(json.dumps(doc, indent=2))
+    width = max(len(r["algorithm"]) for r in doc["rows"])
+    print(f"{'algorithm':<{width}}  " + "  ".join(f"rho={r:<9g}" for r in doc["rho"]))
+    for r in doc["rows"]:
+        cells = "  ".join(f"{a:6.2f}±{c:<5.2f}" for a, c in zip(r["accuracy"], r["ci95"], strict=True))
+        print(f"{r['algorithm']:<{width}}  {cells}")
+    print(f"wall time {doc['wall_seconds'] / 60:.1f} min; results in {out}")
+    print(json.dumps({"rho": doc["rho"], "scale": args.scale, "wall_seconds": doc["wall_seconds"],
+                      "rows": [{k: r[k] for k in ("algorithm", "accuracy", "ci95", "latency_ms")} for r in doc["rows"]]}))
+
+
+if __name__ == "__main__":
+    main()
