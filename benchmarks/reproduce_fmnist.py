@@ -98,8 +98,8 @@ def main() -> None:
         cells = "  ".join(f"{a:6.2f}±{c:<5.2f}" for a, c in zip(r["accuracy"], r["ci95"], strict=True))
         print(f"{r['algorithm']:<{width}}  {cells}")
     print(f"wall time {doc['wall_seconds'] / 60:.1f} min; results in {out}")
-    print(json.dumps({"rho": doc["rho"], "scale": args.scale, "wall_seconds": doc["wall_seconds"],
-                      "rows": [{k: r[k] for k in ("algorithm", "accuracy", "ci95", "latency_ms")} for r in doc["rows"]]}))
+    rows = [{k: r[k] for k in ("algorithm", "accuracy", "ci95", "latency_ms")} for r in doc["rows"]]
+    print(json.dumps({"rho": doc["rho"], "scale": args.scale, "wall_seconds": doc["wall_seconds"], "rows": rows}))
 
 
 if __name__ == "__main__":

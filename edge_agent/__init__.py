@@ -1,1 +1,2 @@
-"""edge_agent package (see DESIGN.md §2; filled by the distributed-runtime issue)."""
+"""The on-device agent (DESIGN.md §2): resource probe, the client side of every algorithm over MQTT,
+personalisation, reconnect and resume. Entry points: ``harmony agent`` and ``python -m edge_agent``."""

@@ -1,1 +1,3 @@
-"""orchestrator package (see DESIGN.md §2; filled by the distributed-runtime issue)."""
+"""Orchestrator (DESIGN.md §2): device registry, round state machine on Redis, the distributed round
+driver (``orchestrator.engine.DistributedEngine``) and the long-running registry service
+(``python -m orchestrator``)."""

@@ -1,1 +1,2 @@
-"""server package (see DESIGN.md §2; filled by the distributed-runtime issue)."""
+"""Server side of the distributed runtime: the Celery app (``server.app``), its tasks (``server.tasks``:
+per-(device, round) sessions, aggregation, fallback inference) and the Redis state layout (``server.state``)."""

@@ -80,16 +80,25 @@ def run(
     set_: SetOpt = None,
     out: Annotated[Path, typer.Option("--out", help="output directory")] = Path("runs/latest"),
     resume: Annotated[bool, typer.Option("--resume", help="continue from the checkpoint in --out")] = False,
+    runtime: Annotated[str, typer.Option("--runtime", help="local (in-process) or distributed (MQTT, Celery, "
+                                          "Redis)")] = "local",
+    stack_dir: Annotated[Path, typer.Option("--stack", help="run directory of a `harmony up` stack (distributed; "
+                                            "started and stopped for this run if none runs there)")] = Path(
+        "runs/stack"),
 ) -> None:
     """Run one experiment; writes OUT/results.json, rounds.csv, evaluation.csv, checkpoint.pt."""
     from harmony.engine import LocalEngine
 
+    if runtime not in ("local", "distributed"):
+        _fail(ValueError(f"--runtime {runtime!r}: expected local or distributed"))
     cfg = _load(config, set_)
     try:
         with RoundProgress() as progress:
-            engine = LocalEngine(cfg, out, progress)
-            results = engine.run(resume=resume)
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
+            if runtime == "local":
+                results = LocalEngine(cfg, out, progress).run(resume=resume)
+            else:
+                results = _run_distributed(cfg, out, progress, stack_dir, resume)
+    except (ValueError, FileNotFoundError, RuntimeError, TimeoutError) as err:
         _fail(err)
     ev = results["evaluation"]
     table = Table(title=f"{results['algorithm']} on {cfg.data.dataset} (seed {cfg.seed})")
@@ -182,6 +191,92 @@ def show(path: Annotated[Path, typer.Argument(help="a compare.json")]) -> None:
     """Print the table of an existing compare.json."""
     doc = json.loads(path.read_text())
     out_console.print(compare_table(doc, str(path)))
+
+
+def _run_distributed(cfg: Any, out: Path, progress: Any, stack_dir: Path, resume: bool) -> dict[str, Any]:
+    """Run over the stack in ``stack_dir``, or over a fresh one (stopped afterwards)."""
+    import math
+
+    from orchestrator.engine import DistributedEngine
+    from testbed.stack import LocalStack, load_stack, stack_running
+
+    own = None
+    if stack_running(stack_dir):
+        info = load_stack(stack_dir)
+    else:
+        own = LocalStack(stack_dir)
+        agents = math.ceil(cfg.fleet.num_clients / 4)
+        console.print(f"starting a local stack in {stack_dir} ({agents} agent process(es))")
+        info = own.start(agents=agents, devices_per_agent=4)
+    try:
+        engine = DistributedEngine(cfg, out, progress, mqtt=info.mqtt, redis_url=info.redis_url)
+        try:
+            return engine.run(resume=resume)
+        finally:
+            engine.close()
+    finally:
+        if own is not None:
+            own.stop()
+
+
+@app.command()
+def agent(
+    broker: Annotated[str, typer.Option("--broker", help="MQTT broker HOST:PORT")],
+    device_id: Annotated[list[str], typer.Option("--device-id", help="device id (repeat to emulate several "
+                                                 "devices in this process)")],
+    credentials: Annotated[Path | None, typer.Option("--credentials", help="file of device_id:password lines")] = None,
+    topic_prefix: Annotated[str, typer.Option("--topic-prefix")] = "hsfl/v1",
+    cache_dir: Annotated[str | None, typer.Option("--cache-dir", help="blob cache directory")] = None,
+) -> None:
+    """Run the edge agent: register, then train, personalise and evaluate on command."""
+    from edge_agent.__main__ import main as agent_main
+
+    argv = ["--broker", broker, "--topic-prefix", topic_prefix]
+    for d in device_id:
+        argv += ["--device-id", d]
+    if credentials is not None:
+        argv += ["--credentials", str(credentials)]
+    if cache_dir is not None:
+        argv += ["--cache-dir", cache_dir]
+    try:
+        agent_main(argv)
+    except ValueError as err:
+        _fail(err)
+
+
+@app.command()
+def up(
+    agents: Annotated[int, typer.Option("--agents", min=0, help="agent processes to start")] = 1,
+    devices_per_agent: Annotated[int, typer.Option("--devices-per-agent", min=1,
+                                                   help="emulated devices each agent hosts")] = 4,
+    concurrency: Annotated[int, typer.Option("--concurrency", min=1, help="sessions per Celery worker")] = 2,
+    run_dir: Annotated[Path, typer.Option("--run-dir", help="where PIDs and logs go")] = Path("runs/stack"),
+) -> None:
+    """Start a local stack: mosquitto, redis-server, a Celery worker, the orchestrator, N agents."""
+    from testbed.stack import LocalStack, stack_running
+
+    if stack_running(run_dir):
+        _fail(RuntimeError(f"a stack already runs from {run_dir}; `harmony down --run-dir {run_dir}` first"))
+    try:
+        info = LocalStack(run_dir).start(agents=agents, devices_per_agent=devices_per_agent,
+                                         worker_concurrency=concurrency)
+    except (RuntimeError, OSError) as err:
+        _fail(err)
+    out_console.print(f"mqtt 127.0.0.1:{info.mqtt_port}  redis {info.redis_url}  devices {len(info.devices)}")
+    out_console.print(f"processes {info.pids}; logs in {run_dir}")
+
+
+@app.command()
+def down(run_dir: Annotated[Path, typer.Option("--run-dir", help="the `harmony up` run directory")] = Path(
+        "runs/stack")) -> None:
+    """Stop exactly the processes `harmony up` recorded in RUN_DIR/stack.json."""
+    from testbed.stack import stop_stack
+
+    try:
+        stopped = stop_stack(run_dir)
+    except FileNotFoundError as err:
+        _fail(err)
+    out_console.print(f"stopped: {', '.join(stopped) if stopped else 'nothing was running'}")
 
 
 def main() -> None:

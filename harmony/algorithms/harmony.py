@@ -64,6 +64,8 @@ class HarmonyClient(ClientSide):
         # The two temporary adapted models θ¹, θ² (re-copied from θ every step).
         self.branch1, self.branch2 = copy.deepcopy(model), copy.deepcopy(model)
         self._params = [p for p in model.parameters() if p.requires_grad]
+        self._theta = [*model.parameters(), *model.buffers()]
+        self._branch_tensors = {id(b): [*b.parameters(), *b.buffers()] for b in (self.branch1, self.branch2)}
         self._depth_gen = ctx.generator("exit_depth")
         self._pair_gen = ctx.generator("negative_pairs")
         self._y: torch.Tensor | None = None
@@ -74,8 +76,7 @@ class HarmonyClient(ClientSide):
     def _adapt(self, branch: ClientModel, x: torch.Tensor, y: torch.Tensor) -> None:
         """Step 2: ``branch ← θ_i`` then ``m`` plain SGD steps at ``α`` on the on-device loss."""
         with torch.no_grad():
-            for dst, src in zip(branch.state_dict().values(), self.model.state_dict().values(), strict=True):
-                dst.copy_(src)
+            torch._foreach_copy_(self._branch_tensors[id(branch)], self._theta)
         params = [p for p in branch.parameters() if p.requires_grad]
         for _ in range(self.inner_steps):
             _, logits = branch(x)
@@ -144,7 +145,7 @@ class HarmonyClient(ClientSide):
             p.grad = q.grad
         self.optimizer.step()
         with torch.no_grad():  # running statistics (BatchNorm) follow the query branch
-            for (name, dst), src in zip(self.model.named_buffers(), self.branch2.buffers(), strict=True):
+            for dst, src in zip(self.model.buffers(), self.branch2.buffers(), strict=True):
                 dst.copy_(src)
         n = int(self._y.numel())
         self.stats.samples += n

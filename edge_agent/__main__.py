@@ -1,0 +1,52 @@
+"""``python -m edge_agent --broker HOST:PORT --device-id ID [--device-id ID2 …] [--credentials FILE]``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from broker.topics import Topics
+from edge_agent.agent import Agent, Credentials
+
+
+def parse_broker(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"--broker: expected HOST:PORT, got {text!r}")
+    return host or "127.0.0.1", int(port)
+
+
+def read_credentials(path: Path | None, device_ids: list[str]) -> dict[str, Credentials]:
+    """A credentials file holds ``device_id:password`` lines (or one bare password for every device)."""
+    if path is None:
+        return {}
+    lines = [ln.strip() for ln in path.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    pairs = dict(ln.split(":", 1) for ln in lines if ":" in ln)
+    bare = [ln for ln in lines if ":" not in ln]
+    out = {}
+    for dev in device_ids:
+        password = pairs.get(dev, bare[0] if bare else None)
+        if password is None:
+            raise ValueError(f"--credentials {path}: no password for device {dev!r}")
+        out[dev] = Credentials(dev, password)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="edge_agent", description="harmony edge agent")
+    ap.add_argument("--broker", required=True, help="HOST:PORT of the MQTT broker")
+    ap.add_argument("--device-id", action="append", required=True, help="device id (repeat to emulate several)")
+    ap.add_argument("--credentials", type=Path, default=None)
+    ap.add_argument("--topic-prefix", default="hsfl/v1")
+    ap.add_argument("--cache-dir", default=None, help="blob cache directory (default: in memory)")
+    ap.add_argument("--log-level", default="INFO")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    host, port = parse_broker(args.broker)
+    Agent(host, port, args.device_id, topics=Topics(args.topic_prefix),
+          credentials=read_credentials(args.credentials, args.device_id), cache_dir=args.cache_dir).run()
+
+
+if __name__ == "__main__":
+    main()

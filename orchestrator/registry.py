@@ -1,0 +1,76 @@
+"""Device registry: ``hello`` (retained) and ``status`` messages into Redis ``hsfl:dev:{id}``."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import re
+import time
+
+from broker.client import BrokerClient
+from broker.codec import check_origin
+from broker.errors import WireError
+from server import state
+
+log = logging.getLogger(__name__)
+
+
+def natural_key(device_id: str) -> list[object]:
+    """``emu-2`` before ``emu-10``."""
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", device_id)]
+
+
+class Registry:
+    """Collects hello/status from the broker and records them in Redis."""
+
+    def __init__(self, client: BrokerClient, r: object) -> None:
+        self.client, self.r = client, r
+        self.hello = client.subscribe(client.topics.all_devices("hello"))
+        self.status = client.subscribe(client.topics.all_devices("status"))
+        self.online: dict[str, bool] = {}
+        self.profiles: dict[str, dict] = {}
+
+    def poll(self, timeout: float = 0.2) -> None:
+        """Drain what arrived (waiting up to ``timeout`` for the first message)."""
+        deadline = time.monotonic() + timeout
+        for sub in (self.hello, self.status):
+            while True:
+                message = sub.get_nowait()
+                if message is None:
+                    if time.monotonic() >= deadline:
+                        break
+                    time.sleep(0.02)
+                    continue
+                if not message.payload:
+                    continue
+                try:
+                    env = message.decode()
+                    check_origin(env, self.client.topics.parse(message.topic))
+                except WireError as err:
+                    log.warning("registry: dropped %s: %s", message.topic, err)
+                    continue
+                dev = env.dev
+                if env.kind == "hello":
+                    profile = dataclasses.asdict(env.body)
+                    self.profiles[dev] = profile
+                    self.r.hset(state.dev_key(dev), mapping={"profile": json.dumps(profile)})  # type: ignore
+                    self.r.sadd(state.devices_key(), dev)  # type: ignore[attr-defined]
+                elif env.kind == "status":
+                    self.online[dev] = env.body.state != "offline"
+                    self.r.hset(state.dev_key(dev), mapping={"status": env.body.state})  # type: ignore
+
+    def available(self) -> list[str]:
+        """Registered devices whose last status is not ``offline``, in natural order."""
+        return sorted((d for d in self.profiles if self.online.get(d, False)), key=natural_key)
+
+    def wait_for(self, count: int, timeout: float) -> list[str]:
+        deadline = time.monotonic() + timeout
+        while True:
+            self.poll()
+            devices = self.available()
+            if len(devices) >= count:
+                return devices
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{len(devices)} device(s) online ({devices}) but the config needs {count}; "
+                                   "start more agents (harmony up --agents N)")

@@ -1,0 +1,44 @@
+"""The Celery application of the server side: Redis as broker and result backend.
+
+Configured from the environment so that ``harmony up``, tests and real deployments point the
+same code at their own services::
+
+    HSFL_REDIS_URL        redis://127.0.0.1:6379/0   broker, result backend and round state
+    HSFL_MQTT             127.0.0.1:1883             the Mosquitto the session tasks talk through
+    HSFL_MQTT_USER/…PASSWORD                         the server's broker credentials (optional)
+    HSFL_TOPIC_PREFIX     hsfl/v1
+    HSFL_VISIBILITY_S     900    how long before an unacknowledged session is redelivered
+
+Run a worker with ``celery -A server.app worker --pool threads --concurrency 2 -Q hsfl``: sessions
+are I/O-bound between steps and torch releases the GIL, so threads serve several at once.
+``acks_late`` plus ``reject_on_worker_lost``: a session whose worker dies goes back to the queue and
+is replayed from the round-start weights (DESIGN.md §5).
+"""
+
+from __future__ import annotations
+
+import os
+
+from celery import Celery
+
+QUEUE = "hsfl"
+
+
+def redis_url() -> str:
+    return os.environ.get("HSFL_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+app = Celery("hsfl", broker=redis_url(), backend=redis_url(), include=["server.tasks"])
+app.conf.update(
+    task_default_queue=QUEUE,
+    task_serializer="json",
+    result_serializer="json",
+    accept_content=["json"],
+    task_acks_late=True,
+    task_reject_on_worker_lost=True,
+    worker_prefetch_multiplier=1,
+    result_expires=3600,
+    broker_connection_retry_on_startup=True,
+    broker_transport_options={"visibility_timeout": int(os.environ.get("HSFL_VISIBILITY_S", "900"))},
+    worker_hijack_root_logger=False,
+)

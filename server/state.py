@@ -1,0 +1,160 @@
+"""Round state and buffers in Redis (DESIGN.md §5), shared by the session tasks and the orchestrator.
+
+Key layout under the ``hsfl:`` prefix::
+
+    hsfl:dev:{id}                 hash: profile (hello fields), status, assignment
+    hsfl:devices                  set of registered device ids
+    hsfl:config:{sha}             the run manifest (config + device → client index), JSON
+    hsfl:model:{sha}              weights: ``torch.save`` bytes of a state dict (sha256 of those bytes)
+    hsfl:round:{r}                hash: run, state (planned/running/aggregating/done/failed), participants, …
+    hsfl:round:{r}:ready          hash: device id → session attempt token (a session is subscribed)
+    hsfl:round:{r}:done           set of device ids whose session folded its result
+    hsfl:agg:{r}:{dev}            hash: raw float64 bytes per tensor (``client:{name}``/``server:{name}``)
+                                  and ``meta`` (JSON: weight, shapes, stats, uploaded client sha)
+    hsfl:run                      hash: the current run (id, manifest sha, last finished round)
+    hsfl:events                   stream for monitors
+
+The aggregation buffers are *per-session* partial sums (``n_i·θ_i`` in float64, the first step of
+:class:`harmony.aggregation.WeightedSum`): a redelivered session overwrites its own buffer, so a
+replay never double-counts, and the aggregation task merges them in sorted device order, which
+makes the result independent of which worker ran which session.
+
+This module imports redis-py, numpy and torch only (no Celery), so the orchestrator can use it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+import redis
+import torch
+
+from broker.blobs import bytes_to_state_dict, sha256_hex, state_dict_to_bytes
+from harmony.aggregation import WeightedSum
+
+PREFIX = "hsfl:"
+ROUND_STATES = ("planned", "running", "aggregating", "done", "failed")
+
+
+def dev_key(dev: str) -> str:
+    return f"{PREFIX}dev:{dev}"
+
+
+def devices_key() -> str:
+    return f"{PREFIX}devices"
+
+
+def config_key(sha: str) -> str:
+    return f"{PREFIX}config:{sha}"
+
+
+def model_key(sha: str) -> str:
+    return f"{PREFIX}model:{sha}"
+
+
+def round_key(rnd: int) -> str:
+    return f"{PREFIX}round:{rnd}"
+
+
+def ready_key(rnd: int) -> str:
+    return f"{PREFIX}round:{rnd}:ready"
+
+
+def done_key(rnd: int) -> str:
+    return f"{PREFIX}round:{rnd}:done"
+
+
+def agg_key(rnd: int, dev: str) -> str:
+    return f"{PREFIX}agg:{rnd}:{dev}"
+
+
+def run_key() -> str:
+    return f"{PREFIX}run"
+
+
+def events_key() -> str:
+    return f"{PREFIX}events"
+
+
+def connect(url: str) -> redis.Redis:
+    """A redis-py client on ``url`` returning bytes (buffers are raw bytes)."""
+    return redis.Redis.from_url(url, decode_responses=False)
+
+
+# --------------------------------------------------------------------------- models
+def put_model(r: redis.Redis, state: Mapping[str, torch.Tensor]) -> tuple[str, bytes]:
+    """Store a state dict under ``model:{sha}``; return (sha, bytes). Idempotent (content-addressed)."""
+    data = state_dict_to_bytes(state)
+    sha = sha256_hex(data)
+    r.set(model_key(sha), data)
+    return sha, data
+
+
+def get_model(r: redis.Redis, sha: str) -> dict[str, torch.Tensor]:
+    data = r.get(model_key(sha))
+    if data is None:
+        raise KeyError(f"no weights under {model_key(sha)} (was the round published?)")
+    if sha256_hex(data) != sha:
+        raise ValueError(f"{model_key(sha)} holds bytes hashing to {sha256_hex(data)}")
+    return bytes_to_state_dict(data)
+
+
+# --------------------------------------------------------------------------- partial sums
+def partial_sum_fields(side: str, state: Mapping[str, torch.Tensor], weight: float) -> tuple[dict[str, bytes], dict]:
+    """``weight·θ`` per tensor as raw little-endian float64 bytes (exactly ``WeightedSum.add``'s first term)."""
+    acc = WeightedSum()
+    acc.add(state, weight)
+    fields: dict[str, bytes] = {}
+    shapes: dict[str, list[int]] = {}
+    for name, total in acc.sums.items():
+        fields[f"{side}:{name}"] = np.ascontiguousarray(total.numpy(), dtype="<f8").tobytes()
+        shapes[name] = list(total.shape)
+    return fields, shapes
+
+
+def store_session_result(r: redis.Redis, rnd: int, dev: str, client_state: Mapping[str, torch.Tensor],
+                         server_state: Mapping[str, torch.Tensor], weight: int, meta: dict[str, Any]) -> None:
+    """Fold one session into its partial-sum buffer and mark it done, atomically (MULTI/EXEC)."""
+    c_fields, c_shapes = partial_sum_fields("client", client_state, weight)
+    s_fields, s_shapes = partial_sum_fields("server", server_state, weight)
+    meta = {**meta, "weight": weight, "shapes": {"client": c_shapes, "server": s_shapes}}
+    pipe = r.pipeline(transaction=True)
+    pipe.delete(agg_key(rnd, dev))
+    pipe.hset(agg_key(rnd, dev), mapping={**c_fields, **s_fields, "meta": json.dumps(meta).encode()})
+    pipe.sadd(done_key(rnd), dev)
+    pipe.execute()
+
+
+def load_partial_sum(r: redis.Redis, rnd: int, dev: str) -> tuple[WeightedSum, WeightedSum, dict[str, Any]]:
+    """One session's buffer as (client, server) ``WeightedSum``s plus its meta (numpy over the raw bytes)."""
+    raw = r.hgetall(agg_key(rnd, dev))
+    if b"meta" not in raw:
+        raise KeyError(f"no partial sum for device {dev!r} in round {rnd} ({agg_key(rnd, dev)})")
+    meta = json.loads(raw[b"meta"])
+    sides = {"client": WeightedSum(), "server": WeightedSum()}
+    for side, acc in sides.items():
+        for name, shape in meta["shapes"][side].items():
+            array = np.frombuffer(raw[f"{side}:{name}".encode()], dtype="<f8").reshape(shape)
+            acc.sums[name] = torch.from_numpy(array.astype(np.float64, copy=True))
+            acc.weights[name] = float(meta["weight"])
+    return sides["client"], sides["server"], meta
+
+
+def merge_partial_sums(r: redis.Redis, rnd: int, devices: Iterable[str]) -> tuple[WeightedSum, WeightedSum, list]:
+    """Merge the sessions' buffers in the given (sorted) order; returns the sums and each meta."""
+    client_sum, server_sum, metas = WeightedSum(), WeightedSum(), []
+    for dev in devices:
+        c, s, meta = load_partial_sum(r, rnd, dev)
+        client_sum.merge(c)
+        server_sum.merge(s)
+        metas.append(meta)
+    return client_sum, server_sum, metas
+
+
+def event(r: redis.Redis, name: str, **fields: Any) -> None:
+    """Append a monitor event to the ``hsfl:events`` stream (capped)."""
+    r.xadd(events_key(), {"name": name, **{k: json.dumps(v) for k, v in fields.items()}}, maxlen=10_000,
+           approximate=True)

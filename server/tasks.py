@@ -1,0 +1,204 @@
+"""Celery tasks of the server side: thin wrappers that call ``harmony``'s own server sessions.
+
+- ``hsfl.session``   one (device, round) session: load the round-start back end, serve the device's
+  step exchange directly over MQTT (``dev/{id}/up`` → ``dev/{id}/down``), receive the client's
+  uploaded weights, fold both into the round's per-session partial-sum buffer in Redis.
+- ``hsfl.aggregate`` merge the partial sums of a round (numpy over raw float64 bytes, in the fixed
+  order the orchestrator gives) and store the aggregated client and server models.
+- ``hsfl.infer``     fallback inference: serve one device's offloaded test features (``infer`` →
+  ``infer_reply``) until it is idle.
+
+Per-step tensors never travel as Celery arguments; only ids and hashes do. The experiment itself
+(data plan, split depths, the algorithm object) is rebuilt in the worker from the run manifest by
+the same ``harmony.engine.LocalEngine`` set-up the local runtime uses, so the server replica sees
+exactly what the local engine's would. Departure from DESIGN.md §5: each session subscribes to its
+own device's ``up`` topic instead of a shared ingress subscription — the session task *is* the
+ingress for that device's round, which keeps the step exchange in one thread with no hand-off.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import os
+import threading
+import time
+import uuid
+from typing import Any
+
+import torch
+
+from broker.blobs import BlobAssembler, bytes_to_state_dict
+from broker.client import BrokerClient, Subscription
+from broker.codec import Envelope, check_origin, error_report
+from broker.errors import WireError
+from broker.schemas import InferReply
+from broker.topics import Topics
+from harmony.algorithms import SessionContext
+from harmony.config import validate_config
+from harmony.engine import LocalEngine
+from server import state
+from server.app import app, redis_url
+
+log = logging.getLogger(__name__)
+
+STATS_KEY = "__stats__"
+_engines: dict[str, LocalEngine] = {}
+_engines_lock = threading.Lock()
+
+
+def mqtt_settings() -> tuple[str, int, str | None, str | None, Topics]:
+    host, _, port = os.environ.get("HSFL_MQTT", "127.0.0.1:1883").rpartition(":")
+    return (host or "127.0.0.1", int(port), os.environ.get("HSFL_MQTT_USER"), os.environ.get("HSFL_MQTT_PASSWORD"),
+            Topics(os.environ.get("HSFL_TOPIC_PREFIX", "hsfl/v1")))
+
+
+def engine_for(r: Any, manifest_sha: str) -> tuple[LocalEngine, dict[str, Any]]:
+    """The experiment's engine set-up rebuilt from the manifest in Redis (cached per manifest)."""
+    with _engines_lock:
+        raw = r.get(state.config_key(manifest_sha))
+        if raw is None:
+            raise KeyError(f"no run manifest under {state.config_key(manifest_sha)}")
+        manifest = json.loads(raw)
+        if manifest_sha not in _engines:
+            _engines.clear()  # one experiment at a time per worker
+            _engines[manifest_sha] = LocalEngine(validate_config(manifest["config"]))
+        return _engines[manifest_sha], manifest
+
+
+def restore_layout(msg: Any, channels_last: bool) -> Any:
+    """The wire sends row-major tensors; give 4-d float tensors back the channels-last layout the
+    in-process transport would have passed, so kernels (and their rounding) match the local engine."""
+    if not channels_last:
+        return msg
+    for f in dataclasses.fields(msg):
+        value = getattr(msg, f.name)
+        if isinstance(value, torch.Tensor) and value.dim() == 4 and value.is_floating_point():
+            setattr(msg, f.name, value.contiguous(memory_format=torch.channels_last))
+    return msg
+
+
+class SessionAborted(RuntimeError):
+    """The device stopped answering within the session's deadline."""
+
+
+def _await(client: BrokerClient, sub: Subscription, kind: str, rnd: int, deadline: float, topics: Topics,
+           step: int | None = None) -> Envelope:
+    """The next ``kind`` message of round ``rnd`` (and ``step``) on the device's up topic."""
+    def wanted(env: Envelope) -> bool:
+        return env.round == rnd and (step is None or env.step == step)
+
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise SessionAborted(f"no {kind!r} (round {rnd}, step {step}) before the session deadline")
+    try:
+        return client.wait_for(kind, wanted, timeout=remaining, subscription=sub)
+    except TimeoutError:
+        raise SessionAborted(f"no {kind!r} (round {rnd}, step {step}) before the session deadline") from None
+
+
+@app.task(name="hsfl.session", bind=True, acks_late=True, reject_on_worker_lost=True)
+def session(self: Any, rnd: int, dev: str, index: int, manifest_sha: str, server_sha: str, steps: int,
+            timeout_s: float = 600.0) -> dict[str, Any]:
+    """Serve device ``dev`` (client ``index``) for round ``rnd``; idempotent under redelivery."""
+    r = state.connect(redis_url())
+    if r.sismember(state.done_key(rnd), dev):
+        return {"device": dev, "round": rnd, "skipped": "already done"}
+    engine, _ = engine_for(r, manifest_sha)
+    torch.set_flush_denormal(True)  # per-thread CPU state, as LocalEngine sets it for its own thread
+    cfg = engine.cfg
+    depth = engine.plan.depths[index]
+    ctx = SessionContext(cfg.seed, rnd, index, cfg.train, engine.device)
+    model = copy.deepcopy(engine.server_model)
+    model.load_state_dict(state.get_model(r, server_sha))
+    server = engine.algorithm.server_session(model, depth, ctx)
+    host, port, user, password, topics = mqtt_settings()
+    token = uuid.uuid4().hex[:12]
+    client = BrokerClient(f"session-{dev}-{rnd}-{token}", host, port, username=user, password=password,
+                          topics=topics, clean_start=True, session_expiry_s=0)
+    client.connect()
+    t0 = time.perf_counter()
+    try:
+        sub = client.subscribe(topics.up(dev))
+        r.hset(state.ready_key(rnd), dev, token)  # the orchestrator now sends round_start to the device
+        deadline = time.monotonic() + timeout_s
+        for step in range(steps):
+            up = _await(client, sub, "features", rnd, deadline, topics, step)
+            down = server.on_features(restore_layout(up.body, cfg.model.channels_last))
+            client.send(topics.down(dev), down, round=rnd)
+            grad_up = _await(client, sub, "logit_grad", rnd, deadline, topics, step)
+            client.send(topics.down(dev), server.on_logit_grad(grad_up.body), round=rnd)
+        assembler: BlobAssembler | None = None
+        data = None
+        while data is None:
+            env = _await(client, sub, "blob_chunk", rnd, deadline, topics)
+            check_origin(env, topics.parse(topics.up(dev)))
+            if assembler is None:
+                assembler = BlobAssembler(env.body.sha256)
+            if env.body.sha256 != assembler.sha256 or (assembler.count and env.body.index not in assembler.missing()):
+                continue
+            data = assembler.add(env.body)
+        uploaded = bytes_to_state_dict(data)
+        stats = uploaded.pop(STATS_KEY).tolist()
+        client_sha, _ = state.put_model(r, uploaded)
+        n_i = int(engine.plan.train_indices[index].size)
+        state.store_session_result(r, rnd, dev, uploaded, server.state(), n_i,
+                                   {"stats": stats, "client_sha": client_sha, "index": index, "token": token})
+        seconds = time.perf_counter() - t0
+        state.event(r, "session_done", round=rnd, device=dev, seconds=seconds)
+        log.info("session done: device %s round %d, %d steps in %.2f s", dev, rnd, steps, seconds)
+        return {"device": dev, "round": rnd, "seconds": seconds}
+    except WireError as err:
+        client.send(topics.err(dev), error_report(err), round=rnd, wait=False)
+        raise
+    finally:
+        client.close(timeout=2)
+
+
+@app.task(name="hsfl.aggregate", acks_late=True)
+def aggregate(rnd: int, devices: list[str], client_prev_sha: str, server_prev_sha: str) -> dict[str, Any]:
+    """FedAvg of the replicas and depth-aware averaging of the client sides, merged in ``devices`` order."""
+    r = state.connect(redis_url())
+    client_sum, server_sum, metas = state.merge_partial_sums(r, rnd, devices)
+    client_global = client_sum.average(state.get_model(r, client_prev_sha))
+    server_global = server_sum.average(state.get_model(r, server_prev_sha))
+    client_sha, _ = state.put_model(r, client_global)
+    server_sha, _ = state.put_model(r, server_global)
+    return {"client_sha": client_sha, "server_sha": server_sha,
+            "stats": [m["stats"] for m in metas], "uploads": [m["client_sha"] for m in metas]}
+
+
+@app.task(name="hsfl.infer", acks_late=True)
+def infer(dev: str, manifest_sha: str, server_sha: str, idle_s: float = 30.0) -> dict[str, Any]:
+    """Fallback inference for device ``dev``: answer its ``infer`` messages until ``idle_s`` pass without one."""
+    r = state.connect(redis_url())
+    engine, _ = engine_for(r, manifest_sha)
+    model = copy.deepcopy(engine.server_model)
+    model.load_state_dict(state.get_model(r, server_sha))
+    model.eval()
+    host, port, user, password, topics = mqtt_settings()
+    token = uuid.uuid4().hex[:12]
+    client = BrokerClient(f"infer-{dev}-{token}", host, port, username=user, password=password, topics=topics,
+                          clean_start=True, session_expiry_s=0)
+    client.connect()
+    served = 0
+    try:
+        sub = client.subscribe(topics.up(dev))
+        r.hset(state.ready_key(0), f"infer:{dev}", token)
+        while True:
+            try:
+                env = client.wait_for("infer", timeout=idle_s, subscription=sub)
+            except TimeoutError:
+                break
+            req = restore_layout(env.body, engine.cfg.model.channels_last)
+            with torch.no_grad():
+                logits = model(req.features.to(torch.float32), int(req.depth))
+            reply = InferReply(ref_seq=env.seq, predictions=logits.argmax(1).to(torch.int64),
+                               logits=logits.float() if req.want_logits else None)
+            client.send(topics.down(dev), reply, round=env.round)
+            served += 1
+    finally:
+        client.close(timeout=2)
+    return {"device": dev, "served": served}

@@ -1,0 +1,79 @@
+"""``harmony up`` / ``run --runtime distributed`` / ``down`` and the distributed-overhead benchmark's smoke size."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from testbed.cli import app
+from testbed.stack import load_stack
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = {
+    "name": "tiny-cli", "seed": 3,
+    "data": {"num_shards": 8, "train_fraction": 0.02, "test_per_client": 20, "rhos": [0.0]},
+    "model": {"family": "cnn8", "width": 0.25},
+    "fleet": {"num_clients": 4, "split_depths": [2, 3, 4, 2]},
+    "train": {"algorithm": "splitgp", "rounds": 1, "batch_size": 16, "local_steps": 2},
+    "eval": {"measure_latency_samples": 0},
+}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+
+
+@pytest.mark.slow
+def test_up_run_down(tmp_path):
+    runner = CliRunner()
+    stack_dir, cfg_path, out = tmp_path / "stack", tmp_path / "tiny.yaml", tmp_path / "out"
+    cfg_path.write_text(yaml.safe_dump(TINY))
+    result = runner.invoke(app, ["up", "--agents", "1", "--run-dir", str(stack_dir)])
+    assert result.exit_code == 0, result.output
+    pids = load_stack(stack_dir).pids
+    assert set(pids) == {"mosquitto", "redis", "worker", "orchestrator", "agent-0"}
+    try:
+        result = runner.invoke(app, ["run", str(cfg_path), "--runtime", "distributed", "--stack", str(stack_dir),
+                                     "--out", str(out)])
+        assert result.exit_code == 0, result.output
+        doc = json.loads((out / "results.json").read_text())
+        assert doc["runtime"] == "distributed" and len(doc["rounds"]) == 1
+        assert doc["devices"] == ["emu-0", "emu-1", "emu-2", "emu-3"]
+    finally:
+        result = runner.invoke(app, ["down", "--run-dir", str(stack_dir)])
+    assert result.exit_code == 0, result.output
+    assert not any(_alive(pid) for pid in pids.values())
+    assert (stack_dir / "worker.log").is_file() and (stack_dir / "agent-0.log").is_file()
+
+
+def test_run_rejects_unknown_runtime(tmp_path):
+    cfg_path = tmp_path / "tiny.yaml"
+    cfg_path.write_text(yaml.safe_dump(TINY))
+    result = CliRunner().invoke(app, ["run", str(cfg_path), "--runtime", "grpc"])
+    assert result.exit_code == 2 and "expected local or distributed" in result.output
+
+
+def test_down_without_stack(tmp_path):
+    result = CliRunner().invoke(app, ["down", "--run-dir", str(tmp_path)])
+    assert result.exit_code == 2 and "no stack was started" in result.output
+
+
+@pytest.mark.slow
+def test_distributed_overhead_smoke():
+    proc = subprocess.run([sys.executable, "benchmarks/distributed_overhead.py", "--smoke"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["bench"] == "distributed_overhead"
+    assert result["wall_ratio"] > 0 and result["bytes_ratio"] >= 1.0 and result["steps"] > 0
