@@ -7,7 +7,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 STAMP := $(VENV)/.installed
 APT_STAMP := .venv-apt-checked
 
-.PHONY: demo test bench setup system-deps lint clean
+.PHONY: demo test bench reproduce setup system-deps lint clean
 
 setup: system-deps $(STAMP)
 
@@ -35,8 +35,17 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -q
 
+# Speed and overhead figures (a few minutes each); see benchmarks/RESULTS.md.
 bench: setup
 	$(BIN)/python benchmarks/engine_throughput.py
+	$(BIN)/python benchmarks/engine_throughput.py --algorithm harmony
+	$(BIN)/python benchmarks/speed_options.py
+	$(BIN)/python benchmarks/distributed_overhead.py
+	$(BIN)/python benchmarks/reproduce_fmnist.py --scale paper --project
+
+# The documented reduced-scale CPU reproduction of the paper's Table 2 (6 algorithms x 3 seeds).
+reproduce: setup
+	$(BIN)/python benchmarks/reproduce_fmnist.py --scale reduced --seeds 3
 
 lint: setup
 	$(BIN)/ruff check harmony broker edge_agent server orchestrator testbed tests benchmarks
