@@ -203,6 +203,12 @@ def _run_distributed(cfg: Any, out: Path, progress: Any, stack_dir: Path, resume
     own = None
     if stack_running(stack_dir):
         info = load_stack(stack_dir)
+        if len(info.devices) < cfg.fleet.num_clients:
+            raise ValueError(
+                f"fleet.num_clients = {cfg.fleet.num_clients} but the stack in {stack_dir} hosts "
+                f"{len(info.devices)} devices; restart it with enough (`harmony down --run-dir {stack_dir}` then "
+                f"`harmony up --run-dir {stack_dir} --devices-per-agent {math.ceil(cfg.fleet.num_clients / 2)} "
+                f"--agents 2`) or lower fleet.num_clients")
     else:
         own = LocalStack(stack_dir)
         agents = math.ceil(cfg.fleet.num_clients / 4)
@@ -246,9 +252,9 @@ def agent(
 
 @app.command()
 def up(
-    agents: Annotated[int, typer.Option("--agents", min=0, help="agent processes to start")] = 1,
+    agents: Annotated[int, typer.Option("--agents", min=0, help="agent processes to start")] = 2,
     devices_per_agent: Annotated[int, typer.Option("--devices-per-agent", min=1,
-                                                   help="emulated devices each agent hosts")] = 4,
+                                                   help="emulated devices each agent hosts")] = 5,
     concurrency: Annotated[int, typer.Option("--concurrency", min=1, help="sessions per Celery worker")] = 2,
     run_dir: Annotated[Path, typer.Option("--run-dir", help="where PIDs and logs go")] = Path("runs/stack"),
 ) -> None:

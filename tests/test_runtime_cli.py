@@ -39,11 +39,18 @@ def test_up_run_down(tmp_path):
     runner = CliRunner()
     stack_dir, cfg_path, out = tmp_path / "stack", tmp_path / "tiny.yaml", tmp_path / "out"
     cfg_path.write_text(yaml.safe_dump(TINY))
-    result = runner.invoke(app, ["up", "--agents", "1", "--run-dir", str(stack_dir)])
+    result = runner.invoke(app, ["up", "--agents", "1", "--devices-per-agent", "4", "--run-dir", str(stack_dir)])
     assert result.exit_code == 0, result.output
     pids = load_stack(stack_dir).pids
     assert set(pids) == {"mosquitto", "redis", "worker", "orchestrator", "agent-0"}
     try:
+        too_big = tmp_path / "too-big.yaml"
+        too_big.write_text(yaml.safe_dump({**TINY, "fleet": {"num_clients": 6, "split_depths": [2, 3, 4]}}))
+        result = runner.invoke(app, ["run", str(too_big), "--runtime", "distributed", "--stack", str(stack_dir),
+                                     "--out", str(tmp_path / "nothing")])
+        message = " ".join(result.output.split())  # rich wraps long lines
+        assert result.exit_code == 2 and "fleet.num_clients = 6" in message and "hosts 4 devices" in message
+        assert not (tmp_path / "nothing" / "results.json").exists()
         result = runner.invoke(app, ["run", str(cfg_path), "--runtime", "distributed", "--stack", str(stack_dir),
                                      "--out", str(out)])
         assert result.exit_code == 0, result.output
