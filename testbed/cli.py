@@ -85,19 +85,39 @@ def run(
     stack_dir: Annotated[Path, typer.Option("--stack", help="run directory of a `harmony up` stack (distributed; "
                                             "started and stopped for this run if none runs there)")] = Path(
         "runs/stack"),
+    broker: Annotated[str | None, typer.Option("--broker", help="distributed over an existing fleet: MQTT "
+                                               "HOST:PORT (with --redis; instead of --stack)")] = None,
+    redis: Annotated[str | None, typer.Option("--redis", help="Redis URL of that fleet's Celery workers, "
+                                              "e.g. redis://host:6379/0")] = None,
+    topic_prefix: Annotated[str, typer.Option("--topic-prefix", help="MQTT topic prefix of the fleet")] = "hsfl/v1",
+    devices_timeout: Annotated[float, typer.Option("--devices-timeout", min=1, help="seconds to wait for "
+                                                   "fleet.num_clients devices to register")] = 120.0,
+    round_timeout: Annotated[float, typer.Option("--round-timeout", min=1, help="deadline of one round, "
+                                                 "seconds")] = 900.0,
 ) -> None:
     """Run one experiment; writes OUT/results.json, rounds.csv, evaluation.csv, checkpoint.pt."""
     from harmony.engine import LocalEngine
 
     if runtime not in ("local", "distributed"):
         _fail(ValueError(f"--runtime {runtime!r}: expected local or distributed"))
+    fleet = None
+    if broker is not None or redis is not None:
+        if runtime != "distributed":
+            _fail(ValueError("--broker/--redis drive a distributed run; add --runtime distributed"))
+        if broker is None or redis is None:
+            _fail(ValueError("--broker and --redis go together: the MQTT broker and the Redis of the same fleet"))
+        host, sep, port = broker.rpartition(":")
+        if not sep or not port.isdigit():
+            _fail(ValueError(f"--broker {broker!r}: expected HOST:PORT, e.g. 127.0.0.1:1883"))
+        fleet = {"mqtt": (host or "127.0.0.1", int(port)), "redis_url": redis, "topic_prefix": topic_prefix,
+                 "devices_timeout_s": devices_timeout, "round_timeout_s": round_timeout}
     cfg = _load(config, set_)
     try:
         with RoundProgress() as progress:
             if runtime == "local":
                 results = LocalEngine(cfg, out, progress).run(resume=resume)
             else:
-                results = _run_distributed(cfg, out, progress, stack_dir, resume)
+                results = _run_distributed(cfg, out, progress, stack_dir, resume, fleet)
     except (ValueError, FileNotFoundError, RuntimeError, TimeoutError) as err:
         _fail(err)
     ev = results["evaluation"]
@@ -193,13 +213,29 @@ def show(path: Annotated[Path, typer.Argument(help="a compare.json")]) -> None:
     out_console.print(compare_table(doc, str(path)))
 
 
-def _run_distributed(cfg: Any, out: Path, progress: Any, stack_dir: Path, resume: bool) -> dict[str, Any]:
-    """Run over the stack in ``stack_dir``, or over a fresh one (stopped afterwards)."""
+def _run_distributed(cfg: Any, out: Path, progress: Any, stack_dir: Path, resume: bool,
+                     fleet: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run over ``fleet`` (an existing broker and Redis), the stack in ``stack_dir``, or a fresh one."""
     import math
 
+    from broker.topics import Topics
     from orchestrator.engine import DistributedEngine
     from testbed.stack import LocalStack, load_stack, stack_running
 
+    if fleet is not None:
+        import redis
+
+        try:
+            engine = DistributedEngine(cfg, out, progress, mqtt=fleet["mqtt"], redis_url=fleet["redis_url"],
+                                       topics=Topics(fleet["topic_prefix"]),
+                                       devices_timeout_s=fleet["devices_timeout_s"],
+                                       round_timeout_s=fleet["round_timeout_s"])
+            try:
+                return engine.run(resume=resume)
+            finally:
+                engine.close()
+        except redis.exceptions.ConnectionError as err:
+            raise RuntimeError(f"--redis {fleet['redis_url']}: {err}; is the fleet's Redis running there?") from err
     own = None
     if stack_running(stack_dir):
         info = load_stack(stack_dir)

@@ -12,6 +12,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from broker.mosquitto import free_port
 from testbed.cli import app
 from testbed.stack import load_stack
 
@@ -57,6 +58,13 @@ def test_up_run_down(tmp_path):
         doc = json.loads((out / "results.json").read_text())
         assert doc["runtime"] == "distributed" and len(doc["rounds"]) == 1
         assert doc["devices"] == ["emu-0", "emu-1", "emu-2", "emu-3"]
+        # the same fleet addressed by its broker and Redis (as for a remote or containerised fleet)
+        info = load_stack(stack_dir)
+        result = runner.invoke(app, ["run", str(cfg_path), "--runtime", "distributed", "--broker",
+                                     f"127.0.0.1:{info.mqtt_port}", "--redis", info.redis_url, "--out", str(out / "b")])
+        assert result.exit_code == 0, result.output
+        again = json.loads((out / "b" / "results.json").read_text())
+        assert again["evaluation"]["accuracy"] == doc["evaluation"]["accuracy"]
     finally:
         result = runner.invoke(app, ["down", "--run-dir", str(stack_dir)])
     assert result.exit_code == 0, result.output
@@ -69,6 +77,25 @@ def test_run_rejects_unknown_runtime(tmp_path):
     cfg_path.write_text(yaml.safe_dump(TINY))
     result = CliRunner().invoke(app, ["run", str(cfg_path), "--runtime", "grpc"])
     assert result.exit_code == 2 and "expected local or distributed" in result.output
+
+
+def test_run_fleet_options_errors(tmp_path):
+    cfg_path = tmp_path / "tiny.yaml"
+    cfg_path.write_text(yaml.safe_dump(TINY))
+    runner = CliRunner()
+    result = runner.invoke(app, ["run", str(cfg_path), "--broker", "127.0.0.1:1", "--redis", "redis://127.0.0.1:1/0"])
+    assert result.exit_code == 2 and "add --runtime distributed" in result.output
+    result = runner.invoke(app, ["run", str(cfg_path), "--runtime", "distributed", "--broker", "127.0.0.1:1"])
+    assert result.exit_code == 2 and "--broker and --redis go together" in " ".join(result.output.split())
+    result = runner.invoke(app, ["run", str(cfg_path), "--runtime", "distributed", "--broker", "nohost",
+                                 "--redis", "redis://127.0.0.1:1/0"])
+    assert result.exit_code == 2 and "expected HOST:PORT" in result.output
+    port = free_port()  # nothing listens there: the error names the broker, no results are written
+    result = runner.invoke(app, ["run", str(cfg_path), "--runtime", "distributed", "--broker", f"127.0.0.1:{port}",
+                                 "--redis", f"redis://127.0.0.1:{free_port()}/0", "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2, result.output
+    assert str(port) in result.output
+    assert not (tmp_path / "o" / "results.json").exists()
 
 
 def test_down_without_stack(tmp_path):

@@ -1,0 +1,619 @@
+"""Offline validation of docker/: the compose file, the Dockerfiles and every command they run.
+
+No Docker engine runs here (DESIGN.md §5), so nothing is built or started. Instead: the compose
+file is parsed and its wiring checked against the code (service names, ports, environment
+variables the code reads), every command is parsed by the program's own argument parser
+(``harmony``'s click group, Celery's, the ``__main__`` modules' argparse), every ``COPY`` source
+exists and passes the build-context filter, torch is pinned exactly as the project's extras pin
+it, and the Mosquitto config is started once with a real ``mosquitto`` when one is installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import getpass
+import importlib
+import importlib.util
+import json
+import os
+import re
+import shlex
+import shutil
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import click
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCKER = ROOT / "docker"
+COMPOSE_FILE = DOCKER / "compose.yaml"
+MOSQUITTO_CONF = DOCKER / "mosquitto" / "mosquitto.conf"
+README = DOCKER / "README.md"
+PACKAGES = ("harmony", "broker", "edge_agent", "server", "orchestrator", "testbed")
+EXTRA_OF = {"Dockerfile.agent": "agent", "Dockerfile.server": "server"}
+
+# Variables read by something other than this project's code, and who reads them.
+THIRD_PARTY_ENV = {
+    "PATH": "the shell",
+    "PYTHONUNBUFFERED": "CPython",
+    "PYTHONDONTWRITEBYTECODE": "CPython",
+    "PIP_NO_CACHE_DIR": "pip (build stage)",
+    "PIP_DISABLE_PIP_VERSION_CHECK": "pip (build stage)",
+    "OMP_NUM_THREADS": "torch's OpenMP thread pool",
+}
+
+# Service keys of the Compose Specification that this file may use (a typo such as `mem_limt`
+# would otherwise be caught only by `docker compose config` on a real host).
+COMPOSE_SERVICE_KEYS = {
+    "build", "image", "command", "entrypoint", "environment", "env_file", "volumes", "ports", "expose",
+    "depends_on", "healthcheck", "restart", "init", "user", "working_dir", "profiles", "networks",
+    "cpus", "cpu_shares", "cpu_quota", "cpu_period", "cpuset", "mem_limit", "mem_reservation",
+    "memswap_limit", "deploy", "stop_signal", "stop_grace_period", "labels", "logging", "hostname",
+    "container_name", "platform", "pull_policy", "tmpfs", "ulimits", "shm_size", "read_only",
+}
+COMPOSE_TOP_KEYS = {"name", "services", "volumes", "networks", "configs", "secrets", "include"}
+
+
+# ------------------------------------------------------------------------------------ parsing
+@dataclass(frozen=True)
+class Instruction:
+    keyword: str
+    args: str
+    stage: int  # index of the FROM this instruction belongs to
+
+
+def parse_dockerfile(path: Path) -> list[Instruction]:
+    """Instructions with continuation lines joined and comment lines dropped (as BuildKit does)."""
+    out: list[Instruction] = []
+    stage = -1
+    pending = ""
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        line, pending = pending + line, ""
+        keyword, _, args = line.partition(" ")
+        keyword = keyword.upper()
+        if keyword == "FROM":
+            stage += 1
+        out.append(Instruction(keyword, args.strip(), stage))
+    assert not pending, f"{path.name}: the last instruction ends with a line continuation"
+    return out
+
+
+def dockerfiles() -> dict[str, list[Instruction]]:
+    return {name: parse_dockerfile(DOCKER / name) for name in EXTRA_OF}
+
+
+def exec_form(ins: Instruction) -> list[str]:
+    """The JSON (exec) form of ENTRYPOINT/CMD; the shell form is rejected (no signals to PID 1)."""
+    assert ins.args.startswith("["), f"{ins.keyword} {ins.args}: use the exec form [\"prog\", \"arg\"]"
+    argv = json.loads(ins.args)
+    assert isinstance(argv, list) and all(isinstance(a, str) for a in argv)
+    return argv
+
+
+def final_stage(instructions: list[Instruction]) -> list[Instruction]:
+    last = max(i.stage for i in instructions)
+    return [i for i in instructions if i.stage == last]
+
+
+def env_keys(ins: Instruction) -> list[str]:
+    words = shlex.split(ins.args)
+    if len(words) >= 2 and "=" not in words[0]:  # legacy `ENV KEY value`
+        return [words[0]]
+    return [w.split("=", 1)[0] for w in words]
+
+
+def arg_default(instructions: list[Instruction], name: str) -> str | None:
+    for ins in instructions:
+        if ins.keyword == "ARG" and ins.args.split("=", 1)[0] == name:
+            return ins.args.split("=", 1)[1] if "=" in ins.args else None
+    return None
+
+
+_INTERPOLATION = re.compile(r"\$\$|\$\{(\w+)(?::?-([^}]*))?\}|\$(\w+)")
+
+
+def interpolate(value: str) -> str:
+    """Compose's interpolation with the defaults written in the file (the host environment is ignored)."""
+    def sub(m: re.Match[str]) -> str:
+        if m.group(0) == "$$":
+            return "$"
+        if m.group(1) and m.group(2) is not None:
+            return m.group(2)
+        raise AssertionError(f"{value!r}: ${m.group(1) or m.group(3)} has no default; `up` would need it set")
+    return _INTERPOLATION.sub(sub, value)
+
+
+def strings(node: Any) -> list[str]:
+    """Every string value (and mapping key) of a parsed YAML document: what Compose interpolates."""
+    if isinstance(node, dict):
+        return [s for k, v in node.items() for s in strings(k) + strings(v)]
+    if isinstance(node, list):
+        return [s for item in node for s in strings(item)]
+    return [node] if isinstance(node, str) else []
+
+
+def interpolation_variables(doc: Any) -> set[str]:
+    return {m.group(1) or m.group(3) for text in strings(doc) for m in _INTERPOLATION.finditer(text)
+            if m.group(0) != "$$"}
+
+
+def load_compose() -> dict[str, Any]:
+    doc = yaml.safe_load(COMPOSE_FILE.read_text())
+    assert isinstance(doc, dict) and isinstance(doc.get("services"), dict)
+    return doc
+
+
+def services() -> dict[str, dict[str, Any]]:
+    return load_compose()["services"]
+
+
+def dockerfile_of(service: dict[str, Any]) -> str | None:
+    build = service.get("build")
+    if build is None:
+        return None
+    if isinstance(build, str):
+        build = {"context": build}
+    return Path(build.get("dockerfile", "Dockerfile")).name
+
+
+def agent_services() -> dict[str, dict[str, Any]]:
+    return {name: s for name, s in services().items() if dockerfile_of(s) == "Dockerfile.agent"}
+
+
+def environment(service: dict[str, Any]) -> dict[str, str]:
+    env = service.get("environment") or {}
+    if isinstance(env, list):
+        env = dict(item.split("=", 1) if "=" in item else (item, "") for item in env)
+    return {k: interpolate(str(v)) for k, v in env.items()}
+
+
+def effective_argv(service: dict[str, Any]) -> list[str]:
+    """ENTRYPOINT + CMD as the container runs them (compose's entrypoint/command override the image's)."""
+    image_entry: list[str] = []
+    image_cmd: list[str] = []
+    name = dockerfile_of(service)
+    if name is not None:
+        for ins in final_stage(parse_dockerfile(DOCKER / name)):
+            if ins.keyword == "ENTRYPOINT":
+                image_entry = exec_form(ins)
+            elif ins.keyword == "CMD":
+                image_cmd = exec_form(ins)
+    entry = service.get("entrypoint", image_entry)
+    # As Docker does: a service that sets its entrypoint drops the image's CMD.
+    cmd = service.get("command", [] if "entrypoint" in service else image_cmd)
+    entry = shlex.split(entry) if isinstance(entry, str) else list(entry)
+    cmd = shlex.split(cmd) if isinstance(cmd, str) else list(cmd)
+    return [interpolate(str(a)) for a in entry + cmd]
+
+
+def option_values(argv: list[str], option: str) -> list[str]:
+    return [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == option]
+
+
+def project_source() -> str:
+    return "\n".join(p.read_text() for pkg in PACKAGES for p in sorted((ROOT / pkg).rglob("*.py")))
+
+
+def mosquitto_settings() -> dict[str, str]:
+    settings = {}
+    for line in MOSQUITTO_CONF.read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            key, _, value = line.strip().partition(" ")
+            settings[key] = value
+    return settings
+
+
+def mqtt_service_port() -> tuple[str, int]:
+    """The compose service running Mosquitto and the port its listener binds in the container."""
+    name = next(n for n, s in services().items() if str(s.get("image", "")).startswith("eclipse-mosquitto"))
+    return name, int(mosquitto_settings()["listener"].split()[0])
+
+
+def redis_service() -> str:
+    return next(n for n, s in services().items() if str(s.get("image", "")).startswith("redis:"))
+
+
+# ------------------------------------------------------------------------------------ argv checks
+class _Parsed(Exception):
+    """Raised in place of running a program once its argparse parser accepted the arguments."""
+
+
+@pytest.fixture
+def parse_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    original = argparse.ArgumentParser.parse_args
+
+    def parse_args(self: argparse.ArgumentParser, args: Any = None, namespace: Any = None) -> Any:
+        raise _Parsed(original(self, args, namespace))
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_args)
+
+
+def _argparse_main_accepts(main: Any, args: list[str], what: str) -> None:
+    try:
+        main(args)
+    except _Parsed:
+        return
+    except SystemExit as exc:
+        pytest.fail(f"{what} {shlex.join(args)}: its parser exits with {exc.code}")
+    pytest.fail(f"{what}: main() returned without parsing its arguments")
+
+
+def check_harmony(args: list[str]) -> None:
+    import typer
+    import typer.main
+
+    from testbed.cli import app
+
+    # Typer >= 0.2x vendors click (typer._click): catch its exceptions as well as click's.
+    usage_errors = (click.ClickException, getattr(typer.exceptions, "TyperException", click.ClickException))
+    exits = (click.exceptions.Exit, typer.Exit)
+    group = typer.main.get_command(app)
+    assert args, "`harmony` without a subcommand only prints help"
+    ctx = group.context_class(group, info_name="harmony")
+    sub = group.get_command(ctx, args[0])
+    assert sub is not None, f"`harmony {args[0]}` is not a subcommand (have {sorted(group.list_commands(ctx))})"
+    try:
+        sub.make_context(args[0], list(args[1:]), parent=ctx)
+    except exits as exc:  # --help
+        assert exc.exit_code == 0
+    except usage_errors as exc:
+        pytest.fail(f"harmony {shlex.join(args)}: {exc.format_message()}")
+
+
+def check_celery(args: list[str]) -> None:
+    from celery.bin.base import CLIContext
+    from celery.bin.celery import celery
+
+    assert "worker" in args, f"celery {shlex.join(args)}: expected a worker"
+    split = args.index("worker")
+    ctx = celery.make_context("celery", list(args[:split]))
+    module = ctx.params["app"]
+    assert module and importlib.util.find_spec(module), f"celery -A {module}: no such module"
+    mod = importlib.import_module(module)
+    ctx.obj = CLIContext(app=mod.app, no_color=True, workdir=None, quiet=True)
+    worker = celery.get_command(ctx, "worker")
+    try:
+        params = worker.make_context("worker", list(args[split + 1:]), parent=ctx).params
+    except click.ClickException as exc:
+        pytest.fail(f"celery {shlex.join(args)}: {exc.format_message()}")
+    assert params["queues"] == [mod.QUEUE], f"the worker must consume {module}.QUEUE = {mod.QUEUE!r}"
+    assert params["pool"].__module__.endswith(".thread"), "the stack runs sessions on the thread pool"
+
+
+def check_argv(argv: list[str], service: dict[str, Any]) -> None:
+    """Parse ``argv`` with the parser of the program it runs (``parse_only`` must be active)."""
+    prog = argv[0]
+    if prog == "harmony":
+        check_harmony(argv[1:])
+    elif prog == "celery":
+        check_celery(argv[1:])
+    elif prog in ("python", "python3") and argv[1] == "-m":
+        module = argv[2]
+        assert importlib.util.find_spec(module), f"python -m {module}: no such module"
+        assert importlib.util.find_spec(f"{module}.__main__"), f"python -m {module}: it has no __main__"
+        _argparse_main_accepts(importlib.import_module(f"{module}.__main__").main, argv[3:], f"python -m {module}")
+    elif prog in ("python", "python3"):
+        script = repo_path_of(argv[1], dockerfile_of(service))
+        spec = importlib.util.spec_from_file_location(f"_docker_{script.stem}", script)
+        assert spec and spec.loader
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        _argparse_main_accepts(module.main, argv[2:], f"python {argv[1]}")
+    else:
+        pytest.fail(f"{shlex.join(argv)}: no parser known for {prog!r}; add one to tests/test_docker_files.py")
+
+
+def repo_path_of(container_path: str, dockerfile: str | None) -> Path:
+    """The repository file a ``COPY`` put at ``container_path`` in the final stage of ``dockerfile``."""
+    assert dockerfile, f"{container_path}: the service has no build to copy it in"
+    for ins in final_stage(parse_dockerfile(DOCKER / dockerfile)):
+        words = ins.args.split()
+        if ins.keyword == "COPY" and not words[0].startswith("--") and words[-1] == container_path:
+            return ROOT / words[0]
+    pytest.fail(f"{container_path} is not COPYed into the final stage of {dockerfile}")
+
+
+def ignored(path: str, patterns: list[str]) -> bool:
+    """Docker's .dockerignore rule: the last pattern matching the path (or a parent) decides."""
+    parts = path.split("/")
+    prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    excluded = False
+    for pattern in patterns:
+        negate = pattern.startswith("!")
+        pat = pattern.lstrip("!").strip("/")
+        if any(fnmatch.fnmatchcase(p, pat) for p in prefixes):
+            excluded = not negate
+    return excluded
+
+
+def dockerignore(name: str) -> list[str]:
+    path = DOCKER / f"{name}.dockerignore"
+    assert path.is_file(), f"{path.name} is missing: the build context would be the whole repository (.venv too)"
+    return [ln.strip() for ln in path.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+
+
+# ------------------------------------------------------------------------------------ compose
+def test_compose_parses_with_known_keys():
+    doc = load_compose()
+    unknown = {k for k in doc if not k.startswith("x-")} - COMPOSE_TOP_KEYS
+    assert not unknown, f"unknown top-level keys {unknown}"
+    for name, service in doc["services"].items():
+        bad = set(service) - COMPOSE_SERVICE_KEYS
+        assert not bad, f"service {name}: keys {bad} are not Compose Specification service keys"
+        assert "image" in service or "build" in service, f"service {name} has neither image nor build"
+    for text in strings(doc):
+        interpolate(text)  # raises for a variable without a default
+
+
+def test_every_service_image_is_built_here_or_pinned():
+    for name, service in services().items():
+        build = service.get("build")
+        if build is None:
+            image = str(service["image"])
+            assert ":" in image and not image.endswith(":latest"), f"{name}: pin the image tag ({image})"
+            continue
+        context = (DOCKER / (build if isinstance(build, str) else build["context"])).resolve()
+        assert context == ROOT, f"{name}: build from the repository root (the Dockerfiles COPY top-level paths)"
+        dockerfile = context / (build.get("dockerfile", "Dockerfile") if isinstance(build, dict) else "Dockerfile")
+        assert dockerfile.is_file(), f"{name}: {dockerfile} does not exist"
+        assert dockerfile.name in EXTRA_OF, f"{name}: {dockerfile.name} is not validated by this test file"
+
+
+def test_dependencies_and_volumes_exist():
+    doc = load_compose()
+    declared = set(doc.get("volumes") or {})
+    for name, service in doc["services"].items():
+        deps = service.get("depends_on") or {}
+        for dep, spec in (deps.items() if isinstance(deps, dict) else ((d, {}) for d in deps)):
+            assert dep in doc["services"], f"{name} depends on unknown service {dep}"
+            if (spec or {}).get("condition") == "service_healthy":
+                assert "healthcheck" in doc["services"][dep], f"{name} waits for {dep} to be healthy: no healthcheck"
+        for volume in service.get("volumes") or []:
+            source = interpolate(volume).split(":")[0]
+            if source.startswith((".", "/")):
+                if volume.endswith(":ro") and source.startswith("."):
+                    assert (DOCKER / source).exists(), f"{name}: mounted file {source} does not exist"
+            else:
+                assert source in declared, f"{name}: named volume {source} is not declared"
+
+
+def test_agent_fleet_has_limits_and_distinct_device_ids():
+    agents = agent_services()
+    assert len(agents) >= 3
+    device_ids: list[str] = []
+    classes = set()
+    for name, service in agents.items():
+        limits = (((service.get("deploy") or {}).get("resources") or {}).get("limits")) or {}
+        cpus = service.get("cpus", limits.get("cpus"))
+        memory = service.get("mem_limit", limits.get("memory"))
+        assert cpus is not None and 0 < float(cpus), f"{name}: no CPU limit"
+        assert memory is not None and re.fullmatch(r"\d+(\.\d+)?[bkmg]?", str(memory).lower()), (
+            f"{name}: no memory limit")
+        if "memswap_limit" in service:
+            assert service["memswap_limit"] == memory, f"{name}: swap would make the memory limit soft"
+        threads = environment(service).get("OMP_NUM_THREADS")
+        if threads is not None:
+            assert int(threads) <= max(1, round(float(cpus) + 0.5)), f"{name}: more threads than its CPU quota"
+        ids = option_values(effective_argv(service), "--device-id")
+        assert ids, f"{name}: no --device-id"
+        device_ids += ids
+        classes.add((float(cpus), str(memory)))
+    assert len(device_ids) == len(set(device_ids)), f"device ids repeat: {sorted(device_ids)}"
+    assert len(classes) >= 3, f"the fleet emulates {len(classes)} device class(es); want at least 3"
+    quickstart = yaml.safe_load((ROOT / "examples" / "quickstart.yaml").read_text())
+    assert len(device_ids) >= quickstart["fleet"]["num_clients"], "the fleet cannot run examples/quickstart.yaml"
+
+
+def test_every_command_is_accepted_by_its_parser(parse_only):
+    for service in services().values():
+        if "build" in service:
+            check_argv(effective_argv(service), service)
+    for name, instructions in dockerfiles().items():  # the images' own defaults
+        argv = [a for ins in final_stage(instructions) if ins.keyword in ("ENTRYPOINT", "CMD") for a in exec_form(ins)]
+        assert argv, f"{name}: no ENTRYPOINT/CMD"
+        check_argv(argv, {"build": {"context": "..", "dockerfile": f"docker/{name}"}})
+
+
+def test_broken_commands_are_rejected(parse_only):
+    """The checks above can fail: a wrong option, subcommand, module or queue is caught."""
+    server = {"build": {"context": "..", "dockerfile": "docker/Dockerfile.server"}}
+    for argv in (["harmony", "agent", "--broker", "mosquitto:1883"],  # --device-id is required
+                 ["harmony", "agnet", "--broker", "m:1", "--device-id", "d"],
+                 ["python", "-m", "orchestrator", "--broker", "mosquitto:1883"],  # --redis is required
+                 ["python", "-m", "no_such_module"],
+                 ["celery", "-A", "server.app", "worker", "-Q", "other", "--pool", "threads"]):
+        with pytest.raises((pytest.fail.Exception, AssertionError)):
+            check_argv(argv, server)
+
+
+def test_wiring_uses_service_names_and_ports():
+    mqtt, mqtt_port = mqtt_service_port()
+    redis = redis_service()
+    for name, service in services().items():
+        if "build" not in service:
+            continue
+        argv = effective_argv(service)
+        env = environment(service)
+        brokers = option_values(argv, "--broker") + [env[k] for k in ("HSFL_MQTT",) if k in env]
+        redis_urls = option_values(argv, "--redis") + [env[k] for k in ("HSFL_REDIS_URL",) if k in env]
+        for value in brokers:
+            assert value == f"{mqtt}:{mqtt_port}", f"{name}: broker {value}; the broker is {mqtt}:{mqtt_port}"
+        for value in redis_urls:
+            assert re.fullmatch(rf"redis://{redis}:6379/\d+", value), f"{name}: Redis URL {value}"
+        wiring = " ".join(argv + list(env.values()))
+        assert "127.0.0.1" not in wiring and "localhost" not in wiring, f"{name}: loopback inside a container"
+    worker = next(s for s in services().values() if effective_argv(s)[:1] == ["celery"])
+    assert {"HSFL_MQTT", "HSFL_REDIS_URL"} <= set(environment(worker)), "the worker's defaults are 127.0.0.1"
+    for agent in agent_services().values():
+        assert option_values(effective_argv(agent), "--broker"), "an agent without --broker"
+
+
+def test_environment_variables_are_read_by_the_code():
+    source = project_source()
+    names: dict[str, str] = {}
+    for name, service in services().items():
+        if "build" in service:
+            names.update({k: f"compose service {name}" for k in environment(service)})
+    for name, instructions in dockerfiles().items():
+        for ins in instructions:
+            if ins.keyword == "ENV":
+                names.update({k: name for k in env_keys(ins)})
+    assert names
+    for variable, where in names.items():
+        if variable in THIRD_PARTY_ENV:
+            continue
+        assert re.search(rf"[\"']{variable}[\"']", source), (
+            f"{variable} (set in {where}) is read nowhere in {', '.join(PACKAGES)}")
+
+
+def test_readme_documents_the_host_variables_and_the_offline_validation():
+    text = README.read_text()
+    variables = interpolation_variables(load_compose())
+    assert variables
+    for variable in variables:
+        assert f"`{variable}`" in text, f"docker/README.md does not document ${variable}"
+    assert "buildx build --platform linux/arm64,linux/amd64" in text
+    assert "tests/test_docker_files.py" in text
+
+
+# ------------------------------------------------------------------------------------ Dockerfiles
+def test_copy_sources_exist_and_pass_the_context_filter():
+    for name, instructions in dockerfiles().items():
+        patterns = dockerignore(name)
+        assert ignored(".venv", patterns) and ignored("runs", patterns), f"{name}: .venv/runs enter the context"
+        for ins in instructions:
+            if ins.keyword not in ("COPY", "ADD"):
+                continue
+            words = shlex.split(ins.args)
+            if any(w.startswith("--from") for w in words):
+                continue
+            sources = [w for w in words[:-1] if not w.startswith("--")]
+            for src in sources:
+                assert "://" not in src, f"{name}: {ins.keyword} from a URL"
+                assert (ROOT / src).exists(), f"{name}: COPY source {src} does not exist"
+                assert not ignored(src.rstrip("/"), patterns), f"{name}: {src} is excluded by {name}.dockerignore"
+
+
+def test_images_are_slim_multi_arch_non_root_and_cache_free():
+    for name, instructions in dockerfiles().items():
+        base = arg_default(instructions, "PYTHON_IMAGE")
+        assert base and "slim" in base, f"{name}: base image {base} is not a slim one"
+        for ins in instructions:
+            if ins.keyword == "FROM":
+                assert "--platform" not in ins.args, f"{name}: a fixed --platform breaks multi-arch builds"
+        last = final_stage(instructions)
+        users = [i.args for i in last if i.keyword == "USER"]
+        assert users and users[-1] not in ("root", "0"), f"{name}: the final stage runs as root"
+        text = (DOCKER / name).read_text()
+        assert "PIP_NO_CACHE_DIR=1" in text or all(
+            "--no-cache-dir" in i.args for i in instructions if "pip install" in i.args), f"{name}: pip caches"
+        assert "ARG TARGETARCH" in text, f"{name}: the torch index is not chosen per architecture"
+        assert re.search(r"amd64\)\s*index=https://download\.pytorch\.org/whl/cpu", text), (
+            f"{name}: amd64 must take torch from the CPU index (PyPI's x86_64 wheel pulls CUDA)")
+        assert re.search(r"arm64\)\s*index=", text), f"{name}: no arm64 branch"
+
+
+def test_torch_is_pinned_through_the_project_extras():
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    for name, instructions in dockerfiles().items():
+        extra = EXTRA_OF[name]
+        pins = [r for r in project["optional-dependencies"][extra] if re.match(r"torch\b", r)]
+        assert len(pins) == 1 and re.fullmatch(r"torch==[0-9][\w.]*", pins[0]), (
+            f"pyproject.toml: extra {extra!r} must pin torch exactly, has {pins}")
+        assert arg_default(instructions, "TORCH_REQUIREMENT") == pins[0], (
+            f"{name}: ARG TORCH_REQUIREMENT must equal the {extra!r} extra's {pins[0]}")
+        runs = [i.args for i in instructions if i.keyword == "RUN"]
+        installs = [r for r in runs if "pip install" in r]
+        assert any(f'".[{extra}]"' in r or f"'.[{extra}]'" in r for r in installs), (
+            f'{name}: the project is not installed with its extra ".[{extra}]"')
+        for run in installs:
+            for spec in re.findall(r"\btorch\S*", run.replace('"', " ")):
+                pytest.fail(f"{name}: installs {spec} directly; use $TORCH_REQUIREMENT / the extra")
+        assert any(f"check_torch.py {extra}" in r for r in runs), f"{name}: torch is not checked after install"
+
+
+def test_check_torch_reads_the_pin_of_the_requested_extra(monkeypatch):
+    spec = importlib.util.spec_from_file_location("_docker_check_torch", DOCKER / "check_torch.py")
+    assert spec and spec.loader
+    check_torch = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check_torch)
+    requires = ["torch==9.9.9", 'torch==2.13.0; extra == "agent"', 'torch==2.12.0 ; extra == "server"',
+                'celery<6,>=5.3; extra == "server"']
+    monkeypatch.setattr(importlib.metadata, "requires", lambda dist: requires)
+    assert check_torch.pinned_torch("agent") == "2.13.0"
+    assert check_torch.pinned_torch("server") == "2.12.0"
+    monkeypatch.setattr(importlib.metadata, "requires", lambda dist: ['torch>=2; extra == "agent"'])
+    with pytest.raises(SystemExit):
+        check_torch.pinned_torch("agent")
+
+
+# ------------------------------------------------------------------------------------ Mosquitto, Redis
+def test_mosquitto_config_matches_the_project_settings():
+    from broker.limits import MAX_PACKET_BYTES
+
+    settings = mosquitto_settings()
+    assert settings["set_tcp_nodelay"] == "true", "DESIGN.md §5: Nagle off on the broker"
+    assert int(settings["max_packet_size"]) == MAX_PACKET_BYTES
+    assert settings["persistence"] == "true"
+    service = services()[mqtt_service_port()[0]]
+    targets = [interpolate(v).split(":")[1] for v in service["volumes"]]
+    assert "/mosquitto/config/mosquitto.conf" in targets
+    assert any(settings["persistence_location"].startswith(t.rstrip("/") + "/") for t in targets), (
+        "the persistence directory is not a volume: retained state would die with the container")
+
+
+@pytest.mark.skipif(not (os.path.exists("/usr/sbin/mosquitto") or shutil.which("mosquitto")),
+                    reason="mosquitto is not installed")
+def test_mosquitto_starts_with_the_config(tmp_path):
+    from broker.mosquitto import find_mosquitto, free_port
+
+    port = free_port()
+    text = MOSQUITTO_CONF.read_text()
+    text = re.sub(r"(?m)^listener \d+ \S+$", f"listener {port} 127.0.0.1", text)
+    text = re.sub(r"(?m)^persistence_location .*$", f"persistence_location {tmp_path}/", text)
+    if os.geteuid() == 0:  # as root mosquitto would switch to the user "mosquitto"
+        text = f"user {getpass.getuser()}\n" + text
+    conf = tmp_path / "mosquitto.conf"
+    conf.write_text(text)
+    log = tmp_path / "mosquitto.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([find_mosquitto(), "-c", str(conf)], stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"mosquitto rejected docker/mosquitto/mosquitto.conf:\n{log.read_text()}")
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, f"mosquitto did not listen within 10 s:\n{log.read_text()}"
+                time.sleep(0.05)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:  # it accepted the config; do not let a slow exit fail the test
+            proc.kill()
+            proc.wait(10)
+
+
+def test_redis_keeps_an_append_only_file_on_a_volume():
+    service = services()[redis_service()]
+    argv = [str(a) for a in service["command"]]
+    assert option_values(argv, "--appendonly") == ["yes"], "DESIGN.md §5: AOF on, round state survives a restart"
+    assert any(interpolate(v).split(":")[1] == "/data" for v in service["volumes"]), "Redis's /data is not a volume"
