@@ -3,7 +3,8 @@
 No Docker engine runs here (DESIGN.md §5), so nothing is built or started. Instead: the compose
 file is parsed and its wiring checked against the code (service names, ports, environment
 variables the code reads), every command is parsed by the program's own argument parser
-(``harmony``'s click group, Celery's, the ``__main__`` modules' argparse), every ``COPY`` source
+(``harmony``'s click group for ``harmony agent`` and the driver's ``harmony run``, Celery's, the
+``__main__`` modules' argparse), every ``COPY`` source
 exists and passes the build-context filter, torch is pinned exactly as the project's extras pin
 it, and the Mosquitto config is started once with a real ``mosquitto`` when one is installed.
 """
@@ -251,7 +252,8 @@ def _argparse_main_accepts(main: Any, args: list[str], what: str) -> None:
     pytest.fail(f"{what}: main() returned without parsing its arguments")
 
 
-def check_harmony(args: list[str]) -> None:
+def check_harmony(args: list[str]) -> dict[str, Any]:
+    """Parse ``harmony ARGS`` with the CLI's own click command; returns the subcommand's parameters."""
     import typer
     import typer.main
 
@@ -266,9 +268,10 @@ def check_harmony(args: list[str]) -> None:
     sub = group.get_command(ctx, args[0])
     assert sub is not None, f"`harmony {args[0]}` is not a subcommand (have {sorted(group.list_commands(ctx))})"
     try:
-        sub.make_context(args[0], list(args[1:]), parent=ctx)
+        return sub.make_context(args[0], list(args[1:]), parent=ctx).params
     except exits as exc:  # --help
         assert exc.exit_code == 0
+        return {}
     except usage_errors as exc:
         pytest.fail(f"harmony {shlex.join(args)}: {exc.format_message()}")
 
@@ -305,25 +308,51 @@ def check_argv(argv: list[str], service: dict[str, Any]) -> None:
         assert importlib.util.find_spec(module), f"python -m {module}: no such module"
         assert importlib.util.find_spec(f"{module}.__main__"), f"python -m {module}: it has no __main__"
         _argparse_main_accepts(importlib.import_module(f"{module}.__main__").main, argv[3:], f"python -m {module}")
-    elif prog in ("python", "python3"):
-        script = repo_path_of(argv[1], dockerfile_of(service))
-        spec = importlib.util.spec_from_file_location(f"_docker_{script.stem}", script)
-        assert spec and spec.loader
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        _argparse_main_accepts(module.main, argv[2:], f"python {argv[1]}")
     else:
         pytest.fail(f"{shlex.join(argv)}: no parser known for {prog!r}; add one to tests/test_docker_files.py")
 
 
 def repo_path_of(container_path: str, dockerfile: str | None) -> Path:
-    """The repository file a ``COPY`` put at ``container_path`` in the final stage of ``dockerfile``."""
+    """The repository file a ``COPY`` put at ``container_path`` (itself or a directory above it) in
+    the final stage of ``dockerfile``."""
     assert dockerfile, f"{container_path}: the service has no build to copy it in"
     for ins in final_stage(parse_dockerfile(DOCKER / dockerfile)):
         words = ins.args.split()
-        if ins.keyword == "COPY" and not words[0].startswith("--") and words[-1] == container_path:
-            return ROOT / words[0]
+        if ins.keyword != "COPY" or words[0].startswith("--"):
+            continue
+        src, dest = words[0].rstrip("/"), words[-1].rstrip("/")
+        if container_path == dest:
+            return ROOT / src
+        if container_path.startswith(dest + "/"):
+            return ROOT / src / container_path[len(dest) + 1:]
     pytest.fail(f"{container_path} is not COPYed into the final stage of {dockerfile}")
+
+
+def driver_service() -> tuple[str, dict[str, Any]]:
+    """The compose service that runs ``harmony run`` (the experiment driver)."""
+    drivers = [(n, s) for n, s in services().items() if effective_argv(s)[:2] == ["harmony", "run"]]
+    assert len(drivers) == 1, f"want one service running `harmony run`, have {[n for n, _ in drivers]}"
+    return drivers[0]
+
+
+def check_driver(argv: list[str], service: dict[str, Any]) -> dict[str, Any]:
+    """``argv`` is a ``harmony run`` the CLI accepts, over an existing fleet, from a config in the
+    image, writing into a mounted directory; returns its parameters."""
+    assert argv[:2] == ["harmony", "run"], f"{shlex.join(argv)}: the driver runs `harmony run`"
+    params = check_harmony(argv[1:])
+    assert params.get("runtime") == "distributed", f"{shlex.join(argv)}: not --runtime distributed"
+    # Without both, `harmony run` would start a `harmony up` stack inside the driver's container.
+    assert params.get("broker") and params.get("redis"), f"{shlex.join(argv)}: needs --broker and --redis"
+    host, sep, port = params["broker"].rpartition(":")
+    assert host and sep and port.isdigit(), f"--broker {params['broker']}: expected HOST:PORT"
+    config = str(params["config"])
+    assert config.startswith("/"), f"{config}: give the config's absolute path in the container"
+    assert repo_path_of(config, dockerfile_of(service)).is_file(), f"{config}: not in the repository"
+    out = str(params["out"])
+    targets = [interpolate(v).split(":")[1].rstrip("/") for v in service.get("volumes") or []
+               if not interpolate(v).endswith(":ro")]
+    assert any(out.startswith(t + "/") for t in targets), f"--out {out}: not in a writable mount {targets}"
+    return params
 
 
 def ignored(path: str, patterns: list[str]) -> bool:
@@ -432,11 +461,66 @@ def test_broken_commands_are_rejected(parse_only):
     server = {"build": {"context": "..", "dockerfile": "docker/Dockerfile.server"}}
     for argv in (["harmony", "agent", "--broker", "mosquitto:1883"],  # --device-id is required
                  ["harmony", "agnet", "--broker", "m:1", "--device-id", "d"],
+                 # harmony run: CONFIG is required; a misspelled option; --devices-timeout is >= 1
+                 ["harmony", "run", "--runtime", "distributed", "--broker", "m:1", "--redis", "redis://r:6379/0"],
+                 ["harmony", "run", "c.yaml", "--runtime", "distributed", "--brokr", "m:1", "--redis", "redis://r/0"],
+                 ["harmony", "run", "c.yaml", "--runtime", "distributed", "--broker", "m:1", "--redis", "redis://r/0",
+                  "--devices-timeout", "0"],
                  ["python", "-m", "orchestrator", "--broker", "mosquitto:1883"],  # --redis is required
                  ["python", "-m", "no_such_module"],
                  ["celery", "-A", "server.app", "worker", "-Q", "other", "--pool", "threads"]):
         with pytest.raises((pytest.fail.Exception, AssertionError)):
             check_argv(argv, server)
+
+
+def test_driver_runs_harmony_run_over_the_compose_fleet():
+    name, service = driver_service()
+    argv = effective_argv(service)
+    params = check_driver(argv, service)
+    # `compose run driver ARGS` replaces `command` only: the fleet options must be in the entrypoint.
+    entry = service.get("entrypoint")
+    assert isinstance(entry, list), f"{name}: give the entrypoint in exec form"
+    user_args = ["/app/examples/quickstart.yaml", "--set", "train.algorithm=harmony", "--out", "/runs/mine"]
+    again = check_driver([interpolate(str(a)) for a in entry] + user_args, service)
+    assert {k: again[k] for k in ("runtime", "broker", "redis", "topic_prefix")} == (
+        {k: params[k] for k in ("runtime", "broker", "redis", "topic_prefix")})
+    assert list(again["set_"]) == ["train.algorithm=harmony"] and str(again["out"]) == "/runs/mine"
+    worker = next(s for s in services().values() if effective_argv(s)[:1] == ["celery"])
+    assert params["topic_prefix"] == environment(worker)["HSFL_TOPIC_PREFIX"], "driver and workers differ in topics"
+    # `harmony` is the project's console script, installed with the project into the venv whose
+    # bin/ is on the final stage's PATH.
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts.get("harmony") == "testbed.cli:main"
+    instructions = parse_dockerfile(DOCKER / dockerfile_of(service))
+    venvs = [shlex.split(i.args)[-1] for i in instructions if i.keyword == "RUN" and "-m venv" in i.args]
+    assert len(venvs) == 1, f"{dockerfile_of(service)}: expected one `python -m venv DIR`"
+    venv = venvs[0].rstrip("/")
+    last = final_stage(instructions)
+    assert any(i.keyword == "COPY" and i.args.split() == ["--from=build", venv, venv] for i in last), (
+        f"{dockerfile_of(service)}: the final stage does not copy {venv} from the build stage")
+    paths = [w.split("=", 1)[1] for i in last if i.keyword == "ENV" for w in shlex.split(i.args)
+             if w.startswith("PATH=")]
+    assert paths and paths[-1].split(":")[0] == f"{venv}/bin", f"{venv}/bin is not first on the final PATH"
+
+
+def test_broken_driver_commands_are_rejected():
+    """The driver check can fail: a local runtime, a missing --redis, a config not in the image, ..."""
+    _, service = driver_service()
+    fleet = ["--broker", "mosquitto:1883", "--redis", "redis://redis:6379/0"]
+    quickstart = "/app/examples/quickstart.yaml"
+    for argv in (["harmony", "run", quickstart, "--out", "/runs/q", *fleet],  # --runtime local
+                 ["harmony", "run", quickstart, "--out", "/runs/q", "--runtime", "distributed"],  # a local stack
+                 ["harmony", "run", quickstart, "--out", "/runs/q", "--runtime", "distributed",
+                  "--broker", "mosquitto:1883"],
+                 ["harmony", "run", quickstart, "--out", "/runs/q", "--runtime", "distributed",
+                  "--broker", "mosquitto", "--redis", "redis://redis:6379/0"],  # no port
+                 ["harmony", "run", "/app/examples/nope.yaml", "--out", "/runs/q", "--runtime", "distributed", *fleet],
+                 ["harmony", "run", quickstart, "--runtime", "distributed", *fleet],  # --out runs/latest: not mounted
+                 ["harmony", "run", quickstart, "--out", "/data/q", "--runtime", "distributed", *fleet],  # read-only
+                 ["harmony", "agent", "--broker", "mosquitto:1883", "--device-id", "d"]):
+        with pytest.raises((pytest.fail.Exception, AssertionError)):
+            check_driver(argv, service)
 
 
 def test_wiring_uses_service_names_and_ports():
