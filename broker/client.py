@@ -45,6 +45,16 @@ log = logging.getLogger(__name__)
 _MAX_SUBSCRIPTION_ID = 268_435_455
 
 
+def read_login(path: str | Path) -> tuple[str, str]:
+    """(user name, password) from a credentials file: its first ``user:password`` line (``#`` comments skipped)."""
+    for line in Path(path).read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#") and ":" in line:
+            user, _, password = line.partition(":")
+            return user, password
+    raise ValueError(f"{path}: expected a line 'user:password' (the broker login)")
+
+
 @dataclass(frozen=True)
 class TlsSettings:
     """Client-side TLS: the CA that signed the broker's certificate, and an optional client certificate."""

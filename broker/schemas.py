@@ -115,11 +115,39 @@ class Personalise:
 
 @dataclass
 class Evaluate:
-    """Orchestrator → agent: evaluate a client model on the OOD ratios ``rhos``."""
+    """Orchestrator → agent: evaluate a client model on the OOD ratios ``rhos``.
+
+    The device runs its early-exit model over its own test set and offloads the features of
+    the samples the server must classify as ``infer`` messages; it then sweeps
+    ``entropy_thresholds`` (empty: the run config's ``eval.taus``) and ``fixed_tau`` (``None``:
+    ``eval.fixed_tau``) and answers with an ``eval_report``.
+    """
 
     model_sha256: str
     rhos: list[float] = field(default_factory=lambda: [0.0])
     entropy_thresholds: list[float] = field(default_factory=list)
+    fixed_tau: float | None = None
+
+
+@dataclass
+class EvalReport:
+    """Agent → server: one client's evaluation, per OOD ratio (aggregates only; labels stay on the device).
+
+    ``accuracy``/``offload_probability`` at the client's best threshold of the sweep (``tau``),
+    and at the fixed threshold. Latencies are medians at batch 1 in seconds: the on-device
+    forward and the ``infer`` round trip, when measured.
+    """
+
+    rhos: list[float]
+    accuracy: list[float]
+    tau: list[float]
+    offload_probability: list[float]
+    accuracy_fixed_tau: list[float]
+    offload_probability_fixed_tau: list[float]
+    fixed_tau: float
+    samples: int  # test samples evaluated (the ID and OOD pools for the largest ρ)
+    client_latency_s: float | None = None
+    server_latency_s: float | None = None
 
 
 @dataclass
@@ -342,6 +370,15 @@ def _check_infer_reply(m: InferReply) -> None:
                     f"{list(m.logits.shape)}")
 
 
+def _check_eval_report(m: EvalReport) -> None:
+    n = len(m.rhos)
+    if n < 1:
+        raise _fail("rhos", "expected at least one OOD ratio")
+    for name in ("accuracy", "tau", "offload_probability", "accuracy_fixed_tau", "offload_probability_fixed_tau"):
+        if len(getattr(m, name)) != n:
+            raise _fail(name, f"expected {n} values (one per rho), got {len(getattr(m, name))}")
+
+
 def _check_personalise(m: Personalise) -> None:
     if m.lr <= 0:
         raise _fail("lr", f"expected a learning rate > 0, got {m.lr}")
@@ -420,7 +457,18 @@ SCHEMAS: dict[str, Schema] = {
             _sha("model_sha256"),
             FieldSpec("rhos", "float_list", lo=0.0, hi=1.0, max_len=64),
             FieldSpec("entropy_thresholds", "float_list", lo=0.0, hi=1e3, max_len=1024),
+            _float("fixed_tau", 0, 1e3, optional=True),
         ), frozenset({"cmd"})),
+        Schema("eval_report", EvalReport, (
+            FieldSpec("rhos", "float_list", lo=0.0, hi=1.0, max_len=64),
+            FieldSpec("accuracy", "float_list", lo=0.0, hi=1.0, max_len=64),
+            FieldSpec("tau", "float_list", lo=0.0, hi=1e3, max_len=64),
+            FieldSpec("offload_probability", "float_list", lo=0.0, hi=1.0, max_len=64),
+            FieldSpec("accuracy_fixed_tau", "float_list", lo=0.0, hi=1.0, max_len=64),
+            FieldSpec("offload_probability_fixed_tau", "float_list", lo=0.0, hi=1.0, max_len=64),
+            _float("fixed_tau", 0, 1e3), _int("samples", 0, 2**40),
+            _float("client_latency_s", 0, 1e6, optional=True), _float("server_latency_s", 0, 1e6, optional=True),
+        ), frozenset({"up"}), _check_eval_report),
         Schema("stop", Stop, (_str("reason", 1024),), frozenset({"cmd"})),
         Schema("error", ErrorReport, (
             _str("code", 32, _IDENT), _str("field", 128), _str("message", 2048), _int("ref_seq", optional=True),

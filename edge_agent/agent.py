@@ -1,5 +1,5 @@
 """The edge agent: registers with its resource profile, then runs the client side of the assigned
-algorithm for each ``round_start`` over MQTT, and answers ``personalise`` commands.
+algorithm for each ``round_start`` over MQTT, and answers ``personalise`` and ``evaluate`` commands.
 
 One :class:`Agent` process hosts one or many emulated devices (a thread and an MQTT connection per
 device, one shared torch and dataset). Per device:
@@ -18,7 +18,13 @@ device, one shared torch and dataset). Per device:
   session was redelivered) restarts the session from the round-start weights: the steps replay
   identically because every random stream is derived from (seed, round, device, purpose).
 - ``personalise``: the algorithm's post-training personalisation from the given model; the result
-  goes up as a blob.
+  goes up as a blob (and stays in the blob cache, so a following ``evaluate`` of it downloads nothing).
+- ``evaluate``: the client side of the local engine's evaluation (``LocalEngine.client_evaluation``)
+  on this device's own test set — early exits computed here, and the features of every sample
+  the server may have to classify sent as ``infer`` messages (fp16 at the split depth, in
+  requests of at most ``harmony.evaluate.MAX_OFFLOAD_BYTES``) to the ``hsfl.infer`` task, whose
+  ``infer_reply`` predictions feed the τ sweep here; labels never leave the device. The result
+  goes up as an ``eval_report``.
 - ``stop``: leave.
 
 The MQTT connection reconnects by itself (persistent session, QoS 1), so a broker blip resumes.
@@ -36,16 +42,17 @@ from typing import Any
 
 import torch
 
-from broker.blobs import BlobCache, bytes_to_state_dict, split_blob, state_dict_to_bytes
+from broker.blobs import BlobCache, bytes_to_state_dict, sha256_hex, split_blob, state_dict_to_bytes
 from broker.client import BrokerClient, Subscription
-from broker.codec import Envelope
-from broker.errors import BrokerError, ConnectRefused
-from broker.schemas import Assign, Personalise, RoundStart
+from broker.codec import Envelope, make_envelope
+from broker.errors import BrokerError, ConnectRefused, WireError
+from broker.schemas import Assign, EvalReport, Evaluate, InferRequest, Personalise, RoundStart
 from broker.topics import Topics
 from edge_agent.probe import probe_hello
 from harmony.algorithms import SessionContext
 from harmony.config import validate_config
 from harmony.engine import LocalEngine
+from harmony.evaluate import ServerPredict
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +116,7 @@ class Device:
         self.thread = threading.Thread(target=self._main, name=f"device-{device_id}", daemon=True)
         self.cmd: Subscription | None = None
         self.down: Subscription | None = None
+        self.err: Subscription | None = None
 
     def start(self) -> None:
         self.thread.start()
@@ -130,6 +138,7 @@ class Device:
             self._connect()
             self.cmd = self.client.subscribe(self.topics.cmd(self.id))
             self.down = self.client.subscribe(self.topics.down(self.id))
+            self.err = self.client.subscribe(self.topics.err(self.id))
             self.client.send(self.topics.hello(self.id), probe_hello(), retain=True)
             self.client.publish_status("idle")
             pending: Envelope | None = None
@@ -175,6 +184,8 @@ class Device:
             self._train(body)
         elif env.kind == "personalise":
             self._personalise(env.round, body)
+        elif env.kind == "evaluate":
+            self._evaluate(env.round, body)
         elif env.kind == "stop":
             self.stop_event.set()
             return False
@@ -194,20 +205,35 @@ class Device:
         model.load_state_dict(bytes_to_state_dict(self.client.fetch_blob(sha, cache=self.shared.cache)))
         return model
 
-    def _await_down(self, kind: str, rnd: int, step: int, deadline: float) -> Envelope:
-        """The server's reply, watching the command topic for a restart meanwhile."""
-        assert self.cmd is not None and self.down is not None
+    def _await_down(self, kind: str, rnd: int, step: int | None, deadline: float, ref_seq: int | None = None
+                    ) -> Envelope:
+        """The server's reply (of ``step``, or answering ``ref_seq``), watching the command topic for a
+        restart and the error topic for a refusal of ``ref_seq`` meanwhile."""
+        assert self.cmd is not None and self.down is not None and self.err is not None
+
+        def wanted(e: Envelope) -> bool:
+            return e.round == rnd and (step is None or e.step == step) and (
+                ref_seq is None or getattr(e.body, "ref_seq", None) == ref_seq)
+
         while True:
             try:
-                return self.client.wait_for(kind, lambda e: e.round == rnd and e.step == step, timeout=0.5,
-                                            subscription=self.down)
+                return self.client.wait_for(kind, wanted, timeout=0.5, subscription=self.down)
             except TimeoutError:
                 pass
             nxt = self.cmd.get_nowait()
             if nxt is not None:
                 raise Restart(nxt.decode(self.client.max_bytes))
+            if ref_seq is not None:
+                try:
+                    refusal = self.client.wait_for("error", lambda e: e.body.ref_seq == ref_seq, timeout=0,
+                                                   subscription=self.err)
+                except TimeoutError:
+                    pass
+                else:
+                    raise RuntimeError(f"the server refused message seq {ref_seq}: {refusal.body.message}")
             if time.monotonic() > deadline:
-                raise TimeoutError(f"no {kind!r} for round {rnd} step {step} from the server")
+                what = f"step {step}" if ref_seq is None else f"request seq {ref_seq}"
+                raise TimeoutError(f"no {kind!r} for round {rnd} {what} from the server")
 
     def _train(self, rs: RoundStart) -> None:
         engine, index = self._experiment()
@@ -248,7 +274,54 @@ class Device:
         model = self._model(engine, index, cmd.model_sha256)
         ctx = SessionContext(cfg.seed, cfg.train.rounds + 1, index, cfg.train, engine.device)
         engine.algorithm.personalise(model, engine._batches(index, ctx, "personalise"), ctx)
-        self._upload(state_dict_to_bytes(model.state_dict()), rnd)
+        data = state_dict_to_bytes(model.state_dict())
+        self.shared.cache.put(data, sha256_hex(data))  # the orchestrator evaluates exactly this model next
+        self._upload(data, rnd)
+
+    def _remote_server(self, rnd: int, deadline: float) -> ServerPredict:
+        """The fallback as the evaluation calls it: ``infer`` up, the ``infer_reply`` predictions back."""
+        up = self.topics.up(self.id)
+
+        def predict(features: torch.Tensor, depth: int) -> torch.Tensor:
+            seq = self.client.next_seq()
+            request = make_envelope(InferRequest(depth=depth, features=features.detach().cpu()), dev=self.id,
+                                    seq=seq, round=rnd)
+            self.client.publish_message(up, request)
+            reply = self._await_down("infer_reply", rnd, None, deadline, ref_seq=seq).body
+            if reply.predictions.shape != (features.shape[0],):
+                raise WireError("body.predictions", f"expected {features.shape[0]} predictions for request seq {seq}, "
+                                f"got shape {list(reply.predictions.shape)}")
+            return reply.predictions
+
+        return predict
+
+    def _evaluate(self, rnd: int, cmd: Evaluate) -> None:
+        engine, index = self._experiment()
+        cfg = engine.cfg
+        assert self.down is not None and self.err is not None
+        for sub in (self.down, self.err):  # replies of an abandoned attempt
+            while sub.get_nowait() is not None:
+                pass
+        self.client.publish_status("evaluating", f"round {rnd}")
+        model = self._model(engine, index, cmd.model_sha256)
+        deadline = time.monotonic() + self.session_timeout_s
+        ev = engine.client_evaluation(index, model, self._remote_server(rnd, deadline), rhos=list(cmd.rhos),
+                                      taus=list(cmd.entropy_thresholds) or None, fixed_tau=cmd.fixed_tau,
+                                      measure=True)
+        ts = engine.test_sets[index]
+        counts = [ts.counts(r) for r in cmd.rhos]
+        report = EvalReport(
+            rhos=[s.rho for s in ev.scores], accuracy=[s.oracle.accuracy for s in ev.scores],
+            tau=[s.oracle.tau for s in ev.scores],
+            offload_probability=[s.oracle.offload_probability for s in ev.scores],
+            accuracy_fixed_tau=[s.fixed.accuracy for s in ev.scores],
+            offload_probability_fixed_tau=[s.fixed.offload_probability for s in ev.scores],
+            fixed_tau=cfg.eval.fixed_tau if cmd.fixed_tau is None else cmd.fixed_tau,
+            samples=max(c[0] for c in counts) + max(c[1] for c in counts),
+            client_latency_s=None if ev.measured_s is None else ev.measured_s[0],
+            server_latency_s=None if ev.measured_s is None else ev.measured_s[1])
+        self.client.send(self.topics.up(self.id), report, round=rnd)
+        self.client.publish_status("idle", f"evaluation {rnd} done")
 
 
 class Agent:

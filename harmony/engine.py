@@ -28,7 +28,14 @@ from harmony.algorithms import Algorithm, BatchStream, SessionContext, parse_alg
 from harmony.config import ExperimentConfig
 from harmony.data import load_dataset
 from harmony.data.partition import dirichlet_partition, ood_test_sets, shard_partition
-from harmony.evaluate import client_outputs, measure_latency_s, score_client
+from harmony.evaluate import (
+    ClientEvaluation,
+    ServerPredict,
+    client_outputs,
+    measure_latency_s,
+    score_client,
+    server_predictor,
+)
 from harmony.latency import assign_profiles_by_depth, modelled_latency_s
 from harmony.models import ClientModel, DepthCost, MultiExitNet, ServerModel, build_model, cost_table
 from harmony.profiles import DeviceProfile, load_profiles
@@ -280,40 +287,71 @@ class LocalEngine:
         self.algorithm.personalise(model, self._batches(i, ctx, "personalise"), ctx)
         return model
 
+    def feature_dtype(self) -> torch.dtype:
+        """The dtype of offloaded features (``train.feature_dtype``)."""
+        return torch.float16 if self.cfg.train.feature_dtype == "float16" else torch.float32
+
+    def client_evaluation(self, i: int, model: ClientModel, server: ServerPredict, *,
+                          rhos: list[float] | None = None, taus: list[float] | None = None,
+                          fixed_tau: float | None = None, measure: bool = True) -> ClientEvaluation:
+        """Client ``i``'s side of the evaluation: its on-device model over its own test pools,
+        the offloaded samples answered by ``server``, then the τ sweep per ρ (defaults: the
+        config's). This is the code a device runs in the distributed runtime, with ``server``
+        its ``infer`` exchange. ``measure``: also time batch-1 inference
+        (``eval.measure_latency_samples`` repeats; skipped when that is 0)."""
+        cfg = self.cfg
+        rhos = list(cfg.data.rhos) if rhos is None else rhos
+        taus = list(cfg.eval.taus) if taus is None else taus
+        fixed_tau = cfg.eval.fixed_tau if fixed_tau is None else fixed_tau
+        early = self.algorithm.early_exit
+        ts = self.test_sets[i]
+        counts = [ts.counts(r) for r in rhos]
+        id_counts, ood_counts = [c[0] for c in counts], [c[1] for c in counts]
+        n_id, n_ood = max(id_counts), max(ood_counts)
+        idx = torch.as_tensor(np.concatenate([ts.id_pool[:n_id], ts.ood_pool[:n_ood]]), device=self.device)
+        outputs = client_outputs(model, server, self.test_x[idx], self.test_y[idx], early, self.feature_dtype(),
+                                 cfg.eval.batch_size, cfg.model.channels_last)
+        scores = score_client(outputs, n_id, n_ood, id_counts, ood_counts, rhos, taus, fixed_tau)
+        measured = None
+        if measure and cfg.eval.measure_latency_samples > 0:
+            measured = measure_latency_s(model, server, self.test_x[idx], early, cfg.eval.measure_latency_samples,
+                                         self.feature_dtype(), cfg.model.channels_last)
+        return ClientEvaluation(scores, measured)
+
+    def evaluate_clients(self, personalise: bool = True) -> list[ClientEvaluation]:
+        """Every client's :meth:`client_evaluation` against the global server model, in client
+        order; batch-1 latency is measured once per split depth and shared by its clients."""
+        self.server_model.load_state_dict(self.server_global)
+        predict = server_predictor(self.server_model)
+        measured: dict[int, tuple[float, float]] = {}
+        evaluations = []
+        for i in range(self.cfg.fleet.num_clients):
+            depth = self.plan.depths[i]
+            model = self.personalised_model(i) if personalise else self._avg_model(i)
+            ev = self.client_evaluation(i, model, predict, measure=depth not in measured)
+            if ev.measured_s is not None:
+                measured[depth] = ev.measured_s
+            evaluations.append(ClientEvaluation(ev.scores, measured.get(depth)))
+        return evaluations
+
     def evaluate(self, personalise: bool = True) -> dict[str, Any]:
         """Accuracy (oracle τ and fixed τ), offload probability and latency per ρ."""
         cfg = self.cfg
-        rhos, taus = cfg.data.rhos, cfg.eval.taus
+        rhos = cfg.data.rhos
         profiles = load_profiles()
         server_rate = profiles[cfg.eval.server_profile].compute_flops
-        feature_dtype = torch.float16 if cfg.train.feature_dtype == "float16" else torch.float32
-        self.server_model.load_state_dict(self.server_global)
         early = self.algorithm.early_exit
-        measured: dict[int, tuple[float, float]] = {}
         per_client = []
-        for i in range(cfg.fleet.num_clients):
+        for i, ev in enumerate(self.evaluate_clients(personalise)):
             depth = self.plan.depths[i]
-            model = self.personalised_model(i) if personalise else self._avg_model(i)
-            ts = self.test_sets[i]
-            counts = [ts.counts(r) for r in rhos]
-            id_counts, ood_counts = [c[0] for c in counts], [c[1] for c in counts]
-            n_id, n_ood = max(id_counts), max(ood_counts)
-            idx = torch.as_tensor(np.concatenate([ts.id_pool[:n_id], ts.ood_pool[:n_ood]]), device=self.device)
-            outputs = client_outputs(model, self.server_model, self.test_x[idx], self.test_y[idx], early,
-                                     feature_dtype, cfg.eval.batch_size, cfg.model.channels_last)
-            scores = score_client(outputs, n_id, n_ood, id_counts, ood_counts, rhos, taus, cfg.eval.fixed_tau)
-            if depth not in measured and cfg.eval.measure_latency_samples > 0:
-                measured[depth] = measure_latency_s(model, self.server_model, self.test_x[idx], early,
-                                                    cfg.eval.measure_latency_samples, feature_dtype,
-                                                    cfg.model.channels_last)
             profile = profiles[self.plan.profiles[i]]
             rows = []
-            for s in scores:
+            for s in ev.scores:
                 modelled = modelled_latency_s(
                     self.costs[depth], s.oracle.offload_probability if early else 1.0, profile.compute_flops,
                     profile.uplink_bps, server_rate, cfg.eval.bits_per_element, has_exit_head=early,
                 )
-                t_c, t_s = measured.get(depth, (float("nan"), float("nan")))
+                t_c, t_s = ev.measured_s if ev.measured_s is not None else (float("nan"), float("nan"))
                 rows.append({
                     "rho": s.rho, "accuracy": s.oracle.accuracy, "tau": s.oracle.tau,
                     "offload_probability": s.oracle.offload_probability,

@@ -5,17 +5,80 @@ below ``τ``; otherwise it offloads ``f(x)`` (fp16) and the server answers
 ``argmax g_d(f(x))``. The models run once per client on the union of its test pools
 (:func:`client_outputs`); every OOD ratio ρ and threshold τ is then a slice and a mask
 over those arrays (:func:`score_client`), so the sweep costs no extra forward passes.
+
+The server is reached through a :data:`ServerPredict` function, so the same code runs in
+both runtimes: in-process it is :func:`server_predictor` (the server model called
+directly); in the distributed runtime it is the device's ``infer`` → ``infer_reply``
+exchange with the ``hsfl.infer`` Celery task. Both paths hand the server exactly the same
+tensors: the features after :func:`offload_features` (cast to the feature dtype — fp16 as on
+the wire — in the memory layout the server side restores), split by
+:func:`offload_chunks` into requests of at most :data:`MAX_OFFLOAD_BYTES` (one wire
+message). Hence the distributed accuracy table equals the local one bit for bit; for
+batches that fit one request (every config we ship) the chunking changes nothing.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import torch
 
 from harmony.models import ClientModel, ServerModel
+
+ServerPredict = Callable[[torch.Tensor, int], torch.Tensor]
+"""``(offloaded features, split depth) → int64 predictions``: the server side of the fallback."""
+
+MAX_OFFLOAD_BYTES = 6 * 1024 * 1024
+"""Largest feature tensor (bytes) one server call receives: one ``infer`` message must stay
+under the wire's 8 MiB limit (``broker.limits.MAX_MESSAGE_BYTES``) with its envelope."""
+
+
+def server_predictor(server: ServerModel) -> ServerPredict:
+    """The in-process fallback: the server model's argmax on the (up-cast) offloaded features."""
+    server.eval()
+
+    @torch.no_grad()
+    def predict(features: torch.Tensor, depth: int) -> torch.Tensor:
+        return server(features.float(), depth).argmax(1)
+
+    return predict
+
+
+def offload_features(z: torch.Tensor, feature_dtype: torch.dtype, channels_last: bool) -> torch.Tensor:
+    """Cut-layer features as they are offloaded: in ``feature_dtype``, and in the layout the
+    server side restores from the row-major wire tensor (channels-last for 4-d features when
+    the model runs channels-last, else contiguous). A no-op on the layout for the usual
+    contiguous/channels-last activations."""
+    z = z.to(feature_dtype)
+    if channels_last and z.dim() == 4:
+        return z.contiguous(memory_format=torch.channels_last)
+    return z.contiguous()
+
+
+def offload_chunks(n: int, sample_bytes: int, max_bytes: int = MAX_OFFLOAD_BYTES) -> list[slice]:
+    """Batch slices of at most ``max_bytes`` of features each (at least one sample per slice)."""
+    step = max(1, max_bytes // max(1, sample_bytes))
+    return [slice(start, min(n, start + step)) for start in range(0, n, step)]
+
+
+def _offload_predict(predict: ServerPredict, z: torch.Tensor, depth: int, max_bytes: int) -> torch.Tensor:
+    n = z.shape[0]
+    sample_bytes = (z.numel() // max(1, n)) * z.element_size()
+    parts = [predict(z[s], depth) for s in offload_chunks(n, sample_bytes, max_bytes)]
+    predictions = torch.cat(parts) if len(parts) > 1 else parts[0]
+    if predictions.shape != (n,):
+        raise ValueError(f"the server answered {list(predictions.shape)} predictions for {n} offloaded samples")
+    return predictions
+
+
+def _as_predict(server: ServerModel | ServerPredict) -> ServerPredict:
+    if isinstance(server, torch.nn.Module):
+        return server_predictor(cast(ServerModel, server))
+    return server
 
 
 def entropy_nats(logits: torch.Tensor) -> torch.Tensor:
@@ -36,17 +99,18 @@ class ClientOutputs:
 @torch.no_grad()
 def client_outputs(
     client: ClientModel,
-    server: ServerModel,
+    server: ServerModel | ServerPredict,
     x: torch.Tensor,
     y: torch.Tensor,
     early_exit: bool,
     feature_dtype: torch.dtype = torch.float16,
     batch_size: int = 500,
     channels_last: bool = False,
+    max_offload_bytes: int = MAX_OFFLOAD_BYTES,
 ) -> ClientOutputs:
-    """Run the on-device model and the server fallback over ``x`` once."""
+    """Run the on-device model and the server fallback (a model, or a :data:`ServerPredict`) over ``x`` once."""
     client.eval()
-    server.eval()
+    predict = _as_predict(server)
     entropies, exit_ok, server_ok = [], [], []
     for start in range(0, x.shape[0], batch_size):
         xb, yb = x[start : start + batch_size], y[start : start + batch_size]
@@ -60,8 +124,8 @@ def client_outputs(
         else:
             entropies.append(torch.full((xb.shape[0],), float("inf")))
             exit_ok.append(torch.zeros(xb.shape[0], dtype=torch.bool))
-        server_logits = server(z.to(feature_dtype).float(), client.depth)
-        server_ok.append(server_logits.argmax(1) == yb)
+        offloaded = offload_features(z, feature_dtype, channels_last)
+        server_ok.append(_offload_predict(predict, offloaded, client.depth, max_offload_bytes).to(yb.device) == yb)
     return ClientOutputs(
         exit_entropy=torch.cat(entropies).double().cpu().numpy(),
         exit_correct=torch.cat(exit_ok).cpu().numpy(),
@@ -107,6 +171,15 @@ class ClientScore:
     fixed: ThresholdScore
 
 
+@dataclass
+class ClientEvaluation:
+    """One client's evaluation: its scores per ρ and, when measured, its batch-1 latency
+    ``(on-device seconds, server fallback seconds)``."""
+
+    scores: list[ClientScore]
+    measured_s: tuple[float, float] | None = None
+
+
 def score_client(
     outputs: ClientOutputs, n_id_used: int, n_ood_used: int, id_counts: list[int], ood_counts: list[int],
     rhos: list[float], taus: list[float], fixed_tau: float,
@@ -125,13 +198,14 @@ def score_client(
 
 @torch.no_grad()
 def measure_latency_s(
-    client: ClientModel, server: ServerModel, x: torch.Tensor, early_exit: bool, repeats: int,
+    client: ClientModel, server: ServerModel | ServerPredict, x: torch.Tensor, early_exit: bool, repeats: int,
     feature_dtype: torch.dtype = torch.float16, channels_last: bool = False,
 ) -> tuple[float, float]:
-    """Median wall-clock seconds per sample at batch 1: (on-device forward, server forward).
-    The transfer is not included (it is modelled); no network is involved locally."""
+    """Median wall-clock seconds per sample at batch 1: (on-device forward, server fallback).
+    In-process the transfer is not included (it is modelled); through a remote
+    :data:`ServerPredict` the second figure is the real round trip (broker and server)."""
     client.eval()
-    server.eval()
+    predict = _as_predict(server)
     tc, ts = [], []
     for i in range(repeats + 2):  # two warm-up passes
         xb = x[i % x.shape[0] : i % x.shape[0] + 1]
@@ -142,7 +216,7 @@ def measure_latency_s(
         if early_exit:
             client.exit_head(z)
         t1 = time.perf_counter()
-        server(z.to(feature_dtype).float(), client.depth)
+        predict(offload_features(z, feature_dtype, channels_last), client.depth)
         t2 = time.perf_counter()
         if i >= 2:
             tc.append(t1 - t0)

@@ -1,4 +1,5 @@
-"""``python -m orchestrator --broker HOST:PORT --redis URL``: keep the device registry in Redis."""
+"""``python -m orchestrator --broker HOST:PORT --redis URL [--credentials FILE]``: keep the device
+registry in Redis. ``FILE`` holds the orchestrator's broker login as one ``user:password`` line."""
 
 from __future__ import annotations
 
@@ -6,8 +7,9 @@ import argparse
 import logging
 import time
 import uuid
+from pathlib import Path
 
-from broker.client import BrokerClient
+from broker.client import BrokerClient, read_login
 from broker.topics import Topics
 from orchestrator.registry import Registry
 from server import state
@@ -18,11 +20,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--broker", required=True)
     ap.add_argument("--redis", required=True)
     ap.add_argument("--topic-prefix", default="hsfl/v1")
+    ap.add_argument("--credentials", type=Path, default=None, help="file with the broker login as user:password")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     host, _, port = args.broker.rpartition(":")
+    user = password = None
+    if args.credentials is not None:
+        user, password = read_login(args.credentials)
     client = BrokerClient(f"orchestrator-registry-{uuid.uuid4().hex[:6]}", host or "127.0.0.1", int(port),
-                          topics=Topics(args.topic_prefix), clean_start=True, session_expiry_s=0)
+                          username=user, password=password, topics=Topics(args.topic_prefix), clean_start=True,
+                          session_expiry_s=0)
     client.connect()
     registry = Registry(client, state.connect(args.redis))
     try:

@@ -13,8 +13,20 @@ aggregating → done, or failed):
 4. wait for ``hsfl:round:{r}:done``, run ``hsfl.aggregate`` (per-session float64 partial sums merged in
    client order, exactly the local ``WeightedSum`` arithmetic), load the aggregated states.
 
-Evaluation stays in this process (``LocalEngine.evaluate``) so that the accuracy table is computed by
-the same code over the same weights; personalisation runs on the devices (``personalise`` command).
+Evaluation runs where it would on real hardware (:meth:`DistributedEngine.evaluate_clients`): each
+device personalises (``personalise``), then evaluates its model on its own test set (``evaluate``)
+with the local engine's own per-client code, offloading to one ``hsfl.infer`` Celery task per
+device (``infer`` → ``infer_reply`` over MQTT) and sending its per-client result (``eval_report``),
+which that task stores in ``hsfl:round:{r}:eval``. This process only averages the reports into
+the table, with the local engine's code; the numbers equal the local engine's bit for bit
+(``harmony.evaluate`` says why). Only "measured latency" differs by nature: each device times
+itself, and its server part is the real ``infer`` round trip rather than a server forward.
+
+Restarts. Each try of a round gets an ``attempt`` id in ``hsfl:round:{r}``; session tasks of an
+older attempt skip or stop (``server.state.TaskGuard``), so an orchestrator killed mid-round and
+started again with ``resume`` re-runs that round from its round-start state (the last finished
+round's models, read back from Redis with the run history) without stale sessions holding
+worker threads or talking to the devices. A fresh (non-resume) ``run`` starts a new run record.
 
 Departures from DESIGN.md, with reasons: the run manifest (config + device → client index) is a
 blob whose hash is ``assign.config_digest`` and is also kept in Redis as ``hsfl:config:{sha}`` (a key
@@ -29,6 +41,7 @@ import json
 import logging
 import time
 import uuid
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -38,10 +51,11 @@ from celery import Celery
 
 from broker.blobs import BlobAssembler, bytes_to_state_dict, sha256_hex, split_blob, state_dict_to_bytes
 from broker.client import BrokerClient
-from broker.schemas import Assign, Personalise, RoundStart
+from broker.schemas import Assign, EvalReport, Evaluate, Personalise, RoundStart
 from broker.topics import Topics
 from harmony.config import ExperimentConfig
 from harmony.engine import LocalEngine, ProgressFn, RoundRecord, TrainingDivergedError, _clone, write_results
+from harmony.evaluate import ClientEvaluation, ClientScore, ThresholdScore
 from orchestrator.registry import Registry
 from server import state
 
@@ -74,6 +88,7 @@ class DistributedEngine(LocalEngine):
         n = cfg.fleet.num_clients
         self.device_ids = self.registry.wait_for(n, devices_timeout_s)[:n]
         self.published: dict[str, int] = {}
+        self._eval_round = cfg.train.rounds + 1
         self._assign()
 
     # ------------------------------------------------------------------------------ set-up
@@ -84,17 +99,23 @@ class DistributedEngine(LocalEngine):
         self.manifest_sha = sha256_hex(data)
         self.r.set(state.config_key(self.manifest_sha), data)
         self._publish(data)
-        run = self.r.hgetall(state.run_key())
-        if run.get(b"manifest", b"").decode() != self.manifest_sha:
-            self._clear_rounds()
-            self.r.delete(state.run_key())
-            self.r.hset(state.run_key(), mapping={"id": uuid.uuid4().hex, "manifest": self.manifest_sha,
-                                                  "last_round": 0})
         for i, dev in enumerate(self.device_ids):
             self.r.hset(state.dev_key(dev), mapping={"client": i, "split_depth": self.plan.depths[i]})
             self.mqtt.send(self.topics.cmd(dev), Assign(split_depth=self.plan.depths[i],
                                                         algorithm=self.cfg.train.algorithm,
                                                         config_digest=self.manifest_sha))
+
+    def _ensure_run(self) -> None:
+        """Rounds driven without :meth:`run` (``run_round`` alone) belong to a run of this manifest."""
+        if self.r.hget(state.run_key(), "manifest") != self.manifest_sha.encode():
+            self._reset_run()
+
+    def _reset_run(self) -> None:
+        """A fresh run of this manifest: forget the rounds of any earlier run (which ``resume`` would read)."""
+        self._clear_rounds()
+        self.r.delete(state.run_key())
+        self.r.hset(state.run_key(), mapping={"id": uuid.uuid4().hex, "manifest": self.manifest_sha,
+                                              "last_round": 0})
 
     def _clear_rounds(self) -> None:
         for pattern in (f"{state.PREFIX}round:*", f"{state.PREFIX}agg:*"):
@@ -122,6 +143,7 @@ class DistributedEngine(LocalEngine):
     # ------------------------------------------------------------------------------ rounds
     def run_round(self, rnd: int) -> RoundRecord:
         t0 = time.perf_counter()
+        self._ensure_run()
         chosen = self.participants(rnd)
         devs = [self.device_ids[i] for i in chosen]
         self.progress("round_start", round=rnd, rounds=self.cfg.train.rounds, sessions=len(chosen))
@@ -133,10 +155,13 @@ class DistributedEngine(LocalEngine):
             sha, data = state.put_model(r, self.client_start_state(i))
             client_shas[i] = self._publish(data)
         self._unpublish(set(client_shas.values()))
+        attempt = uuid.uuid4().hex[:12]
         pipe = r.pipeline(transaction=True)
-        pipe.delete(state.ready_key(rnd), state.done_key(rnd), *(state.agg_key(rnd, d) for d in devs))
+        pipe.delete(state.ready_key(rnd), state.done_key(rnd), state.eval_key(rnd),
+                    *(state.agg_key(rnd, d) for d in devs))
         pipe.hset(state.round_key(rnd), mapping={"state": "planned", "participants": json.dumps(devs),
-                                                 "deadline": time.time() + self.round_timeout_s})
+                                                 "deadline": time.time() + self.round_timeout_s,
+                                                 "attempt": attempt})
         pipe.execute()
         steps = {}
         for i, dev in zip(chosen, devs, strict=True):
@@ -144,7 +169,7 @@ class DistributedEngine(LocalEngine):
             steps[dev] = self.algorithm.steps_per_round(ctx_batches, self.cfg.train)
             self.celery.send_task("hsfl.session", kwargs={
                 "rnd": rnd, "dev": dev, "index": i, "manifest_sha": self.manifest_sha, "server_sha": server_sha,
-                "steps": steps[dev], "timeout_s": self.round_timeout_s})
+                "steps": steps[dev], "timeout_s": self.round_timeout_s, "attempt": attempt})
         r.hset(state.round_key(rnd), "state", "running")
         state.event(r, "round_running", round=rnd, sessions=len(devs))
         self._await_sessions(rnd, chosen, devs, client_shas, server_sha, steps)
@@ -173,13 +198,15 @@ class DistributedEngine(LocalEngine):
             train_acc_exit=totals[3] / seen, train_acc_server=totals[4] / seen,
             seconds=time.perf_counter() - t0,
         )
+        if self.cfg.eval.eval_every and rnd % self.cfg.eval.eval_every == 0 and rnd < self.cfg.train.rounds:
+            self._eval_round = rnd
+            record.eval_accuracy = self.evaluate(personalise=False)["accuracy"]
         r.hset(state.round_key(rnd), mapping={"state": "done", "client_sha": result["client_sha"],
                                               "server_sha": result["server_sha"],
-                                              "uploads": json.dumps(result["uploads"])})
+                                              "uploads": json.dumps(result["uploads"]),
+                                              "record": json.dumps(asdict(record))})
         r.hset(state.run_key(), "last_round", rnd)
         state.event(r, "round_done", round=rnd)
-        if self.cfg.eval.eval_every and rnd % self.cfg.eval.eval_every == 0 and rnd < self.cfg.train.rounds:
-            record.eval_accuracy = self.evaluate(personalise=False)["accuracy"]
         return record
 
     def _ctx(self, rnd: int, i: int) -> Any:
@@ -220,24 +247,7 @@ class DistributedEngine(LocalEngine):
         """Device ``i`` personalises (``personalise`` command); its model comes back as a blob."""
         if not self._personalises():
             return super().personalised_model(i)
-        dev = self.device_ids[i]
-        sha = self._publish(state_dict_to_bytes(self.client_start_state(i)))
-        sub = self.mqtt.subscribe(self.topics.up(dev))
-        try:
-            rnd = self.cfg.train.rounds + 1
-            command = Personalise(steps=max(1, self.cfg.train.finetune_steps), lr=self.cfg.train.finetune_lr,
-                                  model_sha256=sha)
-            self.mqtt.send(self.topics.cmd(dev), command, round=rnd)
-            assembler: BlobAssembler | None = None
-            data = None
-            while data is None:
-                env = self.mqtt.wait_for("blob_chunk", lambda e: e.round == rnd, timeout=self.round_timeout_s,
-                                         subscription=sub)
-                assembler = assembler or BlobAssembler(env.body.sha256)
-                if env.body.sha256 == assembler.sha256 and env.body.index in (assembler.missing() or [env.body.index]):
-                    data = assembler.add(env.body)
-        finally:
-            self.mqtt.unsubscribe(sub)
+        data = self._personalise_on_devices([i])[i]
         model = self.client_models[self.plan.depths[i]]
         model.load_state_dict(bytes_to_state_dict(data))
         return model
@@ -247,10 +257,114 @@ class DistributedEngine(LocalEngine):
 
         return type(self.algorithm).personalise is not Algorithm.personalise
 
+    def _personalise_on_devices(self, clients: list[int]) -> dict[int, bytes]:
+        """Send ``personalise`` to every device in ``clients`` at once; their models as state-dict bytes."""
+        rnd = self.cfg.train.rounds + 1
+        subs = {i: self.mqtt.subscribe(self.topics.up(self.device_ids[i])) for i in clients}
+        out: dict[int, bytes] = {}
+        try:
+            for i in clients:
+                sha = self._publish(state_dict_to_bytes(self.client_start_state(i)))
+                command = Personalise(steps=max(1, self.cfg.train.finetune_steps), lr=self.cfg.train.finetune_lr,
+                                      model_sha256=sha)
+                self.mqtt.send(self.topics.cmd(self.device_ids[i]), command, round=rnd)
+            deadline = time.monotonic() + self.round_timeout_s
+            for i in clients:
+                assembler: BlobAssembler | None = None
+                data = None
+                while data is None:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise RoundFailedError(f"device {self.device_ids[i]} did not upload its personalised model "
+                                               f"within {self.round_timeout_s} s (see the agent log)")
+                    env = self.mqtt.wait_for("blob_chunk", lambda e: e.round == rnd, timeout=remaining,
+                                             subscription=subs[i])
+                    assembler = assembler or BlobAssembler(env.body.sha256)
+                    if env.body.sha256 == assembler.sha256 and env.body.index in (assembler.missing()
+                                                                                  or [env.body.index]):
+                        data = assembler.add(env.body)
+                out[i] = data
+        finally:
+            for sub in subs.values():
+                self.mqtt.unsubscribe(sub)
+        return out
+
+    def evaluate_clients(self, personalise: bool = True) -> list[ClientEvaluation]:
+        """Every device evaluates its own model against the global server model (see the module docstring).
+
+        The evaluation round (envelope ``round`` and Redis keys) is ``train.rounds + 1`` for the final
+        evaluation and the round just finished for a periodic one (``eval.eval_every``)."""
+        cfg, r = self.cfg, self.r
+        rnd = cfg.train.rounds + 1 if personalise else self._eval_round
+        clients = list(range(cfg.fleet.num_clients))
+        server_sha, _ = state.put_model(r, self.server_global)
+        if personalise and self._personalises():
+            blobs = self._personalise_on_devices(clients)
+        else:
+            blobs = {i: state_dict_to_bytes(self.client_start_state(i)) for i in clients}
+        shas = {i: self._publish(blobs[i]) for i in clients}
+        devs = [self.device_ids[i] for i in clients]
+        attempt = uuid.uuid4().hex[:12]
+        pipe = r.pipeline(transaction=True)
+        pipe.hdel(state.ready_key(rnd), *(f"infer:{d}" for d in devs))
+        pipe.delete(state.eval_key(rnd))
+        pipe.hset(state.round_key(rnd), "eval_attempt", attempt)
+        pipe.execute()
+        for dev in devs:
+            self.celery.send_task("hsfl.infer", kwargs={
+                "dev": dev, "manifest_sha": self.manifest_sha, "server_sha": server_sha,
+                "idle_s": self.round_timeout_s, "rnd": rnd, "attempt": attempt})
+        command = {i: Evaluate(model_sha256=shas[i], rhos=list(cfg.data.rhos), entropy_thresholds=list(cfg.eval.taus),
+                               fixed_tau=cfg.eval.fixed_tau) for i in clients}
+        reports = self._await_reports(rnd, attempt, dict(zip(devs, clients, strict=True)), command)
+        return [self._client_evaluation(self.device_ids[i], reports[self.device_ids[i]]) for i in clients]
+
+    def _await_reports(self, rnd: int, attempt: str, index: dict[str, int], command: dict[int, Evaluate]
+                       ) -> dict[str, EvalReport]:
+        """Command each device once its ``hsfl.infer`` task is subscribed (again, if that task was
+        redelivered); return when every device's report is in Redis."""
+        commanded: dict[str, bytes] = {}
+        reports: dict[str, EvalReport] = {}
+        deadline = time.monotonic() + self.round_timeout_s
+        while True:
+            for field, token in self.r.hgetall(state.ready_key(rnd)).items():
+                dev = field.decode().removeprefix("infer:")
+                if field.startswith(b"infer:") and dev in index and dev not in reports and commanded.get(dev) != token:
+                    commanded[dev] = token
+                    self.mqtt.send(self.topics.cmd(dev), command[index[dev]], round=rnd)
+            for dev_b, raw in self.r.hgetall(state.eval_key(rnd)).items():
+                doc = json.loads(raw)
+                dev = dev_b.decode()
+                if doc["attempt"] == attempt and dev in index and dev not in reports:
+                    reports[dev] = EvalReport(**doc["report"])
+                    self.progress("evaluation_done", device=index[dev])
+            if len(reports) == len(index):
+                return reports
+            if time.monotonic() > deadline:
+                raise RoundFailedError(f"evaluation {rnd}: devices {sorted(set(index) - set(reports))} did not report "
+                                       f"within {self.round_timeout_s} s (see the worker and agent logs)")
+            time.sleep(0.01)
+
+    def _client_evaluation(self, dev: str, report: EvalReport) -> ClientEvaluation:
+        """A device's report as the local engine's :class:`ClientEvaluation` (same floats, same order)."""
+        if report.rhos != list(self.cfg.data.rhos):
+            raise ValueError(f"device {dev}: eval_report.rhos {report.rhos} differ from data.rhos "
+                             f"{list(self.cfg.data.rhos)} (is the agent running another config?)")
+        scores = [ClientScore(rho, ThresholdScore(tau, acc, off), ThresholdScore(report.fixed_tau, acc_f, off_f))
+                  for rho, acc, tau, off, acc_f, off_f in zip(
+                      report.rhos, report.accuracy, report.tau, report.offload_probability,
+                      report.accuracy_fixed_tau, report.offload_probability_fixed_tau, strict=True)]
+        measured = None
+        if report.client_latency_s is not None and report.server_latency_s is not None:
+            measured = (report.client_latency_s, report.server_latency_s)
+        return ClientEvaluation(scores, measured)
+
     # ------------------------------------------------------------------------------ driver
     def run(self, resume: bool = False) -> dict[str, Any]:
         if resume:
             self.resume_from_redis()
+        else:
+            self._reset_run()
         results = super().run(resume=False)
         results["runtime"] = "distributed"
         results["devices"] = self.device_ids
@@ -259,8 +373,12 @@ class DistributedEngine(LocalEngine):
         return results
 
     def resume_from_redis(self) -> int:
-        """Continue after an orchestrator restart: the last done round's models from Redis."""
+        """Continue after an orchestrator restart: the last done round's models and the run's
+        round records from Redis; returns the next round to run."""
         run = self.r.hgetall(state.run_key())
+        if run.get(b"manifest", b"").decode() != self.manifest_sha:
+            raise ValueError(f"--resume: the run in Redis ({state.run_key()}) was started with another config or "
+                             "other devices; run without --resume to start afresh")
         last = int(run.get(b"last_round", b"0"))
         if last == 0:
             return self.start_round
@@ -273,5 +391,7 @@ class DistributedEngine(LocalEngine):
                 uploads = json.loads(self.r.hget(state.round_key(k), "uploads"))
                 for dev, sha in zip(devs, uploads, strict=True):
                     self.local_states[self.device_ids.index(dev)] = state.get_model(self.r, sha)
+        records = [self.r.hget(state.round_key(k), "record") for k in range(1, last + 1)]
+        self.history = [RoundRecord(**json.loads(raw)) for raw in records if raw is not None]
         self.start_round = last + 1
         return self.start_round

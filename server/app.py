@@ -8,11 +8,24 @@ same code at their own services::
     HSFL_MQTT_USER/…PASSWORD                         the server's broker credentials (optional)
     HSFL_TOPIC_PREFIX     hsfl/v1
     HSFL_VISIBILITY_S     900    how long before an unacknowledged session is redelivered
+    HSFL_RESTORE_INTERVAL_S 10   how often a worker looks for such sessions (see below)
 
 Run a worker with ``celery -A server.app worker --pool threads --concurrency 2 -Q hsfl``: sessions
 are I/O-bound between steps and torch releases the GIL, so threads serve several at once.
 ``acks_late`` plus ``reject_on_worker_lost``: a session whose worker dies goes back to the queue and
 is replayed from the round-start weights (DESIGN.md §5).
+
+How "goes back to the queue" works with the Redis transport (kombu 5.7, ``kombu/transport/redis.py``):
+a delivered message sits in the ``unacked`` hash until acknowledged. A worker killed outright
+(SIGKILL, power loss) never restores it; ``reject_on_worker_lost`` only helps when a *pool child*
+dies under a live parent. The message becomes visible again once it is ``visibility_timeout``
+seconds old, and only when some live worker runs ``restore_visible``: at its start-up and then
+every ``unacked_restore_interval × unacked_restore_throttle`` seconds (kombu's defaults, 10 × 10,
+mean up to 100 s). We set the throttle to 1, so a lost session is redelivered within
+``HSFL_VISIBILITY_S + HSFL_RESTORE_INTERVAL_S`` of its delivery. The visibility timeout must
+exceed the longest session (delivery to acknowledgement): a session still running when it
+expires is delivered a second time; the duplicate then supersedes the original
+(``server.state.TaskGuard``), which costs a replay but never changes the result.
 """
 
 from __future__ import annotations
@@ -39,6 +52,10 @@ app.conf.update(
     worker_prefetch_multiplier=1,
     result_expires=3600,
     broker_connection_retry_on_startup=True,
-    broker_transport_options={"visibility_timeout": int(os.environ.get("HSFL_VISIBILITY_S", "900"))},
+    broker_transport_options={
+        "visibility_timeout": int(os.environ.get("HSFL_VISIBILITY_S", "900")),
+        "unacked_restore_interval": int(os.environ.get("HSFL_RESTORE_INTERVAL_S", "10")),
+        "unacked_restore_throttle": 1,
+    },
     worker_hijack_root_logger=False,
 )

@@ -6,13 +6,24 @@ Key layout under the ``hsfl:`` prefix::
     hsfl:devices                  set of registered device ids
     hsfl:config:{sha}             the run manifest (config + device → client index), JSON
     hsfl:model:{sha}              weights: ``torch.save`` bytes of a state dict (sha256 of those bytes)
-    hsfl:round:{r}                hash: run, state (planned/running/aggregating/done/failed), participants, …
-    hsfl:round:{r}:ready          hash: device id → session attempt token (a session is subscribed)
+    hsfl:round:{r}                hash: state (planned/running/aggregating/done/failed), participants, deadline,
+                                  attempt (this try of the round), eval_attempt, and once done the
+                                  aggregated shas, the uploads and the round's record (JSON)
+    hsfl:round:{r}:ready          hash: device id → session token (a session is subscribed), and
+                                  ``infer:{id}`` → token of the device's fallback-inference task
     hsfl:round:{r}:done           set of device ids whose session folded its result
+    hsfl:round:{r}:eval           hash: device id → its evaluation report (JSON) for evaluation round r
     hsfl:agg:{r}:{dev}            hash: raw float64 bytes per tensor (``client:{name}``/``server:{name}``)
                                   and ``meta`` (JSON: weight, shapes, stats, uploaded client sha)
     hsfl:run                      hash: the current run (id, manifest sha, last finished round)
     hsfl:events                   stream for monitors
+
+Superseded work stops itself: every try of a round (and of an evaluation) gets a fresh
+``attempt`` id in ``round:{r}``, and each server task holds a token in ``round:{r}:ready``. A
+task whose token was replaced (its session was redelivered and runs elsewhere) or whose
+attempt is no longer current (a restarted orchestrator re-planned the round) ends at its next
+message or within a second (:class:`TaskGuard`), instead of holding a worker thread until its
+deadline or answering a device that now talks to its successor.
 
 The aggregation buffers are *per-session* partial sums (``n_i·θ_i`` in float64, the first step of
 :class:`harmony.aggregation.WeightedSum`): a redelivered session overwrites its own buffer, so a
@@ -67,6 +78,10 @@ def done_key(rnd: int) -> str:
     return f"{PREFIX}round:{rnd}:done"
 
 
+def eval_key(rnd: int) -> str:
+    return f"{PREFIX}round:{rnd}:eval"
+
+
 def agg_key(rnd: int, dev: str) -> str:
     return f"{PREFIX}agg:{rnd}:{dev}"
 
@@ -82,6 +97,58 @@ def events_key() -> str:
 def connect(url: str) -> redis.Redis:
     """A redis-py client on ``url`` returning bytes (buffers are raw bytes)."""
     return redis.Redis.from_url(url, decode_responses=False)
+
+
+# --------------------------------------------------------------------------- attempts
+def claim_ready(r: redis.Redis, rnd: int, field: str, token: str, attempt_field: str = "attempt",
+                attempt: str | None = None) -> bool:
+    """Record ``token`` under ``field`` of ``round:{rnd}:ready`` — only while ``attempt`` is still the
+    round's current ``attempt_field`` (checked and written atomically with WATCH/MULTI, so a task of
+    a superseded attempt cannot overwrite the token of the current one). False: superseded."""
+    if attempt is None:
+        r.hset(ready_key(rnd), field, token)
+        return True
+    with r.pipeline(transaction=True) as pipe:
+        while True:
+            try:
+                pipe.watch(round_key(rnd))
+                current = pipe.hget(round_key(rnd), attempt_field)
+                if current is None or current.decode() != attempt:
+                    pipe.unwatch()
+                    return False
+                pipe.multi()
+                pipe.hset(ready_key(rnd), field, token)
+                pipe.execute()
+                return True
+            except redis.WatchError:
+                continue
+
+
+class Superseded(Exception):
+    """This task's work was handed to a newer task (or a newer attempt of the round)."""
+
+
+class TaskGuard:
+    """Tells a server task whether it is still the one serving ``field`` in round ``rnd``."""
+
+    def __init__(self, r: redis.Redis, rnd: int, field: str, token: str, attempt_field: str = "attempt",
+                 attempt: str | None = None) -> None:
+        self.r, self.rnd, self.field, self.token = r, rnd, field, token
+        self.attempt_field, self.attempt = attempt_field, attempt
+
+    def current(self) -> bool:
+        pipe = self.r.pipeline(transaction=False)
+        pipe.hget(ready_key(self.rnd), self.field)
+        pipe.hget(round_key(self.rnd), self.attempt_field)
+        token, attempt = pipe.execute()
+        if token is None or token.decode() != self.token:
+            return False
+        return self.attempt is None or (attempt is not None and attempt.decode() == self.attempt)
+
+    def check(self) -> None:
+        """Raise :class:`Superseded` unless :meth:`current`."""
+        if not self.current():
+            raise Superseded(f"round {self.rnd} {self.field}: token {self.token} superseded")
 
 
 # --------------------------------------------------------------------------- models

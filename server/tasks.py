@@ -6,7 +6,7 @@
 - ``hsfl.aggregate`` merge the partial sums of a round (numpy over raw float64 bytes, in the fixed
   order the orchestrator gives) and store the aggregated client and server models.
 - ``hsfl.infer``     fallback inference: serve one device's offloaded test features (``infer`` →
-  ``infer_reply``) until it is idle.
+  ``infer_reply``) until it reports its evaluation (``eval_report``, stored in Redis) or is idle.
 
 Per-step tensors never travel as Celery arguments; only ids and hashes do. The experiment itself
 (data plan, split depths, the algorithm object) is rebuilt in the worker from the run manifest by
@@ -84,28 +84,44 @@ class SessionAborted(RuntimeError):
     """The device stopped answering within the session's deadline."""
 
 
-def _await(client: BrokerClient, sub: Subscription, kind: str, rnd: int, deadline: float, topics: Topics,
+GUARD_POLL_S = 1.0
+"""How often a waiting task checks that it has not been superseded (``state.TaskGuard``)."""
+
+
+def _await(client: BrokerClient, sub: Subscription, kind: str, rnd: int, deadline: float, guard: state.TaskGuard,
            step: int | None = None) -> Envelope:
-    """The next ``kind`` message of round ``rnd`` (and ``step``) on the device's up topic."""
+    """The next ``kind`` message of round ``rnd`` (and ``step``) on the device's up topic.
+
+    Checks ``guard`` on every message and at least every ``GUARD_POLL_S`` while waiting, so a
+    superseded session never answers a device that now talks to its successor."""
     def wanted(env: Envelope) -> bool:
         return env.round == rnd and (step is None or env.step == step)
 
-    remaining = deadline - time.monotonic()
-    if remaining <= 0:
-        raise SessionAborted(f"no {kind!r} (round {rnd}, step {step}) before the session deadline")
-    try:
-        return client.wait_for(kind, wanted, timeout=remaining, subscription=sub)
-    except TimeoutError:
-        raise SessionAborted(f"no {kind!r} (round {rnd}, step {step}) before the session deadline") from None
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise SessionAborted(f"no {kind!r} (round {rnd}, step {step}) before the session deadline")
+        try:
+            env = client.wait_for(kind, wanted, timeout=min(GUARD_POLL_S, remaining), subscription=sub)
+        except TimeoutError:
+            guard.check()
+            continue
+        guard.check()
+        return env
 
 
 @app.task(name="hsfl.session", bind=True, acks_late=True, reject_on_worker_lost=True)
 def session(self: Any, rnd: int, dev: str, index: int, manifest_sha: str, server_sha: str, steps: int,
-            timeout_s: float = 600.0) -> dict[str, Any]:
-    """Serve device ``dev`` (client ``index``) for round ``rnd``; idempotent under redelivery."""
+            timeout_s: float = 600.0, attempt: str | None = None) -> dict[str, Any]:
+    """Serve device ``dev`` (client ``index``) for round ``rnd``; idempotent under redelivery.
+
+    ``attempt``: the orchestrator's try of this round (``round:{r}`` field ``attempt``); a session
+    of an attempt that is no longer current skips or stops (``state.TaskGuard``)."""
     r = state.connect(redis_url())
     if r.sismember(state.done_key(rnd), dev):
         return {"device": dev, "round": rnd, "skipped": "already done"}
+    if attempt is not None and r.hget(state.round_key(rnd), "attempt") != attempt.encode():
+        return {"device": dev, "round": rnd, "skipped": "superseded"}
     engine, _ = engine_for(r, manifest_sha)
     torch.set_flush_denormal(True)  # per-thread CPU state, as LocalEngine sets it for its own thread
     cfg = engine.cfg
@@ -122,18 +138,21 @@ def session(self: Any, rnd: int, dev: str, index: int, manifest_sha: str, server
     t0 = time.perf_counter()
     try:
         sub = client.subscribe(topics.up(dev))
-        r.hset(state.ready_key(rnd), dev, token)  # the orchestrator now sends round_start to the device
+        # the orchestrator now sends round_start to the device (a redelivered session replaces the token)
+        if not state.claim_ready(r, rnd, dev, token, "attempt", attempt):
+            return {"device": dev, "round": rnd, "skipped": "superseded"}
+        guard = state.TaskGuard(r, rnd, dev, token, "attempt", attempt)
         deadline = time.monotonic() + timeout_s
         for step in range(steps):
-            up = _await(client, sub, "features", rnd, deadline, topics, step)
+            up = _await(client, sub, "features", rnd, deadline, guard, step)
             down = server.on_features(restore_layout(up.body, cfg.model.channels_last))
             client.send(topics.down(dev), down, round=rnd)
-            grad_up = _await(client, sub, "logit_grad", rnd, deadline, topics, step)
+            grad_up = _await(client, sub, "logit_grad", rnd, deadline, guard, step)
             client.send(topics.down(dev), server.on_logit_grad(grad_up.body), round=rnd)
         assembler: BlobAssembler | None = None
         data = None
         while data is None:
-            env = _await(client, sub, "blob_chunk", rnd, deadline, topics)
+            env = _await(client, sub, "blob_chunk", rnd, deadline, guard)
             check_origin(env, topics.parse(topics.up(dev)))
             if assembler is None:
                 assembler = BlobAssembler(env.body.sha256)
@@ -144,12 +163,16 @@ def session(self: Any, rnd: int, dev: str, index: int, manifest_sha: str, server
         stats = uploaded.pop(STATS_KEY).tolist()
         client_sha, _ = state.put_model(r, uploaded)
         n_i = int(engine.plan.train_indices[index].size)
+        guard.check()
         state.store_session_result(r, rnd, dev, uploaded, server.state(), n_i,
                                    {"stats": stats, "client_sha": client_sha, "index": index, "token": token})
         seconds = time.perf_counter() - t0
         state.event(r, "session_done", round=rnd, device=dev, seconds=seconds)
         log.info("session done: device %s round %d, %d steps in %.2f s", dev, rnd, steps, seconds)
         return {"device": dev, "round": rnd, "seconds": seconds}
+    except state.Superseded as err:
+        log.info("session of device %s round %d stops: %s", dev, rnd, err)
+        return {"device": dev, "round": rnd, "skipped": "superseded"}
     except WireError as err:
         client.send(topics.err(dev), error_report(err), round=rnd, wait=False)
         raise
@@ -171,10 +194,20 @@ def aggregate(rnd: int, devices: list[str], client_prev_sha: str, server_prev_sh
 
 
 @app.task(name="hsfl.infer", acks_late=True)
-def infer(dev: str, manifest_sha: str, server_sha: str, idle_s: float = 30.0) -> dict[str, Any]:
-    """Fallback inference for device ``dev``: answer its ``infer`` messages until ``idle_s`` pass without one."""
+def infer(dev: str, manifest_sha: str, server_sha: str, idle_s: float = 30.0, rnd: int = 0,
+          attempt: str | None = None) -> dict[str, Any]:
+    """Fallback inference for device ``dev``: answer its ``infer`` messages of round ``rnd`` with the
+    server model's predictions (and logits when asked) on ``dev/{id}/down``.
+
+    Ends when the device sends its ``eval_report`` for round ``rnd`` (stored in
+    ``round:{rnd}:eval``, where the orchestrator collects it), when ``idle_s`` pass without a
+    request, or when a newer task (or evaluation ``attempt``, field ``eval_attempt``) takes over.
+    A request that fails its schema, or that the server model cannot run (wrong depth or
+    feature shape), is answered with an ``error`` on ``dev/{id}/err`` naming its seq.
+    """
     r = state.connect(redis_url())
     engine, _ = engine_for(r, manifest_sha)
+    torch.set_flush_denormal(True)  # per-thread CPU state, as in LocalEngine (same arithmetic as local)
     model = copy.deepcopy(engine.server_model)
     model.load_state_dict(state.get_model(r, server_sha))
     model.eval()
@@ -183,22 +216,56 @@ def infer(dev: str, manifest_sha: str, server_sha: str, idle_s: float = 30.0) ->
     client = BrokerClient(f"infer-{dev}-{token}", host, port, username=user, password=password, topics=topics,
                           clean_start=True, session_expiry_s=0)
     client.connect()
-    served = 0
+    served, reported = 0, False
+    field = f"infer:{dev}"
     try:
         sub = client.subscribe(topics.up(dev))
-        r.hset(state.ready_key(0), f"infer:{dev}", token)
+        if not state.claim_ready(r, rnd, field, token, "eval_attempt", attempt):
+            return {"device": dev, "round": rnd, "served": 0, "skipped": "superseded"}
+        guard = state.TaskGuard(r, rnd, field, token, "eval_attempt", attempt)
+        last = time.monotonic()
         while True:
             try:
-                env = client.wait_for("infer", timeout=idle_s, subscription=sub)
+                message = sub.get(timeout=GUARD_POLL_S)
             except TimeoutError:
+                guard.check()
+                if time.monotonic() - last > idle_s:
+                    break
+                continue
+            if not message.payload:
+                continue
+            try:
+                env = message.decode(client.max_bytes)
+                check_origin(env, topics.parse(message.topic))
+            except WireError as err:
+                log.warning("infer %s: dropped a malformed message: %s", dev, err)
+                client.send(topics.err(dev), error_report(err), wait=False)
+                continue
+            if env.round != rnd or env.kind not in ("infer", "eval_report"):
+                continue
+            guard.check()
+            last = time.monotonic()
+            if env.kind == "eval_report":
+                r.hset(state.eval_key(rnd), dev, json.dumps({"attempt": attempt, "token": token,
+                                                             "report": dataclasses.asdict(env.body)}))
+                reported = True
                 break
             req = restore_layout(env.body, engine.cfg.model.channels_last)
-            with torch.no_grad():
-                logits = model(req.features.to(torch.float32), int(req.depth))
+            try:
+                with torch.no_grad():
+                    logits = model(req.features.to(torch.float32), int(req.depth))
+            except (RuntimeError, ValueError, KeyError, IndexError) as err:
+                log.warning("infer %s: request seq %d failed: %s", dev, env.seq, err)
+                wire_err = WireError("body.features", f"the server model cannot run these features at depth "
+                                     f"{req.depth}: {err}"[:1500], dev=dev, kind=env.kind, seq=env.seq)
+                client.send(topics.err(dev), error_report(wire_err, "bad_request"), round=rnd, wait=False)
+                continue
             reply = InferReply(ref_seq=env.seq, predictions=logits.argmax(1).to(torch.int64),
                                logits=logits.float() if req.want_logits else None)
-            client.send(topics.down(dev), reply, round=env.round)
+            client.send(topics.down(dev), reply, round=rnd)
             served += 1
+    except state.Superseded as err:
+        log.info("infer task of device %s round %d stops: %s", dev, rnd, err)
     finally:
         client.close(timeout=2)
-    return {"device": dev, "served": served}
+    return {"device": dev, "round": rnd, "served": served, "reported": reported}

@@ -251,7 +251,9 @@ def _run_distributed(cfg: Any, out: Path, progress: Any, stack_dir: Path, resume
         console.print(f"starting a local stack in {stack_dir} ({agents} agent process(es))")
         info = own.start(agents=agents, devices_per_agent=4)
     try:
-        engine = DistributedEngine(cfg, out, progress, mqtt=info.mqtt, redis_url=info.redis_url)
+        user, password = info.orchestrator_login()
+        engine = DistributedEngine(cfg, out, progress, mqtt=info.mqtt, redis_url=info.redis_url, username=user,
+                                   password=password)
         try:
             return engine.run(resume=resume)
         finally:
@@ -293,6 +295,8 @@ def up(
                                                    help="emulated devices each agent hosts")] = 5,
     concurrency: Annotated[int, typer.Option("--concurrency", min=1, help="sessions per Celery worker")] = 2,
     run_dir: Annotated[Path, typer.Option("--run-dir", help="where PIDs and logs go")] = Path("runs/stack"),
+    auth: Annotated[bool, typer.Option("--auth", help="broker passwords and a per-device ACL (credentials in "
+                                       "RUN_DIR/credentials)")] = False,
 ) -> None:
     """Start a local stack: mosquitto, redis-server, a Celery worker, the orchestrator, N agents."""
     from testbed.stack import LocalStack, stack_running
@@ -301,11 +305,13 @@ def up(
         _fail(RuntimeError(f"a stack already runs from {run_dir}; `harmony down --run-dir {run_dir}` first"))
     try:
         info = LocalStack(run_dir).start(agents=agents, devices_per_agent=devices_per_agent,
-                                         worker_concurrency=concurrency)
+                                         worker_concurrency=concurrency, auth=auth)
     except (RuntimeError, OSError) as err:
         _fail(err)
     out_console.print(f"mqtt 127.0.0.1:{info.mqtt_port}  redis {info.redis_url}  devices {len(info.devices)}")
     out_console.print(f"processes {info.pids}; logs in {run_dir}")
+    if auth:
+        out_console.print(f"broker authentication on; credentials in {run_dir / 'credentials'}")
 
 
 @app.command()

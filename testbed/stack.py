@@ -2,13 +2,24 @@
 orchestrator's registry and N emulated agents, each a process whose PID and log live in a run
 directory (``stack.json``), so that ``harmony down`` stops exactly those processes.
 
-Used by ``harmony up``/``down``/``run --runtime distributed`` and by the runtime tests.
+Used by ``harmony up``/``down``/``run --runtime distributed`` and by the runtime tests, which also
+use :meth:`LocalStack.kill` and :meth:`LocalStack.restart` to inject faults. redis-server runs with
+its append-only file in ``{run_dir}/redis`` (fsync every second), so a restart keeps the round
+state; a hard crash may lose the last second of writes, as Redis documents for that setting.
+
+With ``auth=True`` (``harmony up --auth``) the broker refuses anonymous clients and confines
+each device to its own topics: a random password per device, for the Celery worker (user
+``server``) and for the orchestrator (user ``orchestrator``), written as mosquitto's password
+file and the ACL of ``broker.mosquitto.render_acl``. Each agent reads its devices' passwords from
+``credentials/agent-{k}.txt`` (``--credentials``), the registry and ``harmony run --stack`` from
+``credentials/orchestrator.txt``, the worker from its environment. Files are mode 0600.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -18,7 +29,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from broker.mosquitto import MosquittoConfig, find_mosquitto, free_port
+from broker.client import read_login
+from broker.mosquitto import MosquittoConfig, find_mosquitto, free_port, write_acl_file, write_password_file
 
 STACK_FILE = "stack.json"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -33,6 +45,15 @@ class StackInfo:
     redis_port: int
     pids: dict[str, int] = field(default_factory=dict)
     devices: list[str] = field(default_factory=list)
+    credentials: dict[str, str] = field(default_factory=dict)
+    """Role (``orchestrator``, ``agent-0``, …) → its credentials file, when the broker requires them."""
+
+    def orchestrator_login(self) -> tuple[str | None, str | None]:
+        """(user name, password) for the orchestrator's broker connection; (None, None) without auth."""
+        path = self.credentials.get("orchestrator")
+        if path is None:
+            return None, None
+        return read_login(Path(path))
 
     @property
     def redis_url(self) -> str:
@@ -41,6 +62,14 @@ class StackInfo:
     @property
     def mqtt(self) -> tuple[str, int]:
         return ("127.0.0.1", self.mqtt_port)
+
+
+def _write_private(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.touch(mode=0o600, exist_ok=True)
+    path.chmod(0o600)
+    path.write_text(text)
+    return path
 
 
 def _wait_port(port: int, proc: subprocess.Popen[bytes], name: str, log: Path, timeout: float = 20.0) -> None:
@@ -64,6 +93,8 @@ class LocalStack:
         self.run_dir = Path(run_dir).resolve()
         self.info: StackInfo | None = None
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
+        self._commands: dict[str, tuple[list[str], dict[str, str] | None]] = {}
+        self._passwords: dict[str, str] | None = None  # user → password when the broker requires them
 
     # ------------------------------------------------------------------------------ processes
     def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
@@ -74,6 +105,7 @@ class LocalStack:
             proc = subprocess.Popen(argv, stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     cwd=self.run_dir, env=full_env, start_new_session=True)
         self._procs[name] = proc
+        self._commands[name] = (argv, env)
         assert self.info is not None
         self.info.pids[name] = proc.pid
         self._save()
@@ -84,13 +116,32 @@ class LocalStack:
         (self.run_dir / STACK_FILE).write_text(json.dumps(asdict(self.info), indent=2))
 
     def start(self, agents: int = 0, devices_per_agent: int = 4, worker_concurrency: int = 2,
-              registry: bool = True) -> StackInfo:
-        """Start mosquitto, redis-server, one Celery worker, the registry and ``agents`` agent processes."""
+              registry: bool = True, visibility_timeout_s: int | None = None,
+              restore_interval_s: int | None = None, auth: bool = False) -> StackInfo:
+        """Start mosquitto, redis-server, one Celery worker, the registry and ``agents`` agent processes.
+
+        ``visibility_timeout_s``/``restore_interval_s``: the worker's ``HSFL_VISIBILITY_S`` and
+        ``HSFL_RESTORE_INTERVAL_S`` (how soon a session of a dead worker is redelivered; see
+        ``server.app``), for fault tests; by default the worker's own defaults. ``auth``: password
+        authentication and the per-device ACL (module docstring)."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.info = StackInfo(str(self.run_dir), free_port(), free_port())
         info = self.info
         conf = self.run_dir / "mosquitto.conf"
-        conf.write_text(MosquittoConfig(port=info.mqtt_port).render())
+        mosquitto_config = MosquittoConfig(port=info.mqtt_port)
+        if auth:
+            planned = [f"emu-{k}" for k in range(agents * devices_per_agent)]
+            self._passwords = {name: secrets.token_urlsafe(18) for name in ("server", "orchestrator", *planned)}
+            creds = self.run_dir / "credentials"
+            creds.mkdir(mode=0o700, exist_ok=True)
+            write_password_file(creds / "mosquitto.passwd", self._passwords)
+            write_acl_file(creds / "mosquitto.acl", servers=["server"], orchestrators=["orchestrator"])
+            orchestrator = _write_private(creds / "orchestrator.txt",
+                                          f"orchestrator:{self._passwords['orchestrator']}\n")
+            info.credentials["orchestrator"] = str(orchestrator)
+            mosquitto_config = MosquittoConfig(port=info.mqtt_port, password_file=creds / "mosquitto.passwd",
+                                               acl_file=creds / "mosquitto.acl")
+        conf.write_text(mosquitto_config.render())
         mosq = self._spawn("mosquitto", [find_mosquitto(), "-c", str(conf)])
         redis_bin = shutil.which("redis-server") or "/usr/bin/redis-server"
         (self.run_dir / "redis").mkdir(exist_ok=True)
@@ -99,29 +150,114 @@ class LocalStack:
         _wait_port(info.mqtt_port, mosq, "mosquitto", self.run_dir / "mosquitto.log")
         _wait_port(info.redis_port, red, "redis-server", self.run_dir / "redis.log")
         env = {"HSFL_REDIS_URL": info.redis_url, "HSFL_MQTT": f"127.0.0.1:{info.mqtt_port}"}
+        if visibility_timeout_s is not None:
+            env["HSFL_VISIBILITY_S"] = str(visibility_timeout_s)
+        if restore_interval_s is not None:
+            env["HSFL_RESTORE_INTERVAL_S"] = str(restore_interval_s)
+        if self._passwords is not None:
+            env.update({"HSFL_MQTT_USER": "server", "HSFL_MQTT_PASSWORD": self._passwords["server"]})
         self._spawn("worker", [sys.executable, "-m", "celery", "-A", "server.app", "worker", "--pool", "threads",
                                "--concurrency", str(worker_concurrency), "-Q", "hsfl", "--loglevel", "INFO",
                                "-n", f"hsfl-{info.mqtt_port}@%h", "--without-gossip", "--without-mingle",
                                "--without-heartbeat"], env)
         if registry:
-            self._spawn("orchestrator", [sys.executable, "-m", "orchestrator", "--broker",
-                                         f"127.0.0.1:{info.mqtt_port}", "--redis", info.redis_url])
+            argv = [sys.executable, "-m", "orchestrator", "--broker", f"127.0.0.1:{info.mqtt_port}", "--redis",
+                    info.redis_url]
+            if "orchestrator" in info.credentials:
+                argv += ["--credentials", info.credentials["orchestrator"]]
+            self._spawn("orchestrator", argv)
         for a in range(agents):
             self.add_agent([f"emu-{a * devices_per_agent + k}" for k in range(devices_per_agent)])
         return info
 
     def add_agent(self, device_ids: list[str]) -> None:
+        """Start an agent process hosting ``device_ids`` (with auth: new devices get passwords, and
+        mosquitto reloads its password file on SIGHUP)."""
         assert self.info is not None
+        name = f"agent-{len([k for k in self._commands if k.startswith('agent-')])}"
         argv = [sys.executable, "-m", "edge_agent", "--broker", f"127.0.0.1:{self.info.mqtt_port}"]
         for d in device_ids:
             argv += ["--device-id", d]
-        self._spawn(f"agent-{len([k for k in self.info.pids if k.startswith('agent-')])}", argv)
+        if self._passwords is not None:
+            creds = self.run_dir / "credentials"
+            new = [d for d in device_ids if d not in self._passwords]
+            if new:
+                self._passwords.update({d: secrets.token_urlsafe(18) for d in new})
+                write_password_file(creds / "mosquitto.passwd", self._passwords)
+                os.kill(self.pid("mosquitto"), signal.SIGHUP)
+            path = _write_private(creds / f"{name}.txt", "".join(f"{d}:{self._passwords[d]}\n" for d in device_ids))
+            self.info.credentials[name] = str(path)
+            argv += ["--credentials", str(path)]
+        self._spawn(name, argv)
         self.info.devices += device_ids
         self._save()
+
+    def pid(self, name: str) -> int:
+        """The PID of process ``name`` (``worker``, ``redis``, ``agent-0``, …)."""
+        assert self.info is not None
+        if name not in self.info.pids:
+            raise KeyError(f"no running process {name!r} in this stack; running: {sorted(self.info.pids)}")
+        return self.info.pids[name]
+
+    def kill(self, name: str, sig: int = signal.SIGKILL, timeout: float = 15.0) -> int:
+        """Send ``sig`` to process ``name`` by its PID and wait until it has exited; returns the PID.
+        (SIGKILL: a crash, nothing is cleaned up; SIGTERM: the process shuts down as it would.)"""
+        assert self.info is not None
+        pid = self.pid(name)
+        proc = self._procs.get(name)
+        os.kill(pid, sig)
+        if proc is not None:
+            proc.wait(timeout)
+        else:
+            deadline = time.monotonic() + timeout
+            while _alive(pid):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{name} (pid {pid}) still runs {timeout} s after signal {sig}")
+                time.sleep(0.05)
+        del self.info.pids[name]
+        self._procs.pop(name, None)
+        self._save()
+        return pid
+
+    def restart(self, name: str, sig: int = signal.SIGTERM) -> int:
+        """Stop process ``name`` with ``sig`` (unless it is already gone) and start it again with the same
+        command line (same ports and directories); returns the new PID once it serves."""
+        assert self.info is not None
+        if name not in self._commands:
+            raise KeyError(f"{name!r} was not started by this LocalStack; started: {sorted(self._commands)}")
+        if name in self.info.pids:
+            self.kill(name, sig)
+        argv, env = self._commands[name]
+        proc = self._spawn(name, argv, env)
+        if name == "redis":
+            _wait_port(self.info.redis_port, proc, "redis-server", self.run_dir / "redis.log")
+            _wait_redis_loaded(self.info.redis_url)
+        elif name == "mosquitto":
+            _wait_port(self.info.mqtt_port, proc, "mosquitto", self.run_dir / "mosquitto.log")
+        return proc.pid
 
     def stop(self) -> list[str]:
         """Stop every process recorded in ``stack.json`` (agents first, brokers last)."""
         return stop_stack(self.run_dir, self._procs)
+
+
+def _wait_redis_loaded(url: str, timeout: float = 20.0) -> None:
+    """Until redis-server answers PING (it refuses commands while it replays its append-only file)."""
+    import redis
+
+    client = redis.Redis.from_url(url)
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            try:
+                if client.ping():
+                    return
+            except (redis.BusyLoadingError, redis.ConnectionError):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"redis-server at {url} did not finish loading within {timeout} s") from None
+                time.sleep(0.05)
+    finally:
+        client.close()
 
 
 def load_stack(run_dir: str | Path) -> StackInfo:
@@ -141,6 +277,13 @@ def stack_running(run_dir: str | Path) -> bool:
 
 
 def _alive(pid: int) -> bool:
+    """Whether ``pid`` still runs. An exited child of this very process (``harmony up`` and ``down`` in one
+    process, as in the tests) is a zombie until reaped, so reap it first: otherwise every stop would wait
+    its full SIGTERM timeout and then SIGKILL a process that is already gone."""
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:  # not our child: init reaps it
+        pass
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -1,4 +1,5 @@
-"""Entropy early exit, the τ sweep and the oracle threshold on hand-made outputs."""
+"""Entropy early exit, the τ sweep and the oracle threshold on hand-made outputs; the fallback
+as a ``ServerPredict`` (what the distributed runtime's ``infer`` exchange plugs into)."""
 
 import math
 
@@ -6,7 +7,19 @@ import numpy as np
 import pytest
 import torch
 
-from harmony.evaluate import ClientOutputs, entropy_nats, oracle_threshold, score_client, score_threshold
+from broker.limits import ENVELOPE_OVERHEAD_BYTES, MAX_MESSAGE_BYTES
+from harmony.evaluate import (
+    MAX_OFFLOAD_BYTES,
+    ClientOutputs,
+    client_outputs,
+    entropy_nats,
+    offload_chunks,
+    oracle_threshold,
+    score_client,
+    score_threshold,
+    server_predictor,
+)
+from harmony.models import build_model
 
 
 def test_entropy_in_nats():
@@ -61,3 +74,37 @@ def test_no_exit_means_always_offload():
     out = ClientOutputs(np.full(3, np.inf), np.zeros(3, bool), np.array([True, False, True]))
     s = score_threshold(out, np.arange(3), 2.3)
     assert s.offload_probability == 1.0 and s.accuracy == pytest.approx(2 / 3)
+
+
+def test_offload_chunks_cover_the_batch_within_one_wire_message():
+    assert offload_chunks(10, 3, max_bytes=7) == [slice(0, 2), slice(2, 4), slice(4, 6), slice(6, 8), slice(8, 10)]
+    assert offload_chunks(3, 100, max_bytes=10) == [slice(0, 1), slice(1, 2), slice(2, 3)]  # ≥ 1 sample each
+    assert offload_chunks(500, 1000) == [slice(0, 500)]
+    assert MAX_OFFLOAD_BYTES + ENVELOPE_OVERHEAD_BYTES <= MAX_MESSAGE_BYTES
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_a_server_predict_sees_the_offloaded_features_in_wire_sized_requests(channels_last):
+    net = build_model("cnn8", 0.25, 10, (1, 28, 28))
+    client, server = net.client_model(2), net.server_model()
+    if channels_last:
+        client, server = client.to(memory_format=torch.channels_last), server.to(memory_format=torch.channels_last)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(37, 1, 28, 28, generator=g), torch.randint(0, 10, (37,), generator=g)
+    with torch.no_grad():
+        sample_bytes = client.features(x[:1]).numel() * 2  # fp16
+    direct = server_predictor(server)
+    calls = []
+
+    def remote(features: torch.Tensor, depth: int) -> torch.Tensor:
+        calls.append((features.dtype, features.shape[0], depth, features.is_contiguous(
+            memory_format=torch.channels_last if channels_last else torch.contiguous_format)))
+        return direct(features, depth)
+
+    limit = 5 * sample_bytes
+    got = client_outputs(client, remote, x, y, True, torch.float16, 16, channels_last, max_offload_bytes=limit)
+    want = client_outputs(client, server, x, y, True, torch.float16, 16, channels_last, max_offload_bytes=limit)
+    assert [c[1] for c in calls] == [5, 5, 5, 1, 5, 5, 5, 1, 5]  # batches of 16, 16, 5 split at 5 samples
+    assert all(c[0] == torch.float16 and c[2] == 2 and c[3] for c in calls)
+    for field in ("exit_entropy", "exit_correct", "server_correct"):
+        assert np.array_equal(getattr(got, field), getattr(want, field)), field

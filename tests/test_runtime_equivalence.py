@@ -2,15 +2,27 @@
 
 One tiny config and seed, run by ``LocalEngine`` in-process and by ``DistributedEngine`` over real
 mosquitto, redis-server and Celery worker processes with the devices in a separate agent process:
-the final weights must agree (measured: bit-identical) and so must the accuracy table.
+the final weights must agree (measured: bit-identical) and so must the accuracy table, which the
+distributed run computes on the devices with the server's answers coming from ``hsfl.infer``
+tasks over MQTT. A focused test checks that fallback path against the server model in-process.
 """
 
 from __future__ import annotations
 
+import json
+import time
+
 import pytest
 import torch
+from celery import Celery
 
+from broker.blobs import sha256_hex
+from broker.client import BrokerClient
+from broker.codec import make_envelope
+from broker.schemas import EvalReport, InferRequest
+from broker.topics import Topics
 from harmony.engine import LocalEngine
+from harmony.evaluate import offload_features, server_predictor
 from orchestrator.engine import DistributedEngine
 from server import state
 from tests.conftest import tiny_config
@@ -25,7 +37,7 @@ def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> floa
 @pytest.mark.slow
 @pytest.mark.parametrize("algorithm", ["splitgp", "harmony"])
 def test_distributed_equals_local(local_stack, algorithm, tmp_path):  # noqa: F811
-    cfg = tiny_config(**{"train.algorithm": algorithm})
+    cfg = tiny_config(**{"train.algorithm": algorithm, "eval.eval_every": 1})  # also a mid-training evaluation
     local = LocalEngine(cfg)
     expected = local.run()
     engine = DistributedEngine(cfg, tmp_path, mqtt=local_stack.mqtt, redis_url=local_stack.redis_url,
@@ -45,5 +57,87 @@ def test_distributed_equals_local(local_stack, algorithm, tmp_path):  # noqa: F8
     for a, b in zip(got["rounds"], expected["rounds"], strict=True):
         for key in ("samples", "train_loss_exit", "train_loss_server", "train_acc_exit", "train_acc_server"):
             assert a[key] == pytest.approx(b[key], abs=1e-9), key
+        assert a["eval_accuracy"] == b["eval_accuracy"]
     r = state.connect(local_stack.redis_url)
     assert r.hget(state.round_key(cfg.train.rounds), "state") == b"done"
+    # the table came from the devices: every device's report went through its hsfl.infer task into Redis
+    reports = r.hgetall(state.eval_key(cfg.train.rounds + 1))
+    assert sorted(k.decode() for k in reports) == sorted(engine.device_ids)
+    for client, (mine, theirs) in enumerate(zip(got["evaluation"]["per_client"], expected["evaluation"]["per_client"],
+                                                strict=True)):
+        for key in ("accuracy", "tau", "offload_probability", "accuracy_fixed_tau", "offload_probability_fixed_tau"):
+            assert [row[key] for row in mine["rho"]] == [row[key] for row in theirs["rho"]], (client, key)
+
+
+def _perturbed(state_dict: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+    """Init weights plus seeded noise on conv/linear weights: an untrained server that still tells inputs apart."""
+    g = torch.Generator().manual_seed(seed)
+    return {k: v + 0.3 * torch.randn(v.shape, generator=g) if k.endswith("weight") and v.dim() > 1 else v.clone()
+            for k, v in state_dict.items()}
+
+
+@pytest.mark.slow
+def test_fallback_inference_answers_with_the_server_model(local_stack):  # noqa: F811
+    """``hsfl.infer`` answers ``infer`` requests with exactly the predictions (and logits) the server
+    model gives in-process on the same offloaded features, refuses a request it cannot run with an
+    ``error`` naming its seq, and stores the device's ``eval_report`` where the orchestrator reads it."""
+    cfg = tiny_config()
+    engine = LocalEngine(cfg)
+    server_state = _perturbed(engine.server_global, seed=11)
+    engine.server_model.load_state_dict(server_state)
+    predict = server_predictor(engine.server_model)
+    x = engine.test_x[:64].contiguous(memory_format=torch.channels_last)
+    requests = []
+    for depth in (2, 3):
+        client = engine.client_models[depth]
+        client.load_state_dict(_perturbed(client.state_dict(), seed=depth))
+        client.eval()
+        with torch.no_grad():
+            features = offload_features(client.features(x), torch.float16, channels_last=True)
+            logits = engine.server_model(features.float(), depth)
+        requests.append((depth, features, predict(features, depth), logits))
+    assert len(torch.unique(requests[0][2])) >= 3, "the probe server predicts too few classes to tell anything"
+
+    r = state.connect(local_stack.redis_url)
+    manifest = json.dumps({"config": cfg.model_dump(mode="json"), "clients": {}}, sort_keys=True).encode()
+    manifest_sha = sha256_hex(manifest)
+    r.set(state.config_key(manifest_sha), manifest)
+    server_sha, _ = state.put_model(r, server_state)
+    dev, rnd, topics = "probe-0", 77, Topics()
+    r.hdel(state.ready_key(rnd), f"infer:{dev}")
+    r.hdel(state.eval_key(rnd), dev)
+    celery = Celery("hsfl", broker=local_stack.redis_url, backend=local_stack.redis_url)
+    celery.conf.update(task_default_queue="hsfl", task_serializer="json", result_serializer="json",
+                       accept_content=["json"])
+    task = celery.send_task("hsfl.infer", kwargs={"dev": dev, "manifest_sha": manifest_sha, "server_sha": server_sha,
+                                                  "idle_s": 60.0, "rnd": rnd})
+    deadline = time.monotonic() + 90
+    while r.hget(state.ready_key(rnd), f"infer:{dev}") is None:
+        assert time.monotonic() < deadline, "the hsfl.infer task never subscribed"
+        time.sleep(0.05)
+
+    probe = BrokerClient("probe-0-test", *local_stack.mqtt, topics=topics, clean_start=True, session_expiry_s=0)
+    probe.connect()
+    try:
+        down, err = probe.subscribe(topics.down(dev)), probe.subscribe(topics.err(dev))
+        for depth, features, predictions, logits in requests:
+            request = make_envelope(InferRequest(depth=depth, features=features, want_logits=True), dev=dev,
+                                    seq=probe.next_seq(), round=rnd)
+            probe.publish_message(topics.up(dev), request)
+            reply = probe.wait_for("infer_reply", lambda e, s=request.seq: e.body.ref_seq == s, timeout=30,
+                                   subscription=down).body
+            assert torch.equal(reply.predictions, predictions), f"depth {depth}: predictions differ"
+            assert torch.equal(reply.logits, logits), f"depth {depth}: logits not bit-identical"
+        bad = make_envelope(InferRequest(depth=2, features=torch.zeros(3, 5, dtype=torch.float16)), dev=dev,
+                            seq=probe.next_seq(), round=rnd)
+        probe.publish_message(topics.up(dev), bad)
+        refusal = probe.wait_for("error", lambda e: e.body.ref_seq == bad.seq, timeout=30, subscription=err).body
+        assert refusal.code == "bad_request" and refusal.field == "body.features"
+        report = EvalReport(rhos=[0.0], accuracy=[0.75], tau=[0.4], offload_probability=[0.25],
+                            accuracy_fixed_tau=[0.5], offload_probability_fixed_tau=[0.5], fixed_tau=0.5, samples=40)
+        probe.send(topics.up(dev), report, round=rnd)
+        assert task.get(timeout=60) == {"device": dev, "round": rnd, "served": 2, "reported": True}
+    finally:
+        probe.close()
+    stored = json.loads(r.hget(state.eval_key(rnd), dev))
+    assert EvalReport(**stored["report"]) == report

@@ -39,7 +39,7 @@ def test_step_payloads_travel_field_for_field() -> None:
 
 
 def test_no_upload_schema_has_a_label_field() -> None:
-    assert UPLOAD_KINDS == {"hello", "status", "features", "logit_grad", "infer", "error", "blob_chunk"}
+    assert UPLOAD_KINDS == {"hello", "status", "features", "logit_grad", "infer", "eval_report", "error", "blob_chunk"}
     for kind in UPLOAD_KINDS:
         for spec in SCHEMAS[kind].fields:
             if spec.name in ALLOWED_LABEL_DERIVED:
@@ -91,6 +91,12 @@ def test_kind_of_and_round_trip_through_bodies() -> None:
     ("round_start", {"steps": 0}, "body.steps"),
     ("personalise", {"lr": 0.0}, "body.lr"),
     ("evaluate", {"rhos": [0.5, 1.5]}, "body.rhos"),
+    ("evaluate", {"fixed_tau": -0.1}, "body.fixed_tau"),
+    ("eval_report", {"accuracy": [0.9]}, "body.accuracy"),
+    ("eval_report", {"offload_probability_fixed_tau": [0.3, 1.5]}, "body.offload_probability_fixed_tau"),
+    ("eval_report", {"rhos": [], "accuracy": [], "tau": [], "offload_probability": [], "accuracy_fixed_tau": [],
+                     "offload_probability_fixed_tau": []}, "body.rhos"),
+    ("eval_report", {"server_latency_s": float("inf")}, "body.server_latency_s"),
     ("error", {"code": "Bad Code"}, "body.code"),
     ("blob_chunk", {"index": 3}, "body.index"),
     ("blob_chunk", {"data": "text"}, "body.data"),
