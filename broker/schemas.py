@@ -45,10 +45,14 @@ _FLOATS = (torch.float16, torch.float32)
 # --------------------------------------------------------------------------- message kinds
 @dataclass
 class Hello:
-    """Agent registration: the device's resource profile (psutil probe, micro-benchmark, link probe)."""
+    """Agent registration: the device's resource profile (psutil probe, micro-benchmark, link probe).
+
+    ``cores``, ``cpus`` and ``memory_bytes`` are the host's, bounded by the agent's cgroup limits
+    (a container's CPU quota and memory limit; ``edge_agent.probe``).
+    """
 
     agent_version: str
-    cores: int
+    cores: int  # whole cores it can run on: the CPU quota rounded up
     freq_mhz: float
     memory_bytes: int
     load: float  # 1-minute load average
@@ -56,6 +60,7 @@ class Hello:
     rtt_ms: float  # round trip through the broker
     uplink_bps: float  # bytes per second through the broker
     battery: float | None = None  # percent 0–100; None on mains-powered boards
+    cpus: float | None = None  # CPU time it may use, in CPUs (e.g. 0.15); None from agents before this field
 
 
 @dataclass
@@ -419,6 +424,7 @@ SCHEMAS: dict[str, Schema] = {
             _str("agent_version", 64), _int("cores", 1, 65536), _float("freq_mhz", 0, 1e6),
             _int("memory_bytes", 0, 2**62), _float("load", 0, 1e6), _float("gflops", 0, 1e9),
             _float("rtt_ms", 0, 1e7), _float("uplink_bps", 0, 1e15), _float("battery", 0, 100, optional=True),
+            _float("cpus", 0.001, 65536, optional=True),
         ), frozenset({"hello"})),
         Schema("status", Status, (_str("state", 32, _IDENT), _str("detail", 1024)), frozenset({"status"})),
         Schema("assign", Assign, (

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import logging
 from pathlib import Path
 
 from broker.topics import Topics
 from edge_agent.agent import Agent, Credentials
+from edge_agent.logs import LOG_LEVELS, configure_logging, parse_log_level
 
 
 def parse_broker(text: str) -> tuple[str, int]:
@@ -33,6 +33,13 @@ def read_credentials(path: Path | None, device_ids: list[str]) -> dict[str, Cred
     return out
 
 
+def _log_level_arg(text: str) -> str:
+    try:
+        return parse_log_level(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="edge_agent", description="harmony edge agent")
     ap.add_argument("--broker", required=True, help="HOST:PORT of the MQTT broker")
@@ -40,9 +47,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--credentials", type=Path, default=None)
     ap.add_argument("--topic-prefix", default="hsfl/v1")
     ap.add_argument("--cache-dir", default=None, help="blob cache directory (default: in memory)")
-    ap.add_argument("--log-level", default="INFO")
+    ap.add_argument("--log-level", type=_log_level_arg, default="INFO", help=f"one of {', '.join(LOG_LEVELS)}")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.log_level)
     host, port = parse_broker(args.broker)
     Agent(host, port, args.device_id, topics=Topics(args.topic_prefix),
           credentials=read_credentials(args.credentials, args.device_id), cache_dir=args.cache_dir).run()

@@ -4,7 +4,8 @@ algorithm for each ``round_start`` over MQTT, and answers ``personalise`` and ``
 One :class:`Agent` process hosts one or many emulated devices (a thread and an MQTT connection per
 device, one shared torch and dataset). Per device:
 
-- ``hello`` (retained) with the psutil profile; status ``online``/``idle``/``training``.
+- ``hello`` (retained) with the psutil profile, bounded by the container's cgroup limits (``probe``);
+  status ``online``/``idle``/``training``.
 - ``assign`` names the run manifest by hash (``config_digest``): a blob holding the experiment
   config and the device → client index map. The agent rebuilds the experiment plan from it with the
   same ``harmony`` set-up the local engine uses (data, partition, split depths, models), so its
@@ -139,7 +140,10 @@ class Device:
             self.cmd = self.client.subscribe(self.topics.cmd(self.id))
             self.down = self.client.subscribe(self.topics.down(self.id))
             self.err = self.client.subscribe(self.topics.err(self.id))
-            self.client.send(self.topics.hello(self.id), probe_hello(), retain=True)
+            hello = probe_hello()
+            self.client.send(self.topics.hello(self.id), hello, retain=True)
+            log.info("device %s: registered with %d core(s), %.2f CPUs, %d MiB, %.1f GFLOP/s", self.id, hello.cores,
+                     hello.cpus, hello.memory_bytes >> 20, hello.gflops)
             self.client.publish_status("idle")
             pending: Envelope | None = None
             while not self.stop_event.is_set():

@@ -1,9 +1,28 @@
-"""The device's resource profile for ``hello``: psutil facts, a matmul micro-benchmark, a link probe."""
+"""The device's resource profile for ``hello``: psutil facts bounded by the container's cgroup limits,
+a matmul micro-benchmark, a link probe.
+
+Inside a container with CPU and memory limits (docker/compose.yaml gives each device class its
+own), the host's core count and memory say nothing about the device being emulated, so the
+profile takes the smaller of the host's value and the cgroup limit:
+
+- cgroup v2 (``/sys/fs/cgroup``): ``cpu.max`` (``"max 100000"`` unlimited, ``"200000 100000"``
+  2.0 CPUs) and ``memory.max`` (``"max"`` or bytes);
+- cgroup v1 (fallback): ``cpu/cpu.cfs_quota_us`` over ``cpu/cpu.cfs_period_us`` (quota ``-1``
+  unlimited; also under ``cpu,cpuacct/``) and ``memory/memory.limit_in_bytes``.
+
+Only the cgroup at the root of the mount is read: a container's own under Docker's default private
+cgroup namespace (v2) and its bind-mounted hierarchies (v1); limits set on ancestor cgroups are
+not seen.
+"""
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import psutil
 import torch
@@ -11,6 +30,119 @@ import torch
 from broker.schemas import Hello
 
 AGENT_VERSION = "0.1.0"
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+_V1_CPU_DIRS = ("cpu", "cpu,cpuacct", "cpuacct,cpu")
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CgroupLimits:
+    """A cgroup's CPU quota (in CPUs) and memory limit (bytes); ``None`` where unlimited or unreadable."""
+
+    cpus: float | None = None
+    memory_bytes: int | None = None
+
+
+def parse_cpu_max(text: str) -> float | None:
+    """cgroup v2 ``cpu.max`` (``"$QUOTA $PERIOD"``, quota ``max`` when unlimited) in CPUs."""
+    fields = text.split()
+    if not fields or len(fields) > 2:
+        raise ValueError(f"cpu.max: expected '$QUOTA $PERIOD', got {text!r}")
+    if fields[0] == "max":
+        return None
+    period = int(fields[1]) if len(fields) == 2 else 100_000  # the kernel's default period
+    return _quota_cpus(int(fields[0]), period)
+
+
+def parse_cfs_quota(quota_text: str, period_text: str) -> float | None:
+    """cgroup v1 ``cpu.cfs_quota_us`` (``-1`` when unlimited) over ``cpu.cfs_period_us``, in CPUs."""
+    quota = int(quota_text.strip())
+    if quota < 0:
+        return None
+    return _quota_cpus(quota, int(period_text.strip()))
+
+
+def _quota_cpus(quota_us: int, period_us: int) -> float:
+    if quota_us <= 0 or period_us <= 0:
+        raise ValueError(f"expected a positive CPU quota and period, got {quota_us} / {period_us}")
+    return quota_us / period_us
+
+
+def parse_memory_limit(text: str) -> int | None:
+    """cgroup v2 ``memory.max`` (``"max"`` when unlimited) or v1 ``memory.limit_in_bytes``, in bytes.
+
+    v1 writes "unlimited" as a huge page-aligned number; it is returned as is and loses to the
+    host's memory in :func:`effective_resources`.
+    """
+    text = text.strip()
+    if text == "max":
+        return None
+    limit = int(text)
+    if limit < 0:
+        raise ValueError(f"expected a memory limit >= 0 bytes, got {limit}")
+    return limit
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except OSError:  # absent (not this cgroup version, or no such controller) or not readable
+        return None
+
+
+def read_cgroup_limits(root: Path = CGROUP_ROOT) -> CgroupLimits:
+    """The CPU quota and memory limit of the cgroup mounted at ``root`` (v2, else v1 hierarchies)."""
+    cpus: float | None = None
+    memory: int | None = None
+    try:
+        if (text := _read(root / "cpu.max")) is not None:
+            cpus = parse_cpu_max(text)
+        else:
+            for name in _V1_CPU_DIRS:
+                quota, period = _read(root / name / "cpu.cfs_quota_us"), _read(root / name / "cpu.cfs_period_us")
+                if quota is not None and period is not None:
+                    cpus = parse_cfs_quota(quota, period)
+                    break
+    except ValueError as err:
+        log.warning("cgroup CPU limit under %s unreadable (%s); using the host's cores", root, err)
+        cpus = None
+    try:
+        text = _read(root / "memory.max")
+        if text is None:
+            text = _read(root / "memory" / "memory.limit_in_bytes")
+        if text is not None:
+            memory = parse_memory_limit(text)
+    except ValueError as err:
+        log.warning("cgroup memory limit under %s unreadable (%s); using the host's memory", root, err)
+        memory = None
+    return CgroupLimits(cpus=cpus, memory_bytes=memory)
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What the device may use: whole cores it can run on, CPU time in CPUs, memory in bytes."""
+
+    cores: int
+    cpus: float
+    memory_bytes: int
+
+
+def effective_resources(host_cores: int, host_memory_bytes: int, limits: CgroupLimits) -> Resources:
+    """The smaller of the host's value and the cgroup limit, for CPUs and for memory.
+
+    ``cores`` is the CPU quota rounded up (1.5 CPUs run on 2 cores, throttled), at least 1.
+    """
+    cpus = float(host_cores) if limits.cpus is None else min(float(host_cores), limits.cpus)
+    memory = host_memory_bytes if limits.memory_bytes is None else min(host_memory_bytes, limits.memory_bytes)
+    return Resources(cores=max(1, min(host_cores, math.ceil(cpus))), cpus=cpus, memory_bytes=memory)
+
+
+def host_cores() -> int:
+    """Logical CPUs this process may be scheduled on (its affinity mask: a cpuset is a limit too)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0)) or 1
+    return os.cpu_count() or 1
 
 
 def matmul_gflops(size: int = 256, repeats: int = 5) -> float:
@@ -23,17 +155,21 @@ def matmul_gflops(size: int = 256, repeats: int = 5) -> float:
     return 2 * size**3 * repeats / max(time.perf_counter() - t0, 1e-9) / 1e9
 
 
-def probe_hello(rtt_ms: float = 0.0, uplink_bps: float = 0.0) -> Hello:
+def probe_hello(rtt_ms: float = 0.0, uplink_bps: float = 0.0, cgroup_root: Path = CGROUP_ROOT) -> Hello:
+    """This device's ``hello``: host facts from psutil, bounded by the cgroup limits under ``cgroup_root``."""
     freq = psutil.cpu_freq()
     battery = psutil.sensors_battery() if hasattr(psutil, "sensors_battery") else None
+    resources = effective_resources(host_cores(), int(psutil.virtual_memory().total),
+                                    read_cgroup_limits(cgroup_root))
     return Hello(
         agent_version=AGENT_VERSION,
-        cores=os.cpu_count() or 1,
+        cores=resources.cores,
         freq_mhz=float(freq.current) if freq else 0.0,
-        memory_bytes=int(psutil.virtual_memory().total),
+        memory_bytes=resources.memory_bytes,
         load=float(os.getloadavg()[0]),
         gflops=matmul_gflops(),
         rtt_ms=rtt_ms,
         uplink_bps=uplink_bps,
         battery=float(battery.percent) if battery is not None else None,
+        cpus=resources.cpus,
     )

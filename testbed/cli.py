@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from edge_agent.logs import LOG_LEVELS, parse_log_level
 from harmony.config import ConfigError, load_config
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -263,6 +264,13 @@ def _run_distributed(cfg: Any, out: Path, progress: Any, stack_dir: Path, resume
             own.stop()
 
 
+def _log_level_option(value: str) -> str:
+    try:
+        return parse_log_level(value)
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from None
+
+
 @app.command()
 def agent(
     broker: Annotated[str, typer.Option("--broker", help="MQTT broker HOST:PORT")],
@@ -271,11 +279,13 @@ def agent(
     credentials: Annotated[Path | None, typer.Option("--credentials", help="file of device_id:password lines")] = None,
     topic_prefix: Annotated[str, typer.Option("--topic-prefix")] = "hsfl/v1",
     cache_dir: Annotated[str | None, typer.Option("--cache-dir", help="blob cache directory")] = None,
+    log_level: Annotated[str, typer.Option("--log-level", callback=_log_level_option,
+                                           help=f"one of {', '.join(LOG_LEVELS)}")] = "INFO",
 ) -> None:
     """Run the edge agent: register, then train, personalise and evaluate on command."""
     from edge_agent.__main__ import main as agent_main
 
-    argv = ["--broker", broker, "--topic-prefix", topic_prefix]
+    argv = ["--broker", broker, "--topic-prefix", topic_prefix, "--log-level", log_level]
     for d in device_id:
         argv += ["--device-id", d]
     if credentials is not None:

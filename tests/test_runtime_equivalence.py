@@ -25,6 +25,7 @@ from harmony.engine import LocalEngine
 from harmony.evaluate import offload_features, server_predictor
 from orchestrator.engine import DistributedEngine
 from server import state
+from server.app import QUEUE
 from tests.conftest import tiny_config
 from tests.runtime_fixtures import local_stack  # noqa: F401  (fixture)
 
@@ -107,7 +108,7 @@ def test_fallback_inference_answers_with_the_server_model(local_stack):  # noqa:
     r.hdel(state.ready_key(rnd), f"infer:{dev}")
     r.hdel(state.eval_key(rnd), dev)
     celery = Celery("hsfl", broker=local_stack.redis_url, backend=local_stack.redis_url)
-    celery.conf.update(task_default_queue="hsfl", task_serializer="json", result_serializer="json",
+    celery.conf.update(task_default_queue=QUEUE, task_serializer="json", result_serializer="json",
                        accept_content=["json"])
     task = celery.send_task("hsfl.infer", kwargs={"dev": dev, "manifest_sha": manifest_sha, "server_sha": server_sha,
                                                   "idle_s": 60.0, "rnd": rnd})

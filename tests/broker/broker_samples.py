@@ -32,7 +32,7 @@ def sample_messages(feature_dtype: torch.dtype = torch.float16) -> dict[str, Any
     g = torch.Generator().manual_seed(0)
     return {
         "hello": Hello(agent_version="0.1.0", cores=4, freq_mhz=1500.0, memory_bytes=4 << 30, load=0.5,
-                       gflops=12.5, rtt_ms=0.8, uplink_bps=1.25e6, battery=87.0),
+                       gflops=12.5, rtt_ms=0.8, uplink_bps=1.25e6, battery=87.0, cpus=3.5),
         "status": Status(state="online", detail="ready"),
         "assign": Assign(split_depth=3, algorithm="harmony", config_digest=SHA),
         "round_start": RoundStart(round=4, steps=10, client_model_sha256=SHA, server_model_sha256="cd" * 32,

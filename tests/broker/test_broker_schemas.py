@@ -86,6 +86,7 @@ def test_kind_of_and_round_trip_through_bodies() -> None:
     ("hello", {"cores": 0}, "body.cores"),
     ("hello", {"battery": 140.0}, "body.battery"),
     ("hello", {"gflops": float("nan")}, "body.gflops"),
+    ("hello", {"cpus": 0.0}, "body.cpus"),
     ("status", {"state": "On Line"}, "body.state"),
     ("assign", {"config_digest": "abc"}, "body.config_digest"),
     ("round_start", {"steps": 0}, "body.steps"),
@@ -122,6 +123,9 @@ def test_missing_and_unknown_fields() -> None:
     with pytest.raises(WireError, match="^body: expected a map"):
         from_body("stop", ["x"])
     assert from_body("infer_reply", {"ref_seq": 1, "predictions": torch.tensor([2])}).logits is None
+    hello = to_body(sample_messages()["hello"])
+    del hello["cpus"]  # an agent from before the field
+    assert from_body("hello", hello).cpus is None
 
 
 def test_channels() -> None:

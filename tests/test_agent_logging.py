@@ -1,0 +1,113 @@
+"""``harmony agent --log-level``: validated with a message naming the allowed values, and in effect
+although ``harmony``'s own ``main`` configures logging at WARNING first (real agent processes
+against a real Mosquitto)."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from broker.client import BrokerClient
+from broker.mosquitto import MosquittoProcess
+from broker.topics import Topics
+from edge_agent.__main__ import main as edge_agent_main
+from edge_agent.logs import parse_log_level
+from testbed.cli import app
+
+ROOT = Path(__file__).resolve().parents[1]
+ALLOWED = "DEBUG, INFO, WARNING, ERROR, CRITICAL"
+
+
+def _flat(text: str) -> str:
+    """Rich's error box without its borders and line wrapping."""
+    return " ".join(text.replace("│", " ").split())
+
+
+def test_parse_log_level() -> None:
+    assert parse_log_level("info") == "INFO"
+    assert parse_log_level(" Warning ") == "WARNING"
+    with pytest.raises(ValueError, match=f"^expected one of {ALLOWED}, got 'loud'$"):
+        parse_log_level("loud")
+
+
+def test_harmony_agent_rejects_an_unknown_level_naming_the_option_and_the_values() -> None:
+    result = CliRunner().invoke(app, ["agent", "--broker", "127.0.0.1:1", "--device-id", "d0",
+                                      "--log-level", "loud"])
+    assert result.exit_code == 2
+    assert f"Invalid value for '--log-level': expected one of {ALLOWED}, got 'loud'" in _flat(result.output)
+
+
+def test_python_m_edge_agent_rejects_an_unknown_level(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        edge_agent_main(["--broker", "127.0.0.1:1", "--device-id", "d0", "--log-level", "loud"])
+    assert exit_info.value.code == 2
+    assert f"argument --log-level: expected one of {ALLOWED}, got 'loud'" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MosquittoProcess]:
+    with MosquittoProcess(tmp_path_factory.mktemp("mosquitto")) as process:
+        yield process
+
+
+def _start_agent(broker: MosquittoProcess, device_id: str, log_path: Path, *extra: str) -> subprocess.Popen[bytes]:
+    with open(log_path, "wb") as log_file:
+        return subprocess.Popen(
+            [sys.executable, "-m", "testbed.cli", "agent", "--broker", f"127.0.0.1:{broker.port}",
+             "--device-id", device_id, *extra], cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT)
+
+
+def _stop_agent(proc: subprocess.Popen[bytes]) -> None:
+    """SIGINT is the agent's clean stop (it leaves and closes its connection); SIGKILL if it hangs."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+def test_harmony_agent_logs_info_by_default(broker: MosquittoProcess, tmp_path: Path) -> None:
+    log_path = tmp_path / "agent.log"
+    proc = _start_agent(broker, "log-info-0", log_path)
+    try:
+        deadline = time.monotonic() + 180
+        while "device log-info-0: registered with" not in log_path.read_text(errors="replace"):
+            assert proc.poll() is None, f"the agent exited:\n{log_path.read_text(errors='replace')}"
+            assert time.monotonic() < deadline, f"no INFO registration line:\n{log_path.read_text(errors='replace')}"
+            time.sleep(0.2)
+    finally:
+        _stop_agent(proc)
+    text = log_path.read_text(errors="replace")
+    assert " INFO broker.client: connected to 127.0.0.1:" in text  # the agent's format, with timestamps
+
+
+def test_harmony_agent_log_level_warning_silences_info(broker: MosquittoProcess, tmp_path: Path) -> None:
+    log_path = tmp_path / "agent.log"
+    watcher = BrokerClient("log-level-watcher", port=broker.port, clean_start=True, session_expiry_s=0)
+    watcher.connect(timeout=5)
+    hello = watcher.subscribe(Topics().hello("log-warn-0"))
+    proc = _start_agent(broker, "log-warn-0", log_path, "--log-level", "warning")
+    try:
+        deadline = time.monotonic() + 180
+        while True:  # registered: past connect and probe
+            try:
+                env = hello.wait_for("hello", timeout=1)
+                break
+            except TimeoutError:
+                assert proc.poll() is None, f"the agent exited:\n{log_path.read_text(errors='replace')}"
+                assert time.monotonic() < deadline, f"no hello:\n{log_path.read_text(errors='replace')}"
+        assert env.body.cpus is not None
+    finally:
+        _stop_agent(proc)
+        watcher.close()
+    assert proc.returncode == 0, log_path.read_text(errors="replace")
+    assert " INFO " not in log_path.read_text(errors="replace")  # not even the "disconnected" on the way out
