@@ -1,9 +1,10 @@
 """Cost of the distributed runtime against the local engine, for the same config on one machine.
 
-- ``wall_ratio``: wall time of one training round over the distributed runtime (mosquitto,
+- ``wall_ratio``: wall time of a training round over the distributed runtime (mosquitto,
   redis-server, one Celery worker with 2 session threads, the devices in one agent process, all on
-  this machine's loopback) divided by the same round in the local engine (after a warm-up round in
-  each, so data loading and the agents' set-up are not counted).
+  this machine's loopback) divided by the same round in the local engine; after a warm-up round in
+  each (data loading and the agents' set-up are not counted), ``--repeats`` rounds are timed,
+  local and distributed in turn, and the median of the per-round ratios is reported.
 - ``bytes_ratio``: MQTT payload bytes of the step messages (``features``, ``logits``, ``logit_grad``,
   ``feature_grad`` — msgpack envelopes included, MQTT/TCP headers not) divided by the analytic
   payload of the same messages: the raw bytes of their tensors (fp16 features and feature gradients,
@@ -68,56 +69,71 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--algorithm", default="splitgp")
+    ap.add_argument("--repeats", type=int, default=3, help="timed rounds per runtime, interleaved (default 3)")
+    ap.add_argument("--concurrency", type=int, default=2, help="session threads of the Celery worker (default 2)")
+    ap.add_argument("--stack-threads", type=int, default=None,
+                    help="torch threads of the worker and agent processes (default: torch's, one per core)")
     args = ap.parse_args()
+    if args.repeats < 1:
+        ap.error(f"--repeats must be at least 1, got {args.repeats}")
     logging.basicConfig(level=logging.WARNING)
-    cfg = validate_config(config(args.smoke, args.algorithm))
+    raw = config(args.smoke, args.algorithm)
+    raw["train"]["rounds"] = 1 + args.repeats
+    cfg = validate_config(raw)
 
     local = LocalEngine(cfg)
-    local.run_round(1)  # warm-up
-    t0 = time.perf_counter()
-    local.run_round(2)
-    local_s = time.perf_counter() - t0
-
+    local_s: list[float] = []
+    dist_s: list[float] = []
+    wire = analytic = steps = 0
     with tempfile.TemporaryDirectory(prefix="hsfl-bench-") as tmp:
         stack = LocalStack(tmp)
-        info = stack.start(agents=1, devices_per_agent=cfg.fleet.num_clients, registry=False)
+        info = stack.start(agents=1, devices_per_agent=cfg.fleet.num_clients, registry=False,
+                           worker_concurrency=args.concurrency, torch_threads=args.stack_threads)
         try:
             engine = DistributedEngine(cfg, mqtt=info.mqtt, redis_url=info.redis_url)
             monitor = BrokerClient(f"bench-{uuid.uuid4().hex[:6]}", *info.mqtt, clean_start=True)
             monitor.connect()
             subs = [monitor.subscribe(monitor.topics.all_devices(c)) for c in ("up", "down")]
             try:
-                engine.run_round(1)  # warm-up: agents and worker build the experiment
-                for sub in subs:
-                    while sub.get_nowait() is not None:
-                        pass
-                t0 = time.perf_counter()
-                engine.run_round(2)
-                dist_s = time.perf_counter() - t0
-                time.sleep(0.2)
-                wire = analytic = steps = 0
-                for sub in subs:
-                    while (message := sub.get_nowait()) is not None:
-                        env = message.decode()
-                        if env.kind in STEP_KINDS:
-                            wire += len(message.payload)
-                            analytic += tensor_bytes(env.body)
-                            steps += env.kind == "features"
+                local.run_round(1)  # warm-up: the agents and the worker build the experiment
+                engine.run_round(1)
+                for rnd in range(2, 2 + args.repeats):  # interleaved, so background load hits both alike
+                    t0 = time.perf_counter()
+                    local.run_round(rnd)
+                    local_s.append(time.perf_counter() - t0)
+                    for sub in subs:
+                        while sub.get_nowait() is not None:
+                            pass
+                    t0 = time.perf_counter()
+                    engine.run_round(rnd)
+                    dist_s.append(time.perf_counter() - t0)
+                    time.sleep(0.2)
+                    for sub in subs:
+                        while (message := sub.get_nowait()) is not None:
+                            env = message.decode()
+                            if env.kind in STEP_KINDS:
+                                wire += len(message.payload)
+                                analytic += tensor_bytes(env.body)
+                                steps += env.kind == "features"
             finally:
                 monitor.close()
                 engine.close()
         finally:
             stack.stop()
+    ratios = sorted(d / lo for d, lo in zip(dist_s, local_s, strict=True))
     result = {
         "bench": "distributed_overhead", "algorithm": args.algorithm, "clients": cfg.fleet.num_clients,
-        "local_round_s": round(local_s, 4), "distributed_round_s": round(dist_s, 4),
-        "wall_ratio": round(dist_s / local_s, 3),
+        "local_threads": torch.get_num_threads(), "stack_threads": args.stack_threads, "concurrency": args.concurrency,
+        "repeats": args.repeats,
+        "local_round_s": [round(t, 3) for t in local_s], "distributed_round_s": [round(t, 3) for t in dist_s],
+        "wall_ratio": round(ratios[len(ratios) // 2], 3),  # the median of the per-round ratios
         "steps": steps, "wire_bytes_per_step": round(wire / max(steps, 1), 1),
         "analytic_bytes_per_step": round(analytic / max(steps, 1), 1),
         "bytes_ratio": round(wire / max(analytic, 1), 4),
     }
-    print(f"local round {local_s:.3f} s, distributed round {dist_s:.3f} s; "
-          f"{result['wire_bytes_per_step']:.0f} B/step on the wire vs {result['analytic_bytes_per_step']:.0f} analytic")
+    print(f"per round, local {result['local_round_s']} s, distributed {result['distributed_round_s']} s "
+          f"(ratios {[round(x, 3) for x in ratios]}); {result['wire_bytes_per_step']:.0f} B/step on the wire "
+          f"vs {result['analytic_bytes_per_step']:.0f} analytic")
     print(json.dumps(result))
 
 

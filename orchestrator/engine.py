@@ -10,8 +10,8 @@ aggregating → done, or failed):
 2. enqueue one ``hsfl.session`` Celery task per participant (ids and hashes only);
 3. when a session reports it is subscribed (``hsfl:round:{r}:ready``), command its device with
    ``round_start`` (a redelivered session reports a new token and the device replays the round);
-4. wait for ``hsfl:round:{r}:done``, run ``hsfl.aggregate`` (per-session float64 partial sums merged in
-   client order, exactly the local ``WeightedSum`` arithmetic), load the aggregated states.
+4. wait for ``hsfl:round:{r}:done``, run ``hsfl.aggregate`` (each session's ``θ_i`` weighted by ``n_i`` in float64 and
+   merged in client order, exactly the local ``WeightedSum`` arithmetic), load the aggregated states.
 
 Evaluation runs where it would on real hardware (:meth:`DistributedEngine.evaluate_clients`): each
 device personalises (``personalise``), then evaluates its model on its own test set (``evaluate``)
@@ -58,6 +58,7 @@ from harmony.engine import LocalEngine, ProgressFn, RoundRecord, TrainingDiverge
 from harmony.evaluate import ClientEvaluation, ClientScore, ThresholdScore
 from orchestrator.registry import Registry
 from server import state
+from server.app import QUEUE
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,7 @@ class DistributedEngine(LocalEngine):
         self.redis_url = redis_url
         self.r = state.connect(redis_url)
         self.celery = Celery("hsfl", broker=redis_url, backend=redis_url)
-        self.celery.conf.update(task_default_queue="hsfl", task_serializer="json", result_serializer="json",
+        self.celery.conf.update(task_default_queue=QUEUE, task_serializer="json", result_serializer="json",
                                 accept_content=["json"])
         self.topics = topics or Topics()
         self.round_timeout_s = round_timeout_s

@@ -25,10 +25,13 @@ attempt is no longer current (a restarted orchestrator re-planned the round) end
 message or within a second (:class:`TaskGuard`), instead of holding a worker thread until its
 deadline or answering a device that now talks to its successor.
 
-The aggregation buffers are *per-session* partial sums (``n_i·θ_i`` in float64, the first step of
-:class:`harmony.aggregation.WeightedSum`): a redelivered session overwrites its own buffer, so a
-replay never double-counts, and the aggregation task merges them in sorted device order, which
-makes the result independent of which worker ran which session.
+The aggregation buffers are *per-session* contributions: ``θ_i`` as raw little-endian bytes in each
+tensor's own dtype, with ``n_i`` in the meta. The aggregation task forms ``n_i·θ_i`` in float64 (exactly
+:meth:`harmony.aggregation.WeightedSum.add`'s first term) and merges them in sorted device order, so
+the result is the local engine's bit for bit and independent of which worker ran which session; a
+redelivered session overwrites its own buffer, so a replay never double-counts. Storing ``θ_i``
+rather than the float64 product halves what each session writes to Redis (and its append-only
+file): ≈ 15.5 MB instead of 31 MB per session for full-width cnn8.
 
 This module imports redis-py, numpy and torch only (no Celery), so the orchestrator can use it.
 """
@@ -170,24 +173,30 @@ def get_model(r: redis.Redis, sha: str) -> dict[str, torch.Tensor]:
 
 
 # --------------------------------------------------------------------------- partial sums
-def partial_sum_fields(side: str, state: Mapping[str, torch.Tensor], weight: float) -> tuple[dict[str, bytes], dict]:
-    """``weight·θ`` per tensor as raw little-endian float64 bytes (exactly ``WeightedSum.add``'s first term)."""
-    acc = WeightedSum()
-    acc.add(state, weight)
+def state_fields(side: str, state: Mapping[str, torch.Tensor]) -> tuple[dict[str, bytes], dict, dict]:
+    """Each tensor of ``state`` as raw little-endian bytes in its own dtype; returns (fields, shapes, dtypes)."""
     fields: dict[str, bytes] = {}
     shapes: dict[str, list[int]] = {}
-    for name, total in acc.sums.items():
-        fields[f"{side}:{name}"] = np.ascontiguousarray(total.numpy(), dtype="<f8").tobytes()
-        shapes[name] = list(total.shape)
-    return fields, shapes
+    dtypes: dict[str, str] = {}
+    for name, tensor in state.items():
+        array = tensor.detach().cpu().contiguous().numpy()
+        little = array.dtype.newbyteorder("<")
+        fields[f"{side}:{name}"] = np.ascontiguousarray(array, dtype=little).tobytes()
+        shapes[name] = list(array.shape)
+        dtypes[name] = little.str
+    return fields, shapes, dtypes
 
 
 def store_session_result(r: redis.Redis, rnd: int, dev: str, client_state: Mapping[str, torch.Tensor],
                          server_state: Mapping[str, torch.Tensor], weight: int, meta: dict[str, Any]) -> None:
-    """Fold one session into its partial-sum buffer and mark it done, atomically (MULTI/EXEC)."""
-    c_fields, c_shapes = partial_sum_fields("client", client_state, weight)
-    s_fields, s_shapes = partial_sum_fields("server", server_state, weight)
-    meta = {**meta, "weight": weight, "shapes": {"client": c_shapes, "server": s_shapes}}
+    """Store one session's contribution (``θ_i`` of both sides, weight ``n_i``) and mark it done,
+    atomically (MULTI/EXEC)."""
+    if not weight > 0:
+        raise ValueError(f"aggregation weight must be positive, got {weight}")
+    c_fields, c_shapes, c_dtypes = state_fields("client", client_state)
+    s_fields, s_shapes, s_dtypes = state_fields("server", server_state)
+    meta = {**meta, "weight": weight, "shapes": {"client": c_shapes, "server": s_shapes},
+            "dtypes": {"client": c_dtypes, "server": s_dtypes}}
     pipe = r.pipeline(transaction=True)
     pipe.delete(agg_key(rnd, dev))
     pipe.hset(agg_key(rnd, dev), mapping={**c_fields, **s_fields, "meta": json.dumps(meta).encode()})
@@ -196,17 +205,18 @@ def store_session_result(r: redis.Redis, rnd: int, dev: str, client_state: Mappi
 
 
 def load_partial_sum(r: redis.Redis, rnd: int, dev: str) -> tuple[WeightedSum, WeightedSum, dict[str, Any]]:
-    """One session's buffer as (client, server) ``WeightedSum``s plus its meta (numpy over the raw bytes)."""
+    """One session's contribution as (client, server) ``WeightedSum``s (``n_i·θ_i`` in float64) plus its meta."""
     raw = r.hgetall(agg_key(rnd, dev))
     if b"meta" not in raw:
         raise KeyError(f"no partial sum for device {dev!r} in round {rnd} ({agg_key(rnd, dev)})")
     meta = json.loads(raw[b"meta"])
     sides = {"client": WeightedSum(), "server": WeightedSum()}
     for side, acc in sides.items():
+        tensors = {}
         for name, shape in meta["shapes"][side].items():
-            array = np.frombuffer(raw[f"{side}:{name}".encode()], dtype="<f8").reshape(shape)
-            acc.sums[name] = torch.from_numpy(array.astype(np.float64, copy=True))
-            acc.weights[name] = float(meta["weight"])
+            array = np.frombuffer(raw[f"{side}:{name}".encode()], dtype=meta["dtypes"][side][name]).reshape(shape)
+            tensors[name] = torch.from_numpy(array.astype(array.dtype.newbyteorder("="), copy=True))
+        acc.add(tensors, float(meta["weight"]))
     return sides["client"], sides["server"], meta
 
 

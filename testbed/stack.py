@@ -95,6 +95,7 @@ class LocalStack:
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
         self._commands: dict[str, tuple[list[str], dict[str, str] | None]] = {}
         self._passwords: dict[str, str] | None = None  # user → password when the broker requires them
+        self._torch_env: dict[str, str] = {}  # OMP/MKL threads of the worker and agent processes
 
     # ------------------------------------------------------------------------------ processes
     def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
@@ -117,14 +118,21 @@ class LocalStack:
 
     def start(self, agents: int = 0, devices_per_agent: int = 4, worker_concurrency: int = 2,
               registry: bool = True, visibility_timeout_s: int | None = None,
-              restore_interval_s: int | None = None, auth: bool = False) -> StackInfo:
+              restore_interval_s: int | None = None, auth: bool = False,
+              torch_threads: int | None = None) -> StackInfo:
         """Start mosquitto, redis-server, one Celery worker, the registry and ``agents`` agent processes.
 
         ``visibility_timeout_s``/``restore_interval_s``: the worker's ``HSFL_VISIBILITY_S`` and
         ``HSFL_RESTORE_INTERVAL_S`` (how soon a session of a dead worker is redelivered; see
         ``server.app``), for fault tests; by default the worker's own defaults. ``auth``: password
-        authentication and the per-device ACL (module docstring)."""
+        authentication and the per-device ACL (module docstring). ``torch_threads``: the intra-op
+        threads (``OMP_NUM_THREADS``) of the worker and agent processes; ``None`` leaves torch's
+        default (one per core in every process). A run's ``threads`` setting overrides both."""
+        from server.app import QUEUE  # here, not at import: the CLI loads this module on every command
+
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._torch_env = {} if torch_threads is None else {"OMP_NUM_THREADS": str(torch_threads),
+                                                            "MKL_NUM_THREADS": str(torch_threads)}
         self.info = StackInfo(str(self.run_dir), free_port(), free_port())
         info = self.info
         conf = self.run_dir / "mosquitto.conf"
@@ -149,7 +157,7 @@ class LocalStack:
                                     "--appendonly", "yes", "--dir", str(self.run_dir / "redis")])
         _wait_port(info.mqtt_port, mosq, "mosquitto", self.run_dir / "mosquitto.log")
         _wait_port(info.redis_port, red, "redis-server", self.run_dir / "redis.log")
-        env = {"HSFL_REDIS_URL": info.redis_url, "HSFL_MQTT": f"127.0.0.1:{info.mqtt_port}"}
+        env = {"HSFL_REDIS_URL": info.redis_url, "HSFL_MQTT": f"127.0.0.1:{info.mqtt_port}", **self._torch_env}
         if visibility_timeout_s is not None:
             env["HSFL_VISIBILITY_S"] = str(visibility_timeout_s)
         if restore_interval_s is not None:
@@ -157,7 +165,7 @@ class LocalStack:
         if self._passwords is not None:
             env.update({"HSFL_MQTT_USER": "server", "HSFL_MQTT_PASSWORD": self._passwords["server"]})
         self._spawn("worker", [sys.executable, "-m", "celery", "-A", "server.app", "worker", "--pool", "threads",
-                               "--concurrency", str(worker_concurrency), "-Q", "hsfl", "--loglevel", "INFO",
+                               "--concurrency", str(worker_concurrency), "-Q", QUEUE, "--loglevel", "INFO",
                                "-n", f"hsfl-{info.mqtt_port}@%h", "--without-gossip", "--without-mingle",
                                "--without-heartbeat"], env)
         if registry:
@@ -188,7 +196,7 @@ class LocalStack:
             path = _write_private(creds / f"{name}.txt", "".join(f"{d}:{self._passwords[d]}\n" for d in device_ids))
             self.info.credentials[name] = str(path)
             argv += ["--credentials", str(path)]
-        self._spawn(name, argv)
+        self._spawn(name, argv, self._torch_env)
         self.info.devices += device_ids
         self._save()
 

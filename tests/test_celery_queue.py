@@ -7,18 +7,11 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import pytest
-
 from server.app import QUEUE
 
 ROOT = Path(__file__).resolve().parents[1]
 SKIP_DIRS = {".venv", "runs", "build", "dist", ".git"}
 QUEUE_KEYWORDS = {"task_default_queue", "queue", "queues", "task_default_routing_key"}
-
-# Still spelling the queue, in files that another change owns; the fix for each is one line (use
-# ``QUEUE`` from server.app). Remove an entry once its file is fixed (the test then XPASSes).
-PENDING = {"testbed/stack.py": "worker argv '-Q'", "orchestrator/engine.py": "task_default_queue"}
-
 
 def queue_literals(source: str) -> list[int]:
     """Lines where ``source`` names the queue by a literal: ``task_default_queue="…"`` (or ``queue=``,
@@ -68,12 +61,5 @@ def test_the_scan_finds_each_spelling() -> None:
 
 
 def test_no_file_spells_the_queue() -> None:
-    found = {rel: lines for rel in _project_files() if rel not in PENDING
-             and (lines := queue_literals((ROOT / rel).read_text()))}
+    found = {rel: lines for rel in _project_files() if (lines := queue_literals((ROOT / rel).read_text()))}
     assert not found, f"these name the Celery queue {QUEUE!r} (file: lines); use server.app.QUEUE: {found}"
-
-
-@pytest.mark.xfail(reason="owned by another change; see PENDING", strict=False)
-@pytest.mark.parametrize("rel", sorted(PENDING))
-def test_pending_files_spell_the_queue_no_more(rel: str) -> None:
-    assert not queue_literals((ROOT / rel).read_text()), f"{rel}: {PENDING[rel]}"

@@ -1,0 +1,85 @@
+"""The Redis aggregation buffers (``server.state``) against a real redis-server on a free loopback port:
+merged per-session contributions equal the local engine's ``WeightedSum`` bit for bit, a replayed
+session never counts twice, and a session stores its tensors at their own width (fp32, not fp64)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from collections.abc import Iterator
+
+import pytest
+import redis
+import torch
+
+from harmony.aggregation import WeightedSum
+from server import state
+from testbed.stack import _wait_port, free_port
+
+
+@pytest.fixture(scope="module")
+def redis_client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[redis.Redis]:
+    binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+    port, run_dir = free_port(), tmp_path_factory.mktemp("redis")
+    log = run_dir / "redis.log"
+    with open(log, "wb") as handle:
+        proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir",
+                                 str(run_dir)], stdout=handle, stderr=subprocess.STDOUT)
+    try:
+        _wait_port(port, proc, "redis-server", log)
+        yield state.connect(f"redis://127.0.0.1:{port}/0")
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def _states(seed: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    client = {"conv.weight": torch.randn(4, 1, 3, 3, generator=g), "bn.num_batches_tracked": torch.tensor(seed + 3)}
+    server = {"fc.weight": torch.randn(10, 6, generator=g).t(), "fc.bias": torch.randn(10, generator=g)}
+    return client, server  # fc.weight is deliberately non-contiguous
+
+
+def test_merged_contributions_equal_the_local_weighted_sum(redis_client):
+    devices, weights = ["emu-0", "emu-1", "emu-2"], [300, 1200, 77]
+    local_client, local_server = WeightedSum(), WeightedSum()
+    for k, (dev, n) in enumerate(zip(devices, weights, strict=True)):
+        client, server = _states(k)
+        local_client.add(client, n)
+        local_server.add(server, n)
+        state.store_session_result(redis_client, 1, dev, client, server, n, {"stats": [n, 0, 0, 0, 0]})
+    # a redelivered session replays and stores again: it replaces its own buffer
+    client, server = _states(1)
+    state.store_session_result(redis_client, 1, "emu-1", client, server, 1200, {"stats": [1200, 0, 0, 0, 0]})
+
+    merged_client, merged_server, metas = state.merge_partial_sums(redis_client, 1, devices)
+    for merged, local in ((merged_client, local_client), (merged_server, local_server)):
+        assert merged.weights == local.weights
+        assert merged.sums.keys() == local.sums.keys()
+        for name, total in local.sums.items():
+            assert merged.sums[name].dtype == torch.float64
+            assert torch.equal(merged.sums[name], total), name
+    assert [m["stats"][0] for m in metas] == weights
+    assert redis_client.scard(state.done_key(1)) == 3
+
+
+def test_a_session_stores_its_tensors_at_their_own_width(redis_client):
+    client, server = _states(5)
+    state.store_session_result(redis_client, 2, "emu-9", client, server, 10, {})
+    stored = redis_client.hget(state.agg_key(2, "emu-9"), "client:conv.weight")
+    assert len(stored) == client["conv.weight"].numel() * 4  # fp32 bytes, not the fp64 product
+    _, server_sum, _ = state.load_partial_sum(redis_client, 2, "emu-9")
+    assert torch.equal(server_sum.sums["fc.weight"], server["fc.weight"].double() * 10)
+
+
+def test_missing_buffer_names_the_device_and_key(redis_client):
+    with pytest.raises(KeyError, match=r"emu-404.*hsfl:agg:3:emu-404"):
+        state.load_partial_sum(redis_client, 3, "emu-404")
+
+
+def test_non_positive_weight_is_refused_and_stores_nothing(redis_client):
+    client, server = _states(0)
+    with pytest.raises(ValueError, match="weight must be positive"):
+        state.store_session_result(redis_client, 4, "emu-0", client, server, 0, {})
+    assert not redis_client.exists(state.agg_key(4, "emu-0"))
+    assert not redis_client.sismember(state.done_key(4), "emu-0")
