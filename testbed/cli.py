@@ -307,6 +307,8 @@ def up(
     run_dir: Annotated[Path, typer.Option("--run-dir", help="where PIDs and logs go")] = Path("runs/stack"),
     auth: Annotated[bool, typer.Option("--auth", help="broker passwords and a per-device ACL (credentials in "
                                        "RUN_DIR/credentials)")] = False,
+    torch_threads: Annotated[int | None, typer.Option("--torch-threads", min=1, help="torch threads of the worker "
+                                                      "and agent processes (default: one per core each)")] = None,
 ) -> None:
     """Start a local stack: mosquitto, redis-server, a Celery worker, the orchestrator, N agents."""
     from testbed.stack import LocalStack, stack_running
@@ -315,7 +317,7 @@ def up(
         _fail(RuntimeError(f"a stack already runs from {run_dir}; `harmony down --run-dir {run_dir}` first"))
     try:
         info = LocalStack(run_dir).start(agents=agents, devices_per_agent=devices_per_agent,
-                                         worker_concurrency=concurrency, auth=auth)
+                                         worker_concurrency=concurrency, auth=auth, torch_threads=torch_threads)
     except (RuntimeError, OSError) as err:
         _fail(err)
     out_console.print(f"mqtt 127.0.0.1:{info.mqtt_port}  redis {info.redis_url}  devices {len(info.devices)}")

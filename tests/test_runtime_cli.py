@@ -40,10 +40,14 @@ def test_up_run_down(tmp_path):
     runner = CliRunner()
     stack_dir, cfg_path, out = tmp_path / "stack", tmp_path / "tiny.yaml", tmp_path / "out"
     cfg_path.write_text(yaml.safe_dump(TINY))
-    result = runner.invoke(app, ["up", "--agents", "1", "--devices-per-agent", "4", "--run-dir", str(stack_dir)])
+    result = runner.invoke(app, ["up", "--agents", "1", "--devices-per-agent", "4", "--torch-threads", "1",
+                                 "--run-dir", str(stack_dir)])
     assert result.exit_code == 0, result.output
     pids = load_stack(stack_dir).pids
     assert set(pids) == {"mosquitto", "redis", "worker", "orchestrator", "agent-0"}
+    for name in ("worker", "agent-0"):  # --torch-threads reaches the processes that run torch
+        environ = Path(f"/proc/{pids[name]}/environ").read_bytes().split(b"\0")
+        assert b"OMP_NUM_THREADS=1" in environ, name
     try:
         too_big = tmp_path / "too-big.yaml"
         too_big.write_text(yaml.safe_dump({**TINY, "fleet": {"num_clients": 6, "split_depths": [2, 3, 4]}}))
