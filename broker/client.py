@@ -222,6 +222,11 @@ class BrokerClient:
         self._lock = threading.Lock()  # guards the pending-ack tables
         self._subscriptions: dict[int, Subscription] = {}
         self._sub_ids = itertools.count(1)
+        self._retired_ids: set[int] = set()  # subscriptions this client ended (their late messages are dropped)
+        # Messages for no current subscription, e.g. what a persistent session queued while the client
+        # was away: the broker sends them right after CONNACK, before ``subscribe`` runs again. The
+        # next subscription whose filter matches claims them, in arrival order.
+        self._unclaimed: deque[InboundMessage] = deque(maxlen=max_queue)
         self._pending_pubs: dict[int, PendingPublish] = {}
         self._early_pub_acks: dict[int, tuple[int, str]] = {}
         self._pending_subs: dict[int, _PendingSubscribe] = {}
@@ -331,7 +336,13 @@ class BrokerClient:
                 targets = [s for s in self._subscriptions.values()
                            if paho.topic_matches_sub(s.match_filter, message.topic)]
             if not targets:
-                log.debug("message on %s matches no current subscription; dropped", message.topic)
+                if ids and all(i in self._retired_ids for i in ids):
+                    log.debug("message on %s for an ended subscription; dropped", message.topic)
+                else:
+                    if len(self._unclaimed) == self._unclaimed.maxlen:
+                        log.warning("more than %d messages for no subscription; dropping the oldest",
+                                    self._unclaimed.maxlen)
+                    self._unclaimed.append(inbound)
             for sub in targets:
                 sub._push(inbound)
             self._cond.notify_all()
@@ -440,6 +451,10 @@ class BrokerClient:
         sub = Subscription(self, topic_filter, qos, sub_id, self._max_queue)
         with self._cond:
             self._subscriptions[sub_id] = sub  # before SUBSCRIBE, so retained messages find their queue
+            kept: deque[InboundMessage] = deque(maxlen=self._unclaimed.maxlen)
+            for message in self._unclaimed:
+                (sub._push if paho.topic_matches_sub(sub.match_filter, message.topic) else kept.append)(message)
+            self._unclaimed = kept
         result, mid = self._mqtt.subscribe(topic_filter, qos=qos, properties=self._sub_properties(sub_id))
         if result != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
             with self._cond:
@@ -462,6 +477,7 @@ class BrokerClient:
             if code >= 0x80:
                 with self._cond:
                     self._subscriptions.pop(sub_id, None)
+                    self._retired_ids.add(sub_id)
                 log.error("broker refused the subscription to %s: %s (reason code 0x%02x)", topic_filter, name, code)
                 raise SubscribeDenied(topic_filter, code, name)
         return sub
@@ -470,6 +486,7 @@ class BrokerClient:
         """Stop a subscription; messages already queued on it are discarded."""
         with self._cond:
             self._subscriptions.pop(subscription.id, None)
+            self._retired_ids.add(subscription.id)
         self._mqtt.unsubscribe(subscription.topic_filter)
 
     def wait_for(self, kind: str, predicate: Callable[[Envelope], bool] | None = None, timeout: float = 10.0,

@@ -120,6 +120,23 @@ def test_persistent_session_keeps_messages_while_away(mosquitto: MosquittoProces
     assert cmd.wait_for("stop", timeout=5).body.reason == "done"
 
 
+def test_messages_queued_while_away_wait_for_the_resubscription(mosquitto: MosquittoProcess,
+                                                                make_client: MakeClient) -> None:
+    """The broker hands a persistent session's queued messages over right after CONNACK, before the
+    returning client has subscribed again: they must wait for that subscription, not be dropped."""
+    first = make_client(mosquitto.port, client_id="persist-late", device_id="p2")
+    first.subscribe(T.cmd("p2"))
+    first.close()
+    server = make_client(mosquitto.port, "orchestrator")
+    server.send(T.cmd("p2"), sample_messages()["stop"])
+    again = make_client(mosquitto.port, client_id="persist-late", device_id="p2")
+    time.sleep(0.5)  # the queued message has arrived by now, with no subscription to take it
+    other = again.subscribe(T.down("p2"))  # a subscription that does not match leaves it waiting
+    cmd = again.subscribe(T.cmd("p2"))
+    assert cmd.wait_for("stop", timeout=5).body.reason == "done"
+    assert len(other) == 0
+
+
 def test_reconnects_after_broker_restart(tmp_path: Path, make_client: MakeClient) -> None:
     process = MosquittoProcess(tmp_path, MosquittoConfig(port=0, persistence=True, persistence_dir=tmp_path / "db"))
     process.start()
