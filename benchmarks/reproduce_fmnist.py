@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from harmony.config import load_config  # noqa: E402
 from harmony.engine import LocalEngine  # noqa: E402
-from testbed.compare import compare  # noqa: E402
+from testbed.compare import compare, run_slug  # noqa: E402
 
 ALGORITHMS = ["splitfed", "multi-exit", "splitgp(lambda=1)", "splitgp(lambda=0.2)", "splitgp+ft", "harmony"]
 SCALES: dict[str, list[str]] = {
@@ -74,6 +74,8 @@ def main() -> None:
     parser.add_argument("--project", action="store_true", help="time one round and project instead of running")
     parser.add_argument("--project-sessions", type=int, default=3)
     parser.add_argument("--set", action="append", default=[], help="extra config override KEY=VALUE")
+    parser.add_argument("--resume", action="store_true",
+                        help="reuse the finished runs in --out and continue an interrupted one from its checkpoint")
     args = parser.parse_args()
 
     if args.project:
@@ -85,21 +87,29 @@ def main() -> None:
 
     def progress(event: str, **f) -> None:
         if event == "run_start":
-            print(f"[{time.strftime('%H:%M:%S')}] {f['algorithm']} seed {f['seed']}", file=sys.stderr, flush=True)
+            reused = " (finished earlier, reused)" if f.get("reused") else ""
+            print(f"[{time.strftime('%H:%M:%S')}] {f['algorithm']} seed {f['seed']}{reused}", file=sys.stderr,
+                  flush=True)
 
     t0 = time.perf_counter()
-    doc = compare(cfg, names, args.seeds, out, progress)
+    doc = compare(cfg, names, args.seeds, out, progress, resume=args.resume)
     doc["scale"] = args.scale
-    doc["wall_seconds"] = round(time.perf_counter() - t0, 1)
+    doc["wall_seconds"] = round(time.perf_counter() - t0, 1)  # this invocation (less when --resume reused runs)
+    # training time of every run, from the per-round records (they survive an interrupted and resumed run)
+    run_dirs = [out / run_slug(name) / f"seed{seed}" for name in names for seed in doc["seeds"]]
+    doc["train_seconds"] = round(sum(r["seconds"] for d in run_dirs
+                                     for r in json.loads((d / "results.json").read_text())["rounds"]), 1)
     (out / "compare.json").write_text(json.dumps(doc, indent=2))
     width = max(len(r["algorithm"]) for r in doc["rows"])
     print(f"{'algorithm':<{width}}  " + "  ".join(f"rho={r:<9g}" for r in doc["rho"]))
     for r in doc["rows"]:
         cells = "  ".join(f"{a:6.2f}±{c:<5.2f}" for a, c in zip(r["accuracy"], r["ci95"], strict=True))
         print(f"{r['algorithm']:<{width}}  {cells}")
-    print(f"wall time {doc['wall_seconds'] / 60:.1f} min; results in {out}")
+    print(f"wall time {doc['wall_seconds'] / 60:.1f} min (training, all runs: {doc['train_seconds'] / 60:.1f} min); "
+          f"results in {out}")
     rows = [{k: r[k] for k in ("algorithm", "accuracy", "ci95", "latency_ms")} for r in doc["rows"]]
-    print(json.dumps({"rho": doc["rho"], "scale": args.scale, "wall_seconds": doc["wall_seconds"], "rows": rows}))
+    print(json.dumps({"rho": doc["rho"], "scale": args.scale, "wall_seconds": doc["wall_seconds"],
+                      "train_seconds": doc["train_seconds"], "rows": rows}))
 
 
 if __name__ == "__main__":

@@ -145,6 +145,8 @@ def compare(
     set_: SetOpt = None,
     out: Annotated[Path, typer.Option("--out", help="output directory")] = Path("runs/compare"),
     plots: Annotated[bool, typer.Option("--plots", help="also write the PNG report (harmony report)")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="reuse finished runs in OUT, continue interrupted ones "
+                                         "from their checkpoints")] = False,
 ) -> None:
     """Compare algorithms over seeds: the paper-style table, and OUT/compare.json."""
     from harmony.algorithms import parse_algorithm, split_algorithm_list
@@ -159,7 +161,7 @@ def compare(
         _fail(err)
     try:
         with RoundProgress() as progress:
-            doc = run_compare(cfg, names, seeds, out, progress)
+            doc = run_compare(cfg, names, seeds, out, progress, resume=resume)
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         _fail(err)
     out_console.print(compare_table(doc, f"{cfg.data.dataset}, {cfg.fleet.num_clients} clients, "

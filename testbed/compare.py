@@ -18,26 +18,50 @@ def compare(
     seeds: int,
     out_dir: Path | None = None,
     progress: Callable[..., None] | None = None,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Run every (algorithm, seed) with seeds ``cfg.seed … cfg.seed+seeds−1``; return the
     ``compare.json`` document ``{"rho": [...], "rows": [{"algorithm", "accuracy", "ci95",
-    "latency_ms", ...}]}`` and write it (with each run's results) under ``out_dir``."""
+    "latency_ms", ...}]}`` and write it (with each run's results) under ``out_dir``.
+
+    ``resume`` (needs ``out_dir``): a run whose ``results.json`` is there is reused, one with only
+    a checkpoint continues from its last finished round, the others run; a run directory written
+    by a different config is an error (nothing is overwritten). A long sweep that was interrupted
+    therefore costs at most the rounds since its last checkpoint."""
+    if resume and out_dir is None:
+        raise ValueError("compare(resume=True) needs an output directory (--out) to resume from")
     rows = []
     for name in algorithms:
         runs = []
         for s in range(seeds):
             run_cfg = cfg.with_overrides(**{"train.algorithm": name, "seed": cfg.seed + s})
-            run_dir = None if out_dir is None else out_dir / _slug(name) / f"seed{cfg.seed + s}"
+            run_dir = None if out_dir is None else out_dir / run_slug(name) / f"seed{cfg.seed + s}"
+            finished = _finished_run(run_dir, run_cfg) if resume and run_dir is not None else None
             if progress:
-                progress("run_start", algorithm=name, seed=cfg.seed + s)
+                progress("run_start", algorithm=name, seed=cfg.seed + s, reused=finished is not None)
+            if finished is not None:
+                runs.append(finished)
+                continue
             engine = LocalEngine(run_cfg, run_dir, progress)
-            runs.append(engine.run()["evaluation"])
+            checkpoint = engine.checkpoint_path()
+            runs.append(engine.run(resume=resume and checkpoint is not None and checkpoint.is_file())["evaluation"])
         rows.append(_row(name, runs))
     doc = {"rho": list(cfg.data.rhos), "seeds": [cfg.seed + s for s in range(seeds)], "rows": rows}
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "compare.json").write_text(json.dumps(doc, indent=2))
     return doc
+
+
+def _finished_run(run_dir: Path, cfg: ExperimentConfig) -> dict[str, Any] | None:
+    """The evaluation in ``run_dir/results.json`` if that run is finished with exactly ``cfg``."""
+    path = run_dir / "results.json"
+    if not path.is_file():
+        return None
+    doc = json.loads(path.read_text())
+    if doc.get("config") != json.loads(json.dumps(cfg.model_dump())):
+        raise ValueError(f"--resume: {path} was written by a different config; use a fresh --out directory")
+    return doc["evaluation"]
 
 
 def _row(name: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -57,5 +81,5 @@ def _row(name: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def _slug(name: str) -> str:
+def run_slug(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-+.=" else "_" for c in name)

@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from testbed.compare import run_slug
+
 
 def _plt():
     import matplotlib
@@ -121,7 +123,7 @@ def write_report(compare_dir: Path, tsne: list[str] | None = None, rho: float = 
     seed = doc.get("seeds", [0])[0]
     panels = []
     for name in wanted:
-        run_dir = compare_dir / _slug(name) / f"seed{seed}"
+        run_dir = compare_dir / run_slug(name) / f"seed{seed}"
         if not (run_dir / "checkpoint.pt").is_file():
             raise FileNotFoundError(f"t-SNE for {name!r}: no checkpoint in {run_dir}; rerun `harmony compare` "
                                     f"with --out {compare_dir}")
@@ -130,8 +132,3 @@ def write_report(compare_dir: Path, tsne: list[str] | None = None, rho: float = 
         written.append(plot_tsne(panels, compare_dir / "tsne_server.png", rho))
     return written
 
-
-def _slug(name: str) -> str:
-    from testbed.compare import _slug as slug
-
-    return slug(name)

@@ -1,0 +1,47 @@
+"""``harmony compare --resume``: an interrupted sweep continues where it stopped and ends with the
+table an uninterrupted sweep gives."""
+
+from __future__ import annotations
+
+import pytest
+
+from testbed.compare import compare
+from tests.conftest import tiny_config
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_resume_reuses_finished_runs_and_continues_interrupted_ones(tmp_path):
+    cfg = tiny_config(**{"train.rounds": 2, "eval.measure_latency_samples": 0})
+    full = compare(cfg, ["splitfed"], 2, tmp_path / "full")
+
+    def stop_after_seed8_round1(event: str, **f) -> None:
+        if event == "run_start":
+            stop_after_seed8_round1.seed = f["seed"]
+        if event == "round_end" and stop_after_seed8_round1.seed == 8:
+            raise Interrupted  # as if the process died: round 1's checkpoint is on disk
+
+    out = tmp_path / "cut"
+    with pytest.raises(Interrupted):
+        compare(cfg, ["splitfed"], 2, out, stop_after_seed8_round1)
+    finished = out / "splitfed" / "seed7" / "results.json"
+    before = finished.stat().st_mtime_ns
+    assert not (out / "splitfed" / "seed8" / "results.json").exists()
+
+    events: list[tuple[str, dict]] = []
+    resumed = compare(cfg, ["splitfed"], 2, out, lambda e, **f: events.append((e, f)), resume=True)
+    assert finished.stat().st_mtime_ns == before  # reused, not rerun
+    assert [f["reused"] for e, f in events if e == "run_start"] == [True, False]
+    assert [f["round"] for e, f in events if e == "round_start"] == [2]  # only the missing round ran
+    assert resumed["rows"][0]["accuracy"] == full["rows"][0]["accuracy"]
+
+
+def test_resume_refuses_a_directory_written_by_another_config(tmp_path):
+    cfg = tiny_config(**{"train.rounds": 1, "eval.measure_latency_samples": 0})
+    compare(cfg, ["splitfed"], 1, tmp_path)
+    with pytest.raises(ValueError, match="different config; use a fresh --out"):
+        compare(cfg.with_overrides(**{"train.lr": 0.02}), ["splitfed"], 1, tmp_path, resume=True)
+    with pytest.raises(ValueError, match="needs an output directory"):
+        compare(cfg, ["splitfed"], 1, None, resume=True)
