@@ -54,6 +54,7 @@ from harmony.algorithms import SessionContext
 from harmony.config import validate_config
 from harmony.engine import LocalEngine
 from harmony.evaluate import ServerPredict
+from harmony.timing import PhaseClock
 
 log = logging.getLogger(__name__)
 
@@ -253,12 +254,26 @@ class Device:
         side = engine.algorithm.client_side(model, batches, ctx)
         deadline = time.monotonic() + self.session_timeout_s
         up = self.topics.up(self.id)
+        clock, t0 = PhaseClock(), time.perf_counter()
         for step in range(rs.steps):
-            self.client.send(up, side.begin_step(step), round=rnd)
-            logits = self._await_down("logits", rnd, step, deadline)
-            self.client.send(up, side.on_logits(logits.body), round=rnd)
-            grad = self._await_down("feature_grad", rnd, step, deadline)
-            side.on_feature_grad(restore_layout(grad.body, cfg.model.channels_last))
+            with clock("compute"):
+                features = side.begin_step(step)
+            with clock("send"):
+                self.client.send(up, features, round=rnd)
+            with clock("wait"):
+                logits = self._await_down("logits", rnd, step, deadline)
+            with clock("compute"):
+                logit_grad = side.on_logits(logits.body)
+            with clock("send"):
+                self.client.send(up, logit_grad, round=rnd)
+            with clock("wait"):
+                grad = self._await_down("feature_grad", rnd, step, deadline)
+            with clock("compute"):
+                side.on_feature_grad(restore_layout(grad.body, cfg.model.channels_last))
+        split = clock.seconds()
+        log.info("device %s round %d: %d steps in %.2f s (device compute %.2f, waiting for the server %.2f, "
+                 "sending %.2f)", self.id, rnd, rs.steps, time.perf_counter() - t0, split["compute"], split["wait"],
+                 split["send"])
         s = side.stats
         upload = dict(side.state())
         upload[STATS_KEY] = torch.tensor([s.samples, s.loss_exit, s.loss_server, s.correct_exit, s.correct_server],

@@ -39,6 +39,7 @@ from broker.topics import Topics
 from harmony.algorithms import SessionContext
 from harmony.config import validate_config
 from harmony.engine import LocalEngine
+from harmony.timing import PhaseClock
 from server import state
 from server.app import app, redis_url
 
@@ -143,12 +144,21 @@ def session(self: Any, rnd: int, dev: str, index: int, manifest_sha: str, server
             return {"device": dev, "round": rnd, "skipped": "superseded"}
         guard = state.TaskGuard(r, rnd, dev, token, "attempt", attempt)
         deadline = time.monotonic() + timeout_s
+        clock = PhaseClock()
         for step in range(steps):
-            up = _await(client, sub, "features", rnd, deadline, guard, step)
-            down = server.on_features(restore_layout(up.body, cfg.model.channels_last))
-            client.send(topics.down(dev), down, round=rnd)
-            grad_up = _await(client, sub, "logit_grad", rnd, deadline, guard, step)
-            client.send(topics.down(dev), server.on_logit_grad(grad_up.body), round=rnd)
+            with clock("wait"):
+                up = _await(client, sub, "features", rnd, deadline, guard, step)
+            with clock("compute"):
+                down = server.on_features(restore_layout(up.body, cfg.model.channels_last))
+            with clock("send"):
+                client.send(topics.down(dev), down, round=rnd)
+            with clock("wait"):
+                grad_up = _await(client, sub, "logit_grad", rnd, deadline, guard, step)
+            with clock("compute"):
+                reply = server.on_logit_grad(grad_up.body)
+            with clock("send"):
+                client.send(topics.down(dev), reply, round=rnd)
+        steps_done = time.perf_counter()
         assembler: BlobAssembler | None = None
         data = None
         while data is None:
@@ -167,9 +177,12 @@ def session(self: Any, rnd: int, dev: str, index: int, manifest_sha: str, server
         state.store_session_result(r, rnd, dev, uploaded, server.state(), n_i,
                                    {"stats": stats, "client_sha": client_sha, "index": index, "token": token})
         seconds = time.perf_counter() - t0
-        state.event(r, "session_done", round=rnd, device=dev, seconds=seconds)
-        log.info("session done: device %s round %d, %d steps in %.2f s", dev, rnd, steps, seconds)
-        return {"device": dev, "round": rnd, "seconds": seconds}
+        split = {**clock.seconds(), "upload_store": time.perf_counter() - steps_done}
+        state.event(r, "session_done", round=rnd, device=dev, seconds=seconds, split=split)
+        log.info("session done: device %s round %d, %d steps in %.2f s (server compute %.2f, waiting for the "
+                 "device %.2f, sending %.2f, upload and store %.2f)", dev, rnd, steps, seconds, split["compute"],
+                 split["wait"], split["send"], split["upload_store"])
+        return {"device": dev, "round": rnd, "seconds": seconds, "split": split}
     except state.Superseded as err:
         log.info("session of device %s round %d stops: %s", dev, rnd, err)
         return {"device": dev, "round": rnd, "skipped": "superseded"}

@@ -61,6 +61,13 @@ def test_distributed_equals_local(local_stack, algorithm, tmp_path):  # noqa: F8
         assert a["eval_accuracy"] == b["eval_accuracy"]
     r = state.connect(local_stack.redis_url)
     assert r.hget(state.round_key(cfg.train.rounds), "state") == b"done"
+    # each session reports where its time went; the phases fit in the session's wall time
+    sessions = [f for _, f in r.xrange(state.events_key()) if f[b"name"] == b"session_done"]
+    assert sessions
+    for f in sessions:
+        split, seconds = json.loads(f[b"split"]), json.loads(f[b"seconds"])
+        assert set(split) == {"compute", "wait", "send", "upload_store"}
+        assert split["compute"] > 0 and sum(split.values()) <= seconds + 1e-3
     # the table came from the devices: every device's report went through its hsfl.infer task into Redis
     reports = r.hgetall(state.eval_key(cfg.train.rounds + 1))
     assert sorted(k.decode() for k in reports) == sorted(engine.device_ids)
