@@ -260,6 +260,14 @@ class LocalEngine:
             self.progress("session_done", round=rnd, device=i)
         self.client_global = client_sum.average(self.client_global)
         self.server_global = server_sum.average(self.server_global)
+        self._check_finite(rnd)
+        record = self._round_record(rnd, len(chosen), totals, t0)
+        if self.cfg.eval.eval_every and rnd % self.cfg.eval.eval_every == 0 and rnd < self.cfg.train.rounds:
+            record.eval_accuracy = self.evaluate(personalise=False)["accuracy"]
+        return record
+
+    def _check_finite(self, rnd: int) -> None:
+        """Raise :class:`TrainingDivergedError` if an aggregated model has NaN/Inf weights."""
         for side, state in (("client", self.client_global), ("server", self.server_global)):
             bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
             if bad:
@@ -267,16 +275,17 @@ class LocalEngine:
                     f"round {rnd}: the aggregated {side} model has non-finite values in {bad[:3]}; "
                     f"training diverged at train.lr = {self.cfg.train.lr} — lower train.lr"
                 )
+
+    @staticmethod
+    def _round_record(rnd: int, participants: int, totals: np.ndarray, t0: float) -> RoundRecord:
+        """The round's record from the summed session stats (samples, losses, correct counts)."""
         seen = max(1.0, totals[0])
-        record = RoundRecord(
-            round=rnd, participants=len(chosen), samples=int(totals[0]),
+        return RoundRecord(
+            round=rnd, participants=participants, samples=int(totals[0]),
             train_loss_exit=totals[1] / seen, train_loss_server=totals[2] / seen,
             train_acc_exit=totals[3] / seen, train_acc_server=totals[4] / seen,
             seconds=time.perf_counter() - t0,
         )
-        if self.cfg.eval.eval_every and rnd % self.cfg.eval.eval_every == 0 and rnd < self.cfg.train.rounds:
-            record.eval_accuracy = self.evaluate(personalise=False)["accuracy"]
-        return record
 
     # ----------------------------------------------------------------------------- evaluation
     def personalised_model(self, i: int) -> ClientModel:

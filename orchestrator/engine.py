@@ -46,7 +46,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from celery import Celery
 
 from broker.blobs import BlobAssembler, bytes_to_state_dict, sha256_hex, split_blob, state_dict_to_bytes
@@ -185,20 +184,12 @@ class DistributedEngine(LocalEngine):
             totals += stats
             if self.algorithm.lam > 0.0:
                 self.local_states[i] = _clone(state.get_model(r, upload))
-        for side, st in (("client", self.client_global), ("server", self.server_global)):
-            bad = [k for k, v in st.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
-            if bad:
-                r.hset(state.round_key(rnd), "state", "failed")
-                raise TrainingDivergedError(
-                    f"round {rnd}: the aggregated {side} model has non-finite values in {bad[:3]}; "
-                    f"training diverged at train.lr = {self.cfg.train.lr} — lower train.lr")
-        seen = max(1.0, totals[0])
-        record = RoundRecord(
-            round=rnd, participants=len(chosen), samples=int(totals[0]),
-            train_loss_exit=totals[1] / seen, train_loss_server=totals[2] / seen,
-            train_acc_exit=totals[3] / seen, train_acc_server=totals[4] / seen,
-            seconds=time.perf_counter() - t0,
-        )
+        try:
+            self._check_finite(rnd)
+        except TrainingDivergedError:
+            r.hset(state.round_key(rnd), "state", "failed")
+            raise
+        record = self._round_record(rnd, len(chosen), totals, t0)
         if self.cfg.eval.eval_every and rnd % self.cfg.eval.eval_every == 0 and rnd < self.cfg.train.rounds:
             self._eval_round = rnd
             record.eval_accuracy = self.evaluate(personalise=False)["accuracy"]
