@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 import tempfile
 import time
@@ -36,6 +37,7 @@ from broker.client import BrokerClient  # noqa: E402
 from harmony.config import validate_config  # noqa: E402
 from harmony.engine import LocalEngine  # noqa: E402
 from orchestrator.engine import DistributedEngine  # noqa: E402
+from server import state  # noqa: E402
 from testbed.stack import LocalStack  # noqa: E402
 
 STEP_KINDS = ("features", "logits", "logit_grad", "feature_grad")
@@ -59,6 +61,34 @@ def config(smoke: bool, algorithm: str) -> dict:
         "train": {"algorithm": algorithm, "rounds": 2, "batch_size": 64, "local_steps": 10},
         "eval": {"measure_latency_samples": 0},
     }
+
+
+AGENT_SPLIT = re.compile(r"device (\S+) round (\d+): \d+ steps in ([\d.]+) s \(device compute ([\d.]+), "
+                         r"waiting for the server ([\d.]+), sending ([\d.]+)\)")
+
+
+def server_split(redis_url: str, rounds: set[int]) -> dict[str, float]:
+    """Seconds summed over the sessions of ``rounds``: server compute / waiting / sending / upload
+    (the ``session_done`` events of the ``hsfl:events`` stream)."""
+    total = {"compute": 0.0, "wait": 0.0, "send": 0.0, "upload_store": 0.0}
+    r = state.connect(redis_url)
+    for _, fields in r.xrange(state.events_key()):
+        if fields.get(b"name") == b"session_done" and json.loads(fields[b"round"]) in rounds:
+            for k, v in json.loads(fields[b"split"]).items():
+                total[k] = total.get(k, 0.0) + v
+    return {k: round(v, 2) for k, v in total.items()}
+
+
+def device_split(log_path: Path, rounds: set[int]) -> dict[str, float]:
+    """Seconds summed over the devices' sessions of ``rounds``: device compute / waiting / sending
+    (the agent's per-round INFO lines)."""
+    total = {"session": 0.0, "compute": 0.0, "wait": 0.0, "send": 0.0}
+    text = log_path.read_text(errors="replace") if log_path.is_file() else ""
+    for m in AGENT_SPLIT.finditer(text):
+        if int(m.group(2)) in rounds:
+            for k, v in zip(total, m.groups()[2:], strict=True):
+                total[k] += float(v)
+    return {k: round(v, 2) for k, v in total.items()}
 
 
 def tensor_bytes(body: object) -> int:
@@ -115,6 +145,9 @@ def main() -> None:
                                 wire += len(message.payload)
                                 analytic += tensor_bytes(env.body)
                                 steps += env.kind == "features"
+                timed = set(range(2, 2 + args.repeats))
+                split = {"server": server_split(info.redis_url, timed),
+                         "device": device_split(Path(tmp) / "agent-0.log", timed)}
             finally:
                 monitor.close()
                 engine.close()
@@ -130,10 +163,15 @@ def main() -> None:
         "steps": steps, "wire_bytes_per_step": round(wire / max(steps, 1), 1),
         "analytic_bytes_per_step": round(analytic / max(steps, 1), 1),
         "bytes_ratio": round(wire / max(analytic, 1), 4),
+        "split_s": split,  # summed over the timed rounds' sessions (see server_split / device_split)
     }
     print(f"per round, local {result['local_round_s']} s, distributed {result['distributed_round_s']} s "
           f"(ratios {[round(x, 3) for x in ratios]}); {result['wire_bytes_per_step']:.0f} B/step on the wire "
           f"vs {result['analytic_bytes_per_step']:.0f} analytic")
+    srv, dev = split["server"], split["device"]
+    print(f"timed rounds, summed over sessions: server compute {srv['compute']} s, waiting {srv['wait']} s, "
+          f"sending {srv['send']} s, upload+store {srv['upload_store']} s; device compute {dev['compute']} s, "
+          f"waiting {dev['wait']} s, sending {dev['send']} s; local rounds {round(sum(local_s), 2)} s")
     print(json.dumps(result))
 
 
