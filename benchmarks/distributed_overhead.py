@@ -5,11 +5,16 @@
   this machine's loopback) divided by the same round in the local engine; after a warm-up round in
   each (data loading and the agents' set-up are not counted), ``--repeats`` rounds are timed,
   local and distributed in turn, and the median of the per-round ratios is reported.
-- ``bytes_ratio``: MQTT payload bytes of the step messages (``features``, ``logits``, ``logit_grad``,
-  ``feature_grad`` — msgpack envelopes included, MQTT/TCP headers not) divided by the analytic
-  payload of the same messages: the raw bytes of their tensors (fp16 features and feature gradients,
-  fp32 logits and logit gradients, HARMONY's uint8 indicators and int64 negative pairs).
-  Also printed per step. Weights (blobs) are not step traffic and are not counted.
+- ``bytes_ratio``: MQTT payload bytes of the step messages (``features``, ``logits``,
+  ``logit_grad``, ``feature_grad`` — msgpack envelopes included, MQTT/TCP headers not) divided by
+  the analytic payload of the same messages: the raw bytes of their tensors (fp16 features and
+  feature gradients, fp32 logits and logit gradients, HARMONY's uint8 indicators and int64
+  negative pairs). Also printed per step. Weights (blobs) are not step traffic and are not
+  counted. Measured in one more round after the timed ones, with a monitoring client subscribed
+  to every step message (a subscriber receiving ~2 MB per step would load the timed rounds).
+- ``split_s``: where the timed rounds' session time went, summed over sessions: the server's
+  compute / waiting / sending / upload-and-store (``session_done`` events) and the devices'
+  compute / waiting / sending (the agent's per-round log lines).
 
     python benchmarks/distributed_overhead.py            # 8 clients, full-width cnn8 (a few minutes)
     python benchmarks/distributed_overhead.py --smoke    # tiny; what the test suite runs
@@ -108,7 +113,7 @@ def main() -> None:
         ap.error(f"--repeats must be at least 1, got {args.repeats}")
     logging.basicConfig(level=logging.WARNING)
     raw = config(args.smoke, args.algorithm)
-    raw["train"]["rounds"] = 1 + args.repeats
+    raw["train"]["rounds"] = 2 + args.repeats  # warm-up, timed rounds, the bytes round
     cfg = validate_config(raw)
 
     local = LocalEngine(cfg)
@@ -123,7 +128,6 @@ def main() -> None:
             engine = DistributedEngine(cfg, mqtt=info.mqtt, redis_url=info.redis_url)
             monitor = BrokerClient(f"bench-{uuid.uuid4().hex[:6]}", *info.mqtt, clean_start=True)
             monitor.connect()
-            subs = [monitor.subscribe(monitor.topics.all_devices(c)) for c in ("up", "down")]
             try:
                 local.run_round(1)  # warm-up: the agents and the worker build the experiment
                 engine.run_round(1)
@@ -131,23 +135,24 @@ def main() -> None:
                     t0 = time.perf_counter()
                     local.run_round(rnd)
                     local_s.append(time.perf_counter() - t0)
-                    for sub in subs:
-                        while sub.get_nowait() is not None:
-                            pass
                     t0 = time.perf_counter()
                     engine.run_round(rnd)
                     dist_s.append(time.perf_counter() - t0)
-                    time.sleep(0.2)
-                    for sub in subs:
-                        while (message := sub.get_nowait()) is not None:
-                            env = message.decode()
-                            if env.kind in STEP_KINDS:
-                                wire += len(message.payload)
-                                analytic += tensor_bytes(env.body)
-                                steps += env.kind == "features"
                 timed = set(range(2, 2 + args.repeats))
                 split = {"server": server_split(info.redis_url, timed),
                          "device": device_split(Path(tmp) / "agent-0.log", timed)}
+                # bytes: one more (untimed) round with the monitor subscribed to every step message —
+                # receiving ~2 MB per step in a Python client costs CPU the timed rounds must not share
+                subs = [monitor.subscribe(monitor.topics.all_devices(c)) for c in ("up", "down")]
+                engine.run_round(2 + args.repeats)
+                time.sleep(0.2)
+                for sub in subs:
+                    while (message := sub.get_nowait()) is not None:
+                        env = message.decode()
+                        if env.kind in STEP_KINDS:
+                            wire += len(message.payload)
+                            analytic += tensor_bytes(env.body)
+                            steps += env.kind == "features"
             finally:
                 monitor.close()
                 engine.close()

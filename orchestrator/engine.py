@@ -59,6 +59,11 @@ from orchestrator.registry import Registry
 from server import state
 from server.app import QUEUE
 
+WAKE_S = 0.5
+"""Longest wait between two looks at a round's state in Redis; tasks wake the orchestrator at once
+through ``state.notify`` (a BLPOP rather than polling Redis every 10 ms, which competed with the
+sessions for the CPU); this bounds the wait when a wake-up is lost (e.g. Redis restarted)."""
+
 log = logging.getLogger(__name__)
 
 
@@ -157,7 +162,7 @@ class DistributedEngine(LocalEngine):
         self._unpublish(set(client_shas.values()))
         attempt = uuid.uuid4().hex[:12]
         pipe = r.pipeline(transaction=True)
-        pipe.delete(state.ready_key(rnd), state.done_key(rnd), state.eval_key(rnd),
+        pipe.delete(state.ready_key(rnd), state.done_key(rnd), state.eval_key(rnd), state.notify_key(rnd),
                     *(state.agg_key(rnd, d) for d in devs))
         pipe.hset(state.round_key(rnd), mapping={"state": "planned", "participants": json.dumps(devs),
                                                  "deadline": time.time() + self.round_timeout_s,
@@ -232,7 +237,7 @@ class DistributedEngine(LocalEngine):
                 self.r.hset(state.round_key(rnd), "state", "failed")
                 raise RoundFailedError(f"round {rnd}: sessions of {sorted(set(devs) - done)} did not finish within "
                                        f"{self.round_timeout_s} s (see the worker and agent logs)")
-            time.sleep(0.01)
+            state.wait_notify(self.r, rnd, WAKE_S)
 
     # ------------------------------------------------------------------------------ evaluation
     def personalised_model(self, i: int) -> Any:
@@ -335,7 +340,7 @@ class DistributedEngine(LocalEngine):
             if time.monotonic() > deadline:
                 raise RoundFailedError(f"evaluation {rnd}: devices {sorted(set(index) - set(reports))} did not report "
                                        f"within {self.round_timeout_s} s (see the worker and agent logs)")
-            time.sleep(0.01)
+            state.wait_notify(self.r, rnd, WAKE_S)
 
     def _client_evaluation(self, dev: str, report: EvalReport) -> ClientEvaluation:
         """A device's report as the local engine's :class:`ClientEvaluation` (same floats, same order)."""

@@ -81,6 +81,28 @@ def done_key(rnd: int) -> str:
     return f"{PREFIX}round:{rnd}:done"
 
 
+def notify_key(rnd: int) -> str:
+    """A list the server tasks push to whenever they change round ``rnd``'s ready/done/eval
+    state, so the orchestrator blocks on it (BLPOP) instead of polling."""
+    return f"{PREFIX}round:{rnd}:notify"
+
+
+NOTIFY_TTL_S = 3600
+
+
+def notify(r: redis.Redis | redis.client.Pipeline, rnd: int) -> None:
+    """Wake the orchestrator waiting on round ``rnd`` (also inside a MULTI pipeline)."""
+    r.rpush(notify_key(rnd), b"1")
+    r.expire(notify_key(rnd), NOTIFY_TTL_S)
+
+
+def wait_notify(r: redis.Redis, rnd: int, timeout_s: float) -> None:
+    """Block until a task changes round ``rnd``'s state (or ``timeout_s`` passes), then drop the
+    queued wake-ups: the caller re-reads the state itself, so one wake-up covers all of them."""
+    if r.blpop([notify_key(rnd)], timeout=timeout_s) is not None:
+        r.delete(notify_key(rnd))
+
+
 def eval_key(rnd: int) -> str:
     return f"{PREFIX}round:{rnd}:eval"
 
@@ -109,7 +131,10 @@ def claim_ready(r: redis.Redis, rnd: int, field: str, token: str, attempt_field:
     round's current ``attempt_field`` (checked and written atomically with WATCH/MULTI, so a task of
     a superseded attempt cannot overwrite the token of the current one). False: superseded."""
     if attempt is None:
-        r.hset(ready_key(rnd), field, token)
+        with r.pipeline(transaction=True) as pipe:
+            pipe.hset(ready_key(rnd), field, token)
+            notify(pipe, rnd)
+            pipe.execute()
         return True
     with r.pipeline(transaction=True) as pipe:
         while True:
@@ -121,6 +146,7 @@ def claim_ready(r: redis.Redis, rnd: int, field: str, token: str, attempt_field:
                     return False
                 pipe.multi()
                 pipe.hset(ready_key(rnd), field, token)
+                notify(pipe, rnd)
                 pipe.execute()
                 return True
             except redis.WatchError:
@@ -201,6 +227,7 @@ def store_session_result(r: redis.Redis, rnd: int, dev: str, client_state: Mappi
     pipe.delete(agg_key(rnd, dev))
     pipe.hset(agg_key(rnd, dev), mapping={**c_fields, **s_fields, "meta": json.dumps(meta).encode()})
     pipe.sadd(done_key(rnd), dev)
+    notify(pipe, rnd)
     pipe.execute()
 
 

@@ -259,8 +259,11 @@ def infer(dev: str, manifest_sha: str, server_sha: str, idle_s: float = 30.0, rn
             guard.check()
             last = time.monotonic()
             if env.kind == "eval_report":
-                r.hset(state.eval_key(rnd), dev, json.dumps({"attempt": attempt, "token": token,
-                                                             "report": dataclasses.asdict(env.body)}))
+                with r.pipeline(transaction=True) as pipe:
+                    pipe.hset(state.eval_key(rnd), dev, json.dumps({"attempt": attempt, "token": token,
+                                                                    "report": dataclasses.asdict(env.body)}))
+                    state.notify(pipe, rnd)
+                    pipe.execute()
                 reported = True
                 break
             req = restore_layout(env.body, engine.cfg.model.channels_last)

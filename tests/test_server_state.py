@@ -83,3 +83,36 @@ def test_non_positive_weight_is_refused_and_stores_nothing(redis_client):
         state.store_session_result(redis_client, 4, "emu-0", client, server, 0, {})
     assert not redis_client.exists(state.agg_key(4, "emu-0"))
     assert not redis_client.sismember(state.done_key(4), "emu-0")
+
+
+def test_task_state_changes_wake_the_waiting_orchestrator(redis_client: redis.Redis):
+    """``claim_ready`` and ``store_session_result`` push a wake-up for their round: the
+    orchestrator's ``wait_notify`` returns as soon as a task changes the round (no polling), and
+    returns after its timeout when nothing happens."""
+    import threading
+    import time
+
+    rnd = 77
+    t0 = time.monotonic()
+    state.wait_notify(redis_client, rnd, 0.3)  # nothing queued: waits out its timeout
+    assert time.monotonic() - t0 >= 0.25
+
+    def claim_later() -> None:
+        time.sleep(0.3)
+        state.claim_ready(redis_client, rnd, "emu-0", "tok")
+
+    worker = threading.Thread(target=claim_later)
+    t0 = time.monotonic()
+    worker.start()
+    state.wait_notify(redis_client, rnd, 10.0)
+    woke = time.monotonic() - t0
+    worker.join()
+    assert 0.25 <= woke < 5.0, woke  # woken by the claim, long before the 10 s timeout
+    assert redis_client.hget(state.ready_key(rnd), "emu-0") == b"tok"
+    assert redis_client.llen(state.notify_key(rnd)) == 0  # wake-ups are consumed
+
+    client, server = _states(1)
+    state.store_session_result(redis_client, rnd, "emu-0", client, server, 5, {})
+    t0 = time.monotonic()
+    state.wait_notify(redis_client, rnd, 10.0)  # the stored result's wake-up is already queued
+    assert time.monotonic() - t0 < 5.0
