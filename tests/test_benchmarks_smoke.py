@@ -29,3 +29,33 @@ def test_speed_options_smoke():
                                                "vmap_8", "loop_8"}
     assert all(v > 0 for v in result["seconds_per_step"].values())
     assert result["time_vs_channels_last"]["channels_last"] == 1.0
+
+
+def test_personalisation_probe_smoke(tmp_path):
+    """Tiny: trains one round, evaluates the same model without and with two fine-tuning steps.
+    The un-personalised variant must reproduce the engine's own evaluation of that model."""
+    tiny = ["fleet.num_clients=4", "data.num_shards=8", "data.train_fraction=0.05", "model.width=0.25",
+            "train.rounds=1", "train.finetune_steps=0"]
+    argv = [sys.executable, "benchmarks/personalisation_probe.py", "--algorithm", "multi-exit", "--out",
+            str(tmp_path / "probe"), "--variants", "none,2:0.01:0"]
+    for item in tiny:
+        argv += ["--set", item]
+    proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["bench"] == "personalisation_probe"
+    rows = {r["variant"]: r for r in result["rows"]}
+    assert set(rows) == {"none", "2:0.01:0"}
+    for row in rows.values():
+        assert all(0.0 <= row[k] <= 100.0 for k in ("exit_id", "server_id", "server_ood", "oracle_rho0",
+                                                      "oracle_rho08"))
+
+    from harmony.config import load_config
+    from harmony.engine import LocalEngine
+
+    engine = LocalEngine(load_config(ROOT / "examples" / "fmnist-shard2-50.yaml", ["train.algorithm=multi-exit",
+                                                                                   *tiny]))
+    engine.train()
+    reported = engine.evaluate(personalise=False)["accuracy"]
+    assert abs(reported[0] - rows["none"]["oracle_rho0"]) < 0.01
+    assert abs(reported[-1] - rows["none"]["oracle_rho08"]) < 0.01

@@ -1,0 +1,106 @@
+"""Where an algorithm's accuracy comes from: train once, then evaluate the same trained model under
+several personalisation settings, split into on-device and server-fallback accuracy.
+
+For each variant (fine-tuning steps, rate, momentum; ``none`` = the aggregated model as is) it
+prints, in %, mean over clients:
+
+- ``exit_id``: the on-device exit's accuracy on the client's own (in-distribution) classes;
+- ``server_id`` / ``server_ood``: the server fallback's accuracy on features of the client's
+  (personalised) extractor, for its own classes / for the classes it never trained on;
+- ``oracle_rho0`` / ``oracle_rho08``: the reported metric (oracle τ per client) at ρ = 0 and 0.8.
+
+    python benchmarks/personalisation_probe.py --algorithm harmony --out runs/probe-harmony \\
+        --set data.train_fraction=0.25 --set model.width=0.5 --set train.rounds=10
+
+Training writes a checkpoint in ``--out``; running again with the same settings reuses it. The
+last line printed is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from harmony.algorithms.base import SessionContext  # noqa: E402
+from harmony.algorithms.splitgp import finetune_on_device  # noqa: E402
+from harmony.config import load_config  # noqa: E402
+from harmony.engine import LocalEngine  # noqa: E402
+from harmony.evaluate import client_outputs, server_predictor  # noqa: E402
+
+VARIANTS = "none,5:0.001:0,5:0.01:0,1:0.01:0,5:0.01:0.9"
+
+
+def parse_variant(text: str) -> tuple[int, float, float]:
+    """``none`` or ``STEPS:LR:MOMENTUM``."""
+    if text == "none":
+        return 0, 0.0, 0.0
+    try:
+        steps, lr, momentum = text.split(":")
+        return int(steps), float(lr), float(momentum)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--variants: {text!r} is not 'none' or STEPS:LR:MOMENTUM") from None
+
+
+def evaluate_variant(engine: LocalEngine, steps: int, lr: float, momentum: float) -> dict[str, float]:
+    cfg = engine.cfg
+    train = cfg.train.model_copy(update={"finetune_steps": steps, "finetune_lr": lr or cfg.train.finetune_lr,
+                                        "finetune_momentum": momentum})
+    engine.server_model.load_state_dict(engine.server_global)
+    predict = server_predictor(engine.server_model)
+    cols: dict[str, list[float]] = {k: [] for k in ("exit_id", "server_id", "server_ood", "oracle_rho0",
+                                                    "oracle_rho08")}
+    for i in range(cfg.fleet.num_clients):
+        model = engine.client_models[engine.plan.depths[i]]
+        model.load_state_dict(engine.client_start_state(i))
+        ctx = SessionContext(cfg.seed, cfg.train.rounds + 1, i, train, engine.device)
+        if steps:
+            finetune_on_device(model, engine._batches(i, ctx, "personalise"), ctx)
+        ev = engine.client_evaluation(i, model, predict, measure=False)
+        cols["oracle_rho0"].append(ev.scores[0].oracle.accuracy)
+        cols["oracle_rho08"].append(ev.scores[-1].oracle.accuracy)
+        ts = engine.test_sets[i]
+        n_id, n_ood = len(ts.id_pool), len(ts.ood_pool)
+        idx = torch.as_tensor(np.concatenate([ts.id_pool, ts.ood_pool]), device=engine.device)
+        out = client_outputs(model, predict, engine.test_x[idx], engine.test_y[idx], True, engine.feature_dtype(),
+                             cfg.eval.batch_size, cfg.model.channels_last)
+        cols["exit_id"].append(float(out.exit_correct[:n_id].mean()))
+        cols["server_id"].append(float(out.server_correct[:n_id].mean()))
+        cols["server_ood"].append(float(out.server_correct[n_id:n_id + n_ood].mean()))
+    return {k: round(100 * float(np.mean(v)), 2) for k, v in cols.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", type=Path, default=ROOT / "examples" / "fmnist-shard2-50.yaml")
+    ap.add_argument("--algorithm", default="harmony")
+    ap.add_argument("--set", action="append", default=[], help="config override KEY=VALUE")
+    ap.add_argument("--out", type=Path, required=True, help="run directory (checkpoint reused when present)")
+    ap.add_argument("--variants", default=VARIANTS, help=f"comma-separated (default {VARIANTS})")
+    args = ap.parse_args()
+    variants = [parse_variant(v) for v in args.variants.split(",") if v]
+    cfg = load_config(args.config, [f"train.algorithm={args.algorithm}", *args.set])
+    engine = LocalEngine(cfg, out_dir=args.out)
+    if (args.out / "checkpoint.pt").is_file():
+        engine.resume()
+    t0 = time.perf_counter()
+    engine.train()
+    rows = []
+    for (steps, lr, momentum), name in zip(variants, [v for v in args.variants.split(",") if v], strict=True):
+        row = {"variant": name, **evaluate_variant(engine, steps, lr, momentum)}
+        rows.append(row)
+        print("  ".join(f"{k}={v}" for k, v in row.items()), flush=True)
+    print(json.dumps({"bench": "personalisation_probe", "algorithm": args.algorithm, "overrides": args.set,
+                      "train_seconds": round(time.perf_counter() - t0, 1), "rows": rows}))
+
+
+if __name__ == "__main__":
+    main()
