@@ -6,7 +6,9 @@
     python benchmarks/reproduce_fmnist.py --scale paper --project   # time one round, project the run
 
 Scales (all Shard-2, depths 2/3/4 in turn, SGD momentum 0.9, fp16 features, τ oracle-best):
-- smoke:   10 clients on 20 shards, 10% of each client's data, half-width cnn8, batch 32, 6 rounds.
+- smoke:   10 clients on 20 shards, 10% of each client's data, half-width cnn8, batch 32, 6 rounds;
+           personalisation at rate 0.01 (after 18 training steps five steps at the default
+           0.001 barely move the exit; benchmarks/RESULTS.md §2).
 - reduced: the paper's 50 clients on 100 shards, 25% of each client's data (300 samples),
            half-width cnn8, batch 64, 20 rounds.
 - paper:   the paper's setting (examples/fmnist-shard2-50.yaml): full data, width 1, batch 64,
@@ -35,7 +37,7 @@ from testbed.compare import compare, run_slug  # noqa: E402
 ALGORITHMS = ["splitfed", "multi-exit", "splitgp(lambda=1)", "splitgp(lambda=0.2)", "splitgp+ft", "harmony"]
 SCALES: dict[str, list[str]] = {
     "smoke": ["fleet.num_clients=10", "data.num_shards=20", "data.train_fraction=0.1", "model.width=0.5",
-              "train.batch_size=32", "train.rounds=6"],
+              "train.batch_size=32", "train.rounds=6", "train.finetune_lr=0.01"],
     "reduced": ["data.train_fraction=0.25", "model.width=0.5", "train.rounds=20"],
     "paper": [],
 }

@@ -48,6 +48,19 @@ log = logging.getLogger(__name__)
 STATS_KEY = "__stats__"
 _engines: dict[str, LocalEngine] = {}
 _engines_lock = threading.Lock()
+_weights: dict[str, dict[str, torch.Tensor]] = {}
+_weights_lock = threading.Lock()
+
+
+def server_weights(r: Any, sha: str) -> dict[str, torch.Tensor]:
+    """The server back end ``sha`` (content-addressed, so never stale), loaded from Redis once per
+    worker process and round rather than once per session; callers copy it into their replica
+    with ``load_state_dict`` and never modify it."""
+    with _weights_lock:
+        if sha not in _weights:
+            _weights.clear()  # one round's weights at a time
+            _weights[sha] = state.get_model(r, sha)
+        return _weights[sha]
 
 
 def mqtt_settings() -> tuple[str, int, str | None, str | None, Topics]:
@@ -129,7 +142,7 @@ def session(self: Any, rnd: int, dev: str, index: int, manifest_sha: str, server
     depth = engine.plan.depths[index]
     ctx = SessionContext(cfg.seed, rnd, index, cfg.train, engine.device)
     model = copy.deepcopy(engine.server_model)
-    model.load_state_dict(state.get_model(r, server_sha))
+    model.load_state_dict(server_weights(r, server_sha))
     server = engine.algorithm.server_session(model, depth, ctx)
     host, port, user, password, topics = mqtt_settings()
     token = uuid.uuid4().hex[:12]
@@ -222,7 +235,7 @@ def infer(dev: str, manifest_sha: str, server_sha: str, idle_s: float = 30.0, rn
     engine, _ = engine_for(r, manifest_sha)
     torch.set_flush_denormal(True)  # per-thread CPU state, as in LocalEngine (same arithmetic as local)
     model = copy.deepcopy(engine.server_model)
-    model.load_state_dict(state.get_model(r, server_sha))
+    model.load_state_dict(server_weights(r, server_sha))
     model.eval()
     host, port, user, password, topics = mqtt_settings()
     token = uuid.uuid4().hex[:12]

@@ -137,3 +137,27 @@ def test_first_order_meta_update_on_a_tiny_model():
         assert torch.allclose(after, expected, atol=1e-5, rtol=1e-4), name
     moved = max((cm.state_dict()[k] - theta[k]).abs().max().item() for k in theta)
     assert moved > 0 and math.isfinite(moved)
+
+
+def test_personalisation_is_plain_sgd_steps_at_the_finetune_rate():
+    """Eq. 5: ``finetune_steps`` plain SGD steps of the on-device loss at ``finetune_lr`` from the
+    aggregated model (no momentum unless ``finetune_momentum`` asks), on the client's own data."""
+    alg, cm, _, batches, ctx = _session("harmony", 3, batch=8, finetune_steps=2, finetune_lr=0.05)
+    assert ctx.train.finetune_momentum == 0.0
+    theta = copy.deepcopy(cm)
+    replay = BatchStream(batches.x, batches.y, batches.indices, 8, ctx.generator("personalise"))
+    alg.personalise(cm, BatchStream(batches.x, batches.y, batches.indices, 8, ctx.generator("personalise")), ctx)
+    for _ in range(2):  # by hand: θ ← θ − lr·∇ℓ(H(f(x)), y), twice
+        x, y = replay.next()
+        grads = torch.autograd.grad(F.cross_entropy(theta(x)[1], y), list(theta.parameters()))
+        with torch.no_grad():
+            for p, g in zip(theta.parameters(), grads, strict=True):
+                p -= 0.05 * g
+    for (name, got), want in zip(cm.named_parameters(), theta.parameters(), strict=True):
+        assert torch.allclose(got, want, atol=1e-6, rtol=1e-5), name
+
+    # momentum on request changes the second step
+    alg, cm2, _, batches, ctx = _session("harmony", 3, batch=8, finetune_steps=2, finetune_lr=0.05,
+                                         finetune_momentum=0.9)
+    alg.personalise(cm2, BatchStream(batches.x, batches.y, batches.indices, 8, ctx.generator("personalise")), ctx)
+    assert any(not torch.equal(a, b) for a, b in zip(cm2.parameters(), cm.parameters(), strict=True))

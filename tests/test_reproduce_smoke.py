@@ -2,9 +2,10 @@
 
 The paper's qualitative claim: HARMONY's accuracy at ρ = 0.8 beats SplitGP with max
 personalisation (λ = 1), and at ρ = 0 it stays within a few points of it. Margins come from
-our own 3-seed smoke runs (benchmarks/RESULTS.md): HARMONY − SplitGP(λ=1) at ρ = 0.8 was
-+16.7 / +21.3 / +9.7 points (seeds 0/1/2), at ρ = 0 it was −3.5 / −3.1 / −3.2 points. The test
-asks for about half the smallest ρ = 0.8 gain and allows a 6-point ρ = 0 gap.
+our own 3-seed smoke runs (benchmarks/RESULTS.md §2): HARMONY − SplitGP(λ=1) at ρ = 0.8 was
++27.2 / +29.3 / +23.4 points (seeds 0/1/2), at ρ = 0 it was −1.6 / −0.4 / −2.9 points, and
+HARMONY's ρ = 0 accuracy was 94.6–95.7 %. The test asks for under half the smallest ρ = 0.8
+gain, allows a 6-point ρ = 0 gap, and wants HARMONY above 90 % at ρ = 0.
 """
 
 from __future__ import annotations
@@ -28,6 +29,6 @@ def test_smoke_reproduction_keeps_the_papers_claim(tmp_path):
     assert doc["rho"] == [0.0, 0.2, 0.4, 0.6, 0.8]
     acc = {row["algorithm"]: row["accuracy"] for row in doc["rows"]}
     harmony, personal = acc["harmony"], acc["splitgp(lambda=1)"]
-    assert harmony[-1] > personal[-1] + 5.0, (harmony, personal)
+    assert harmony[-1] > personal[-1] + 10.0, (harmony, personal)
     assert harmony[0] >= personal[0] - 6.0, (harmony, personal)
-    assert harmony[0] > 80.0  # on-device personalisation still works
+    assert harmony[0] > 90.0  # on-device personalisation still works

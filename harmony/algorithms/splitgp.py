@@ -120,11 +120,17 @@ class SplitServer(ServerSession):
 
 
 def finetune_on_device(model: ClientModel, batches: BatchStream, ctx: SessionContext) -> None:
-    """A few SGD steps of the on-device loss ``ℓ(H_d(f(x)), y)`` on local data."""
+    """A few SGD steps of the on-device loss ``ℓ(H_d(f(x)), y)`` on local data
+    (``train.finetune_steps`` at ``train.finetune_lr``; plain SGD unless ``train.finetune_momentum``).
+
+    Plain steps by default: they are the few-step adaptation HARMONY's inner loop rehearses
+    (eq. 3 → eq. 5), and with momentum 0.9 five steps overshoot enough to wreck the server
+    fallback for every method (measured, benchmarks/RESULTS.md §2)."""
     train = ctx.train
     if train.finetune_steps == 0:
         return
-    optimizer = sgd(model, train.finetune_lr, train)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=train.finetune_lr,
+                                momentum=train.finetune_momentum, weight_decay=train.weight_decay)
     model.train()
     with torch.enable_grad():  # callers may be inside no_grad (evaluation, reports)
         for _ in range(train.finetune_steps):
