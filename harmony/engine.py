@@ -262,9 +262,15 @@ class LocalEngine:
         self.server_global = server_sum.average(self.server_global)
         self._check_finite(rnd)
         record = self._round_record(rnd, len(chosen), totals, t0)
-        if self.cfg.eval.eval_every and rnd % self.cfg.eval.eval_every == 0 and rnd < self.cfg.train.rounds:
+        if self._interim_eval_due(rnd):
             record.eval_accuracy = self.evaluate(personalise=False)["accuracy"]
         return record
+
+    def _interim_eval_due(self, rnd: int) -> bool:
+        """Whether round ``rnd`` is followed by an evaluation of the aggregated models
+        (every ``eval.eval_every`` rounds, not after the last: the final evaluation follows it)."""
+        every = self.cfg.eval.eval_every
+        return bool(every) and rnd % every == 0 and rnd < self.cfg.train.rounds
 
     def _check_finite(self, rnd: int) -> None:
         """Raise :class:`TrainingDivergedError` if an aggregated model has NaN/Inf weights."""

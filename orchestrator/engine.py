@@ -195,7 +195,7 @@ class DistributedEngine(LocalEngine):
             r.hset(state.round_key(rnd), "state", "failed")
             raise
         record = self._round_record(rnd, len(chosen), totals, t0)
-        if self.cfg.eval.eval_every and rnd % self.cfg.eval.eval_every == 0 and rnd < self.cfg.train.rounds:
+        if self._interim_eval_due(rnd):
             self._eval_round = rnd
             record.eval_accuracy = self.evaluate(personalise=False)["accuracy"]
         r.hset(state.round_key(rnd), mapping={"state": "done", "client_sha": result["client_sha"],

@@ -152,11 +152,14 @@ class Algorithm(ABC):
         return max(1, train.local_epochs * batches.batches_per_epoch // self.batches_per_step)
 
 
-def sgd(params: list[nn.Parameter] | nn.Module, lr: float, train: TrainConfig) -> torch.optim.SGD:
-    """The optimiser every side uses (SGD with the config's momentum and weight decay)."""
+def sgd(params: list[nn.Parameter] | nn.Module, lr: float, train: TrainConfig,
+        momentum: float | None = None) -> torch.optim.SGD:
+    """The optimiser every side uses: SGD with the config's weight decay and momentum
+    (``train.momentum`` unless ``momentum`` is given)."""
     if isinstance(params, nn.Module):
         params = [p for p in params.parameters() if p.requires_grad]
-    return torch.optim.SGD(params, lr=lr, momentum=train.momentum, weight_decay=train.weight_decay)
+    return torch.optim.SGD(params, lr=lr, momentum=train.momentum if momentum is None else momentum,
+                           weight_decay=train.weight_decay)
 
 
 def run_session(client: ClientSide, server: ServerSession, steps: int) -> None:

@@ -129,8 +129,7 @@ def finetune_on_device(model: ClientModel, batches: BatchStream, ctx: SessionCon
     train = ctx.train
     if train.finetune_steps == 0:
         return
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=train.finetune_lr,
-                                momentum=train.finetune_momentum, weight_decay=train.weight_decay)
+    optimizer = sgd(model, train.finetune_lr, train, momentum=train.finetune_momentum)
     model.train()
     with torch.enable_grad():  # callers may be inside no_grad (evaluation, reports)
         for _ in range(train.finetune_steps):
