@@ -1,10 +1,15 @@
 """Cost of the distributed runtime against the local engine, for the same config on one machine.
 
 - ``wall_ratio``: wall time of a training round over the distributed runtime (mosquitto,
-  redis-server, one Celery worker with 2 session threads, the devices in one agent process, all on
-  this machine's loopback) divided by the same round in the local engine; after a warm-up round in
-  each (data loading and the agents' set-up are not counted), ``--repeats`` rounds are timed,
-  local and distributed in turn, and the median of the per-round ratios is reported.
+  redis-server, one Celery worker with one session thread per client, the devices in one agent
+  process, all on this machine's loopback) divided by the same round in the local engine; after a
+  warm-up round in each (data loading and the agents' set-up are not counted), ``--repeats``
+  rounds are timed, local and distributed in turn, and the median of the per-round ratios is
+  reported. The local engine runs its steps one after another with torch's intra-op threads (one
+  per core); the stack's processes run one torch thread each (``--stack-threads``) and fill the
+  cores with sessions instead — every client's session at once, as ``harmony up`` sets the worker
+  (``--concurrency``). With two session threads the round ran in waves whose set-up and
+  ping-pong left cores idle (RESULTS §4 has both).
 - ``bytes_ratio``: MQTT payload bytes of the step messages (``features``, ``logits``,
   ``logit_grad``, ``feature_grad`` — msgpack envelopes included, MQTT/TCP headers not) divided by
   the analytic payload of the same messages: the raw bytes of their tensors (fp16 features and
@@ -14,7 +19,9 @@
   to every step message (a subscriber receiving ~2 MB per step would load the timed rounds).
 - ``split_s``: where the timed rounds' session time went, summed over sessions: the server's
   compute / waiting / sending / upload-and-store (``session_done`` events) and the devices'
-  compute / waiting / sending (the agent's per-round log lines).
+  compute / waiting / sending (the agent's per-round log lines), and the orchestrator's phases
+  (publish / sessions / aggregate / load, the ``round_done`` events). With more sessions than cores
+  a session's "compute" includes the time its thread waited for a core.
 
     python benchmarks/distributed_overhead.py            # 8 clients, full-width cnn8 (a few minutes)
     python benchmarks/distributed_overhead.py --smoke    # tiny; what the test suite runs
@@ -84,6 +91,18 @@ def server_split(redis_url: str, rounds: set[int]) -> dict[str, float]:
     return {k: round(v, 2) for k, v in total.items()}
 
 
+def round_split(redis_url: str, rounds: set[int]) -> dict[str, float]:
+    """Seconds summed over ``rounds``: the orchestrator's publish / sessions / aggregate / load
+    phases (the ``round_done`` events)."""
+    total: dict[str, float] = {}
+    r = state.connect(redis_url)
+    for _, fields in r.xrange(state.events_key()):
+        if fields.get(b"name") == b"round_done" and json.loads(fields[b"round"]) in rounds:
+            for k, v in json.loads(fields[b"split"]).items():
+                total[k] = total.get(k, 0.0) + v
+    return {k: round(v, 2) for k, v in total.items()}
+
+
 def device_split(log_path: Path, rounds: set[int]) -> dict[str, float]:
     """Seconds summed over the devices' sessions of ``rounds``: device compute / waiting / sending
     (the agent's per-round INFO lines)."""
@@ -105,12 +124,15 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--algorithm", default="splitgp")
     ap.add_argument("--repeats", type=int, default=3, help="timed rounds per runtime, interleaved (default 3)")
-    ap.add_argument("--concurrency", type=int, default=2, help="session threads of the Celery worker (default 2)")
-    ap.add_argument("--stack-threads", type=int, default=None,
-                    help="torch threads of the worker and agent processes (default: torch's, one per core)")
+    ap.add_argument("--concurrency", type=int, default=None,
+                    help="session threads of the Celery worker (default: one per client, as `harmony up` sets it)")
+    ap.add_argument("--stack-threads", type=int, default=1,
+                    help="torch threads of the worker and agent processes (default 1; 0: torch's, one per core)")
     args = ap.parse_args()
     if args.repeats < 1:
         ap.error(f"--repeats must be at least 1, got {args.repeats}")
+    if args.stack_threads < 0:
+        ap.error(f"--stack-threads must be 0 (torch's default) or more, got {args.stack_threads}")
     logging.basicConfig(level=logging.WARNING)
     raw = config(args.smoke, args.algorithm)
     raw["train"]["rounds"] = 2 + args.repeats  # warm-up, timed rounds, the bytes round
@@ -123,7 +145,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="hsfl-bench-") as tmp:
         stack = LocalStack(tmp)
         info = stack.start(agents=1, devices_per_agent=cfg.fleet.num_clients, registry=False,
-                           worker_concurrency=args.concurrency, torch_threads=args.stack_threads)
+                           worker_concurrency=args.concurrency, torch_threads=args.stack_threads or None)
         try:
             engine = DistributedEngine(cfg, mqtt=info.mqtt, redis_url=info.redis_url)
             monitor = BrokerClient(f"bench-{uuid.uuid4().hex[:6]}", *info.mqtt, clean_start=True)
@@ -139,7 +161,7 @@ def main() -> None:
                     engine.run_round(rnd)
                     dist_s.append(time.perf_counter() - t0)
                 timed = set(range(2, 2 + args.repeats))
-                split = {"server": server_split(info.redis_url, timed),
+                split = {"round": round_split(info.redis_url, timed), "server": server_split(info.redis_url, timed),
                          "device": device_split(Path(tmp) / "agent-0.log", timed)}
                 # bytes: one more (untimed) round with the monitor subscribed to every step message —
                 # receiving ~2 MB per step in a Python client costs CPU the timed rounds must not share
@@ -161,7 +183,8 @@ def main() -> None:
     ratios = sorted(d / lo for d, lo in zip(dist_s, local_s, strict=True))
     result = {
         "bench": "distributed_overhead", "algorithm": args.algorithm, "clients": cfg.fleet.num_clients,
-        "local_threads": torch.get_num_threads(), "stack_threads": args.stack_threads, "concurrency": args.concurrency,
+        "local_threads": torch.get_num_threads(), "stack_threads": args.stack_threads or None,
+        "concurrency": args.concurrency or max(2, cfg.fleet.num_clients),
         "repeats": args.repeats,
         "local_round_s": [round(t, 3) for t in local_s], "distributed_round_s": [round(t, 3) for t in dist_s],
         "wall_ratio": round(ratios[len(ratios) // 2], 3),  # the median of the per-round ratios
@@ -177,6 +200,7 @@ def main() -> None:
     print(f"timed rounds, summed over sessions: server compute {srv['compute']} s, waiting {srv['wait']} s, "
           f"sending {srv['send']} s, upload+store {srv['upload_store']} s; device compute {dev['compute']} s, "
           f"waiting {dev['wait']} s, sending {dev['send']} s; local rounds {round(sum(local_s), 2)} s")
+    print(f"orchestrator phases, summed over the timed rounds: {split['round']}")
     print(json.dumps(result))
 
 

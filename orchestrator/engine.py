@@ -55,6 +55,7 @@ from broker.topics import Topics
 from harmony.config import ExperimentConfig
 from harmony.engine import LocalEngine, ProgressFn, RoundRecord, TrainingDivergedError, _clone, write_results
 from harmony.evaluate import ClientEvaluation, ClientScore, ThresholdScore
+from harmony.timing import PhaseClock
 from orchestrator.registry import Registry
 from server import state
 from server.app import QUEUE
@@ -148,10 +149,50 @@ class DistributedEngine(LocalEngine):
     # ------------------------------------------------------------------------------ rounds
     def run_round(self, rnd: int) -> RoundRecord:
         t0 = time.perf_counter()
+        clock = PhaseClock("publish", "sessions", "aggregate", "load")  # the round_done event's split
         self._ensure_run()
         chosen = self.participants(rnd)
         devs = [self.device_ids[i] for i in chosen]
         self.progress("round_start", round=rnd, rounds=self.cfg.train.rounds, sessions=len(chosen))
+        r = self.r
+        with clock("publish"):
+            server_sha, client_prev_sha, client_shas, steps = self._start_round(rnd, chosen, devs)
+        with clock("sessions"):
+            self._await_sessions(rnd, chosen, devs, client_shas, server_sha, steps)
+        r.hset(state.round_key(rnd), "state", "aggregating")
+        with clock("aggregate"):
+            result = self.celery.send_task("hsfl.aggregate", kwargs={
+                "rnd": rnd, "devices": devs, "client_prev_sha": client_prev_sha, "server_prev_sha": server_sha,
+            }).get(timeout=self.round_timeout_s)
+        with clock("load"):
+            self.client_global = state.get_model(r, result["client_sha"])
+            self.server_global = state.get_model(r, result["server_sha"])
+            totals = np.zeros(5)
+            for i, stats, upload in zip(chosen, result["stats"], result["uploads"], strict=True):
+                totals += stats
+                if self.algorithm.lam > 0.0:
+                    self.local_states[i] = _clone(state.get_model(r, upload))
+        try:
+            self._check_finite(rnd)
+        except TrainingDivergedError:
+            r.hset(state.round_key(rnd), "state", "failed")
+            raise
+        record = self._round_record(rnd, len(chosen), totals, t0)
+        if self._interim_eval_due(rnd):
+            self._eval_round = rnd
+            record.eval_accuracy = self.evaluate(personalise=False)["accuracy"]
+        r.hset(state.round_key(rnd), mapping={"state": "done", "client_sha": result["client_sha"],
+                                              "server_sha": result["server_sha"],
+                                              "uploads": json.dumps(result["uploads"]),
+                                              "record": json.dumps(asdict(record))})
+        r.hset(state.run_key(), "last_round", rnd)
+        state.event(r, "round_done", round=rnd, split=clock.seconds())
+        return record
+
+    def _start_round(self, rnd: int, chosen: list[int], devs: list[str]
+                     ) -> tuple[str, str, dict[int, str], dict[str, int]]:
+        """Store and publish the round-start models, plan the round in Redis and enqueue its
+        sessions; returns (server sha, previous client sha, each client's start sha, steps per device)."""
         r = self.r
         server_sha, _ = state.put_model(r, self.server_global)
         client_prev_sha, _ = state.put_model(r, self.client_global)
@@ -177,34 +218,7 @@ class DistributedEngine(LocalEngine):
                 "steps": steps[dev], "timeout_s": self.round_timeout_s, "attempt": attempt})
         r.hset(state.round_key(rnd), "state", "running")
         state.event(r, "round_running", round=rnd, sessions=len(devs))
-        self._await_sessions(rnd, chosen, devs, client_shas, server_sha, steps)
-        r.hset(state.round_key(rnd), "state", "aggregating")
-        result = self.celery.send_task("hsfl.aggregate", kwargs={
-            "rnd": rnd, "devices": devs, "client_prev_sha": client_prev_sha, "server_prev_sha": server_sha,
-        }).get(timeout=self.round_timeout_s)
-        self.client_global = state.get_model(r, result["client_sha"])
-        self.server_global = state.get_model(r, result["server_sha"])
-        totals = np.zeros(5)
-        for i, stats, upload in zip(chosen, result["stats"], result["uploads"], strict=True):
-            totals += stats
-            if self.algorithm.lam > 0.0:
-                self.local_states[i] = _clone(state.get_model(r, upload))
-        try:
-            self._check_finite(rnd)
-        except TrainingDivergedError:
-            r.hset(state.round_key(rnd), "state", "failed")
-            raise
-        record = self._round_record(rnd, len(chosen), totals, t0)
-        if self._interim_eval_due(rnd):
-            self._eval_round = rnd
-            record.eval_accuracy = self.evaluate(personalise=False)["accuracy"]
-        r.hset(state.round_key(rnd), mapping={"state": "done", "client_sha": result["client_sha"],
-                                              "server_sha": result["server_sha"],
-                                              "uploads": json.dumps(result["uploads"]),
-                                              "record": json.dumps(asdict(record))})
-        r.hset(state.run_key(), "last_round", rnd)
-        state.event(r, "round_done", round=rnd)
-        return record
+        return server_sha, client_prev_sha, client_shas, steps
 
     def _ctx(self, rnd: int, i: int) -> Any:
         from harmony.algorithms import SessionContext

@@ -305,7 +305,9 @@ def up(
     agents: Annotated[int, typer.Option("--agents", min=0, help="agent processes to start")] = 2,
     devices_per_agent: Annotated[int, typer.Option("--devices-per-agent", min=1,
                                                    help="emulated devices each agent hosts")] = 5,
-    concurrency: Annotated[int, typer.Option("--concurrency", min=1, help="sessions per Celery worker")] = 2,
+    concurrency: Annotated[int | None, typer.Option(
+        "--concurrency", min=1, help="sessions per Celery worker (default: one per emulated device, at least 2)"
+    )] = None,
     run_dir: Annotated[Path, typer.Option("--run-dir", help="where PIDs and logs go")] = Path("runs/stack"),
     auth: Annotated[bool, typer.Option("--auth", help="broker passwords and a per-device ACL (credentials in "
                                        "RUN_DIR/credentials)")] = False,

@@ -116,7 +116,7 @@ class LocalStack:
         assert self.info is not None
         (self.run_dir / STACK_FILE).write_text(json.dumps(asdict(self.info), indent=2))
 
-    def start(self, agents: int = 0, devices_per_agent: int = 4, worker_concurrency: int = 2,
+    def start(self, agents: int = 0, devices_per_agent: int = 4, worker_concurrency: int | None = None,
               registry: bool = True, visibility_timeout_s: int | None = None,
               restore_interval_s: int | None = None, auth: bool = False,
               torch_threads: int | None = None) -> StackInfo:
@@ -125,7 +125,10 @@ class LocalStack:
         ``visibility_timeout_s``/``restore_interval_s``: the worker's ``HSFL_VISIBILITY_S`` and
         ``HSFL_RESTORE_INTERVAL_S`` (how soon a session of a dead worker is redelivered; see
         ``server.app``), for fault tests; by default the worker's own defaults. ``auth``: password
-        authentication and the per-device ACL (module docstring). ``torch_threads``: the intra-op
+        authentication and the per-device ACL (module docstring). ``worker_concurrency``: session
+        threads of the worker; by default one per emulated device (at least 2), so every device of a
+        round trains at once: a session mostly waits for its device, and with fewer threads the
+        round runs in waves whose set-up and tail leave cores idle. ``torch_threads``: the intra-op
         threads (``OMP_NUM_THREADS``) of the worker and agent processes; ``None`` leaves torch's
         default (one per core in every process). A run's ``threads`` setting overrides both."""
         from server.app import QUEUE  # here, not at import: the CLI loads this module on every command
@@ -164,6 +167,8 @@ class LocalStack:
             env["HSFL_RESTORE_INTERVAL_S"] = str(restore_interval_s)
         if self._passwords is not None:
             env.update({"HSFL_MQTT_USER": "server", "HSFL_MQTT_PASSWORD": self._passwords["server"]})
+        if worker_concurrency is None:
+            worker_concurrency = max(2, agents * devices_per_agent)
         self._spawn("worker", [sys.executable, "-m", "celery", "-A", "server.app", "worker", "--pool", "threads",
                                "--concurrency", str(worker_concurrency), "-Q", QUEUE, "--loglevel", "INFO",
                                "-n", f"hsfl-{info.mqtt_port}@%h", "--without-gossip", "--without-mingle",

@@ -68,6 +68,13 @@ def test_distributed_equals_local(local_stack, algorithm, tmp_path):  # noqa: F8
         split, seconds = json.loads(f[b"split"]), json.loads(f[b"seconds"])
         assert set(split) == {"compute", "wait", "send", "upload_store"}
         assert split["compute"] > 0 and sum(split.values()) <= seconds + 1e-3
+    # and each round where the orchestrator's time went, within the round's own wall time
+    rounds = {json.loads(f[b"round"]): json.loads(f[b"split"])
+              for _, f in r.xrange(state.events_key()) if f[b"name"] == b"round_done"}
+    assert sorted(rounds) == list(range(1, cfg.train.rounds + 1))
+    for k, split in rounds.items():
+        assert set(split) == {"publish", "sessions", "aggregate", "load"}
+        assert split["sessions"] > 0 and sum(split.values()) <= got["rounds"][k - 1]["seconds"] + 1e-3
     # the table came from the devices: every device's report went through its hsfl.infer task into Redis
     reports = r.hgetall(state.eval_key(cfg.train.rounds + 1))
     assert sorted(k.decode() for k in reports) == sorted(engine.device_ids)
