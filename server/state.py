@@ -231,29 +231,40 @@ def store_session_result(r: redis.Redis, rnd: int, dev: str, client_state: Mappi
     pipe.execute()
 
 
-def load_partial_sum(r: redis.Redis, rnd: int, dev: str) -> tuple[WeightedSum, WeightedSum, dict[str, Any]]:
-    """One session's contribution as (client, server) ``WeightedSum``s (``n_i·θ_i`` in float64) plus its meta."""
+def load_session_state(r: redis.Redis, rnd: int, dev: str
+                       ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
+    """One session's stored ``θ_i`` of both sides as float64 tensors (the exact widening of the
+    uploaded values, as ``WeightedSum.add`` forms it) plus its meta."""
     raw = r.hgetall(agg_key(rnd, dev))
     if b"meta" not in raw:
         raise KeyError(f"no partial sum for device {dev!r} in round {rnd} ({agg_key(rnd, dev)})")
     meta = json.loads(raw[b"meta"])
-    sides = {"client": WeightedSum(), "server": WeightedSum()}
-    for side, acc in sides.items():
-        tensors = {}
+    sides: dict[str, dict[str, torch.Tensor]] = {"client": {}, "server": {}}
+    for side, tensors in sides.items():
         for name, shape in meta["shapes"][side].items():
             array = np.frombuffer(raw[f"{side}:{name}".encode()], dtype=meta["dtypes"][side][name]).reshape(shape)
-            tensors[name] = torch.from_numpy(array.astype(array.dtype.newbyteorder("="), copy=True))
-        acc.add(tensors, float(meta["weight"]))
+            tensors[name] = torch.from_numpy(array.astype(np.float64))  # one pass: byte order and width
     return sides["client"], sides["server"], meta
 
 
+def load_partial_sum(r: redis.Redis, rnd: int, dev: str) -> tuple[WeightedSum, WeightedSum, dict[str, Any]]:
+    """One session's contribution as (client, server) ``WeightedSum``s (``n_i·θ_i`` in float64) plus its meta."""
+    client, server, meta = load_session_state(r, rnd, dev)
+    sums = WeightedSum(), WeightedSum()
+    for acc, tensors in zip(sums, (client, server), strict=True):
+        acc.add(tensors, float(meta["weight"]))
+    return sums[0], sums[1], meta
+
+
 def merge_partial_sums(r: redis.Redis, rnd: int, devices: Iterable[str]) -> tuple[WeightedSum, WeightedSum, list]:
-    """Merge the sessions' buffers in the given (sorted) order; returns the sums and each meta."""
+    """Fold the sessions' buffers into one sum per side in the given (sorted) order — the local
+    engine's ``WeightedSum.add`` calls in the local engine's order, so the same bits; returns the
+    sums and each meta."""
     client_sum, server_sum, metas = WeightedSum(), WeightedSum(), []
     for dev in devices:
-        c, s, meta = load_partial_sum(r, rnd, dev)
-        client_sum.merge(c)
-        server_sum.merge(s)
+        client, server, meta = load_session_state(r, rnd, dev)
+        client_sum.add(client, float(meta["weight"]))
+        server_sum.add(server, float(meta["weight"]))
         metas.append(meta)
     return client_sum, server_sum, metas
 
