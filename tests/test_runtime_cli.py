@@ -48,6 +48,9 @@ def test_up_run_down(tmp_path):
     for name in ("worker", "agent-0"):  # --torch-threads reaches the processes that run torch
         environ = Path(f"/proc/{pids[name]}/environ").read_bytes().split(b"\0")
         assert b"OMP_NUM_THREADS=1" in environ, name
+    # one session thread per device by default, so every device of a round trains at once
+    argv = Path(f"/proc/{pids['worker']}/cmdline").read_bytes().split(b"\0")
+    assert argv[argv.index(b"--concurrency") + 1] == b"4"
     try:
         too_big = tmp_path / "too-big.yaml"
         too_big.write_text(yaml.safe_dump({**TINY, "fleet": {"num_clients": 6, "split_depths": [2, 3, 4]}}))
