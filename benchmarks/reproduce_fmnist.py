@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from harmony.config import load_config  # noqa: E402
 from harmony.engine import LocalEngine  # noqa: E402
+from harmony.stats import paired_difference  # noqa: E402
 from testbed.compare import compare, run_slug  # noqa: E402
 
 ALGORITHMS = ["splitfed", "multi-exit", "splitgp(lambda=1)", "splitgp(lambda=0.2)", "splitgp+ft", "harmony"]
@@ -65,6 +66,20 @@ def project(scale: str, sessions: int) -> dict:
     total = sum(v["run_h"] for v in out.values())
     return {"bench": "reproduce_fmnist_projection", "scale": scale, "algorithms": out,
             "total_h_per_seed": round(total, 2), "threads": torch.get_num_threads()}
+
+
+def paired_vs(doc: dict, reference: str = "harmony") -> dict[str, dict[str, list[float]]]:
+    """``reference`` minus every other row, per ρ, paired by seed (``harmony.stats.paired_difference``);
+    empty without the reference row or with a single seed."""
+    rows = {r["algorithm"]: r for r in doc["rows"]}
+    if reference not in rows or len(doc["seeds"]) < 2:
+        return {}
+    out = {}
+    for name, row in rows.items():
+        if name != reference:
+            diffs = paired_difference(rows[reference]["accuracy_per_seed"], row["accuracy_per_seed"])
+            out[name] = {"mean": [m for m, _ in diffs], "ci95": [c for _, c in diffs]}
+    return out
 
 
 def main() -> None:
@@ -101,12 +116,16 @@ def main() -> None:
     run_dirs = [out / run_slug(name) / f"seed{seed}" for name in names for seed in doc["seeds"]]
     doc["train_seconds"] = round(sum(r["seconds"] for d in run_dirs
                                      for r in json.loads((d / "results.json").read_text())["rounds"]), 1)
+    doc["paired_vs_harmony"] = paired_vs(doc)
     (out / "compare.json").write_text(json.dumps(doc, indent=2))
     width = max(len(r["algorithm"]) for r in doc["rows"])
     print(f"{'algorithm':<{width}}  " + "  ".join(f"rho={r:<9g}" for r in doc["rho"]))
     for r in doc["rows"]:
         cells = "  ".join(f"{a:6.2f}±{c:<5.2f}" for a, c in zip(r["accuracy"], r["ci95"], strict=True))
         print(f"{r['algorithm']:<{width}}  {cells}")
+    for name, d in doc["paired_vs_harmony"].items():
+        cells = "  ".join(f"{m:+6.2f}±{c:<5.2f}" for m, c in zip(d["mean"], d["ci95"], strict=True))
+        print(f"harmony − {name:<{width}}  {cells}  (paired by seed)")
     print(f"wall time {doc['wall_seconds'] / 60:.1f} min (training, all runs: {doc['train_seconds'] / 60:.1f} min); "
           f"results in {out}")
     rows = [{k: r[k] for k in ("algorithm", "accuracy", "ci95", "latency_ms")} for r in doc["rows"]]

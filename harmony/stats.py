@@ -27,3 +27,16 @@ def mean_ci95(values: list[float]) -> tuple[float, float]:
         return mean, 0.0
     var = sum((v - mean) ** 2 for v in values) / (n - 1)
     return mean, t975(n - 1) * math.sqrt(var / n)
+
+
+def paired_difference(a: list[list[float]], b: list[list[float]]) -> list[tuple[float, float]]:
+    """Per column (e.g. per ρ), the mean and 95% half-width of ``a − b`` over paired rows (seeds).
+
+    Runs of one seed share the data partition, so the seed-to-seed spread that dominates each
+    algorithm's own interval cancels in the difference; this is the interval to judge "A beats B"
+    by, rather than whether A's and B's own intervals overlap."""
+    if len(a) != len(b) or not a:
+        raise ValueError(f"paired_difference needs the same seeds on both sides, got {len(a)} and {len(b)} rows")
+    if any(len(ra) != len(rb) for ra, rb in zip(a, b, strict=True)):
+        raise ValueError("paired_difference: rows of different lengths")
+    return [mean_ci95([ra[k] - rb[k] for ra, rb in zip(a, b, strict=True)]) for k in range(len(a[0]))]

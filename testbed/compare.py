@@ -78,6 +78,7 @@ def _row(name: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
         "algorithm": name, "accuracy": acc, "ci95": ci, "latency_ms": lat, "latency_ci95": lat_ci,
         "accuracy_fixed_tau": fixed, "accuracy_fixed_tau_ci95": fixed_ci,
         "offload_probability": offload, "measured_latency_ms": measured,
+        "accuracy_per_seed": [list(r["accuracy"]) for r in runs],  # seeds in the document's order
     }
 
 

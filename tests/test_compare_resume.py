@@ -3,6 +3,8 @@ table an uninterrupted sweep gives."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from testbed.compare import compare
@@ -36,6 +38,13 @@ def test_resume_reuses_finished_runs_and_continues_interrupted_ones(tmp_path):
     assert [f["reused"] for e, f in events if e == "run_start"] == [True, False]
     assert [f["round"] for e, f in events if e == "round_start"] == [2]  # only the missing round ran
     assert resumed["rows"][0]["accuracy"] == full["rows"][0]["accuracy"]
+    # each seed's own table is kept (seeds in the document's order), and the mean is theirs
+    per_seed = resumed["rows"][0]["accuracy_per_seed"]
+    assert resumed["seeds"] == [7, 8] and len(per_seed) == 2
+    for seed, row in zip(resumed["seeds"], per_seed, strict=True):
+        assert row == json.loads((out / "splitfed" / f"seed{seed}" / "results.json").read_text())[
+            "evaluation"]["accuracy"]
+    assert resumed["rows"][0]["accuracy"] == pytest.approx([(a + b) / 2 for a, b in zip(*per_seed, strict=True)])
 
 
 def test_resume_refuses_a_directory_written_by_another_config(tmp_path):
