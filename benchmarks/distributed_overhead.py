@@ -131,6 +131,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.repeats < 1:
         ap.error(f"--repeats must be at least 1, got {args.repeats}")
+    if args.concurrency is not None and args.concurrency < 1:
+        ap.error(f"--concurrency must be at least 1, got {args.concurrency}")
     if args.stack_threads < 0:
         ap.error(f"--stack-threads must be 0 (torch's default) or more, got {args.stack_threads}")
     logging.basicConfig(level=logging.WARNING)

@@ -306,8 +306,8 @@ def up(
     devices_per_agent: Annotated[int, typer.Option("--devices-per-agent", min=1,
                                                    help="emulated devices each agent hosts")] = 5,
     concurrency: Annotated[int | None, typer.Option(
-        "--concurrency", min=1, help="sessions per Celery worker (default: one per emulated device, at least 2)"
-    )] = None,
+        "--concurrency", min=1, help="sessions per Celery worker (default: one per emulated device, at least 2; "
+        "for real boards, the number of boards in a round)")] = None,
     run_dir: Annotated[Path, typer.Option("--run-dir", help="where PIDs and logs go")] = Path("runs/stack"),
     auth: Annotated[bool, typer.Option("--auth", help="broker passwords and a per-device ACL (credentials in "
                                        "RUN_DIR/credentials)")] = False,
