@@ -79,25 +79,15 @@ AGENT_SPLIT = re.compile(r"device (\S+) round (\d+): \d+ steps in ([\d.]+) s \(d
                          r"waiting for the server ([\d.]+), sending ([\d.]+)\)")
 
 
-def server_split(redis_url: str, rounds: set[int]) -> dict[str, float]:
-    """Seconds summed over the sessions of ``rounds``: server compute / waiting / sending / upload
-    (the ``session_done`` events of the ``hsfl:events`` stream)."""
-    total = {"compute": 0.0, "wait": 0.0, "send": 0.0, "upload_store": 0.0}
+def event_split(redis_url: str, event: str, rounds: set[int], keys: tuple[str, ...] = ()) -> dict[str, float]:
+    """Seconds per phase summed over the ``event`` events of ``rounds`` in the ``hsfl:events``
+    stream: ``session_done`` (server compute / waiting / sending / upload and store, per session)
+    or ``round_done`` (the orchestrator's publish / sessions / aggregate / load, per round).
+    ``keys`` are reported even when no event carries them."""
+    total = dict.fromkeys(keys, 0.0)
     r = state.connect(redis_url)
     for _, fields in r.xrange(state.events_key()):
-        if fields.get(b"name") == b"session_done" and json.loads(fields[b"round"]) in rounds:
-            for k, v in json.loads(fields[b"split"]).items():
-                total[k] = total.get(k, 0.0) + v
-    return {k: round(v, 2) for k, v in total.items()}
-
-
-def round_split(redis_url: str, rounds: set[int]) -> dict[str, float]:
-    """Seconds summed over ``rounds``: the orchestrator's publish / sessions / aggregate / load
-    phases (the ``round_done`` events)."""
-    total: dict[str, float] = {}
-    r = state.connect(redis_url)
-    for _, fields in r.xrange(state.events_key()):
-        if fields.get(b"name") == b"round_done" and json.loads(fields[b"round"]) in rounds:
+        if fields.get(b"name") == event.encode() and json.loads(fields[b"round"]) in rounds:
             for k, v in json.loads(fields[b"split"]).items():
                 total[k] = total.get(k, 0.0) + v
     return {k: round(v, 2) for k, v in total.items()}
@@ -163,7 +153,9 @@ def main() -> None:
                     engine.run_round(rnd)
                     dist_s.append(time.perf_counter() - t0)
                 timed = set(range(2, 2 + args.repeats))
-                split = {"round": round_split(info.redis_url, timed), "server": server_split(info.redis_url, timed),
+                split = {"round": event_split(info.redis_url, "round_done", timed),
+                         "server": event_split(info.redis_url, "session_done", timed,
+                                               ("compute", "wait", "send", "upload_store")),
                          "device": device_split(Path(tmp) / "agent-0.log", timed)}
                 # bytes: one more (untimed) round with the monitor subscribed to every step message —
                 # receiving ~2 MB per step in a Python client costs CPU the timed rounds must not share
@@ -193,7 +185,7 @@ def main() -> None:
         "steps": steps, "wire_bytes_per_step": round(wire / max(steps, 1), 1),
         "analytic_bytes_per_step": round(analytic / max(steps, 1), 1),
         "bytes_ratio": round(wire / max(analytic, 1), 4),
-        "split_s": split,  # summed over the timed rounds' sessions (see server_split / device_split)
+        "split_s": split,  # summed over the timed rounds' sessions (see event_split / device_split)
     }
     print(f"per round, local {result['local_round_s']} s, distributed {result['distributed_round_s']} s "
           f"(ratios {[round(x, 3) for x in ratios]}); {result['wire_bytes_per_step']:.0f} B/step on the wire "
