@@ -25,15 +25,15 @@ SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override a conf
 
 
 class RoundProgress:
-    """A rich progress bar over the sessions of every round, showing loss and accuracy."""
+    """A rich progress bar over the sessions of every round, showing loss and accuracy; one bar
+    per run when a sweep's events carry ``run`` (``harmony compare --jobs`` runs several at once)."""
 
     def __init__(self) -> None:
         self.bar = Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
             TextColumn("{task.fields[metrics]}"), TimeElapsedColumn(), console=console, transient=False,
         )
-        self.task: Any = None
-        self.label = ""
+        self.tasks: dict[Any, Any] = {}
 
     def __enter__(self) -> RoundProgress:
         self.bar.__enter__()
@@ -43,23 +43,26 @@ class RoundProgress:
         self.bar.__exit__(*exc)
 
     def __call__(self, event: str, **f: Any) -> None:
+        key = f.get("run")
+        label = f"{key} " if key else ""
+        task = self.tasks.get(key)
         if event == "run_start":
-            self.label = f"{f['algorithm']} seed {f['seed']} "
-            self.task = None
+            self.tasks.pop(key, None)
+        elif event == "run_failed":
+            console.print(f"[red]{key} failed:[/red] {f['error']}")
         elif event == "round_start":
-            total = f["rounds"] * f["sessions"]
-            if self.task is None:
-                self.task = self.bar.add_task(f"{self.label}round {f['round']}", total=total, metrics="")
-            self.bar.update(self.task, description=f"{self.label}round {f['round']}/{f['rounds']}")
-        elif event == "session_done" and self.task is not None:
-            self.bar.advance(self.task)
-        elif event == "round_end" and self.task is not None:
+            if task is None:
+                task = self.tasks[key] = self.bar.add_task(label, total=f["rounds"] * f["sessions"], metrics="")
+            self.bar.update(task, description=f"{label}round {f['round']}/{f['rounds']}")
+        elif event == "session_done" and task is not None:
+            self.bar.advance(task)
+        elif event == "round_end" and task is not None:
             r = f["record"]
-            self.bar.update(self.task, metrics=(
+            self.bar.update(task, metrics=(
                 f"loss {r.train_loss_exit:.3f}/{r.train_loss_server:.3f} "
                 f"acc {100 * r.train_acc_exit:.1f}/{100 * r.train_acc_server:.1f}% (exit/server)"))
-        elif event == "evaluate_start" and self.task is not None:
-            self.bar.update(self.task, description=f"{self.label}evaluating")
+        elif event == "evaluate_start" and task is not None:
+            self.bar.update(task, description=f"{label}evaluating")
 
 
 def _load(config: Path, overrides: list[str] | None):
@@ -147,6 +150,9 @@ def compare(
     plots: Annotated[bool, typer.Option("--plots", help="also write the PNG report (harmony report)")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="reuse finished runs in OUT, continue interrupted ones "
                                          "from their checkpoints")] = False,
+    jobs: Annotated[int, typer.Option("--jobs", min=1, help="runs at once, each in its own process; each run "
+                                      "gets `threads` = cores / JOBS unless the config sets threads (the "
+                                      "thread count is part of a run's config: it changes the bits)")] = 1,
 ) -> None:
     """Compare algorithms over seeds: the paper-style table, and OUT/compare.json."""
     from harmony.algorithms import parse_algorithm, split_algorithm_list
@@ -161,7 +167,7 @@ def compare(
         _fail(err)
     try:
         with RoundProgress() as progress:
-            doc = run_compare(cfg, names, seeds, out, progress, resume=resume)
+            doc = run_compare(cfg, names, seeds, out, progress, resume=resume, jobs=jobs)
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         _fail(err)
     out_console.print(compare_table(doc, f"{cfg.data.dataset}, {cfg.fleet.num_clients} clients, "

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
+import threading
 from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -11,14 +16,29 @@ from harmony.config import ExperimentConfig
 from harmony.engine import LocalEngine
 from harmony.stats import mean_ci95
 
+ProgressFn = Callable[..., None]
+
+
+@dataclass(frozen=True, eq=False)  # keyed by identity: the config is not hashable
+class _Run:
+    algorithm: str
+    seed: int
+    cfg: ExperimentConfig
+    run_dir: Path | None
+
+    @property
+    def label(self) -> str:
+        return f"{self.algorithm} seed {self.seed}"
+
 
 def compare(
     cfg: ExperimentConfig,
     algorithms: list[str],
     seeds: int,
     out_dir: Path | None = None,
-    progress: Callable[..., None] | None = None,
+    progress: ProgressFn | None = None,
     resume: bool = False,
+    jobs: int = 1,
 ) -> dict[str, Any]:
     """Run every (algorithm, seed) with seeds ``cfg.seed … cfg.seed+seeds−1``; return the
     ``compare.json`` document ``{"rho": [...], "rows": [{"algorithm", "accuracy", "ci95",
@@ -27,30 +47,124 @@ def compare(
     ``resume`` (needs ``out_dir``): a run whose ``results.json`` is there is reused, one with only
     a checkpoint continues from its last finished round, the others run; a run directory written
     by a different config is an error (nothing is overwritten). A long sweep that was interrupted
-    therefore costs at most the rounds since its last checkpoint."""
+    therefore costs at most the rounds since its last checkpoint.
+
+    ``jobs`` > 1 (needs ``out_dir``) runs that many runs at once, each in its own process. A run's
+    bits depend on its torch thread count, so each run's config carries it: ``cfg.threads`` if set,
+    else the usable cores divided by ``jobs`` (at least 1). With the same ``threads``, every run
+    gives the same result whatever ``jobs`` is. ``progress`` events carry ``run`` ("ALGO seed N")."""
     if resume and out_dir is None:
         raise ValueError("compare(resume=True) needs an output directory (--out) to resume from")
-    rows = []
-    for name in algorithms:
-        runs = []
-        for s in range(seeds):
-            run_cfg = cfg.with_overrides(**{"train.algorithm": name, "seed": cfg.seed + s})
-            run_dir = None if out_dir is None else out_dir / run_slug(name) / f"seed{cfg.seed + s}"
-            finished = _finished_run(run_dir, run_cfg) if resume and run_dir is not None else None
-            if progress:
-                progress("run_start", algorithm=name, seed=cfg.seed + s, reused=finished is not None)
-            if finished is not None:
-                runs.append(finished)
-                continue
-            engine = LocalEngine(run_cfg, run_dir, progress)
-            checkpoint = engine.checkpoint_path()
-            runs.append(engine.run(resume=resume and checkpoint is not None and checkpoint.is_file())["evaluation"])
-        rows.append(_row(name, runs))
+    if jobs < 1:
+        raise ValueError(f"--jobs {jobs}: expected 1 or more runs at once")
+    if jobs > 1 and out_dir is None:
+        raise ValueError("compare(jobs > 1) needs an output directory (--out): parallel runs hand results back "
+                         "through their run directories")
+    if jobs > 1 and cfg.threads is None:
+        cfg = cfg.with_overrides(threads=max(1, usable_cores() // jobs))
+    runs = [
+        _Run(name, cfg.seed + s, cfg.with_overrides(**{"train.algorithm": name, "seed": cfg.seed + s}),
+             None if out_dir is None else out_dir / run_slug(name) / f"seed{cfg.seed + s}")
+        for name in algorithms for s in range(seeds)
+    ]
+    emit = progress or (lambda event, **f: None)
+    evaluations: dict[_Run, dict[str, Any]] = {}
+    for run in runs:  # every finished run is checked (and a foreign directory refused) before any work
+        finished = _finished_run(run.run_dir, run.cfg) if resume and run.run_dir is not None else None
+        if finished is not None:
+            evaluations[run] = finished
+    pending = [run for run in runs if run not in evaluations]
+    if jobs > 1 and len(pending) > 1:
+        for run in runs:
+            if run in evaluations:
+                emit("run_start", run=run.label, algorithm=run.algorithm, seed=run.seed, reused=True)
+        evaluations.update(_execute_parallel(pending, resume, jobs, emit))
+    else:
+        for run in runs:
+            emit("run_start", run=run.label, algorithm=run.algorithm, seed=run.seed, reused=run in evaluations)
+            if run not in evaluations:
+                evaluations[run] = _execute(run, resume,
+                                            lambda event, _r=run, **f: emit(event, run=_r.label, **f))
+    rows = [_row(name, [evaluations[r] for r in runs if r.algorithm == name]) for name in algorithms]
     doc = {"rho": list(cfg.data.rhos), "seeds": [cfg.seed + s for s in range(seeds)], "rows": rows}
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "compare.json").write_text(json.dumps(doc, indent=2))
     return doc
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, not the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _execute(run: _Run, resume: bool, progress: ProgressFn) -> dict[str, Any]:
+    engine = LocalEngine(run.cfg, run.run_dir, progress)
+    checkpoint = engine.checkpoint_path()
+    return engine.run(resume=resume and checkpoint is not None and checkpoint.is_file())["evaluation"]
+
+
+_events: Any = None  # the parent's event queue, in a worker process
+
+
+def _init_worker(events: Any) -> None:
+    global _events
+    _events = events
+
+
+def _execute_in_worker(run: _Run, resume: bool) -> dict[str, Any]:
+    def forward(event: str, **f: Any) -> None:
+        _events.put((event, {"run": run.label, **f}))
+
+    forward("run_start", algorithm=run.algorithm, seed=run.seed, reused=False)
+    return _execute(run, resume, forward)
+
+
+def _execute_parallel(runs: list[_Run], resume: bool, jobs: int, emit: ProgressFn) -> dict[_Run, dict[str, Any]]:
+    """Each run in a process of a ``jobs``-wide pool (spawned: a forked torch is not safe), handed
+    one run at a time so that nothing is queued behind a failure; the workers' progress events
+    reach ``emit`` in this process, from one thread. The first run that fails stops new runs from
+    starting and is raised once the running ones have ended (their results are kept, so
+    ``resume`` reuses them)."""
+    ctx = multiprocessing.get_context("spawn")
+    events = ctx.Queue()
+
+    def relay() -> None:
+        while (item := events.get()) is not None:
+            emit(item[0], **item[1])
+
+    relay_thread = threading.Thread(target=relay, name="compare-progress", daemon=True)
+    relay_thread.start()
+    results: dict[_Run, dict[str, Any]] = {}
+    pool = ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init_worker, initargs=(events,))
+    try:
+        waiting = list(reversed(runs))
+        running: dict[Future, _Run] = {}
+        failure: BaseException | None = None
+        while running or (waiting and failure is None):
+            while waiting and failure is None and len(running) < jobs:
+                run = waiting.pop()
+                running[pool.submit(_execute_in_worker, run, resume)] = run
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                run = running.pop(future)
+                if future.exception() is not None:
+                    emit("run_failed", run=run.label, algorithm=run.algorithm, seed=run.seed,
+                         error=str(future.exception()))
+                    failure = failure or future.exception()
+                else:
+                    results[run] = future.result()
+        if failure is not None:
+            raise failure
+        return results
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        events.put(None)
+        relay_thread.join()
+        events.close()
 
 
 def _finished_run(run_dir: Path, cfg: ExperimentConfig) -> dict[str, Any] | None:

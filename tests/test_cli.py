@@ -43,7 +43,7 @@ def test_run_writes_results(tmp_path):
 def test_compare_writes_the_documented_shape(tmp_path):
     out = tmp_path / "cmp"
     proc = _harmony("compare", str(_tiny_yaml(tmp_path)), "--algorithms", "splitfed,splitgp(lambda=1)",
-                    "--seeds", "2", "--out", str(out))
+                    "--seeds", "2", "--out", str(out), "--jobs", "2")  # runs side by side, one bar each
     assert proc.returncode == 0, proc.stderr
     doc = json.loads((out / "compare.json").read_text())
     assert doc["rho"] == [0.0, 0.4]
