@@ -43,10 +43,11 @@ bench: setup
 	$(BIN)/python benchmarks/distributed_overhead.py
 	$(BIN)/python benchmarks/reproduce_fmnist.py --scale paper --project
 
-# The documented reduced-scale CPU reproduction of the paper's Table 2 (6 algorithms x 3 seeds);
-# interrupted, it picks up where it stopped.
+# The documented reduced-scale CPU reproduction of the paper's Table 2 (6 algorithms x 3 seeds),
+# JOBS runs at once (one torch thread each); interrupted, it picks up where it stopped.
+JOBS ?= 2
 reproduce: setup
-	$(BIN)/python benchmarks/reproduce_fmnist.py --scale reduced --seeds 3 --resume --out runs/reproduce-reduced
+	$(BIN)/python benchmarks/reproduce_fmnist.py --scale reduced --seeds 3 --jobs $(JOBS) --resume --out runs/reproduce-reduced
 
 lint: setup
 	$(BIN)/ruff check harmony broker edge_agent server orchestrator testbed tests benchmarks
