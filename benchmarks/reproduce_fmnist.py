@@ -98,6 +98,8 @@ def main() -> None:
     parser.add_argument("--resume", action="store_true",
                         help="reuse the finished runs in --out and continue an interrupted one from its checkpoint")
     args = parser.parse_args()
+    if args.jobs < 1:
+        parser.error(f"--jobs {args.jobs}: expected 1 or more runs at once")
 
     if args.project:
         print(json.dumps(project(args.scale, args.project_sessions)))
