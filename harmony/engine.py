@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import platform
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -461,6 +462,7 @@ class LocalEngine:
             "rounds": [asdict(r) for r in self.history],
             "evaluation": evaluation,
             "wall_seconds": time.perf_counter() - t0,
+            "machine": machine_info(self.device),
         }
         if self.out_dir is not None:
             write_results(self.out_dir, results)
@@ -469,6 +471,27 @@ class LocalEngine:
     def model_state(self) -> dict[str, State]:
         """The trained global states (what the equivalence and determinism tests compare)."""
         return {"client": self.client_global, "server": self.server_global}
+
+
+def machine_info(device: torch.device) -> dict[str, Any]:
+    """What a run's bits depend on beyond its config: the same config on another CPU type can
+    give other floats (the kernels torch picks depend on the instruction set), so results.json
+    records the CPU, torch's kernel capability, its version and the thread count."""
+    cpu = next((line.split(":", 1)[1].strip() for line in _read_lines("/proc/cpuinfo")
+                if line.startswith("model name")), platform.processor() or platform.machine())
+    info = {"cpu": cpu, "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "device": str(device)}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def _read_lines(path: str) -> list[str]:
+    try:
+        with open(path) as f:
+            return f.readlines()
+    except OSError:
+        return []
 
 
 def write_results(out_dir: Path, results: dict[str, Any]) -> None:

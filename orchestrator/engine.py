@@ -379,6 +379,7 @@ class DistributedEngine(LocalEngine):
         results = super().run(resume=False)
         results["runtime"] = "distributed"
         results["devices"] = self.device_ids
+        del results["machine"]  # the training ran on the workers and devices, not in this process
         if self.out_dir is not None:
             write_results(self.out_dir, results)
         return results

@@ -134,6 +134,9 @@ def test_results_files(tmp_path):
     assert (tmp_path / "rounds.csv").read_text().startswith("round,")
     assert (tmp_path / "evaluation.csv").read_text().startswith("rho,accuracy")
     assert results["fleet"]["split_depths"] == [2, 3, 4, 2]
+    # what the bits depend on beyond the config: the same config on another CPU type may differ
+    assert on_disk["machine"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert on_disk["machine"]["threads"] == torch.get_num_threads() and on_disk["machine"]["cpu"]
     for row in results["evaluation"]["per_client"]:
         assert all(0.0 <= r["offload_probability"] <= 1.0 for r in row["rho"])
 
