@@ -1,7 +1,7 @@
 """Reproduce the structure of the paper's Table 2 (Fashion-MNIST, Shard-2, heterogeneous cnn8).
 
     python benchmarks/reproduce_fmnist.py --scale smoke      # ~2 min per seed, what CI checks
-    python benchmarks/reproduce_fmnist.py --scale reduced --jobs 2   # the documented CPU scale
+    python benchmarks/reproduce_fmnist.py --scale reduced --jobs 2   # the documented CPU scale (~2 h on 2 cores)
     python benchmarks/reproduce_fmnist.py --scale paper      # 50 clients × 1,200 samples, full width
     python benchmarks/reproduce_fmnist.py --scale paper --project   # time one round, project the run
 

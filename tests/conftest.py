@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from harmony.config import ExperimentConfig, validate_config
 
@@ -30,3 +31,13 @@ def tiny_config(**overrides) -> ExperimentConfig:
 def _needs_fashion_mnist():
     if not FMNIST.exists():
         pytest.exit("Fashion-MNIST is missing: run `make test` (it apt-get installs dataset-fashion-mnist)", 3)
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """A config with ``threads`` sets torch's thread count for the whole process (the engine
+    calls ``torch.set_num_threads``); restore it so that no test runs on another test's
+    setting — the thread count changes a run's bits."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
