@@ -112,6 +112,8 @@ def main() -> None:
         if event == "run_start":
             reused = " (finished earlier, reused)" if f.get("reused") else ""
             print(f"[{time.strftime('%H:%M:%S')}] {f['run']}{reused}", file=sys.stderr, flush=True)
+        elif event == "run_done":
+            print(f"[{time.strftime('%H:%M:%S')}] {f['run']} done", file=sys.stderr, flush=True)
         elif event == "run_failed":
             print(f"[{time.strftime('%H:%M:%S')}] {f['run']} failed: {f['error']}", file=sys.stderr, flush=True)
 

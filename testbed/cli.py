@@ -48,6 +48,8 @@ class RoundProgress:
         task = self.tasks.get(key)
         if event == "run_start":
             self.tasks.pop(key, None)
+        elif event == "run_done" and task is not None:
+            self.bar.update(task, description=f"{label}done")
         elif event == "run_failed":
             console.print(f"[red]{key} failed:[/red] {f['error']}")
         elif event == "round_start":

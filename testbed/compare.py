@@ -52,7 +52,8 @@ def compare(
     ``jobs`` > 1 (needs ``out_dir``) runs that many runs at once, each in its own process. A run's
     bits depend on its torch thread count, so each run's config carries it: ``cfg.threads`` if set,
     else the usable cores divided by ``jobs`` (at least 1). With the same ``threads``, every run
-    gives the same result whatever ``jobs`` is. ``progress`` events carry ``run`` ("ALGO seed N")."""
+    gives the same result whatever ``jobs`` is. ``progress`` events carry ``run`` ("ALGO seed N"):
+    ``run_start``, the engine's round events, then ``run_done`` or ``run_failed``."""
     if resume and out_dir is None:
         raise ValueError("compare(resume=True) needs an output directory (--out) to resume from")
     if jobs < 1:
@@ -85,6 +86,7 @@ def compare(
             if run not in evaluations:
                 evaluations[run] = _execute(run, resume,
                                             lambda event, _r=run, **f: emit(event, run=_r.label, **f))
+                emit("run_done", run=run.label, algorithm=run.algorithm, seed=run.seed)
     rows = [_row(name, [evaluations[r] for r in runs if r.algorithm == name]) for name in algorithms]
     doc = {"rho": list(cfg.data.rhos), "seeds": [cfg.seed + s for s in range(seeds)], "rows": rows}
     if out_dir is not None:
@@ -157,6 +159,7 @@ def _execute_parallel(runs: list[_Run], resume: bool, jobs: int, emit: ProgressF
                     failure = failure or future.exception()
                 else:
                     results[run] = future.result()
+                    emit("run_done", run=run.label, algorithm=run.algorithm, seed=run.seed)
         if failure is not None:
             raise failure
         return results

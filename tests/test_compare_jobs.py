@@ -27,6 +27,7 @@ def test_parallel_runs_give_the_serial_table_bit_for_bit(tmp_path):
     # the workers' progress reaches the caller, each event naming its run
     labels = {"splitfed seed 7", "splitfed seed 8", "multi-exit seed 7", "multi-exit seed 8"}
     assert {f["run"] for e, f in events if e == "run_start"} == labels
+    assert sorted(f["run"] for e, f in events if e == "run_done") == sorted(labels)
     rounds = [(f["run"], f["round"]) for e, f in events if e == "round_start"]
     assert sorted(rounds) == sorted((run, r) for run in labels for r in (1, 2))
     written = json.loads((tmp_path / "parallel" / "compare.json").read_text())["rows"]
