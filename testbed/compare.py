@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import multiprocessing
-import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -12,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from edge_agent.probe import host_cores
 from harmony.config import ExperimentConfig
 from harmony.engine import LocalEngine
 from harmony.stats import mean_ci95
@@ -51,7 +51,7 @@ def compare(
 
     ``jobs`` > 1 (needs ``out_dir``) runs that many runs at once, each in its own process. A run's
     bits depend on its torch thread count, so each run's config carries it: ``cfg.threads`` if set,
-    else the usable cores divided by ``jobs`` (at least 1). With the same ``threads``, every run
+    else the cores this process may use divided by ``jobs`` (at least 1). With the same ``threads``, every run
     gives the same result whatever ``jobs`` is. ``progress`` events carry ``run`` ("ALGO seed N"):
     ``run_start``, the engine's round events, then ``run_done`` or ``run_failed``."""
     if resume and out_dir is None:
@@ -62,7 +62,7 @@ def compare(
         raise ValueError("compare(jobs > 1) needs an output directory (--out): parallel runs hand results back "
                          "through their run directories")
     if jobs > 1 and cfg.threads is None:
-        cfg = cfg.with_overrides(threads=max(1, usable_cores() // jobs))
+        cfg = cfg.with_overrides(threads=max(1, host_cores() // jobs))
     runs = [
         _Run(name, cfg.seed + s, cfg.with_overrides(**{"train.algorithm": name, "seed": cfg.seed + s}),
              None if out_dir is None else out_dir / run_slug(name) / f"seed{cfg.seed + s}")
@@ -95,14 +95,6 @@ def compare(
     return doc
 
 
-def usable_cores() -> int:
-    """CPU cores this process may run on (its affinity mask, not the machine's count)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
 def _execute(run: _Run, resume: bool, progress: ProgressFn) -> dict[str, Any]:
     engine = LocalEngine(run.cfg, run.run_dir, progress)
     checkpoint = engine.checkpoint_path()
@@ -122,13 +114,20 @@ def _execute_in_worker(run: _Run, resume: bool) -> dict[str, Any]:
         _events.put((event, {"run": run.label, **f}))
 
     forward("run_start", algorithm=run.algorithm, seed=run.seed, reused=False)
-    return _execute(run, resume, forward)
+    try:
+        evaluation = _execute(run, resume, forward)
+    except Exception as err:
+        forward("run_failed", algorithm=run.algorithm, seed=run.seed, error=str(err))
+        raise
+    forward("run_done", algorithm=run.algorithm, seed=run.seed)  # the run's last event, in its order
+    return evaluation
 
 
 def _execute_parallel(runs: list[_Run], resume: bool, jobs: int, emit: ProgressFn) -> dict[_Run, dict[str, Any]]:
     """Each run in a process of a ``jobs``-wide pool (spawned: a forked torch is not safe), handed
-    one run at a time so that nothing is queued behind a failure; the workers' progress events
-    reach ``emit`` in this process, from one thread. The first run that fails stops new runs from
+    one run at a time so that nothing is queued behind a failure; the workers' progress events,
+    ``run_done`` / ``run_failed`` included, reach ``emit`` in this process from one thread, in
+    each run's order. The first run that fails stops new runs from
     starting and is raised once the running ones have ended (their results are kept, so
     ``resume`` reuses them)."""
     ctx = multiprocessing.get_context("spawn")
@@ -154,12 +153,9 @@ def _execute_parallel(runs: list[_Run], resume: bool, jobs: int, emit: ProgressF
             for future in done:
                 run = running.pop(future)
                 if future.exception() is not None:
-                    emit("run_failed", run=run.label, algorithm=run.algorithm, seed=run.seed,
-                         error=str(future.exception()))
                     failure = failure or future.exception()
                 else:
                     results[run] = future.result()
-                    emit("run_done", run=run.label, algorithm=run.algorithm, seed=run.seed)
         if failure is not None:
             raise failure
         return results

@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from testbed.compare import compare, usable_cores
+from edge_agent.probe import host_cores
+from testbed.compare import compare
 from tests.conftest import tiny_config
 
 
@@ -38,7 +39,7 @@ def test_parallel_runs_record_their_thread_count(tmp_path):
     compare(_cfg(), ["splitfed"], 2, tmp_path, jobs=2)
     for seed in (7, 8):
         written = json.loads((tmp_path / "splitfed" / f"seed{seed}" / "results.json").read_text())["config"]
-        assert written["threads"] == max(1, usable_cores() // 2)
+        assert written["threads"] == max(1, host_cores() // 2)
 
 
 def test_a_failed_run_stops_new_runs_and_keeps_the_finished_ones(tmp_path):
