@@ -32,6 +32,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from engine_throughput import DispatchFlopCounter  # noqa: E402
+
 from harmony.config import load_config  # noqa: E402
 from harmony.engine import LocalEngine  # noqa: E402
 from harmony.stats import paired_difference  # noqa: E402
@@ -51,7 +53,9 @@ def scaled_config(scale: str, extra: list[str] | None = None):
 
 
 def project(scale: str, sessions: int) -> dict:
-    """Time one round of ``sessions`` clients per algorithm and project the whole run."""
+    """Time one round of ``sessions`` clients per algorithm and project the whole run; the same
+    sessions run again under ``engine_throughput.DispatchFlopCounter`` (FLOPs at the dispatcher)
+    give the work per session and the achieved GFLOP/s."""
     out = {}
     for name in ALGORITHMS:
         cfg = scaled_config(scale, [f"train.algorithm={name}"])
@@ -60,11 +64,17 @@ def project(scale: str, sessions: int) -> dict:
         for i in range(sessions):
             engine.run_client_session(i, 1)
         per_session = (time.perf_counter() - t0) / sessions
+        with DispatchFlopCounter() as flops:  # outside the timing: counting slows the ops down
+            for i in range(sessions):  # a session reads the global models and changes nothing
+                engine.run_client_session(i, 1)
+        gflop = flops.total / sessions / 1e9
         round_s = per_session * cfg.fleet.num_clients
-        out[name] = {"session_s": round(per_session, 3), "round_s": round(round_s, 1),
+        out[name] = {"session_s": round(per_session, 3), "session_gflop": round(gflop, 1),
+                     "gflops": round(gflop / per_session, 1), "round_s": round(round_s, 1),
                      "run_h": round(round_s * cfg.train.rounds / 3600, 2)}
-        print(f"{name}: {per_session:.2f} s/session, {round_s / 60:.1f} min/round, "
-              f"{out[name]['run_h']:.1f} h for {cfg.train.rounds} rounds (one seed)", file=sys.stderr)
+        print(f"{name}: {per_session:.2f} s/session ({gflop:.1f} GFLOP, {gflop / per_session:.0f} GFLOP/s), "
+              f"{round_s / 60:.1f} min/round, {out[name]['run_h']:.1f} h for {cfg.train.rounds} rounds (one seed)",
+              file=sys.stderr)
     total = sum(v["run_h"] for v in out.values())
     return {"bench": "reproduce_fmnist_projection", "scale": scale, "algorithms": out,
             "total_h_per_seed": round(total, 2), "threads": torch.get_num_threads()}
