@@ -76,8 +76,8 @@ def bench_config(width: float, clients: int, steps: int, batch: int, rounds: int
 
 def floor_step_fn(engine: LocalEngine, depth: int, gamma: float):
     """One bare training step on fresh copies of the models at ``depth``."""
-    client = engine.client_models[depth]
-    server = engine.server_model
+    client = engine.fleet.client_models[depth]
+    server = engine.fleet.server_model
     opt_c = torch.optim.SGD(client.parameters(), lr=0.01, momentum=0.9)
     opt_s = torch.optim.SGD(server.parameters(), lr=0.01, momentum=0.9)
 
@@ -115,15 +115,15 @@ def main() -> None:
     # The batches each client would draw, pre-sampled for the floor loop.
     batches = []
     for i in range(args.clients):
-        idx = torch.as_tensor(engine.plan.train_indices[i])
-        stream = BatchStream(engine.train_x, engine.train_y, idx, args.batch,
+        data = engine.fleet.devices[i].data
+        stream = BatchStream(data.train_x, data.train_y, data.train_rows, args.batch,
                              torch.Generator().manual_seed(i), cfg.model.channels_last)
         batches.append([stream.next() for _ in range(args.steps)])
     steps_total = args.clients * args.steps * args.rounds
 
     # Warm up both paths once (allocator, oneDNN primitive caches).
-    engine.run_client_session(0, 1)
-    warm = floor_step_fn(engine, engine.plan.depths[0], gamma)
+    engine.run_session(0, 1)
+    warm = floor_step_fn(engine, engine.experiment.depths[0], gamma)
     warm(*batches[0][0])
 
     engine = LocalEngine(cfg)
@@ -134,7 +134,7 @@ def main() -> None:
     t0 = time.perf_counter()
     for _ in range(args.rounds):
         for i in range(args.clients):
-            step = floor_step_fn(engine, engine.plan.depths[i], gamma)
+            step = floor_step_fn(engine, engine.experiment.depths[i], gamma)
             for x, y in batches[i]:
                 step(x, y)
     floor_s = time.perf_counter() - t0
@@ -142,12 +142,12 @@ def main() -> None:
     floor_flops, engine_flops = 0, 0
     one_step = LocalEngine(cfg.with_overrides(**{"train.local_steps": 1}))
     for i in range(args.clients):
-        step = floor_step_fn(engine, engine.plan.depths[i], gamma)
+        step = floor_step_fn(engine, engine.experiment.depths[i], gamma)
         with DispatchFlopCounter() as counter:
             step(*batches[i][0])
         floor_flops += counter.total * args.steps * args.rounds
         with DispatchFlopCounter() as counter:  # the engine's own work for one step
-            one_step.run_client_session(i, 1)
+            one_step.run_session(i, 1)
         engine_flops += counter.total * args.steps * args.rounds
 
     mm = matmul_gflops()

@@ -35,6 +35,8 @@ from harmony.algorithms.splitgp import finetune_on_device  # noqa: E402
 from harmony.config import load_config  # noqa: E402
 from harmony.engine import LocalEngine  # noqa: E402
 from harmony.evaluate import client_outputs, server_predictor  # noqa: E402
+from harmony.experiment import feature_dtype  # noqa: E402
+from harmony.fleet import InProcessFleet  # noqa: E402
 
 VARIANTS = "none,5:0.001:0,5:0.01:0,1:0.01:0,5:0.01:0.9"
 
@@ -51,26 +53,28 @@ def parse_variant(text: str) -> tuple[int, float, float]:
 
 
 def evaluate_variant(engine: LocalEngine, steps: int, lr: float, momentum: float) -> dict[str, float]:
-    cfg = engine.cfg
+    cfg, fleet = engine.cfg, engine.fleet
+    assert isinstance(fleet, InProcessFleet)
     train = cfg.train.model_copy(update={"finetune_steps": steps, "finetune_lr": lr or cfg.train.finetune_lr,
                                         "finetune_momentum": momentum})
-    engine.server_model.load_state_dict(engine.server_global)
-    predict = server_predictor(engine.server_model)
+    fleet.server_model.load_state_dict(engine.server_global)
+    predict = server_predictor(fleet.server_model)
     cols: dict[str, list[float]] = {k: [] for k in ("exit_id", "server_id", "server_ood", "oracle_rho0",
                                                     "oracle_rho08")}
     for i in range(cfg.fleet.num_clients):
-        model = engine.client_models[engine.plan.depths[i]]
+        device = fleet.devices[i]
+        model = fleet.client_models[device.depth]
         model.load_state_dict(engine.client_start_state(i))
-        ctx = SessionContext(cfg.seed, cfg.train.rounds + 1, i, train, engine.device)
+        ctx = SessionContext(cfg.seed, engine.experiment.eval_round, i, train, engine.experiment.torch_device)
         if steps:
-            finetune_on_device(model, engine._batches(i, ctx, "personalise"), ctx)
-        ev = engine.client_evaluation(i, model, predict, measure=False)
+            finetune_on_device(model, device.batches(ctx, "personalise"), ctx)
+        ev = device.evaluate(model, predict, measure=False)
         cols["oracle_rho0"].append(ev.scores[0].oracle.accuracy)
         cols["oracle_rho08"].append(ev.scores[-1].oracle.accuracy)
-        ts = engine.test_sets[i]
-        n_id, n_ood = len(ts.id_pool), len(ts.ood_pool)
-        idx = torch.as_tensor(np.concatenate([ts.id_pool, ts.ood_pool]), device=engine.device)
-        out = client_outputs(model, predict, engine.test_x[idx], engine.test_y[idx], True, engine.feature_dtype(),
+        d = device.data
+        n_id, n_ood = len(d.test_id_rows), len(d.test_ood_rows)
+        rows = torch.as_tensor(np.concatenate([d.test_id_rows, d.test_ood_rows]))
+        out = client_outputs(model, predict, d.test_x[rows], d.test_y[rows], True, feature_dtype(cfg),
                              cfg.eval.batch_size, cfg.model.channels_last)
         cols["exit_id"].append(float(out.exit_correct[:n_id].mean()))
         cols["server_id"].append(float(out.server_correct[:n_id].mean()))

@@ -62,11 +62,11 @@ def project(scale: str, sessions: int) -> dict:
         engine = LocalEngine(cfg)
         t0 = time.perf_counter()
         for i in range(sessions):
-            engine.run_client_session(i, 1)
+            engine.run_session(i, 1)
         per_session = (time.perf_counter() - t0) / sessions
         with DispatchFlopCounter() as flops:  # outside the timing: counting slows the ops down
             for i in range(sessions):  # a session reads the global models and changes nothing
-                engine.run_client_session(i, 1)
+                engine.run_session(i, 1)
         gflop = flops.total / sessions / 1e9
         round_s = per_session * cfg.fleet.num_clients
         out[name] = {"session_s": round(per_session, 3), "session_gflop": round(gflop, 1),

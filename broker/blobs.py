@@ -128,6 +128,27 @@ def bytes_to_state_dict(data: bytes | bytearray | memoryview) -> dict[str, torch
     return state
 
 
+STATS_KEY = "__stats__"
+"""The entry of a session upload that carries the session's training statistics (five float64)."""
+
+
+def session_upload_bytes(state: Mapping[str, torch.Tensor], stats: list[float]) -> bytes:
+    """A device's end-of-session upload: its trained client state plus the session's statistics
+    (``harmony.algorithms.StepStats.vector``), as one state-dict blob."""
+    upload = dict(state)
+    upload[STATS_KEY] = torch.tensor(stats, dtype=torch.float64)
+    return state_dict_to_bytes(upload)
+
+
+def read_session_upload(data: bytes | bytearray | memoryview) -> tuple[dict[str, torch.Tensor], list[float]]:
+    """The inverse of :func:`session_upload_bytes`: (client state, statistics)."""
+    state = bytes_to_state_dict(data)
+    stats = state.pop(STATS_KEY, None)
+    if stats is None or stats.dtype != torch.float64 or stats.shape != (5,):
+        raise WireError("body.data", f"a session upload needs a float64 [{STATS_KEY}] entry of 5 statistics")
+    return state, stats.tolist()
+
+
 class BlobCache:
     """Blobs by sha256, in a directory (``{sha256}.blob`` files, written atomically) or in memory.
 

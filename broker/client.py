@@ -586,26 +586,54 @@ class BrokerClient:
             cached = cache.get(sha256)
             if cached is not None:
                 return cached
-        assembler = BlobAssembler(sha256)
         subscription = self.subscribe(self.topics.blob_filter(sha256))
-        deadline = time.monotonic() + timeout
         try:
-            while True:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise TimeoutError(f"blob {sha256}: missing chunk(s) {assembler.missing()} after {timeout} s")
-                message = subscription.get(remaining)
-                if not message.payload:
-                    continue  # a cleared retained chunk
-                envelope = message.decode(self.max_bytes)
-                check_origin(envelope, self.topics.parse(message.topic))
-                if assembler.count is not None and envelope.body.index not in assembler.missing():
-                    continue  # a QoS 1 redelivery of a chunk we already hold
-                data = assembler.add(envelope.body)
-                if data is not None:
-                    break
+            data = self.receive_blob(subscription, timeout=timeout, sha256=sha256)
         finally:
             self.unsubscribe(subscription)
         if cache is not None:
             cache.put(data, sha256)
         return data
+
+    def receive_blob(self, subscription: Subscription, *, timeout: float, sha256: str | None = None,
+                     accept: Callable[[Envelope], bool] | None = None, check: Callable[[], None] | None = None,
+                     check_every_s: float = 1.0) -> bytes:
+        """Reassemble and verify the blob whose chunks arrive on ``subscription`` (the retained
+        chunks of ``blob/{sha256}/+``, or a device's upload on its ``up`` topic): the blob
+        ``sha256``, or the one the first accepted chunk names. Chunks ``accept`` refuses (e.g. of
+        another round) and other kinds are skipped; a QoS 1 redelivery of a chunk already held is
+        ignored; cleared retained chunks (empty payloads) are skipped. Each message must come
+        from its topic's device (``check_origin``). ``check`` runs on every message and at least
+        every ``check_every_s`` while waiting (it may raise to abandon the transfer).
+        ``TimeoutError`` after ``timeout`` seconds; ``WireError`` for a malformed chunk."""
+        assembler = None if sha256 is None else BlobAssembler(sha256)
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                missing = "all" if assembler is None else assembler.missing() or "all"
+                raise TimeoutError(f"blob {sha256 or '(upload)'}: missing chunk(s) {missing} after {timeout} s")
+            try:
+                message = subscription.get(min(remaining, check_every_s) if check is not None else remaining)
+            except TimeoutError:
+                if check is not None:
+                    check()
+                continue
+            if check is not None:
+                check()
+            if not message.payload:
+                continue  # a cleared retained chunk
+            envelope = message.decode(self.max_bytes)
+            check_origin(envelope, self.topics.parse(message.topic))
+            if envelope.kind != "blob_chunk" or (accept is not None and not accept(envelope)):
+                continue
+            chunk = envelope.body
+            if assembler is None:
+                assembler = BlobAssembler(chunk.sha256)
+            if chunk.sha256 != assembler.sha256:
+                continue  # a chunk of another blob (an abandoned upload)
+            if assembler.count is not None and chunk.index not in assembler.missing():
+                continue  # a QoS 1 redelivery of a chunk we already hold
+            data = assembler.add(chunk)
+            if data is not None:
+                return data

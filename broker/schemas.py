@@ -29,6 +29,7 @@ from broker.errors import WireError
 from broker.limits import BLOB_CHUNK_BYTES, MAX_TENSOR_DIMS
 from broker.topics import SHA256_PATTERN
 from harmony.algorithms.messages import FeatureGradDown, FeaturesUp, LogitGradUp, LogitsDown
+from harmony.evaluate import ClientEvaluation, ClientScore, ThresholdScore
 
 STATUS_ONLINE = "online"
 STATUS_OFFLINE = "offline"
@@ -73,11 +74,11 @@ class Status:
 
 @dataclass
 class Assign:
-    """Orchestrator → agent: split depth and algorithm for the coming rounds."""
+    """Orchestrator → agent: the run manifest (config, data shape, depths, device → client) by its
+    hash, and the split depth the device trains at (checked against the manifest)."""
 
     split_depth: int
-    algorithm: str
-    config_digest: str  # sha256 (hex) of the experiment config both sides must share
+    config_digest: str  # sha256 (hex) of the run manifest blob both sides must share
 
 
 @dataclass
@@ -87,8 +88,6 @@ class RoundStart:
     round: int
     steps: int
     client_model_sha256: str
-    server_model_sha256: str
-    deadline_ts: float | None = None  # unix seconds
 
 
 @dataclass
@@ -111,10 +110,9 @@ class InferReply:
 
 @dataclass
 class Personalise:
-    """Orchestrator → agent: a few local SGD steps from the aggregated client model (eq. 5)."""
+    """Orchestrator → agent: personalise from this aggregated client model (eq. 5: the algorithm's
+    own steps and rate, ``train.finetune_*`` of the run manifest), then upload the result."""
 
-    steps: int
-    lr: float
     model_sha256: str
 
 
@@ -153,6 +151,30 @@ class EvalReport:
     samples: int  # test samples evaluated (the ID and OOD pools for the largest ρ)
     client_latency_s: float | None = None
     server_latency_s: float | None = None
+
+    @classmethod
+    def from_evaluation(cls, ev: ClientEvaluation, fixed_tau: float, samples: int) -> EvalReport:
+        """A device's :class:`harmony.evaluate.ClientEvaluation` as it travels (same floats)."""
+        return cls(
+            rhos=[s.rho for s in ev.scores], accuracy=[s.oracle.accuracy for s in ev.scores],
+            tau=[s.oracle.tau for s in ev.scores],
+            offload_probability=[s.oracle.offload_probability for s in ev.scores],
+            accuracy_fixed_tau=[s.fixed.accuracy for s in ev.scores],
+            offload_probability_fixed_tau=[s.fixed.offload_probability for s in ev.scores],
+            fixed_tau=fixed_tau, samples=samples,
+            client_latency_s=None if ev.measured_s is None else ev.measured_s[0],
+            server_latency_s=None if ev.measured_s is None else ev.measured_s[1])
+
+    def to_evaluation(self) -> ClientEvaluation:
+        """Back to the :class:`~harmony.evaluate.ClientEvaluation` the engine tabulates (same floats, same order)."""
+        scores = [ClientScore(rho, ThresholdScore(tau, acc, off), ThresholdScore(self.fixed_tau, acc_f, off_f))
+                  for rho, acc, tau, off, acc_f, off_f in zip(
+                      self.rhos, self.accuracy, self.tau, self.offload_probability, self.accuracy_fixed_tau,
+                      self.offload_probability_fixed_tau, strict=True)]
+        measured = None
+        if self.client_latency_s is not None and self.server_latency_s is not None:
+            measured = (self.client_latency_s, self.server_latency_s)
+        return ClientEvaluation(scores, measured)
 
 
 @dataclass
@@ -384,11 +406,6 @@ def _check_eval_report(m: EvalReport) -> None:
             raise _fail(name, f"expected {n} values (one per rho), got {len(getattr(m, name))}")
 
 
-def _check_personalise(m: Personalise) -> None:
-    if m.lr <= 0:
-        raise _fail("lr", f"expected a learning rate > 0, got {m.lr}")
-
-
 def _check_blob_chunk(m: BlobChunk) -> None:
     if m.index >= m.count:
         raise _fail("index", f"expected index < count ({m.count}), got {m.index}")
@@ -428,11 +445,10 @@ SCHEMAS: dict[str, Schema] = {
         ), frozenset({"hello"})),
         Schema("status", Status, (_str("state", 32, _IDENT), _str("detail", 1024)), frozenset({"status"})),
         Schema("assign", Assign, (
-            _int("split_depth", 1, MAX_SPLIT_DEPTH), _str("algorithm", 64), _sha("config_digest"),
+            _int("split_depth", 1, MAX_SPLIT_DEPTH), _sha("config_digest"),
         ), frozenset({"cmd"})),
         Schema("round_start", RoundStart, (
-            _int("round"), _int("steps", 1, 10**7), _sha("client_model_sha256"), _sha("server_model_sha256"),
-            _float("deadline_ts", 0, 1e11, optional=True),
+            _int("round"), _int("steps", 1, 10**7), _sha("client_model_sha256"),
         ), frozenset({"cmd"})),
         Schema("features", FeaturesUp, (
             _int("step"), _int("depth", 1, MAX_SPLIT_DEPTH), _tensor("features", _FEATURE_DTYPES, min_ndim=2),
@@ -457,8 +473,7 @@ SCHEMAS: dict[str, Schema] = {
             _int("ref_seq"), _tensor("predictions", (torch.int64,), ndim=1),
             _tensor("logits", (torch.float32,), ndim=2, optional=True),
         ), frozenset({"down"}), _check_infer_reply),
-        Schema("personalise", Personalise, (_int("steps", 0, 10**7), _float("lr", 0, 100), _sha("model_sha256")),
-               frozenset({"cmd"}), _check_personalise),
+        Schema("personalise", Personalise, (_sha("model_sha256"),), frozenset({"cmd"})),
         Schema("evaluate", Evaluate, (
             _sha("model_sha256"),
             FieldSpec("rhos", "float_list", lo=0.0, hi=1.0, max_len=64),

@@ -1,4 +1,5 @@
-"""``python -m edge_agent --broker HOST:PORT --device-id ID [--device-id ID2 …] [--credentials FILE]``."""
+"""``python -m edge_agent --broker HOST:PORT --device-id ID [--device-id ID2 …] [--credentials FILE]
+[--data-dir DIR]``."""
 
 from __future__ import annotations
 
@@ -47,12 +48,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--credentials", type=Path, default=None)
     ap.add_argument("--topic-prefix", default="hsfl/v1")
     ap.add_argument("--cache-dir", default=None, help="blob cache directory (default: in memory)")
+    ap.add_argument("--data-dir", default=None,
+                    help="where the dataset files are on this host (default: the run config's data.data_dir, "
+                         "else $HARMONY_DATA_DIR, else /usr/share/datasets)")
     ap.add_argument("--log-level", type=_log_level_arg, default="INFO", help=f"one of {', '.join(LOG_LEVELS)}")
     args = ap.parse_args(argv)
     configure_logging(args.log_level)
     host, port = parse_broker(args.broker)
     Agent(host, port, args.device_id, topics=Topics(args.topic_prefix),
-          credentials=read_credentials(args.credentials, args.device_id), cache_dir=args.cache_dir).run()
+          credentials=read_credentials(args.credentials, args.device_id), cache_dir=args.cache_dir,
+          data_dir=args.data_dir).run()
 
 
 if __name__ == "__main__":

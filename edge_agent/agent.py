@@ -7,11 +7,12 @@ device, one shared torch and dataset). Per device:
 - ``hello`` (retained) with the psutil profile, bounded by the container's cgroup limits (``probe``);
   status ``online``/``idle``/``training``.
 - ``assign`` names the run manifest by hash (``config_digest``): a blob holding the experiment
-  config and the device → client index map. The agent rebuilds the experiment plan from it with the
-  same ``harmony`` set-up the local engine uses (data, partition, split depths, models), so its
-  batches, random streams and model are those of ``LocalEngine.run_client_session`` for that client.
-  (Chosen over shipping each device its sample indices: the plan is a pure function of the config,
-  and a board needs the dataset files anyway.)
+  config, the data shape, the split depths, ``n_i`` and the device → client map, plus per device
+  the hash of a small *share* blob with that client's index lists. The agent rebuilds the plan
+  from it (``harmony.experiment.Experiment.from_manifest``) with only the shares of the devices it
+  hosts, and reads only their rows of the dataset files (``--data-dir`` says where they are on this
+  host), so it never holds another client's samples; its batches, random streams and model are
+  those the in-process fleet uses for that client.
 - ``round_start``: fetch the client model blob (only when its hash is not cached), run ``steps``
   U-shaped steps through ``algorithm.client_side`` — features/logit gradients up, logits/feature
   gradients down — then upload the trained client state (plus its training statistics) as blob
@@ -20,10 +21,10 @@ device, one shared torch and dataset). Per device:
   identically because every random stream is derived from (seed, round, device, purpose).
 - ``personalise``: the algorithm's post-training personalisation from the given model; the result
   goes up as a blob (and stays in the blob cache, so a following ``evaluate`` of it downloads nothing).
-- ``evaluate``: the client side of the local engine's evaluation (``LocalEngine.client_evaluation``)
-  on this device's own test set — early exits computed here, and the features of every sample
-  the server may have to classify sent as ``infer`` messages (fp16 at the split depth, in
-  requests of at most ``harmony.evaluate.MAX_OFFLOAD_BYTES``) to the ``hsfl.infer`` task, whose
+- ``evaluate``: the device's side of the evaluation (``harmony.experiment.DevicePlan.evaluate``,
+  the code the in-process fleet runs) on its own test pools — early exits computed here, and
+  the features of every sample the server may have to classify sent as ``infer`` messages (fp16
+  at the split depth, in requests of at most ``harmony.evaluate.MAX_OFFLOAD_BYTES``) to the ``hsfl.infer`` task, whose
   ``infer_reply`` predictions feed the τ sweep here; labels never leave the device. The result
   goes up as an ``eval_report``.
 - ``stop``: leave.
@@ -33,7 +34,6 @@ The MQTT connection reconnects by itself (persistent session, QoS 1), so a broke
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import threading
@@ -43,22 +43,26 @@ from typing import Any
 
 import torch
 
-from broker.blobs import BlobCache, bytes_to_state_dict, sha256_hex, split_blob, state_dict_to_bytes
+from broker.blobs import (
+    BlobCache,
+    bytes_to_state_dict,
+    session_upload_bytes,
+    sha256_hex,
+    split_blob,
+    state_dict_to_bytes,
+)
 from broker.client import BrokerClient, Subscription
 from broker.codec import Envelope, make_envelope
 from broker.errors import BrokerError, ConnectRefused, WireError
 from broker.schemas import Assign, EvalReport, Evaluate, InferRequest, Personalise, RoundStart
 from broker.topics import Topics
 from edge_agent.probe import probe_hello
-from harmony.algorithms import SessionContext
-from harmony.config import validate_config
-from harmony.engine import LocalEngine
 from harmony.evaluate import ServerPredict
+from harmony.experiment import ClientShare, DevicePlan, Experiment
+from harmony.fleet import flush_denormal
 from harmony.timing import PhaseClock
 
 log = logging.getLogger(__name__)
-
-STATS_KEY = "__stats__"
 
 
 class Restart(Exception):
@@ -70,20 +74,35 @@ class Restart(Exception):
 
 
 class SharedRuntime:
-    """What the emulated devices of one process share: the blob cache and the rebuilt experiment."""
+    """What the emulated devices of one process share: the blob cache and the rebuilt plan, with the
+    data of exactly the devices this process hosts (``hosted``), read from the files once."""
 
-    def __init__(self, cache: BlobCache) -> None:
+    def __init__(self, cache: BlobCache, hosted: list[str], data_dir: str | None = None) -> None:
         self.cache = cache
+        self.hosted = list(hosted)
+        self.data_dir = data_dir
         self._lock = threading.Lock()
-        self._engines: dict[str, tuple[LocalEngine, dict[str, Any]]] = {}
+        self._manifest_sha: str | None = None
+        self.devices: dict[str, DevicePlan] = {}
+        """Device id → its plan and data, for the current manifest (what this process holds)."""
 
-    def experiment(self, client: BrokerClient, manifest_sha: str) -> tuple[LocalEngine, dict[str, Any]]:
+    def device(self, client: BrokerClient, manifest_sha: str, device_id: str) -> DevicePlan:
         with self._lock:
-            if manifest_sha not in self._engines:
+            if manifest_sha != self._manifest_sha:
                 manifest = json.loads(client.fetch_blob(manifest_sha, cache=self.cache))
-                self._engines.clear()
-                self._engines[manifest_sha] = (LocalEngine(validate_config(manifest["config"])), manifest)
-            return self._engines[manifest_sha]
+                index = manifest["clients"]
+                mine = [d for d in self.hosted if d in index]
+                shares = {int(index[d]): ClientShare.from_bytes(client.fetch_blob(manifest["shares"][d],
+                                                                                  cache=self.cache)) for d in mine}
+                self.devices = {}
+                self._manifest_sha = None
+                experiment = Experiment.from_manifest(manifest, shares, data_dir=self.data_dir)
+                plans = experiment.devices(sorted(shares))
+                self.devices = {d: plans[int(index[d])] for d in mine}
+                self._manifest_sha = manifest_sha
+            if device_id not in self.devices:
+                raise KeyError(f"the run manifest {manifest_sha[:12]} assigns no client to device {device_id!r}")
+            return self.devices[device_id]
 
 
 def restore_layout(msg: Any, channels_last: bool) -> Any:
@@ -134,8 +153,7 @@ class Device:
                 time.sleep(1.0)
 
     def _main(self) -> None:
-        # flush-to-zero is per-thread CPU state: set it in the thread that runs this device's torch work
-        torch.set_flush_denormal(True)
+        flush_denormal()  # per-thread CPU state: set in the thread that runs this device's torch work
         try:
             self._connect()
             self.cmd = self.client.subscribe(self.topics.cmd(self.id))
@@ -180,11 +198,10 @@ class Device:
         body = env.body
         if env.kind == "assign":
             self.assignment = body
-            engine, manifest = self.shared.experiment(self.client, body.config_digest)
-            index = manifest["clients"][self.id]
-            if engine.plan.depths[index] != body.split_depth:
-                raise ValueError(f"assigned depth {body.split_depth} but the plan says {engine.plan.depths[index]}")
-            self.client.publish_status("idle", f"client {index} at depth {body.split_depth}")
+            plan = self.shared.device(self.client, body.config_digest, self.id)
+            if plan.depth != body.split_depth:
+                raise ValueError(f"assigned depth {body.split_depth} but the plan says {plan.depth}")
+            self.client.publish_status("idle", f"client {plan.client} at depth {body.split_depth}")
         elif env.kind == "round_start":
             self._train(body)
         elif env.kind == "personalise":
@@ -199,14 +216,13 @@ class Device:
         return True
 
     # ------------------------------------------------------------------------------- work
-    def _experiment(self) -> tuple[LocalEngine, int]:
+    def _plan(self) -> DevicePlan:
         if self.assignment is None:
             raise RuntimeError("a command arrived before the assignment")
-        engine, manifest = self.shared.experiment(self.client, self.assignment.config_digest)
-        return engine, int(manifest["clients"][self.id])
+        return self.shared.device(self.client, self.assignment.config_digest, self.id)
 
-    def _model(self, engine: LocalEngine, index: int, sha: str) -> Any:
-        model = copy.deepcopy(engine.client_models[engine.plan.depths[index]])
+    def _model(self, plan: DevicePlan, sha: str) -> Any:
+        model = plan.new_model()
         model.load_state_dict(bytes_to_state_dict(self.client.fetch_blob(sha, cache=self.shared.cache)))
         return model
 
@@ -241,17 +257,14 @@ class Device:
                 raise TimeoutError(f"no {kind!r} for round {rnd} {what} from the server")
 
     def _train(self, rs: RoundStart) -> None:
-        engine, index = self._experiment()
-        cfg = engine.cfg
+        plan = self._plan()
+        cfg = plan.cfg
         rnd = rs.round
         assert self.down is not None
         while self.down.get_nowait() is not None:  # replies of an abandoned attempt
             pass
         self.client.publish_status("training", f"round {rnd}")
-        model = self._model(engine, index, rs.client_model_sha256)
-        ctx = SessionContext(cfg.seed, rnd, index, cfg.train, engine.device)
-        batches = engine._batches(index, ctx, "batches")
-        side = engine.algorithm.client_side(model, batches, ctx)
+        side = plan.session(rnd, self._model(plan, rs.client_model_sha256))
         deadline = time.monotonic() + self.session_timeout_s
         up = self.topics.up(self.id)
         clock, t0 = PhaseClock(), time.perf_counter()
@@ -274,11 +287,7 @@ class Device:
         log.info("device %s round %d: %d steps in %.2f s (device compute %.2f, waiting for the server %.2f, "
                  "sending %.2f)", self.id, rnd, rs.steps, time.perf_counter() - t0, split["compute"], split["wait"],
                  split["send"])
-        s = side.stats
-        upload = dict(side.state())
-        upload[STATS_KEY] = torch.tensor([s.samples, s.loss_exit, s.loss_server, s.correct_exit, s.correct_server],
-                                         dtype=torch.float64)
-        self._upload(state_dict_to_bytes(upload), rnd)
+        self._upload(session_upload_bytes(side.state(), side.stats.vector()), rnd)
         self.client.publish_status("idle", f"round {rnd} done")
 
     def _upload(self, data: bytes, rnd: int) -> None:
@@ -288,11 +297,9 @@ class Device:
             p.wait(60)
 
     def _personalise(self, rnd: int, cmd: Personalise) -> None:
-        engine, index = self._experiment()
-        cfg = engine.cfg
-        model = self._model(engine, index, cmd.model_sha256)
-        ctx = SessionContext(cfg.seed, cfg.train.rounds + 1, index, cfg.train, engine.device)
-        engine.algorithm.personalise(model, engine._batches(index, ctx, "personalise"), ctx)
+        plan = self._plan()
+        model = self._model(plan, cmd.model_sha256)
+        plan.personalise(model)
         data = state_dict_to_bytes(model.state_dict())
         self.shared.cache.put(data, sha256_hex(data))  # the orchestrator evaluates exactly this model next
         self._upload(data, rnd)
@@ -315,30 +322,19 @@ class Device:
         return predict
 
     def _evaluate(self, rnd: int, cmd: Evaluate) -> None:
-        engine, index = self._experiment()
-        cfg = engine.cfg
+        plan = self._plan()
+        cfg = plan.cfg
         assert self.down is not None and self.err is not None
         for sub in (self.down, self.err):  # replies of an abandoned attempt
             while sub.get_nowait() is not None:
                 pass
         self.client.publish_status("evaluating", f"round {rnd}")
-        model = self._model(engine, index, cmd.model_sha256)
+        model = self._model(plan, cmd.model_sha256)
         deadline = time.monotonic() + self.session_timeout_s
-        ev = engine.client_evaluation(index, model, self._remote_server(rnd, deadline), rhos=list(cmd.rhos),
-                                      taus=list(cmd.entropy_thresholds) or None, fixed_tau=cmd.fixed_tau,
-                                      measure=True)
-        ts = engine.test_sets[index]
-        counts = [ts.counts(r) for r in cmd.rhos]
-        report = EvalReport(
-            rhos=[s.rho for s in ev.scores], accuracy=[s.oracle.accuracy for s in ev.scores],
-            tau=[s.oracle.tau for s in ev.scores],
-            offload_probability=[s.oracle.offload_probability for s in ev.scores],
-            accuracy_fixed_tau=[s.fixed.accuracy for s in ev.scores],
-            offload_probability_fixed_tau=[s.fixed.offload_probability for s in ev.scores],
-            fixed_tau=cfg.eval.fixed_tau if cmd.fixed_tau is None else cmd.fixed_tau,
-            samples=max(c[0] for c in counts) + max(c[1] for c in counts),
-            client_latency_s=None if ev.measured_s is None else ev.measured_s[0],
-            server_latency_s=None if ev.measured_s is None else ev.measured_s[1])
+        ev = plan.evaluate(model, self._remote_server(rnd, deadline), rhos=list(cmd.rhos),
+                           taus=list(cmd.entropy_thresholds) or None, fixed_tau=cmd.fixed_tau, measure=True)
+        report = EvalReport.from_evaluation(ev, cfg.eval.fixed_tau if cmd.fixed_tau is None else cmd.fixed_tau,
+                                            plan.evaluated_samples(list(cmd.rhos)))
         self.client.send(self.topics.up(self.id), report, round=rnd)
         self.client.publish_status("idle", f"evaluation {rnd} done")
 
@@ -347,8 +343,9 @@ class Agent:
     """Hosts devices until they are told to stop (or ``stop()``)."""
 
     def __init__(self, host: str, port: int, device_ids: list[str], *, topics: Topics | None = None,
-                 credentials: dict[str, Credentials] | None = None, cache_dir: str | None = None) -> None:
-        self.shared = SharedRuntime(BlobCache(cache_dir, max_entries=4 * len(device_ids) + 8))
+                 credentials: dict[str, Credentials] | None = None, cache_dir: str | None = None,
+                 data_dir: str | None = None) -> None:
+        self.shared = SharedRuntime(BlobCache(cache_dir, max_entries=4 * len(device_ids) + 8), device_ids, data_dir)
         topics = topics or Topics()
         creds = credentials or {}
         self.devices = [Device(d, host, port, self.shared, topics=topics, credentials=creds.get(d))

@@ -125,9 +125,9 @@ class TrainConfig(_Section):
     @field_validator("algorithm")
     @classmethod
     def _known_algorithm(cls, v: str) -> str:
-        from harmony.algorithms import parse_algorithm
+        from harmony.algorithm_names import algorithm_spec
 
-        parse_algorithm(v)  # raises ValueError naming the known algorithms
+        algorithm_spec(v)  # raises ValueError naming the known algorithms
         return v
 
 

@@ -41,21 +41,29 @@ def redis_url() -> str:
     return os.environ.get("HSFL_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 
-app = Celery("hsfl", broker=redis_url(), backend=redis_url(), include=["server.tasks"])
-app.conf.update(
-    task_default_queue=QUEUE,
-    task_serializer="json",
-    result_serializer="json",
-    accept_content=["json"],
-    task_acks_late=True,
-    task_reject_on_worker_lost=True,
-    worker_prefetch_multiplier=1,
-    result_expires=3600,
-    broker_connection_retry_on_startup=True,
-    broker_transport_options={
-        "visibility_timeout": int(os.environ.get("HSFL_VISIBILITY_S", "900")),
-        "unacked_restore_interval": int(os.environ.get("HSFL_RESTORE_INTERVAL_S", "10")),
-        "unacked_restore_throttle": 1,
-    },
-    worker_hijack_root_logger=False,
-)
+def celery_app(url: str | None = None, **kwargs: object) -> Celery:
+    """The one Celery configuration of the project: the worker's app and every client that sends
+    it tasks (the orchestrator's fleet, tests) use it, so their settings cannot drift apart."""
+    url = url or redis_url()
+    celery = Celery("hsfl", broker=url, backend=url, **kwargs)
+    celery.conf.update(
+        task_default_queue=QUEUE,
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        result_expires=3600,
+        broker_connection_retry_on_startup=True,
+        broker_transport_options={
+            "visibility_timeout": int(os.environ.get("HSFL_VISIBILITY_S", "900")),
+            "unacked_restore_interval": int(os.environ.get("HSFL_RESTORE_INTERVAL_S", "10")),
+            "unacked_restore_throttle": 1,
+        },
+        worker_hijack_root_logger=False,
+    )
+    return celery
+
+
+app = celery_app(include=["server.tasks"])

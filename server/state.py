@@ -1,10 +1,11 @@
-"""Round state and buffers in Redis (DESIGN.md §5), shared by the session tasks and the orchestrator.
+"""Round state and buffers in Redis (docs/design.md §5), shared by the session tasks and the orchestrator.
 
 Key layout under the ``hsfl:`` prefix::
 
     hsfl:dev:{id}                 hash: profile (hello fields), status, assignment
     hsfl:devices                  set of registered device ids
-    hsfl:config:{sha}             the run manifest (config + device → client index), JSON
+    hsfl:config:{sha}             the run manifest (config, data shape, depths, n_i, device → client, the
+                                  devices' share-blob hashes), JSON
     hsfl:model:{sha}              weights: ``torch.save`` bytes of a state dict (sha256 of those bytes)
     hsfl:round:{r}                hash: state (planned/running/aggregating/done/failed), participants, deadline,
                                   attempt (this try of the round), eval_attempt, and once done the
@@ -13,7 +14,9 @@ Key layout under the ``hsfl:`` prefix::
                                   ``infer:{id}`` → token of the device's fallback-inference task
     hsfl:round:{r}:done           set of device ids whose session folded its result
     hsfl:round:{r}:eval           hash: device id → its evaluation report (JSON) for evaluation round r
-    hsfl:agg:{r}:{dev}            hash: raw float64 bytes per tensor (``client:{name}``/``server:{name}``)
+    hsfl:round:{r}:notify         list: wake-ups for the orchestrator waiting on round r (BLPOP)
+    hsfl:agg:{r}:{dev}            hash: raw little-endian bytes per tensor in its own dtype
+                                  (``client:{name}``/``server:{name}``)
                                   and ``meta`` (JSON: weight, shapes, stats, uploaded client sha)
     hsfl:run                      hash: the current run (id, manifest sha, last finished round)
     hsfl:events                   stream for monitors
@@ -26,9 +29,9 @@ message or within a second (:class:`TaskGuard`), instead of holding a worker thr
 deadline or answering a device that now talks to its successor.
 
 The aggregation buffers are *per-session* contributions: ``θ_i`` as raw little-endian bytes in each
-tensor's own dtype, with ``n_i`` in the meta. The aggregation task forms ``n_i·θ_i`` in float64 (exactly
-:meth:`harmony.aggregation.WeightedSum.add`'s first term) and merges them in sorted device order, so
-the result is the local engine's bit for bit and independent of which worker ran which session; a
+tensor's own dtype, with ``n_i`` in the meta. The aggregation task forms ``n_i·θ_i`` in float64
+(exactly :meth:`harmony.aggregation.WeightedSum.add`'s first term) and merges them in the order the
+engine gives (participant order), so the result is the local engine's bit for bit and independent of which worker ran which session; a
 redelivered session overwrites its own buffer, so a replay never double-counts. Storing ``θ_i``
 rather than the float64 product halves what each session writes to Redis (and its append-only
 file): ≈ 15.5 MB instead of 31 MB per session for full-width cnn8.
@@ -231,6 +234,14 @@ def store_session_result(r: redis.Redis, rnd: int, dev: str, client_state: Mappi
     pipe.execute()
 
 
+def session_meta(r: redis.Redis, rnd: int, dev: str) -> dict[str, Any]:
+    """One done session's meta (weight ``n_i``, stats, uploaded client sha, …) without its tensors."""
+    raw = r.hget(agg_key(rnd, dev), "meta")
+    if raw is None:
+        raise KeyError(f"no session result for device {dev!r} in round {rnd} ({agg_key(rnd, dev)})")
+    return json.loads(raw)
+
+
 def load_session_state(r: redis.Redis, rnd: int, dev: str
                        ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
     """One session's stored ``θ_i`` of both sides as float64 tensors (the exact widening of the
@@ -257,7 +268,7 @@ def load_partial_sum(r: redis.Redis, rnd: int, dev: str) -> tuple[WeightedSum, W
 
 
 def merge_partial_sums(r: redis.Redis, rnd: int, devices: Iterable[str]) -> tuple[WeightedSum, WeightedSum, list]:
-    """Fold the sessions' buffers into one sum per side in the given (sorted) order — the local
+    """Fold the sessions' buffers into one sum per side in the given (participant) order — the local
     engine's ``WeightedSum.add`` calls in the local engine's order, so the same bits; returns the
     sums and each meta."""
     client_sum, server_sum, metas = WeightedSum(), WeightedSum(), []

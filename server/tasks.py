@@ -3,22 +3,22 @@
 - ``hsfl.session``   one (device, round) session: load the round-start back end, serve the device's
   step exchange directly over MQTT (``dev/{id}/up`` → ``dev/{id}/down``), receive the client's
   uploaded weights, fold both into the round's per-session partial-sum buffer in Redis.
-- ``hsfl.aggregate`` merge the partial sums of a round (numpy over raw float64 bytes, in the fixed
-  order the orchestrator gives) and store the aggregated client and server models.
+- ``hsfl.aggregate`` merge the sessions' buffers of a round (numpy over raw bytes, widened to float64,
+  in the participant order the engine gives) and store the aggregated client and server models.
 - ``hsfl.infer``     fallback inference: serve one device's offloaded test features (``infer`` →
   ``infer_reply``) until it reports its evaluation (``eval_report``, stored in Redis) or is idle.
 
-Per-step tensors never travel as Celery arguments; only ids and hashes do. The experiment itself
-(data plan, split depths, the algorithm object) is rebuilt in the worker from the run manifest by
-the same ``harmony.engine.LocalEngine`` set-up the local runtime uses, so the server replica sees
-exactly what the local engine's would. Departure from DESIGN.md §5: each session subscribes to its
-own device's ``up`` topic instead of a shared ingress subscription — the session task *is* the
-ingress for that device's round, which keeps the step exchange in one thread with no hand-off.
+Per-step tensors never travel as Celery arguments; only ids and hashes do. The server side of the
+plan (architecture, split depths, ``n_i``, random streams, the algorithm object) is rebuilt in the
+worker from the run manifest (``harmony.experiment.Experiment.from_manifest(...).server()``): it
+holds no sample and no label, so a worker needs no dataset, and its replica sees exactly what the
+in-process fleet's would. Departure (docs/design.md §11): each session subscribes to its own
+device's ``up`` topic instead of a shared ingress subscription — the session task *is* the ingress
+for that device's round, which keeps the step exchange in one thread with no hand-off.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import logging
@@ -30,24 +30,22 @@ from typing import Any
 
 import torch
 
-from broker.blobs import BlobAssembler, bytes_to_state_dict
+from broker.blobs import read_session_upload
 from broker.client import BrokerClient, Subscription
 from broker.codec import Envelope, check_origin, error_report
 from broker.errors import WireError
 from broker.schemas import InferReply
 from broker.topics import Topics
-from harmony.algorithms import SessionContext
-from harmony.config import validate_config
-from harmony.engine import LocalEngine
+from harmony.experiment import Experiment, ServerPlan
+from harmony.fleet import flush_denormal
 from harmony.timing import PhaseClock
 from server import state
 from server.app import app, redis_url
 
 log = logging.getLogger(__name__)
 
-STATS_KEY = "__stats__"
-_engines: dict[str, LocalEngine] = {}
-_engines_lock = threading.Lock()
+_plans: dict[str, ServerPlan] = {}
+_plans_lock = threading.Lock()
 _weights: dict[str, dict[str, torch.Tensor]] = {}
 _weights_lock = threading.Lock()
 
@@ -69,17 +67,16 @@ def mqtt_settings() -> tuple[str, int, str | None, str | None, Topics]:
             Topics(os.environ.get("HSFL_TOPIC_PREFIX", "hsfl/v1")))
 
 
-def engine_for(r: Any, manifest_sha: str) -> tuple[LocalEngine, dict[str, Any]]:
-    """The experiment's engine set-up rebuilt from the manifest in Redis (cached per manifest)."""
-    with _engines_lock:
-        raw = r.get(state.config_key(manifest_sha))
-        if raw is None:
-            raise KeyError(f"no run manifest under {state.config_key(manifest_sha)}")
-        manifest = json.loads(raw)
-        if manifest_sha not in _engines:
-            _engines.clear()  # one experiment at a time per worker
-            _engines[manifest_sha] = LocalEngine(validate_config(manifest["config"]))
-        return _engines[manifest_sha], manifest
+def plan_for(r: Any, manifest_sha: str) -> ServerPlan:
+    """The server side of the run's plan, rebuilt from the manifest in Redis (cached per manifest)."""
+    with _plans_lock:
+        if manifest_sha not in _plans:
+            raw = r.get(state.config_key(manifest_sha))
+            if raw is None:
+                raise KeyError(f"no run manifest under {state.config_key(manifest_sha)}")
+            _plans.clear()  # one experiment at a time per worker
+            _plans[manifest_sha] = Experiment.from_manifest(json.loads(raw)).server()
+        return _plans[manifest_sha]
 
 
 def restore_layout(msg: Any, channels_last: bool) -> Any:
@@ -136,14 +133,12 @@ def session(self: Any, rnd: int, dev: str, index: int, manifest_sha: str, server
         return {"device": dev, "round": rnd, "skipped": "already done"}
     if attempt is not None and r.hget(state.round_key(rnd), "attempt") != attempt.encode():
         return {"device": dev, "round": rnd, "skipped": "superseded"}
-    engine, _ = engine_for(r, manifest_sha)
-    torch.set_flush_denormal(True)  # per-thread CPU state, as LocalEngine sets it for its own thread
-    cfg = engine.cfg
-    depth = engine.plan.depths[index]
-    ctx = SessionContext(cfg.seed, rnd, index, cfg.train, engine.device)
-    model = copy.deepcopy(engine.server_model)
+    plan = plan_for(r, manifest_sha)
+    flush_denormal()  # per-thread CPU state, as every process of a run sets it
+    cfg = plan.cfg
+    model = plan.new_model()
     model.load_state_dict(server_weights(r, server_sha))
-    server = engine.algorithm.server_session(model, depth, ctx)
+    server = plan.session(rnd, index, model)
     host, port, user, password, topics = mqtt_settings()
     token = uuid.uuid4().hex[:12]
     client = BrokerClient(f"session-{dev}-{rnd}-{token}", host, port, username=user, password=password,
@@ -172,20 +167,11 @@ def session(self: Any, rnd: int, dev: str, index: int, manifest_sha: str, server
             with clock("send"):
                 client.send(topics.down(dev), reply, round=rnd)
         steps_done = time.perf_counter()
-        assembler: BlobAssembler | None = None
-        data = None
-        while data is None:
-            env = _await(client, sub, "blob_chunk", rnd, deadline, guard)
-            check_origin(env, topics.parse(topics.up(dev)))
-            if assembler is None:
-                assembler = BlobAssembler(env.body.sha256)
-            if env.body.sha256 != assembler.sha256 or (assembler.count and env.body.index not in assembler.missing()):
-                continue
-            data = assembler.add(env.body)
-        uploaded = bytes_to_state_dict(data)
-        stats = uploaded.pop(STATS_KEY).tolist()
+        data = client.receive_blob(sub, timeout=max(0.0, deadline - time.monotonic()),
+                                   accept=lambda e: e.round == rnd, check=guard.check, check_every_s=GUARD_POLL_S)
+        uploaded, stats = read_session_upload(data)
         client_sha, _ = state.put_model(r, uploaded)
-        n_i = int(engine.plan.train_indices[index].size)
+        n_i = plan.samples[index]
         guard.check()
         state.store_session_result(r, rnd, dev, uploaded, server.state(), n_i,
                                    {"stats": stats, "client_sha": client_sha, "index": index, "token": token})
@@ -232,9 +218,9 @@ def infer(dev: str, manifest_sha: str, server_sha: str, idle_s: float = 30.0, rn
     feature shape), is answered with an ``error`` on ``dev/{id}/err`` naming its seq.
     """
     r = state.connect(redis_url())
-    engine, _ = engine_for(r, manifest_sha)
-    torch.set_flush_denormal(True)  # per-thread CPU state, as in LocalEngine (same arithmetic as local)
-    model = copy.deepcopy(engine.server_model)
+    plan = plan_for(r, manifest_sha)
+    flush_denormal()  # per-thread CPU state, as every process of a run sets it
+    model = plan.new_model()
     model.load_state_dict(server_weights(r, server_sha))
     model.eval()
     host, port, user, password, topics = mqtt_settings()
@@ -279,7 +265,7 @@ def infer(dev: str, manifest_sha: str, server_sha: str, idle_s: float = 30.0, rn
                     pipe.execute()
                 reported = True
                 break
-            req = restore_layout(env.body, engine.cfg.model.channels_last)
+            req = restore_layout(env.body, plan.cfg.model.channels_last)
             try:
                 with torch.no_grad():
                     logits = model(req.features.to(torch.float32), int(req.depth))

@@ -289,6 +289,9 @@ def agent(
     credentials: Annotated[Path | None, typer.Option("--credentials", help="file of device_id:password lines")] = None,
     topic_prefix: Annotated[str, typer.Option("--topic-prefix")] = "hsfl/v1",
     cache_dir: Annotated[str | None, typer.Option("--cache-dir", help="blob cache directory")] = None,
+    data_dir: Annotated[str | None, typer.Option("--data-dir", help="where the dataset files are on this host "
+                                                 "(default: the run's data.data_dir, else $HARMONY_DATA_DIR, "
+                                                 "else /usr/share/datasets)")] = None,
     log_level: Annotated[str, typer.Option("--log-level", callback=_log_level_option,
                                            help=f"one of {', '.join(LOG_LEVELS)}")] = "INFO",
 ) -> None:
@@ -302,6 +305,8 @@ def agent(
         argv += ["--credentials", str(credentials)]
     if cache_dir is not None:
         argv += ["--cache-dir", cache_dir]
+    if data_dir is not None:
+        argv += ["--data-dir", data_dir]
     try:
         agent_main(argv)
     except ValueError as err:

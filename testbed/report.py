@@ -68,23 +68,33 @@ def server_embeddings(run_dir: Path, rho: float, max_points: int) -> tuple[np.nd
     """``φ_{d_i}(f_i(x))`` for every client's test queries at ``rho``, from a finished run."""
     from harmony.config import validate_config
     from harmony.engine import LocalEngine
+    from harmony.fleet import InProcessFleet
 
     results = json.loads((run_dir / "results.json").read_text())
     cfg = validate_config(results["config"])
     engine = LocalEngine(cfg, run_dir)
     engine.resume()
-    engine.server_model.load_state_dict(engine.server_global)
-    engine.server_model.eval()
+    fleet = engine.fleet
+    assert isinstance(fleet, InProcessFleet)
+    server = fleet.server_model
+    server.load_state_dict(engine.server_global)
+    server.eval()
     feats, labels = [], []
     for i in range(cfg.fleet.num_clients):
-        model = engine.personalised_model(i).eval()
-        idx = torch.as_tensor(engine.test_sets[i].indices(rho))
-        x = engine.test_x[idx]
+        device = fleet.devices[i]
+        model = device.new_model()
+        model.load_state_dict(engine.client_start_state(i))
+        device.personalise(model)
+        model.eval()
+        d = device.data
+        n_id, n_ood = d.share.test.counts(rho)
+        rows = torch.as_tensor(np.concatenate([d.test_id_rows[:n_id], d.test_ood_rows[:n_ood]]))
+        x = d.test_x[rows]
         if cfg.model.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         z = model.features(x).half().float()
-        feats.append(engine.server_model.embed(z, model.depth).flatten(1).cpu())
-        labels.append(engine.test_y[idx].cpu())
+        feats.append(server.embed(z, model.depth).flatten(1).cpu())
+        labels.append(d.test_y[rows].cpu())
     x_all, y_all = torch.cat(feats).numpy(), torch.cat(labels).numpy()
     if len(x_all) > max_points:
         keep = np.random.default_rng(0).choice(len(x_all), max_points, replace=False)

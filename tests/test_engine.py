@@ -79,7 +79,7 @@ def test_server_side_never_receives_labels(algorithm):
     cfg = tiny_config(**{"train.algorithm": algorithm, "train.rounds": 1})
     engine = LocalEngine(cfg)
     seen: list[object] = []
-    labels = engine.train_y
+    labels = engine.fleet.devices[0].data.train_y
     original = engine.algorithm.server_session
 
     def recording_session(model, depth, ctx):

@@ -14,18 +14,19 @@ import time
 
 import pytest
 import torch
-from celery import Celery
 
 from broker.blobs import sha256_hex
 from broker.client import BrokerClient
 from broker.codec import make_envelope
 from broker.schemas import EvalReport, InferRequest
 from broker.topics import Topics
+from harmony.data import load_dataset
 from harmony.engine import LocalEngine
 from harmony.evaluate import offload_features, server_predictor
+from harmony.experiment import Experiment
 from orchestrator.engine import DistributedEngine
 from server import state
-from server.app import QUEUE
+from server.app import celery_app
 from tests.conftest import tiny_config
 from tests.runtime_fixtures import local_stack  # noqa: F401  (fixture)
 
@@ -97,35 +98,33 @@ def test_fallback_inference_answers_with_the_server_model(local_stack):  # noqa:
     model gives in-process on the same offloaded features, refuses a request it cannot run with an
     ``error`` naming its seq, and stores the device's ``eval_report`` where the orchestrator reads it."""
     cfg = tiny_config()
-    engine = LocalEngine(cfg)
-    server_state = _perturbed(engine.server_global, seed=11)
-    engine.server_model.load_state_dict(server_state)
-    predict = server_predictor(engine.server_model)
-    x = engine.test_x[:64].contiguous(memory_format=torch.channels_last)
+    experiment = Experiment.plan(cfg)
+    server_model = experiment.server_model()
+    server_state = _perturbed(experiment.initial_states()[1], seed=11)
+    server_model.load_state_dict(server_state)
+    predict = server_predictor(server_model)
+    x = load_dataset(cfg.data.dataset).test_x[:64].contiguous(memory_format=torch.channels_last)
     requests = []
     for depth in (2, 3):
-        client = engine.client_models[depth]
+        client = experiment.client_model(depth)
         client.load_state_dict(_perturbed(client.state_dict(), seed=depth))
         client.eval()
         with torch.no_grad():
             features = offload_features(client.features(x), torch.float16, channels_last=True)
-            logits = engine.server_model(features.float(), depth)
+            logits = server_model(features.float(), depth)
         requests.append((depth, features, predict(features, depth), logits))
     assert len(torch.unique(requests[0][2])) >= 3, "the probe server predicts too few classes to tell anything"
 
     r = state.connect(local_stack.redis_url)
-    manifest = json.dumps({"config": cfg.model_dump(mode="json"), "clients": {}}, sort_keys=True).encode()
+    manifest = json.dumps({**experiment.manifest(), "clients": {}, "shares": {}}, sort_keys=True).encode()
     manifest_sha = sha256_hex(manifest)
     r.set(state.config_key(manifest_sha), manifest)
     server_sha, _ = state.put_model(r, server_state)
     dev, rnd, topics = "probe-0", 77, Topics()
     r.hdel(state.ready_key(rnd), f"infer:{dev}")
     r.hdel(state.eval_key(rnd), dev)
-    celery = Celery("hsfl", broker=local_stack.redis_url, backend=local_stack.redis_url)
-    celery.conf.update(task_default_queue=QUEUE, task_serializer="json", result_serializer="json",
-                       accept_content=["json"])
-    task = celery.send_task("hsfl.infer", kwargs={"dev": dev, "manifest_sha": manifest_sha, "server_sha": server_sha,
-                                                  "idle_s": 60.0, "rnd": rnd})
+    task = celery_app(local_stack.redis_url).send_task("hsfl.infer", kwargs={
+        "dev": dev, "manifest_sha": manifest_sha, "server_sha": server_sha, "idle_s": 60.0, "rnd": rnd})
     deadline = time.monotonic() + 90
     while r.hget(state.ready_key(rnd), f"infer:{dev}") is None:
         assert time.monotonic() < deadline, "the hsfl.infer task never subscribed"

@@ -36,6 +36,11 @@ class SessionContext:
         return torch_generator(self.seed, self.round, self.device_id, purpose)
 
 
+def batches_per_epoch(samples: int, batch_size: int) -> int:
+    """Full batches in one epoch of ``samples`` (a client smaller than a batch is one batch)."""
+    return samples // max(1, min(batch_size, samples))
+
+
 class BatchStream:
     """Mini-batches of one client's data: epochs of seeded permutations, full batches only
     (a client with fewer samples than the batch size gets its whole set as one batch)."""
@@ -60,7 +65,7 @@ class BatchStream:
 
     @property
     def batches_per_epoch(self) -> int:
-        return self.indices.numel() // self.batch_size
+        return batches_per_epoch(self.indices.numel(), self.batch_size)
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._order is None or self._pos + self.batch_size > self._order.numel():
@@ -92,6 +97,19 @@ class StepStats:
         self.loss_server += loss_server * n
         self.correct_exit += correct_exit
         self.correct_server += correct_server
+
+    def vector(self) -> list[float]:
+        """The five sums a round record is built from, in their fixed order (also their wire form)."""
+        return [float(self.samples), float(self.loss_exit), float(self.loss_server), float(self.correct_exit),
+                float(self.correct_server)]
+
+    @classmethod
+    def from_vector(cls, values: list[float]) -> StepStats:
+        if len(values) != 5:
+            raise ValueError(f"step statistics need 5 numbers (samples, two losses, two correct counts), "
+                             f"got {len(values)}")
+        samples, loss_exit, loss_server, correct_exit, correct_server = (float(v) for v in values)
+        return cls(int(samples), loss_exit, loss_server, int(correct_exit), int(correct_server))
 
 
 class ClientSide(ABC):
@@ -143,13 +161,19 @@ class Algorithm(ABC):
     @abstractmethod
     def server_session(self, model: ServerModel, depth: int, ctx: SessionContext) -> ServerSession: ...
 
+    @property
+    def personalises(self) -> bool:
+        """Whether :meth:`personalise` changes the model (a runtime may skip the work when not)."""
+        return False
+
     def personalise(self, model: ClientModel, batches: BatchStream, ctx: SessionContext) -> None:
         """After the last round: adapt the client model in place (default: nothing)."""
 
-    def steps_per_round(self, batches: BatchStream, train: TrainConfig) -> int:
+    def steps_per_round(self, batches_per_epoch: int, train: TrainConfig) -> int:
+        """Local steps per round for a client with ``batches_per_epoch`` full batches."""
         if train.local_steps is not None:
             return train.local_steps
-        return max(1, train.local_epochs * batches.batches_per_epoch // self.batches_per_step)
+        return max(1, train.local_epochs * batches_per_epoch // self.batches_per_step)
 
 
 def sgd(params: list[nn.Parameter] | nn.Module, lr: float, train: TrainConfig,

@@ -241,6 +241,10 @@ class Harmony(Algorithm):
         return HarmonyServer(model, depth, ctx, knobs.csa_weight if self.csa else 0.0, knobs.csa_margin,
                              knobs.normalize_embeddings)
 
+    @property
+    def personalises(self) -> bool:
+        return self.personalise_after
+
     def personalise(self, model: ClientModel, batches: BatchStream, ctx: SessionContext) -> None:
         if self.personalise_after:  # 8. eq. 5: a few on-device SGD steps from the aggregated model
             finetune_on_device(model, batches, ctx)

@@ -158,6 +158,10 @@ class SplitGP(Algorithm):
     def server_session(self, model: ServerModel, depth: int, ctx: SessionContext) -> ServerSession:
         return SplitServer(model, depth, ctx)
 
+    @property
+    def personalises(self) -> bool:
+        return self.finetune
+
     def personalise(self, model: ClientModel, batches: BatchStream, ctx: SessionContext) -> None:
         if self.finetune:
             finetune_on_device(model, batches, ctx)

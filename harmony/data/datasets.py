@@ -22,8 +22,10 @@ index or ``clone()`` them instead. ``clear_dataset_cache()`` drops the memo.
 from __future__ import annotations
 
 import functools
+import gzip
 import logging
 import os
+import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -43,8 +45,11 @@ __all__ = [
     "SYSTEM_DATA_DIR",
     "Dataset",
     "DatasetNotFoundError",
+    "DatasetLabels",
     "clear_dataset_cache",
     "load_dataset",
+    "load_labels",
+    "load_rows",
     "normalise_images",
 ]
 
@@ -85,6 +90,9 @@ class _DatasetSpec:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     fix: str
+    labels: Callable[[Path], tuple[np.ndarray, np.ndarray, tuple[int, int, int], tuple[str, ...]]] | None = None
+    """Reads (train labels, test labels, input shape, class names) without the images, where the
+    format allows; ``None``: read the whole dataset and keep the labels."""
 
 
 def _has_idx_files(directory: Path) -> bool:
@@ -128,6 +136,32 @@ def _read_idx_dataset(directory: Path, class_names: tuple[str, ...]) -> ImageArr
     )
 
 
+def _idx_image_shape(path: Path) -> tuple[int, int, int]:
+    """``(1, H, W)`` from an IDX image file's header, reading only its first bytes."""
+    with open(path, "rb") as f:
+        magic = f.read(2)
+    opener = gzip.open if magic == b"\x1f\x8b" else open
+    with opener(path, "rb") as f:
+        header = f.read(16)
+    if len(header) < 16 or header[:2] != b"\0\0" or header[3] != 3:
+        raise ValueError(f"{path}: not an IDX file of N x H x W images")
+    _, h, w = struct.unpack(">3I", header[4:16])
+    return (1, int(h), int(w))
+
+
+def _read_idx_labels(directory: Path, class_names: tuple[str, ...]
+                     ) -> tuple[np.ndarray, np.ndarray, tuple[int, int, int], tuple[str, ...]]:
+    def part(stem: str) -> Path:
+        path = _idx_file(directory, stem)
+        if path is None:
+            raise FileNotFoundError(f"missing {stem}[.gz] in {directory}")
+        return path
+
+    return (read_idx(part("train-labels-idx1-ubyte")).astype(np.int64),
+            read_idx(part("t10k-labels-idx1-ubyte")).astype(np.int64),
+            _idx_image_shape(part("train-images-idx3-ubyte")), class_names)
+
+
 FASHION_MNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 )  # fmt: skip
@@ -142,6 +176,7 @@ _SPECS: dict[str, _DatasetSpec] = {
         subdirs=("fashion-mnist", "fashion_mnist", "FashionMNIST/raw"),
         required=_has_idx_files,
         read=lambda d: _read_idx_dataset(d, FASHION_MNIST_CLASSES),
+        labels=lambda d: _read_idx_labels(d, FASHION_MNIST_CLASSES),
         mean=(0.2860,),
         std=(0.3530,),
         fix="install the Debian package: sudo apt-get install dataset-fashion-mnist "
@@ -153,6 +188,7 @@ _SPECS: dict[str, _DatasetSpec] = {
         subdirs=("mnist", "MNIST/raw"),
         required=_has_idx_files,
         read=lambda d: _read_idx_dataset(d, tuple(str(i) for i in range(10))),
+        labels=lambda d: _read_idx_labels(d, tuple(str(i) for i in range(10))),
         mean=(0.1307,),
         std=(0.3081,),
         fix=_DOWNLOAD_HINT.format(
@@ -299,3 +335,51 @@ def load_dataset(name: str, data_dir: str | os.PathLike[str] | None = None) -> D
 def clear_dataset_cache() -> None:
     """Forget every memoised dataset (frees memory once callers drop their references)."""
     _load_cached.cache_clear()
+
+
+@dataclass(frozen=True, eq=False)
+class DatasetLabels:
+    """A dataset's labels and shape, without its images: what planning a partition needs."""
+
+    name: str
+    train_y: np.ndarray  # int64
+    test_y: np.ndarray  # int64
+    num_classes: int
+    input_shape: tuple[int, int, int]
+    class_names: tuple[str, ...] = ()
+
+
+def load_labels(name: str, data_dir: str | os.PathLike[str] | None = None) -> DatasetLabels:
+    """The labels of dataset ``name`` (searched like :func:`load_dataset`). For IDX datasets only
+    the label files and the image files' headers are read; other formats are read whole and only
+    their labels kept. Not memoised: a planner reads them once."""
+    canonical = _canonical_name(name)
+    spec = _SPECS[canonical]
+    directory = _resolve_dir(canonical, spec, data_dir)
+    if spec.labels is not None:
+        train_y, test_y, shape, classes = spec.labels(directory)
+    else:
+        raw = spec.read(directory)
+        train_y, test_y = raw.train_labels, raw.test_labels
+        shape, classes = tuple(raw.train_images.shape[1:]), raw.class_names  # type: ignore[assignment]
+    return DatasetLabels(canonical, train_y, test_y, len(classes), shape, classes)
+
+
+def load_rows(name: str, data_dir: str | os.PathLike[str] | None, train_rows: np.ndarray, test_rows: np.ndarray
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Only the given rows of dataset ``name``: ``(train_x, train_y, test_x, test_y)`` normalised
+    as :func:`load_dataset` does, in the order of the row arrays. The files are read and the other
+    rows dropped at once (nothing is memoised), so a process that serves a few clients holds only
+    their samples. Same floats as indexing :func:`load_dataset`'s tensors."""
+    canonical = _canonical_name(name)
+    spec = _SPECS[canonical]
+    raw = spec.read(_resolve_dir(canonical, spec, data_dir))
+    train_rows, test_rows = np.asarray(train_rows, dtype=np.int64), np.asarray(test_rows, dtype=np.int64)
+    out = (
+        normalise_images(raw.train_images[train_rows], spec.mean, spec.std),
+        torch.from_numpy(np.ascontiguousarray(raw.train_labels[train_rows])),
+        normalise_images(raw.test_images[test_rows], spec.mean, spec.std),
+        torch.from_numpy(np.ascontiguousarray(raw.test_labels[test_rows])),
+    )
+    del raw
+    return out

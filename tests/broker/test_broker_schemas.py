@@ -90,7 +90,7 @@ def test_kind_of_and_round_trip_through_bodies() -> None:
     ("status", {"state": "On Line"}, "body.state"),
     ("assign", {"config_digest": "abc"}, "body.config_digest"),
     ("round_start", {"steps": 0}, "body.steps"),
-    ("personalise", {"lr": 0.0}, "body.lr"),
+    ("personalise", {"model_sha256": "xyz"}, "body.model_sha256"),
     ("evaluate", {"rhos": [0.5, 1.5]}, "body.rhos"),
     ("evaluate", {"fixed_tau": -0.1}, "body.fixed_tau"),
     ("eval_report", {"accuracy": [0.9]}, "body.accuracy"),
@@ -116,8 +116,8 @@ def test_validation_names_the_field_both_ways(kind: str, change: dict[str, objec
 
 
 def test_missing_and_unknown_fields() -> None:
-    with pytest.raises(WireError, match="^body.lr: missing"):
-        from_body("personalise", {"steps": 1, "model_sha256": SHA})
+    with pytest.raises(WireError, match="^body.model_sha256: missing"):
+        from_body("personalise", {})
     with pytest.raises(WireError, match="^kind: unknown message kind 'gossip'"):
         from_body("gossip", {})
     with pytest.raises(WireError, match="^body: expected a map"):
@@ -139,6 +139,6 @@ def test_channels() -> None:
 
 
 def test_messages_are_plain_dataclasses() -> None:
-    assert Personalise(steps=1, lr=0.1, model_sha256=SHA).steps == 1
+    assert Personalise(model_sha256=SHA).model_sha256 == SHA
     assert BlobChunk(sha256=SHA, index=0, count=1, data=b"").data == b""
     assert InferReply(ref_seq=0, predictions=torch.tensor([1])).logits is None

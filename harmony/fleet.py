@@ -1,0 +1,211 @@
+"""The fleet: the devices of a run and the way to reach them, behind one small interface.
+
+The engine (:mod:`harmony.engine`) decides what a round is — who takes part, from which start
+states, how the results become the next global models — and asks a :class:`Fleet` to do the
+work. A fleet only carries it out and reports what happened:
+
+- :meth:`Fleet.train` runs one session per participant and yields a :class:`SessionResult` as
+  each completes;
+- :meth:`Fleet.aggregate` folds the results the engine accepted into the next global models;
+- :meth:`Fleet.evaluate` has every device (personalise and) evaluate its model.
+
+:class:`InProcessFleet` is every device in this process, called directly (the local engine).
+``orchestrator.fleet.MqttCeleryFleet`` reaches agents over MQTT and runs the server halves as
+Celery tasks with Redis buffers. Nothing here knows MQTT, Celery or Redis.
+"""
+
+from __future__ import annotations
+
+import platform
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from harmony.aggregation import WeightedSum
+from harmony.algorithms import StepStats, run_session
+from harmony.data import load_dataset
+from harmony.evaluate import ClientEvaluation, server_predictor
+from harmony.experiment import DevicePlan, Experiment, State
+
+ProgressFn = Callable[..., None]
+
+
+@dataclass
+class SessionResult:
+    """What one (device, round) session produced: the trained client side ``θ_i``, the client's
+    sample count ``n_i`` (its aggregation weight) and its training statistics. ``server_state`` is
+    the server replica where the fleet hands it over (in-process); a fleet that aggregates where
+    the replicas are (Redis) leaves it ``None``."""
+
+    client: int
+    state: State
+    n_i: int
+    stats: StepStats
+    server_state: State | None = None
+    seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ResumePoint:
+    """Where a run stands after its last finished round, as a fleet that keeps it (Redis) reports it."""
+
+    last_round: int
+    client_global: State
+    server_global: State
+    local_states: dict[int, State]
+    records: list[dict[str, Any]]
+
+
+class Fleet(Protocol):
+    """The transport of a run (module docstring)."""
+
+    runtime: str
+    """``local`` or ``distributed``: what results.json calls the runtime."""
+    resumes_itself: bool
+    """True when the fleet keeps the run's progress itself (:meth:`begin_run` returns it)."""
+    progress: ProgressFn
+
+    def begin_run(self, resume: bool) -> ResumePoint | None:
+        """A run starts (``resume``: continues); a fleet that keeps progress returns where it stands."""
+        ...
+
+    def train(self, rnd: int, starts: dict[int, State], server_start: State) -> Iterator[SessionResult]:
+        """One session per participant (``starts``: client → round-start client state), from the
+        server back end ``server_start``; yields each result as its session completes."""
+        ...
+
+    def aggregate(self, rnd: int, results: list[SessionResult], client_prev: State, server_prev: State
+                  ) -> tuple[State, State]:
+        """FedAvg of the server replicas and depth-aware averaging of the client sides of
+        ``results``, folded in the given order (which fixes the float arithmetic); blocks nobody
+        trained keep their ``*_prev`` values."""
+        ...
+
+    def evaluate(self, rnd: int, models: dict[int, State], server: State, personalise: bool
+                 ) -> list[ClientEvaluation]:
+        """Every client evaluates ``models[i]`` (after the algorithm's personalisation when
+        ``personalise``) against the server back end ``server``; in client order."""
+        ...
+
+    def round_done(self, rnd: int, record: dict[str, Any], results: list[SessionResult]) -> None:
+        """The engine accepted round ``rnd`` (``record`` is its round record)."""
+        ...
+
+    def round_failed(self, rnd: int, reason: str) -> None:
+        """The engine rejected round ``rnd`` (e.g. diverged weights)."""
+        ...
+
+    def describe(self) -> dict[str, Any]:
+        """Extra fields for results.json (where the run's bits were computed)."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def flush_denormal() -> None:
+    """Flush-to-zero is per-thread CPU state: every thread that runs a session's torch work sets
+    it, so all processes of a run compute on the same arithmetic."""
+    torch.set_flush_denormal(True)
+
+
+class InProcessFleet:
+    """Every device of the plan in this process: sessions run one after another through
+    :func:`harmony.algorithms.run_session`, messages passed by reference."""
+
+    runtime = "local"
+    resumes_itself = False
+
+    def __init__(self, experiment: Experiment) -> None:
+        self.experiment = experiment
+        cfg = experiment.cfg
+        dataset = load_dataset(cfg.data.dataset, experiment.data_dir)
+        self.devices: dict[int, DevicePlan] = experiment.devices(range(experiment.num_clients), dataset)
+        self.server = experiment.server()
+        # one model per split depth and one server back end, reloaded for every session
+        self.client_models = {d: experiment.client_model(d) for d in sorted(set(experiment.depths))}
+        self.server_model = self.server.new_model()
+        self.progress: ProgressFn = lambda event, **fields: None
+
+    def begin_run(self, resume: bool) -> ResumePoint | None:
+        return None
+
+    def train(self, rnd: int, starts: dict[int, State], server_start: State) -> Iterator[SessionResult]:
+        for i, start in starts.items():
+            device = self.devices[i]
+            client_model = self.client_models[device.depth]
+            client_model.load_state_dict(start)
+            self.server_model.load_state_dict(server_start)
+            client = device.session(rnd, client_model)
+            server = self.server.session(rnd, i, self.server_model)
+            run_session(client, server, self.experiment.steps(i))
+            # the models are reused by the next session: hand over copies
+            yield SessionResult(i, _clone(client.state()), device.data.samples, client.stats,
+                                server_state=_clone(server.state()))
+
+    def aggregate(self, rnd: int, results: list[SessionResult], client_prev: State, server_prev: State
+                  ) -> tuple[State, State]:
+        client_sum, server_sum = WeightedSum(), WeightedSum()
+        for result in results:
+            assert result.server_state is not None
+            client_sum.add(result.state, result.n_i)
+            server_sum.add(result.server_state, result.n_i)
+        return client_sum.average(client_prev), server_sum.average(server_prev)
+
+    def evaluate(self, rnd: int, models: dict[int, State], server: State, personalise: bool
+                 ) -> list[ClientEvaluation]:
+        """Batch-1 latency is measured once per split depth and shared by its clients."""
+        self.server_model.load_state_dict(server)
+        predict = server_predictor(self.server_model)
+        measured: dict[int, tuple[float, float]] = {}
+        evaluations = []
+        for i in sorted(models):
+            device = self.devices[i]
+            model = self.client_models[device.depth]
+            model.load_state_dict(models[i])
+            if personalise:
+                device.personalise(model)
+            ev = device.evaluate(model, predict, measure=device.depth not in measured)
+            if ev.measured_s is not None:
+                measured[device.depth] = ev.measured_s
+            evaluations.append(ClientEvaluation(ev.scores, measured.get(device.depth)))
+        return evaluations
+
+    def round_done(self, rnd: int, record: dict[str, Any], results: list[SessionResult]) -> None:
+        pass
+
+    def round_failed(self, rnd: int, reason: str) -> None:
+        pass
+
+    def describe(self) -> dict[str, Any]:
+        return {"machine": machine_info(self.experiment.torch_device)}
+
+    def close(self) -> None:
+        pass
+
+
+def _clone(state: State) -> State:
+    return {k: v.detach().clone() for k, v in state.items()}
+
+
+def machine_info(device: torch.device) -> dict[str, Any]:
+    """What a run's bits depend on beyond its config: the same config on another CPU type can
+    give other floats (the kernels torch picks depend on the instruction set), so results.json
+    records the CPU, torch's kernel capability, its version and the thread count."""
+    cpu = next((line.split(":", 1)[1].strip() for line in _read_lines("/proc/cpuinfo")
+                if line.startswith("model name")), platform.processor() or platform.machine())
+    info = {"cpu": cpu, "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "device": str(device)}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def _read_lines(path: str) -> list[str]:
+    try:
+        with open(path) as f:
+            return f.readlines()
+    except OSError:
+        return []
