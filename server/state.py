@@ -31,8 +31,9 @@ deadline or answering a device that now talks to its successor.
 The aggregation buffers are *per-session* contributions: ``θ_i`` as raw little-endian bytes in each
 tensor's own dtype, with ``n_i`` in the meta. The aggregation task forms ``n_i·θ_i`` in float64
 (exactly :meth:`harmony.aggregation.WeightedSum.add`'s first term) and merges them in the order the
-engine gives (participant order), so the result is the local engine's bit for bit and independent of which worker ran which session; a
-redelivered session overwrites its own buffer, so a replay never double-counts. Storing ``θ_i``
+engine gives (participant order), so the result is the local engine's bit for bit and independent
+of which worker ran which session; a redelivered session overwrites its own buffer, so a replay
+never double-counts. Storing ``θ_i``
 rather than the float64 product halves what each session writes to Redis (and its append-only
 file): ≈ 15.5 MB instead of 31 MB per session for full-width cnn8.
 
