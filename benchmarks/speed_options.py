@@ -1,4 +1,4 @@
-"""Re-measure the CPU speed options DESIGN.md §3 reports, on this machine, for one plain cnn8 step.
+"""Re-measure the CPU speed options docs/design.md §3 reports, on this machine, for one plain cnn8 step.
 
 One plain hybrid-SFL training step (client prefix at depth 2, exit head, server back end,
 hybrid loss, backward, two SGD updates) at batch 64, timed as the median of repeated steps:

@@ -1,4 +1,4 @@
-"""The wire layer of the distributed runtime (DESIGN.md §2, §5): topics, schemas, codec, MQTT, Mosquitto.
+"""The wire layer of the distributed runtime (docs/design.md §2, §5): topics, schemas, codec, MQTT, Mosquitto.
 
 Modules: ``topics`` (topic names and parser), ``schemas`` (one dataclass schema per message kind),
 ``codec`` (msgpack envelopes, tensor ext type 84), ``blobs`` (chunked, hash-addressed weights),

@@ -1,4 +1,4 @@
-"""A paho-mqtt 2.x (MQTT v5) client wrapper with the transport settings of DESIGN.md §5.
+"""A paho-mqtt 2.x (MQTT v5) client wrapper with the transport settings of docs/design.md §5.
 
 ``BrokerClient`` sets ``TCP_NODELAY`` on paho's socket (``on_socket_open``; with Nagle on, every
 small exchange costs 44–88 ms instead of < 1 ms), publishes with QoS 1, keeps a persistent session

@@ -1,7 +1,7 @@
 """The msgpack codec of the wire: ``encode(envelope) -> bytes`` and ``decode(bytes) -> Envelope``.
 
 Every message is a msgpack map with exactly the keys ``{v, kind, dev, round, step, seq, ts, body}``
-(DESIGN.md §5): wire version, message kind (``broker.schemas.SCHEMAS``), device id (``""`` only for
+(docs/design.md §5): wire version, message kind (``broker.schemas.SCHEMAS``), device id (``""`` only for
 fleet-wide kinds), round, step and per-device sequence number (integers ≥ 0), send time (unix
 seconds) and the kind's body (a map validated by its schema). Never pickle.
 

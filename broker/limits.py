@@ -1,4 +1,4 @@
-"""Size limits shared by the codec, the blob chunker and the Mosquitto config (DESIGN.md §5).
+"""Size limits shared by the codec, the blob chunker and the Mosquitto config (docs/design.md §5).
 
 Tensors travel in messages of at most 8 MiB; larger payloads (model weights) are split into blob
 chunks small enough that a chunk *with its envelope* still fits one message.

@@ -1,6 +1,6 @@
 """Mosquitto 2 configuration, password and ACL files, and a process helper for tests and ``harmony up``.
 
-``MosquittoConfig.render()`` writes one listener with ``set_tcp_nodelay true`` (DESIGN.md §5),
+``MosquittoConfig.render()`` writes one listener with ``set_tcp_nodelay true`` (docs/design.md §5),
 optional persistence, authentication (``allow_anonymous false`` as soon as a password file is
 given), an ACL file, TLS and ``max_packet_size``. ``write_password_file`` uses ``mosquitto_passwd -b``
 when it is installed and otherwise writes mosquitto 2's PBKDF2-SHA512 format itself

@@ -7,7 +7,7 @@ and ``from_body(kind, body)`` validate fully in both directions (types, ranges, 
 dimensions, cross-field shapes), so a bad message fails on the sender as well as on the receiver,
 with a ``WireError`` naming the field (``body.<name>``).
 
-Privacy rule (DESIGN.md §3 step 4): no upload schema (``UPLOAD_KINDS``) has a field named or
+Privacy rule (docs/design.md §3 step 4): no upload schema (``UPLOAD_KINDS``) has a field named or
 carrying labels. The only label-derived data that leaves a device is HARMONY's ``same_label``
 indicator (uint8, values 0/1, one per feature pair) and ``negative_pairs`` (int64 index pairs into
 the two feature batches); integer tensors anywhere else in an upload are rejected.

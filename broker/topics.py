@@ -1,4 +1,4 @@
-"""MQTT topic names of the distributed runtime (DESIGN.md §5), built and parsed in one place.
+"""MQTT topic names of the distributed runtime (docs/design.md §5), built and parsed in one place.
 
 Layout under a configurable prefix (default ``hsfl/v1``)::
 
@@ -37,7 +37,7 @@ DEVICE_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
 SHA256_PATTERN = re.compile(r"[0-9a-f]{64}")
 SHARE_GROUP_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
 DEVICE_CHANNELS = ("hello", "status", "cmd", "up", "down", "err")
-"""Per-device topic channels, in the order of DESIGN.md §5."""
+"""Per-device topic channels, in the order of docs/design.md §5."""
 CHANNELS = (*DEVICE_CHANNELS, "blob", "events")
 """Every channel a topic can parse to (``TopicRef.kind``)."""
 

@@ -82,7 +82,7 @@ class FleetConfig(_Section):
 
 
 class HarmonyConfig(_Section):
-    """HARMONY's knobs (DESIGN.md §3), with the paper's defaults where it gives them."""
+    """HARMONY's knobs (docs/design.md §3), with the paper's defaults where it gives them."""
 
     inner_lr: float = Field(
         0.001, gt=0,

@@ -1,4 +1,4 @@
-"""Per-client test with entropy early exit (DESIGN.md §3 "Inference").
+"""Per-client test with entropy early exit (docs/design.md §3 "Inference").
 
 A client exits on device when the Shannon entropy (nats) of ``softmax(H_d(f(x)))`` is
 below ``τ``; otherwise it offloads ``f(x)`` (fp16) and the server answers

@@ -1,4 +1,4 @@
-"""Modelled per-sample inference latency (DESIGN.md §6, the paper's eq. 12 from SplitGP).
+"""Modelled per-sample inference latency (docs/design.md §6, the paper's eq. 12 from SplitGP).
 
 Per test sample on client ``i`` at split depth ``d``::
 
@@ -8,7 +8,7 @@ Per test sample on client ``i`` at split depth ``d``::
 :class:`~harmony.models.base.DepthCost`, ``P_i``/``P_s`` compute rates (FLOP/s), ``E`` the
 cut-layer elements, ``q`` bits per element (16: fp16 transfer) and ``R_i`` the uplink (bit/s).
 
-Choice: the exit head's FLOPs are in the client term. DESIGN.md §6 writes ``F_c(d_i)/P_i``;
+Choice: the exit head's FLOPs are in the client term. docs/design.md §6 writes ``F_c(d_i)/P_i``;
 here the client always runs ``H_d`` on every sample, since its entropy decides whether to
 offload, so its cost is paid whether or not the sample is offloaded. (For the families here
 the head is a small fraction of ``F_c``.) SplitFed has no exit head: with

@@ -1,6 +1,6 @@
 """Device profiles: the compute rate, uplink, memory and cores a device class is assumed to have.
 
-The latency model (DESIGN.md §6) reads ``P_i``/``R_i`` for clients and ``P_s`` for the main
+The latency model (docs/design.md §6) reads ``P_i``/``R_i`` for clients and ``P_s`` for the main
 server (profile ``server``) from here. Defaults ship in ``harmony/profiles.yaml``, each with a
 ``source`` saying how its numbers were reasoned; a user YAML file with the same layout adds
 profiles or overrides single fields of shipped ones::

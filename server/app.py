@@ -13,7 +13,7 @@ same code at their own services::
 Run a worker with ``celery -A server.app worker --pool threads --concurrency 2 -Q hsfl``: sessions
 are I/O-bound between steps and torch releases the GIL, so threads serve several at once.
 ``acks_late`` plus ``reject_on_worker_lost``: a session whose worker dies goes back to the queue and
-is replayed from the round-start weights (DESIGN.md §5).
+is replayed from the round-start weights (docs/design.md §5).
 
 How "goes back to the queue" works with the Redis transport (kombu 5.7, ``kombu/transport/redis.py``):
 a delivered message sits in the ``unacked`` hash until acknowledged. A worker killed outright

@@ -1,6 +1,6 @@
 """Offline validation of docker/: the compose file, the Dockerfiles and every command they run.
 
-No Docker engine runs here (DESIGN.md §5), so nothing is built or started. Instead: the compose
+No Docker engine runs here (docs/design.md §5), so nothing is built or started. Instead: the compose
 file is parsed and its wiring checked against the code (service names, ports, environment
 variables the code reads), every command is parsed by the program's own argument parser
 (``harmony``'s click group for ``harmony agent`` and the driver's ``harmony run``, Celery's, the
@@ -650,7 +650,7 @@ def test_mosquitto_config_matches_the_project_settings():
     from broker.limits import MAX_PACKET_BYTES
 
     settings = mosquitto_settings()
-    assert settings["set_tcp_nodelay"] == "true", "DESIGN.md §5: Nagle off on the broker"
+    assert settings["set_tcp_nodelay"] == "true", "docs/design.md §5: Nagle off on the broker"
     assert int(settings["max_packet_size"]) == MAX_PACKET_BYTES
     assert settings["persistence"] == "true"
     service = services()[mqtt_service_port()[0]]
@@ -699,5 +699,5 @@ def test_mosquitto_starts_with_the_config(tmp_path):
 def test_redis_keeps_an_append_only_file_on_a_volume():
     service = services()[redis_service()]
     argv = [str(a) for a in service["command"]]
-    assert option_values(argv, "--appendonly") == ["yes"], "DESIGN.md §5: AOF on, round state survives a restart"
+    assert option_values(argv, "--appendonly") == ["yes"], "docs/design.md §5: AOF on, round state survives a restart"
     assert any(interpolate(v).split(":")[1] == "/data" for v in service["volumes"]), "Redis's /data is not a volume"

@@ -1,4 +1,4 @@
-"""HARMONY pinned down step by step (DESIGN.md §3)."""
+"""HARMONY pinned down step by step (docs/design.md §3)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The latency model (DESIGN.md §6, eq. 12) against hand-computed values."""
+"""The latency model (docs/design.md §6, eq. 12) against hand-computed values."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The distributed runtime computes what the local engine computes (DESIGN.md §1, issue step 6).
+"""The distributed runtime computes what the local engine computes (docs/design.md §1, §10).
 
 One tiny config and seed, run by ``LocalEngine`` in-process and by ``DistributedEngine`` over real
 mosquitto, redis-server and Celery worker processes with the devices in a separate agent process:

@@ -1,4 +1,4 @@
-"""Faults the distributed runtime survives (DESIGN.md §5), each ending with the local engine's weights:
+"""Faults the distributed runtime survives (docs/design.md §5), each ending with the local engine's weights:
 
 - a Celery worker SIGKILLed in the middle of a round: its sessions are redelivered (``acks_late``;
   the Redis transport restores them once the visibility timeout has passed) and the devices

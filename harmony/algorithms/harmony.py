@@ -1,5 +1,5 @@
 """HARMONY: meta-adaptation, stochastic early extraction, contrastive semantic alignment
-and label-private supervision (DESIGN.md §3; the paper's §3.3–3.5).
+and label-private supervision (docs/design.md §3; the paper's §3.3–3.5).
 
 One local step, as the paper numbers it:
 1. two mini-batches ``B¹, B²`` of the client's data;

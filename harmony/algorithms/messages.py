@@ -1,6 +1,6 @@
 """What the client side and the server side of an algorithm hand each other.
 
-These are the payloads of one step exchange (DESIGN.md §3, U-shaped split training):
+These are the payloads of one step exchange (docs/design.md §3, U-shaped split training):
 ``FeaturesUp`` (client → server), ``LogitsDown``, ``LogitGradUp``, ``FeatureGradDown``.
 Neither direction ever carries labels. The local engine passes these objects directly;
 the distributed runtime encodes exactly these fields on the wire.

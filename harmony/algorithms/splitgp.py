@@ -1,6 +1,6 @@
 """SplitGP and the baselines that are special cases of it.
 
-One U-shaped step (DESIGN.md §3, label-private from the start):
+One U-shaped step (docs/design.md §3, label-private from the start):
 the client sends ``z = f_i(x)`` (fp16); the server answers ``g_d(z)``; the client scores
 the logits with its private labels and returns ``(1−γ)·∂ℓ/∂logits``; the server
 back-propagates, updates its replica and returns ``∂/∂z``; the client back-propagates it

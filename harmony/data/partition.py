@@ -1,4 +1,4 @@
-"""Non-IID client partitions and client-specific test sets (DESIGN.md section 4).
+"""Non-IID client partitions and client-specific test sets (docs/design.md §4).
 
 Every function here is pure: its output is determined by (labels, parameters, seed). All
 randomness comes from ``np.random.default_rng`` seeded with the given ``seed`` (or with
