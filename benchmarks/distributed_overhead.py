@@ -24,6 +24,7 @@
   a session's "compute" includes the time its thread waited for a core.
 
     python benchmarks/distributed_overhead.py            # 8 clients, full-width cnn8 (a few minutes)
+    python benchmarks/distributed_overhead.py --clients 50   # 50 devices in every round
     python benchmarks/distributed_overhead.py --smoke    # tiny; what the test suite runs
 
 The last line printed is one JSON object.
@@ -55,7 +56,7 @@ from testbed.stack import LocalStack  # noqa: E402
 STEP_KINDS = ("features", "logits", "logit_grad", "feature_grad")
 
 
-def config(smoke: bool, algorithm: str) -> dict:
+def config(smoke: bool, algorithm: str, clients: int = 8) -> dict:
     if smoke:
         return {
             "name": "overhead-smoke", "seed": 1,
@@ -69,7 +70,7 @@ def config(smoke: bool, algorithm: str) -> dict:
         "name": "overhead", "seed": 1,
         "data": {"train_fraction": 0.1, "test_per_client": 50, "rhos": [0.0]},
         "model": {"family": "cnn8", "width": 1.0},
-        "fleet": {"num_clients": 8, "split_depths": [2, 3, 4]},
+        "fleet": {"num_clients": clients, "split_depths": [2, 3, 4]},
         "train": {"algorithm": algorithm, "rounds": 2, "batch_size": 64, "local_steps": 10},
         "eval": {"measure_latency_samples": 0},
     }
@@ -113,12 +114,16 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--algorithm", default="splitgp")
+    ap.add_argument("--clients", type=int, default=8,
+                    help="emulated devices, all in one agent process, all in every round (default 8)")
     ap.add_argument("--repeats", type=int, default=3, help="timed rounds per runtime, interleaved (default 3)")
     ap.add_argument("--concurrency", type=int, default=None,
                     help="session threads of the Celery worker (default: one per client, as `harmony up` sets it)")
     ap.add_argument("--stack-threads", type=int, default=1,
                     help="torch threads of the worker and agent processes (default 1; 0: torch's, one per core)")
     args = ap.parse_args()
+    if args.clients < 1:
+        ap.error(f"--clients must be at least 1, got {args.clients}")
     if args.repeats < 1:
         ap.error(f"--repeats must be at least 1, got {args.repeats}")
     if args.concurrency is not None and args.concurrency < 1:
@@ -126,7 +131,7 @@ def main() -> None:
     if args.stack_threads < 0:
         ap.error(f"--stack-threads must be 0 (torch's default) or more, got {args.stack_threads}")
     logging.basicConfig(level=logging.WARNING)
-    raw = config(args.smoke, args.algorithm)
+    raw = config(args.smoke, args.algorithm, args.clients)
     raw["train"]["rounds"] = 2 + args.repeats  # warm-up, timed rounds, the bytes round
     cfg = validate_config(raw)
 
