@@ -65,6 +65,27 @@ class FleetConfig(_Section):
         None, description="device profile per client (repeated); depth chosen to fit the profile"
     )
     step_budget_s: float = Field(1.0, gt=0, description="per-step time budget when depths come from profiles")
+    # -- rounds that never hang (the engine's rules; both runtimes apply them alike)
+    round_deadline_s: float | None = Field(
+        None, gt=0,
+        description="a session that takes longer is a straggler, left out of the aggregate (None: no deadline)")
+    deadline_slack: float | None = Field(
+        None, gt=0, description="without round_deadline_s: deadline = slack × the slowest participant's estimated "
+                                "session time (from its profile)")
+    quorum: float = Field(
+        1.0, gt=0,
+        description="sessions a round needs to complete: a fraction of its participants (≤ 1) or a count (> 1)")
+    round_retries: int = Field(2, ge=0, description="tries of a round that fell below quorum before the run fails")
+    clock: Literal["wall", "simulated"] = Field(
+        "wall", description="local engine: session times measured (wall) or modelled from the device profiles "
+                            "(simulated: FLOPs ÷ compute rate + cut-layer bytes ÷ uplink)")
+    offline_probability: float = Field(
+        0.0, ge=0, lt=1, description="seeded chance that a device is unavailable for a round (not selected)")
+    dropout_probability: float = Field(
+        0.0, ge=0, lt=1, description="seeded chance that a participant vanishes mid-session (its work discarded)")
+    availability_trace: str | None = Field(
+        None, description="JSON file {client: [[off_from_s, off_to_s], ...]} on the simulated clock: a device is "
+                          "offline in those intervals (needs clock: simulated)")
 
     @model_validator(mode="after")
     def _one_depth_source(self) -> FleetConfig:
@@ -78,6 +99,10 @@ class FleetConfig(_Section):
                 raise ValueError("depth_distribution weights must not all be zero")
         if self.split_depths is not None and not self.split_depths:
             raise ValueError("split_depths must not be empty")
+        if self.quorum > 1 and self.quorum != int(self.quorum):
+            raise ValueError(f"quorum {self.quorum}: above 1 it is a count of sessions and must be a whole number")
+        if self.availability_trace is not None and self.clock != "simulated":
+            raise ValueError("availability_trace runs on the simulated clock: set clock: simulated")
         return self
 
 

@@ -16,7 +16,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +30,12 @@ from harmony.experiment import Experiment, State
 from harmony.fleet import Fleet, InProcessFleet, ProgressFn, ResumePoint, SessionResult, machine_info
 from harmony.latency import modelled_latency_s
 from harmony.profiles import load_profiles
+from harmony.rounds import RoundFailedError, RoundPlan, plan_round
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Engine", "LocalEngine", "RoundRecord", "TrainingDivergedError", "machine_info", "write_results"]
+__all__ = ["Engine", "LocalEngine", "RoundFailedError", "RoundRecord", "TrainingDivergedError", "machine_info",
+           "write_results"]
 
 
 @dataclass
@@ -49,6 +51,13 @@ class RoundRecord:
     train_acc_server: float
     seconds: float
     eval_accuracy: list[float] | None = None
+    attempts: int = 1  # tries until the round met its quorum
+    invited: int = 0  # participants of the successful try (``participants`` completed in time)
+    stragglers: list[int] = field(default_factory=list)  # clients past the deadline, left out
+    dropouts: list[int] = field(default_factory=list)  # clients that vanished mid-session, left out
+    offline: list[int] = field(default_factory=list)  # clients unavailable at the round's start
+    deadline_s: float | None = None
+    clock_s: float | None = None  # the simulated clock at the round's end (simulated clock only)
 
 
 class TrainingDivergedError(RuntimeError):
@@ -72,10 +81,13 @@ class Engine:
         self.local_states: dict[int, State] = {}
         self.history: list[RoundRecord] = []
         self.start_round = 1
+        self.clock_s = 0.0
+        """The run's simulated clock (``fleet.clock: simulated``): the sum of the rounds' modelled durations."""
+        self._last_done: dict[int, SessionResult] = {}
 
     # ----------------------------------------------------------------------------- rounds
-    def participants(self, rnd: int) -> list[int]:
-        return self.experiment.participants(rnd)
+    def participants(self, rnd: int, available: list[int] | None = None, attempt: int = 0) -> list[int]:
+        return self.experiment.participants(rnd, available, attempt)
 
     def client_start_state(self, i: int) -> State:
         """Client ``i``'s model at round start: ``λ·last local + (1−λ)·avg`` (avg if never trained)."""
@@ -88,18 +100,32 @@ class Engine:
     def run_session(self, i: int, rnd: int) -> SessionResult:
         """One session of client ``i`` in round ``rnd`` from the current global models, outside a
         round (nothing is aggregated or recorded): for benchmarks and probes."""
-        return next(iter(self.fleet.train(rnd, {i: self.client_start_state(i)}, self.server_global)))
+        plan = RoundPlan(rnd, 0, [i], [])
+        return next(iter(self.fleet.train(rnd, {i: self.client_start_state(i)}, self.server_global, plan)))
 
     def run_round(self, rnd: int) -> RoundRecord:
+        """One round: plan it (availability, participants, deadline, quorum — :mod:`harmony.rounds`),
+        let the fleet run it, keep the sessions that completed in time, and fold them; below
+        quorum the round is tried again (``fleet.round_retries``) with the devices then available."""
         t0 = time.perf_counter()
-        chosen = self.participants(rnd)
-        self.progress("round_start", round=rnd, rounds=self.cfg.train.rounds, sessions=len(chosen))
-        starts = {i: self.client_start_state(i) for i in chosen}
-        done: dict[int, SessionResult] = {}
-        for result in self.fleet.train(rnd, starts, self.server_global):
-            done[result.client] = result
-            self.progress("session_done", round=rnd, device=result.client)
-        results = [done[i] for i in chosen]  # folded in participant order, whatever order they finished in
+        tries = self.cfg.fleet.round_retries + 1
+        failures: list[str] = []
+        for attempt in range(tries):
+            plan = plan_round(self.experiment, rnd, attempt, self.clock_s, participants=self.participants)
+            outcome = self._run_try(plan)
+            if outcome is not None:
+                break
+            reason = (f"round {rnd} try {attempt + 1}: {len(self._last_done)} of {len(plan.participants)} sessions "
+                      f"completed, quorum {plan.quorum}")
+            failures.append(reason)
+            log.warning("%s; %s", reason, "trying again" if attempt + 1 < tries else "giving up")
+            self.progress("round_retry", round=rnd, attempt=attempt, reason=reason)
+            self.fleet.round_failed(rnd, reason)
+        else:
+            raise RoundFailedError(f"round {rnd} fell below quorum in all {tries} tries: " + "; ".join(failures)
+                                   + " (lower fleet.quorum, raise fleet.round_deadline_s, or bring devices back)")
+        results, late, dropped, round_s = outcome
+        self.clock_s += round_s
         self.client_global, self.server_global = self.fleet.aggregate(rnd, results, self.client_global,
                                                                       self.server_global)
         totals = np.zeros(5)
@@ -112,11 +138,46 @@ class Engine:
         except TrainingDivergedError as err:
             self.fleet.round_failed(rnd, str(err))
             raise
-        record = self._round_record(rnd, len(chosen), totals, t0)
+        record = self._round_record(rnd, len(results), totals, t0)
+        record.attempts = plan.attempt + 1
+        record.invited = len(plan.participants)
+        record.stragglers, record.dropouts, record.offline = late, dropped, plan.offline
+        record.deadline_s = plan.deadline_s
+        record.clock_s = self.clock_s if self.cfg.fleet.clock == "simulated" else None
         if self._interim_eval_due(rnd):
             record.eval_accuracy = self.evaluate(personalise=False, rnd=rnd)["accuracy"]
         self.fleet.round_done(rnd, asdict(record), results)
         return record
+
+    def _run_try(self, plan: RoundPlan) -> tuple[list[SessionResult], list[int], list[int], float] | None:
+        """One try of a round: (the results to fold in participant order, stragglers, dropouts, the
+        try's duration on the run's clock), or None below quorum."""
+        rnd = plan.round
+        self.progress("round_start", round=rnd, rounds=self.cfg.train.rounds, sessions=len(plan.participants),
+                      attempt=plan.attempt)
+        starts = {i: self.client_start_state(i) for i in plan.participants}
+        done: dict[int, SessionResult] = {}
+        late: list[int] = []
+        dropped: list[int] = []
+        longest = 0.0
+        for result in self.fleet.train(rnd, starts, self.server_global, plan):
+            if result.status == "dropped":
+                dropped.append(result.client)
+                self.progress("session_dropped", round=rnd, device=result.client)
+            elif result.status == "late" or (plan.deadline_s is not None and result.seconds > plan.deadline_s):
+                late.append(result.client)
+                self.progress("session_late", round=rnd, device=result.client, seconds=result.seconds)
+            else:
+                done[result.client] = result
+                longest = max(longest, result.seconds)
+                self.progress("session_done", round=rnd, device=result.client)
+        self._last_done = done
+        round_s = plan.deadline_s if late and plan.deadline_s is not None else longest
+        if len(done) < plan.quorum:
+            self.clock_s += round_s if plan.deadline_s is None else plan.deadline_s
+            return None
+        order = [i for i in plan.participants if i in done]  # participant order, whatever order they finished in
+        return [done[i] for i in order], sorted(late), sorted(dropped), round_s
 
     def _interim_eval_due(self, rnd: int) -> bool:
         """Whether round ``rnd`` is followed by an evaluation of the aggregated models
@@ -301,7 +362,8 @@ def write_results(out_dir: Path, results: dict[str, Any]) -> None:
     rounds = results["rounds"]
     if rounds:
         with open(out_dir / "rounds.csv", "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=[k for k in rounds[0] if k != "eval_accuracy"], extrasaction="ignore")
+            scalars = [k for k, v in rounds[0].items() if k != "eval_accuracy" and not isinstance(v, list)]
+            w = csv.DictWriter(f, fieldnames=scalars, extrasaction="ignore")
             w.writeheader()
             w.writerows(rounds)
     ev = results["evaluation"]

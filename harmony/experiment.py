@@ -33,9 +33,10 @@ from harmony.config import ExperimentConfig
 from harmony.data.datasets import Dataset, load_labels, load_rows
 from harmony.data.partition import OODTestSet, dirichlet_partition, ood_test_sets, shard_partition
 from harmony.evaluate import ClientEvaluation, ServerPredict, client_outputs, measure_latency_s, score_client
-from harmony.latency import assign_profiles_by_depth
+from harmony.latency import assign_profiles_by_depth, session_time_s
 from harmony.models import ClientModel, DepthCost, MultiExitNet, ServerModel, build_model, cost_table
 from harmony.profiles import DeviceProfile, load_profiles
+from harmony.rounds import load_trace
 from harmony.seeding import numpy_rng, seeded_torch
 
 State = dict[str, torch.Tensor]
@@ -152,6 +153,8 @@ class Experiment:
             depths, profiles = self._plan_depths()
         self.depths, self.profiles = list(depths), list(profiles)
         self.client_keys = {d: self.template.client_keys(d) for d in sorted(set(self.depths))}
+        trace = cfg.fleet.availability_trace
+        self.trace: dict[int, list[tuple[float, float]]] = {} if trace is None else load_trace(trace)
 
     # ------------------------------------------------------------------------------ building
     @classmethod
@@ -245,13 +248,24 @@ class Experiment:
     def num_clients(self) -> int:
         return self.cfg.fleet.num_clients
 
-    def participants(self, rnd: int) -> list[int]:
-        """The clients of round ``rnd`` (a seeded draw of ``train.participation`` of the fleet)."""
-        n = self.num_clients
-        m = max(1, round(self.cfg.train.participation * n))
-        if m >= n:
-            return list(range(n))
-        return sorted(int(i) for i in numpy_rng(self.cfg.seed, rnd, "participants").choice(n, m, replace=False))
+    def participants(self, rnd: int, available: list[int] | None = None, attempt: int = 0) -> list[int]:
+        """The clients of try ``attempt`` of round ``rnd``: a seeded draw of ``train.participation``
+        of the fleet among the ``available`` ones (default: all), as many as are available."""
+        pool = list(range(self.num_clients)) if available is None else sorted(available)
+        m = min(len(pool), max(1, round(self.cfg.train.participation * self.num_clients)))
+        if m >= len(pool):
+            return pool
+        rng = numpy_rng(self.cfg.seed, rnd, "participants") if attempt == 0 else \
+            numpy_rng(self.cfg.seed, rnd, attempt, "participants")
+        return sorted(pool[int(k)] for k in rng.choice(len(pool), m, replace=False))
+
+    def session_estimate_s(self, client: int) -> float:
+        """Modelled wall time of one session of ``client`` from its device profile (the simulated
+        clock; also what ``fleet.deadline_slack`` scales)."""
+        profiles = load_profiles()
+        return session_time_s(self.costs[self.depths[client]], self.steps(client), self.cfg.train.batch_size,
+                              self.algorithm.batches_per_step, profiles[self.profiles[client]],
+                              profiles[self.cfg.eval.server_profile].compute_flops, self.cfg.eval.bits_per_element)
 
     def context(self, rnd: int, client: int) -> SessionContext:
         """The (device, round) session's context: every random stream of it derives from this."""

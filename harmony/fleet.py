@@ -17,9 +17,10 @@ Celery tasks with Redis buffers. Nothing here knows MQTT, Celery or Redis.
 from __future__ import annotations
 
 import platform
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 
@@ -28,6 +29,7 @@ from harmony.algorithms import StepStats, run_session
 from harmony.data import load_dataset
 from harmony.evaluate import ClientEvaluation, server_predictor
 from harmony.experiment import DevicePlan, Experiment, State
+from harmony.rounds import RoundPlan
 
 ProgressFn = Callable[..., None]
 
@@ -37,7 +39,9 @@ class SessionResult:
     """What one (device, round) session produced: the trained client side ``θ_i``, the client's
     sample count ``n_i`` (its aggregation weight) and its training statistics. ``server_state`` is
     the server replica where the fleet hands it over (in-process); a fleet that aggregates where
-    the replicas are (Redis) leaves it ``None``."""
+    the replicas are (Redis) leaves it ``None``. ``status``: ``done``, ``dropped`` (the device
+    vanished; no state) or ``late`` (past the deadline; no state). ``seconds``: the session's
+    duration on the run's clock (measured, or modelled on the simulated clock)."""
 
     client: int
     state: State
@@ -45,7 +49,13 @@ class SessionResult:
     stats: StepStats
     server_state: State | None = None
     seconds: float = 0.0
+    status: Literal["done", "dropped", "late"] = "done"
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def missing(cls, client: int, status: Literal["dropped", "late"], seconds: float = 0.0) -> SessionResult:
+        """A session that produced nothing to aggregate."""
+        return cls(client, {}, 0, StepStats(), seconds=seconds, status=status)
 
 
 @dataclass
@@ -72,9 +82,11 @@ class Fleet(Protocol):
         """A run starts (``resume``: continues); a fleet that keeps progress returns where it stands."""
         ...
 
-    def train(self, rnd: int, starts: dict[int, State], server_start: State) -> Iterator[SessionResult]:
+    def train(self, rnd: int, starts: dict[int, State], server_start: State, plan: RoundPlan
+              ) -> Iterator[SessionResult]:
         """One session per participant (``starts``: client → round-start client state), from the
-        server back end ``server_start``; yields each result as its session completes."""
+        server back end ``server_start``; yields each result as its session completes — or is
+        dropped (``plan.drops``, or the device vanished) or passes ``plan.deadline_s``."""
         ...
 
     def aggregate(self, rnd: int, results: list[SessionResult], client_prev: State, server_prev: State
@@ -132,8 +144,21 @@ class InProcessFleet:
     def begin_run(self, resume: bool) -> ResumePoint | None:
         return None
 
-    def train(self, rnd: int, starts: dict[int, State], server_start: State) -> Iterator[SessionResult]:
+    def train(self, rnd: int, starts: dict[int, State], server_start: State, plan: RoundPlan
+              ) -> Iterator[SessionResult]:
+        """On the simulated clock a session's duration is its modelled time; a session that would
+        drop or pass the deadline is not run (its work would be discarded). On the wall clock each
+        session is run and timed."""
+        simulated = self.experiment.cfg.fleet.clock == "simulated"
         for i, start in starts.items():
+            estimate = self.experiment.session_estimate_s(i) if simulated else None
+            if i in plan.drops:
+                yield SessionResult.missing(i, "dropped", plan.drops[i] * (estimate or 0.0))
+                continue
+            if estimate is not None and plan.deadline_s is not None and estimate > plan.deadline_s:
+                yield SessionResult.missing(i, "late", estimate)
+                continue
+            t0 = time.perf_counter()
             device = self.devices[i]
             client_model = self.client_models[device.depth]
             client_model.load_state_dict(start)
@@ -142,8 +167,9 @@ class InProcessFleet:
             server = self.server.session(rnd, i, self.server_model)
             run_session(client, server, self.experiment.steps(i))
             # the models are reused by the next session: hand over copies
+            seconds = estimate if estimate is not None else time.perf_counter() - t0
             yield SessionResult(i, _clone(client.state()), device.data.samples, client.stats,
-                                server_state=_clone(server.state()))
+                                server_state=_clone(server.state()), seconds=seconds)
 
     def aggregate(self, rnd: int, results: list[SessionResult], client_prev: State, server_prev: State
                   ) -> tuple[State, State]:

@@ -24,6 +24,7 @@ import math
 from dataclasses import dataclass
 
 from harmony.models.base import DepthCost
+from harmony.profiles import DeviceProfile
 
 
 @dataclass(frozen=True)
@@ -137,3 +138,17 @@ def assign_profiles_by_depth(depths: list[int], profile_names_low_to_high: list[
     rank = {d: k for k, d in enumerate(sorted(set(depths)))}
     last = len(profile_names_low_to_high) - 1
     return [profile_names_low_to_high[min(rank[d], last)] for d in depths]
+
+
+def session_time_s(cost: DepthCost, steps: int, batch_size: int, batches_per_step: int, profile: DeviceProfile,
+                   server_flops_per_s: float, bits_per_element: int = 16) -> float:
+    """Modelled wall time of one training session (the simulated clock): per step and batch, the
+    client's forward and backward (≈ 3× the forward FLOPs of its prefix and exit head) at the
+    device's compute rate, the cut-layer features at ``bits_per_element`` over its uplink, and the
+    server's forward and backward at the server's rate. The downlink and link latency are not in
+    the profiles and are not modelled (the gradients' bytes equal the features')."""
+    samples = steps * batch_size * batches_per_step
+    client_s = 3.0 * samples * (cost.client_flops + cost.exit_head_flops) / profile.compute_flops
+    uplink_s = samples * cost.cut_elements * bits_per_element / profile.uplink_bps
+    server_s = 3.0 * samples * cost.server_flops / server_flops_per_s
+    return client_s + uplink_s + server_s

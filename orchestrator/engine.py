@@ -16,7 +16,8 @@ from harmony.config import ExperimentConfig
 from harmony.engine import Engine
 from harmony.experiment import Experiment
 from harmony.fleet import ProgressFn
-from orchestrator.fleet import MqttCeleryFleet, RoundFailedError
+from harmony.rounds import RoundFailedError
+from orchestrator.fleet import MqttCeleryFleet
 
 __all__ = ["DistributedEngine", "RoundFailedError"]
 

@@ -45,6 +45,7 @@ from harmony.algorithms import StepStats
 from harmony.evaluate import ClientEvaluation
 from harmony.experiment import Experiment, State
 from harmony.fleet import ProgressFn, ResumePoint, SessionResult
+from harmony.rounds import RoundFailedError, RoundPlan
 from harmony.timing import PhaseClock
 from orchestrator.registry import Registry
 from server import state
@@ -56,10 +57,6 @@ through ``state.notify`` (a BLPOP rather than polling Redis every 10 ms, which c
 sessions for the CPU); this bounds the wait when a wake-up is lost (e.g. Redis restarted)."""
 
 log = logging.getLogger(__name__)
-
-
-class RoundFailedError(RuntimeError):
-    """A round missed its deadline or a session failed; the round is marked ``failed`` in Redis."""
 
 
 class MqttCeleryFleet:
@@ -170,10 +167,18 @@ class MqttCeleryFleet:
         return {"devices": self.device_ids}
 
     # ------------------------------------------------------------------------------ rounds
-    def train(self, rnd: int, starts: dict[int, State], server_start: State) -> Iterator[SessionResult]:
+    def train(self, rnd: int, starts: dict[int, State], server_start: State, plan: RoundPlan
+              ) -> Iterator[SessionResult]:
+        """Sessions the plan drops are not started; a participant whose status is ``offline`` (its
+        last will) at the start or mid-session is dropped at once, its session stopped; at
+        ``plan.deadline_s`` the sessions still running are stragglers, stopped and left out."""
         clock = PhaseClock("publish", "sessions", "aggregate", "load")  # the round_done event's split
         self._ensure_run()
-        chosen = list(starts)
+        self.registry.poll(0)
+        gone = [i for i in starts if i in plan.drops or self.registry.online.get(self.device_ids[i]) is False]
+        for i in gone:
+            yield SessionResult.missing(i, "dropped")
+        chosen = [i for i in starts if i not in gone]
         devs = [self.device_ids[i] for i in chosen]
         with clock("publish"):
             server_sha, _ = state.put_model(self.r, server_start)
@@ -195,34 +200,55 @@ class MqttCeleryFleet:
             state.event(self.r, "round_running", round=rnd, sessions=len(devs))
         self._round = {"rnd": rnd, "clock": clock, "server": (server_start, server_sha)}
         with clock("sessions"):
-            yield from self._await_sessions(rnd, chosen, devs, client_shas)
+            yield from self._await_sessions(rnd, chosen, devs, client_shas, plan.deadline_s)
 
-    def _await_sessions(self, rnd: int, chosen: list[int], devs: list[str], client_shas: dict[int, str]
-                        ) -> Iterator[SessionResult]:
-        """Command each device once its session is subscribed; yield each session's result once done."""
+    def _await_sessions(self, rnd: int, chosen: list[int], devs: list[str], client_shas: dict[int, str],
+                        deadline_s: float | None) -> Iterator[SessionResult]:
+        """Command each device once its session is subscribed; yield each session's result once
+        done, each dropout as soon as the device's status says ``offline``, and each straggler at
+        the deadline (without one, a round that outlasts ``round_timeout_s`` fails)."""
         commanded: dict[str, bytes] = {}
-        done: set[str] = set()
-        deadline = time.monotonic() + self.round_timeout_s
+        waiting = set(devs)
+        t0 = time.monotonic()
+        limit = self.round_timeout_s if deadline_s is None else min(deadline_s, self.round_timeout_s)
         index = dict(zip(devs, chosen, strict=True))
         while True:
             for dev_b, token in self.r.hgetall(state.ready_key(rnd)).items():
                 dev = dev_b.decode()
-                if dev in index and commanded.get(dev) != token:
+                if dev in waiting and commanded.get(dev) != token:
                     commanded[dev] = token
                     self.mqtt.send(self.topics.cmd(dev), RoundStart(
                         round=rnd, steps=self.experiment.steps(index[dev]),
                         client_model_sha256=client_shas[index[dev]]), round=rnd)
-            now_done = {d.decode() for d in self.r.smembers(state.done_key(rnd))} & set(devs)
-            for dev in sorted(now_done - done, key=devs.index):
-                yield self._session_result(rnd, dev, index[dev])
-            done = now_done
-            if done == set(devs):
+            finished = {d.decode() for d in self.r.smembers(state.done_key(rnd))} & waiting
+            for dev in sorted(finished, key=devs.index):
+                waiting.discard(dev)
+                result = self._session_result(rnd, dev, index[dev])
+                result.seconds = time.monotonic() - t0
+                yield result
+            self.registry.poll(0)
+            for dev in sorted((d for d in waiting if self.registry.online.get(d) is False), key=devs.index):
+                waiting.discard(dev)
+                self._stop_session(rnd, dev, "dropped")
+                yield SessionResult.missing(index[dev], "dropped", time.monotonic() - t0)
+            if not waiting:
                 return
-            if time.monotonic() > deadline:
-                self.r.hset(state.round_key(rnd), "state", "failed")
-                raise RoundFailedError(f"round {rnd}: sessions of {sorted(set(devs) - done)} did not finish within "
-                                       f"{self.round_timeout_s} s (see the worker and agent logs)")
+            if time.monotonic() - t0 > limit:
+                if deadline_s is None:
+                    self.r.hset(state.round_key(rnd), "state", "failed")
+                    raise RoundFailedError(f"round {rnd}: sessions of {sorted(waiting)} did not finish within "
+                                           f"{self.round_timeout_s} s (see the worker and agent logs)")
+                for dev in sorted(waiting, key=devs.index):
+                    self._stop_session(rnd, dev, "late")
+                    yield SessionResult.missing(index[dev], "late", time.monotonic() - t0)
+                return
             state.wait_notify(self.r, rnd, WAKE_S)
+
+    def _stop_session(self, rnd: int, dev: str, why: str) -> None:
+        """Supersede device ``dev``'s session of round ``rnd`` (its task stops within a second and
+        frees its worker thread; ``server.state.TaskGuard``) and record why."""
+        self.r.hset(state.ready_key(rnd), dev, f"stopped:{why}")
+        state.event(self.r, f"session_{why}", round=rnd, device=dev)
 
     def _session_result(self, rnd: int, dev: str, client: int) -> SessionResult:
         meta = state.session_meta(self.r, rnd, dev)

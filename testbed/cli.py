@@ -56,13 +56,17 @@ class RoundProgress:
             if task is None:
                 task = self.tasks[key] = self.bar.add_task(label, total=f["rounds"] * f["sessions"], metrics="")
             self.bar.update(task, description=f"{label}round {f['round']}/{f['rounds']}")
-        elif event == "session_done" and task is not None:
+        elif event in ("session_done", "session_late", "session_dropped") and task is not None:
             self.bar.advance(task)
+        elif event == "round_retry":
+            console.print(f"[yellow]{label}{f['reason']}; trying again[/yellow]")
         elif event == "round_end" and task is not None:
             r = f["record"]
+            left_out = len(r.stragglers) + len(r.dropouts)
             self.bar.update(task, metrics=(
                 f"loss {r.train_loss_exit:.3f}/{r.train_loss_server:.3f} "
-                f"acc {100 * r.train_acc_exit:.1f}/{100 * r.train_acc_server:.1f}% (exit/server)"))
+                f"acc {100 * r.train_acc_exit:.1f}/{100 * r.train_acc_server:.1f}% (exit/server)"
+                + (f", {left_out} left out" if left_out else "")))
         elif event == "evaluate_start" and task is not None:
             self.bar.update(task, description=f"{label}evaluating")
 

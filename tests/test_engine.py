@@ -34,7 +34,7 @@ def test_client_order_does_not_change_the_result():
     forward = LocalEngine(cfg)
     forward.train()
     backward = LocalEngine(cfg)
-    backward.participants = lambda rnd: list(reversed(range(cfg.fleet.num_clients)))  # type: ignore[method-assign]
+    backward.participants = lambda rnd, *_: list(reversed(range(cfg.fleet.num_clients)))  # type: ignore[method-assign]
     backward.train()
     a, b = forward.model_state(), backward.model_state()
     worst = max((a[s][k].double() - b[s][k].double()).abs().max().item() for s in a for k in a[s])

@@ -1,0 +1,120 @@
+"""The round rules over the distributed runtime, with real processes (mosquitto, redis-server, a
+Celery worker, two agent processes): the plan's decisions give the local engine's model, and an
+agent killed mid-session is dropped within seconds — its devices left out, the round completing
+on quorum, the model equal to the local run without them."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+
+from harmony.engine import LocalEngine
+from orchestrator.engine import DistributedEngine
+from server import state
+from testbed.stack import LocalStack
+from tests.conftest import tiny_config
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+    s = LocalStack(tmp_path_factory.mktemp("rounds-stack"))
+    s.start(agents=2, devices_per_agent=2, registry=False)
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
+def _same(a: dict, b: dict) -> bool:
+    return all(torch.equal(a[s][k], b[s][k]) for s in a for k in a[s])
+
+
+def _left_out(rounds: list[dict[str, Any]]) -> dict[int, set[int]]:
+    return {r["round"]: set(r["dropouts"]) | set(r["stragglers"]) for r in rounds}
+
+
+def _local_without(cfg: Any, left_out: dict[int, set[int]]) -> LocalEngine:
+    """The local run with those clients left out of those rounds."""
+    local = LocalEngine(cfg.with_overrides(**{"fleet.dropout_probability": 0.0}))
+    local.participants = lambda rnd, *_: [i for i in range(cfg.fleet.num_clients)  # type: ignore[method-assign]
+                                          if i not in left_out.get(rnd, set())]
+    local.train()
+    return local
+
+
+@pytest.mark.slow
+def test_planned_dropouts_give_the_local_model(stack, tmp_path):
+    cfg = tiny_config(**{"fleet.dropout_probability": 0.4, "fleet.quorum": 0.25, "train.rounds": 3})
+    local = LocalEngine(cfg)
+    expected = local.run()
+    assert any(r["dropouts"] for r in expected["rounds"]), "the seed drops nobody; the test would show nothing"
+    assert stack.info is not None
+    engine = DistributedEngine(cfg, tmp_path, mqtt=stack.info.mqtt, redis_url=stack.info.redis_url,
+                               devices_timeout_s=60, round_timeout_s=120)
+    try:
+        got = engine.run()
+    finally:
+        engine.close()
+    assert [r["dropouts"] for r in got["rounds"]] == [r["dropouts"] for r in expected["rounds"]]
+    assert _same(local.model_state(), engine.model_state())
+    assert got["evaluation"]["accuracy"] == expected["evaluation"]["accuracy"]
+
+
+@pytest.mark.slow
+def test_an_agent_killed_mid_session_is_dropped_within_seconds(stack, tmp_path):
+    """SIGKILL the agent process of two devices while their round-1 sessions run: the broker sends
+    their last will, the round completes on quorum within seconds (not at the 120 s timeout), the
+    later rounds go on without them, and the model is the local run's without them."""
+    assert stack.info is not None
+    cfg = tiny_config(**{"fleet.quorum": 0.5, "train.rounds": 2, "train.local_steps": 40})
+    r = state.connect(stack.info.redis_url)
+    killed: dict[str, float] = {}
+
+    def kill_mid_session() -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            ready = {k.decode() for k in r.hkeys(state.ready_key(1))}
+            done = {d.decode() for d in r.smembers(state.done_key(1))}
+            if {"emu-2", "emu-3"} <= ready and not {"emu-2", "emu-3"} & done:
+                time.sleep(0.3)  # let the exchange get going
+                stack.kill("agent-1", signal.SIGKILL)
+                killed["at"] = time.monotonic()
+                return
+            time.sleep(0.02)
+
+    killer = threading.Thread(target=kill_mid_session, daemon=True)
+    ends: dict[int, float] = {}
+
+    def progress(event: str, **fields: Any) -> None:
+        if event == "round_start" and fields["round"] == 1 and not killer.is_alive() and not killed:
+            killer.start()
+        if event == "round_end":
+            ends[fields["record"].round] = time.monotonic()
+
+    engine = DistributedEngine(cfg, tmp_path, progress, mqtt=stack.info.mqtt, redis_url=stack.info.redis_url,
+                               devices_timeout_s=60, round_timeout_s=120)
+    try:
+        rounds = _train_only(engine)
+    finally:
+        engine.close()
+    killer.join(timeout=5)
+    assert "at" in killed, "the sessions of emu-2/emu-3 were never seen in flight"
+    assert ends[1] - killed["at"] < 15, f"round 1 ended {ends[1] - killed['at']:.1f} s after the kill"
+    assert rounds[0]["dropouts"] == [2, 3] and rounds[0]["participants"] == 2
+    assert rounds[1]["dropouts"] == [2, 3]
+    reference = _local_without(cfg, _left_out(rounds))
+    assert _same(reference.model_state(), engine.model_state())
+
+
+def _train_only(engine: DistributedEngine) -> list[dict[str, Any]]:
+    """Train (no evaluation: the killed devices cannot evaluate) and return the round records."""
+    from dataclasses import asdict
+
+    engine.fleet.begin_run(False)
+    return [asdict(rec) for rec in engine.train()]
