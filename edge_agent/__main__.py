@@ -51,13 +51,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--data-dir", default=None,
                     help="where the dataset files are on this host (default: the run config's data.data_dir, "
                          "else $HARMONY_DATA_DIR, else /usr/share/datasets)")
+    ap.add_argument("--slowdown", type=float, default=1.0,
+                    help="emulate devices this many times slower than the host: each compute phase is followed "
+                         "by a sleep of (slowdown - 1) x its duration (default 1: host speed)")
     ap.add_argument("--log-level", type=_log_level_arg, default="INFO", help=f"one of {', '.join(LOG_LEVELS)}")
     args = ap.parse_args(argv)
     configure_logging(args.log_level)
     host, port = parse_broker(args.broker)
     Agent(host, port, args.device_id, topics=Topics(args.topic_prefix),
           credentials=read_credentials(args.credentials, args.device_id), cache_dir=args.cache_dir,
-          data_dir=args.data_dir).run()
+          data_dir=args.data_dir, slowdown=args.slowdown).run()
 
 
 if __name__ == "__main__":

@@ -34,10 +34,12 @@ The MQTT connection reconnects by itself (persistent session, QoS 1), so a broke
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -125,13 +127,17 @@ class Device:
     """One (possibly emulated) device: its MQTT connection and command loop."""
 
     def __init__(self, device_id: str, host: str, port: int, shared: SharedRuntime, *, topics: Topics,
-                 credentials: Credentials | None = None, session_timeout_s: float = 600.0) -> None:
+                 credentials: Credentials | None = None, session_timeout_s: float = 600.0,
+                 slowdown: float = 1.0) -> None:
         self.id, self.host, self.port, self.shared, self.topics = device_id, host, port, shared, topics
         creds = credentials or Credentials()
         self.client = BrokerClient(f"agent-{device_id}", host, port, username=creds.username,
                                    password=creds.password, topics=topics, device_id=device_id,
                                    reconnect_min_delay_s=0.2, reconnect_max_delay_s=5.0)
         self.session_timeout_s = session_timeout_s
+        if not slowdown >= 1.0:
+            raise ValueError(f"slowdown {slowdown}: a device can only be emulated slower than its host (>= 1)")
+        self.slowdown = slowdown
         self.assignment: Assign | None = None
         self.stop_event = threading.Event()
         self.thread = threading.Thread(target=self._main, name=f"device-{device_id}", daemon=True)
@@ -141,6 +147,15 @@ class Device:
 
     def start(self) -> None:
         self.thread.start()
+
+    @contextlib.contextmanager
+    def _paced(self) -> Iterator[None]:
+        """A device ``slowdown`` times slower than this host: each compute phase is followed by a
+        sleep of (slowdown − 1) × its duration (the simplest emulation of a slower board)."""
+        t0 = time.perf_counter()
+        yield
+        if self.slowdown > 1.0:
+            time.sleep((self.slowdown - 1.0) * (time.perf_counter() - t0))
 
     # ------------------------------------------------------------------------------- loop
     def _connect(self) -> None:
@@ -269,19 +284,19 @@ class Device:
         up = self.topics.up(self.id)
         clock, t0 = PhaseClock(), time.perf_counter()
         for step in range(rs.steps):
-            with clock("compute"):
+            with clock("compute"), self._paced():
                 features = side.begin_step(step)
             with clock("send"):
                 self.client.send(up, features, round=rnd)
             with clock("wait"):
                 logits = self._await_down("logits", rnd, step, deadline)
-            with clock("compute"):
+            with clock("compute"), self._paced():
                 logit_grad = side.on_logits(logits.body)
             with clock("send"):
                 self.client.send(up, logit_grad, round=rnd)
             with clock("wait"):
                 grad = self._await_down("feature_grad", rnd, step, deadline)
-            with clock("compute"):
+            with clock("compute"), self._paced():
                 side.on_feature_grad(restore_layout(grad.body, cfg.model.channels_last))
         split = clock.seconds()
         log.info("device %s round %d: %d steps in %.2f s (device compute %.2f, waiting for the server %.2f, "
@@ -344,12 +359,12 @@ class Agent:
 
     def __init__(self, host: str, port: int, device_ids: list[str], *, topics: Topics | None = None,
                  credentials: dict[str, Credentials] | None = None, cache_dir: str | None = None,
-                 data_dir: str | None = None) -> None:
+                 data_dir: str | None = None, slowdown: float = 1.0) -> None:
         self.shared = SharedRuntime(BlobCache(cache_dir, max_entries=4 * len(device_ids) + 8), device_ids, data_dir)
         topics = topics or Topics()
         creds = credentials or {}
-        self.devices = [Device(d, host, port, self.shared, topics=topics, credentials=creds.get(d))
-                        for d in device_ids]
+        self.devices = [Device(d, host, port, self.shared, topics=topics, credentials=creds.get(d),
+                               slowdown=slowdown) for d in device_ids]
 
     def run(self) -> None:
         for device in self.devices:

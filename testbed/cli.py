@@ -296,6 +296,9 @@ def agent(
     data_dir: Annotated[str | None, typer.Option("--data-dir", help="where the dataset files are on this host "
                                                  "(default: the run's data.data_dir, else $HARMONY_DATA_DIR, "
                                                  "else /usr/share/datasets)")] = None,
+    slowdown: Annotated[float, typer.Option("--slowdown", min=1.0, help="emulate devices this many times "
+                                            "slower than this host (each compute phase is followed by a "
+                                            "sleep of slowdown - 1 times its duration)")] = 1.0,
     log_level: Annotated[str, typer.Option("--log-level", callback=_log_level_option,
                                            help=f"one of {', '.join(LOG_LEVELS)}")] = "INFO",
 ) -> None:
@@ -311,6 +314,8 @@ def agent(
         argv += ["--cache-dir", cache_dir]
     if data_dir is not None:
         argv += ["--data-dir", data_dir]
+    if slowdown != 1.0:
+        argv += ["--slowdown", str(slowdown)]
     try:
         agent_main(argv)
     except ValueError as err:

@@ -183,14 +183,16 @@ class LocalStack:
             self.add_agent([f"emu-{a * devices_per_agent + k}" for k in range(devices_per_agent)])
         return info
 
-    def add_agent(self, device_ids: list[str]) -> None:
+    def add_agent(self, device_ids: list[str], extra_args: list[str] | None = None) -> None:
         """Start an agent process hosting ``device_ids`` (with auth: new devices get passwords, and
-        mosquitto reloads its password file on SIGHUP)."""
+        mosquitto reloads its password file on SIGHUP); ``extra_args`` go to ``python -m edge_agent``
+        (e.g. ``["--slowdown", "20"]``)."""
         assert self.info is not None
         name = f"agent-{len([k for k in self._commands if k.startswith('agent-')])}"
         argv = [sys.executable, "-m", "edge_agent", "--broker", f"127.0.0.1:{self.info.mqtt_port}"]
         for d in device_ids:
             argv += ["--device-id", d]
+        argv += list(extra_args or [])
         if self._passwords is not None:
             creds = self.run_dir / "credentials"
             new = [d for d in device_ids if d not in self._passwords]

@@ -67,6 +67,36 @@ def test_planned_dropouts_give_the_local_model(stack, tmp_path):
 
 
 @pytest.mark.slow
+def test_devices_slowed_past_the_deadline_are_stragglers_left_out(stack, tmp_path):
+    """Two more devices in an agent process emulated 50× slower than the host: each round they miss
+    the deadline, their sessions are stopped (the round does not wait for them), and the model is
+    the local run's without them."""
+    assert stack.info is not None
+    stack.add_agent(["emu-4", "emu-5"], ["--slowdown", "50"])
+    cfg = tiny_config(**{"fleet.num_clients": 6, "data.num_shards": 12, "fleet.split_depths": [2, 3, 4],
+                         "fleet.quorum": 0.5, "fleet.round_deadline_s": 8.0, "train.local_steps": 20,
+                         "train.rounds": 2})
+    ends: list[float] = []
+    engine = DistributedEngine(cfg, tmp_path, lambda event, **f: ends.append(time.monotonic())
+                               if event in ("round_start", "round_end") else None,
+                               mqtt=stack.info.mqtt, redis_url=stack.info.redis_url, devices_timeout_s=60,
+                               round_timeout_s=120)
+    try:
+        rounds = _train_only(engine)
+    finally:
+        engine.close()
+    for record in rounds:
+        assert record["stragglers"] == [4, 5] and record["participants"] == 4, record
+    # each round ended at its deadline (plus the aggregation), not after the slow devices finished
+    assert all(end - start < 8.0 + 6.0 for start, end in zip(ends[0::2], ends[1::2], strict=True)), ends
+    r = state.connect(stack.info.redis_url)
+    late = [f for _, f in r.xrange(state.events_key()) if f[b"name"] == b"session_late"]
+    assert len(late) >= 4
+    reference = _local_without(cfg, _left_out(rounds))
+    assert _same(reference.model_state(), engine.model_state())
+
+
+@pytest.mark.slow
 def test_an_agent_killed_mid_session_is_dropped_within_seconds(stack, tmp_path):
     """SIGKILL the agent process of two devices while their round-1 sessions run: the broker sends
     their last will, the round completes on quorum within seconds (not at the 120 s timeout), the
