@@ -127,7 +127,8 @@ def run(
             if runtime == "local":
                 results = LocalEngine(cfg, out, progress).run(resume=resume)
             else:
-                results = _run_distributed(cfg, out, progress, stack_dir, resume, fleet)
+                results = _run_distributed(cfg, out, progress, stack_dir, resume, fleet,
+                                           (devices_timeout, round_timeout))
     except (ValueError, FileNotFoundError, RuntimeError, TimeoutError) as err:
         _fail(err)
     ev = results["evaluation"]
@@ -229,8 +230,10 @@ def show(path: Annotated[Path, typer.Argument(help="a compare.json")]) -> None:
 
 
 def _run_distributed(cfg: Any, out: Path, progress: Any, stack_dir: Path, resume: bool,
-                     fleet: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Run over ``fleet`` (an existing broker and Redis), the stack in ``stack_dir``, or a fresh one."""
+                     fleet: dict[str, Any] | None = None, timeouts: tuple[float, float] = (120.0, 900.0)
+                     ) -> dict[str, Any]:
+    """Run over ``fleet`` (an existing broker and Redis), the stack in ``stack_dir``, or a fresh one;
+    ``timeouts``: (``--devices-timeout``, ``--round-timeout``), on every path."""
     import math
 
     from broker.topics import Topics
@@ -268,7 +271,7 @@ def _run_distributed(cfg: Any, out: Path, progress: Any, stack_dir: Path, resume
     try:
         user, password = info.orchestrator_login()
         engine = DistributedEngine(cfg, out, progress, mqtt=info.mqtt, redis_url=info.redis_url, username=user,
-                                   password=password)
+                                   password=password, devices_timeout_s=timeouts[0], round_timeout_s=timeouts[1])
         try:
             return engine.run(resume=resume)
         finally:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -72,6 +74,14 @@ def test_up_run_down(tmp_path):
         assert result.exit_code == 0, result.output
         again = json.loads((out / "b" / "results.json").read_text())
         assert again["evaluation"]["accuracy"] == doc["evaluation"]["accuracy"]
+        # --devices-timeout holds on the --stack path too: with the agent gone the run stops in seconds
+        os.kill(pids["agent-0"], signal.SIGKILL)
+        t0 = time.monotonic()
+        result = runner.invoke(app, ["run", str(cfg_path), "--runtime", "distributed", "--stack", str(stack_dir),
+                                     "--devices-timeout", "3", "--out", str(out / "c")])
+        message = " ".join(result.output.split())
+        assert result.exit_code == 2 and "0 device(s) online" in message, result.output
+        assert time.monotonic() - t0 < 30
     finally:
         result = runner.invoke(app, ["down", "--run-dir", str(stack_dir)])
     assert result.exit_code == 0, result.output
