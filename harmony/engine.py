@@ -111,7 +111,7 @@ class Engine:
         tries = self.cfg.fleet.round_retries + 1
         failures: list[str] = []
         for attempt in range(tries):
-            plan = plan_round(self.experiment, rnd, attempt, self.clock_s, participants=self.participants)
+            plan = plan_round(self.experiment, rnd, attempt, self.clock_s, draw=self.participants)
             outcome = self._run_try(plan)
             if outcome is not None:
                 break

@@ -144,7 +144,7 @@ class Experiment:
         torch.set_flush_denormal(True)
         with seeded_torch(cfg.seed, "init"):
             self.template: MultiExitNet = build_model(cfg.model.family, cfg.model.width, shape.num_classes,
-                                                      tuple(shape.input_shape))
+                                                      shape.input_shape)
         self.costs: dict[int, DepthCost] = cost_table(self.template)
         n = cfg.fleet.num_clients
         if len(self.samples) != n:

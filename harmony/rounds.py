@@ -87,9 +87,9 @@ def _next_off(trace: dict[int, list[tuple[float, float]]], client: int, t: float
 
 
 def plan_round(experiment: Experiment, rnd: int, attempt: int = 0, start_s: float = 0.0,
-               participants: Callable[[int, list[int], int], list[int]] | None = None) -> RoundPlan:
+               draw: Callable[[int, list[int], int], list[int]] | None = None) -> RoundPlan:
     """The decisions of try ``attempt`` of round ``rnd`` starting at ``start_s`` (simulated clock);
-    ``participants(rnd, available, attempt)`` draws the participants (default: the plan's)."""
+    ``draw(rnd, available, attempt)`` picks the participants (default: the plan's own draw)."""
     cfg = experiment.cfg
     fleet, seed, n = cfg.fleet, cfg.seed, experiment.num_clients
     trace = experiment.trace
@@ -102,7 +102,7 @@ def plan_round(experiment: Experiment, rnd: int, attempt: int = 0, start_s: floa
             offline.append(i)
     gone = set(offline)
     available = [i for i in range(n) if i not in gone]
-    participants = (participants or experiment.participants)(rnd, available, attempt)
+    participants = (draw or experiment.participants)(rnd, available, attempt)
     estimates = {i: experiment.session_estimate_s(i) for i in participants}
     drops: dict[int, float] = {}
     for i in participants:
