@@ -83,7 +83,6 @@ class Engine:
         self.start_round = 1
         self.clock_s = 0.0
         """The run's simulated clock (``fleet.clock: simulated``): the sum of the rounds' modelled durations."""
-        self._last_done: dict[int, SessionResult] = {}
 
     # ----------------------------------------------------------------------------- rounds
     def participants(self, rnd: int, available: list[int] | None = None, attempt: int = 0) -> list[int]:
@@ -112,10 +111,11 @@ class Engine:
         failures: list[str] = []
         for attempt in range(tries):
             plan = plan_round(self.experiment, rnd, attempt, self.clock_s, draw=self.participants)
-            outcome = self._run_try(plan)
-            if outcome is not None:
+            results, late, dropped, round_s = self._run_try(plan)
+            if len(results) >= plan.quorum:
                 break
-            reason = (f"round {rnd} try {attempt + 1}: {len(self._last_done)} of {len(plan.participants)} sessions "
+            self.clock_s += round_s if plan.deadline_s is None else plan.deadline_s
+            reason = (f"round {rnd} try {attempt + 1}: {len(results)} of {len(plan.participants)} sessions "
                       f"completed, quorum {plan.quorum}")
             failures.append(reason)
             log.warning("%s; %s", reason, "trying again" if attempt + 1 < tries else "giving up")
@@ -124,7 +124,6 @@ class Engine:
         else:
             raise RoundFailedError(f"round {rnd} fell below quorum in all {tries} tries: " + "; ".join(failures)
                                    + " (lower fleet.quorum, raise fleet.round_deadline_s, or bring devices back)")
-        results, late, dropped, round_s = outcome
         self.clock_s += round_s
         self.client_global, self.server_global = self.fleet.aggregate(rnd, results, self.client_global,
                                                                       self.server_global)
@@ -149,9 +148,9 @@ class Engine:
         self.fleet.round_done(rnd, asdict(record), results)
         return record
 
-    def _run_try(self, plan: RoundPlan) -> tuple[list[SessionResult], list[int], list[int], float] | None:
-        """One try of a round: (the results to fold in participant order, stragglers, dropouts, the
-        try's duration on the run's clock), or None below quorum."""
+    def _run_try(self, plan: RoundPlan) -> tuple[list[SessionResult], list[int], list[int], float]:
+        """One try of a round: (the completed sessions in participant order, stragglers, dropouts,
+        the try's duration on the run's clock)."""
         rnd = plan.round
         self.progress("round_start", round=rnd, rounds=self.cfg.train.rounds, sessions=len(plan.participants),
                       attempt=plan.attempt)
@@ -171,11 +170,7 @@ class Engine:
                 done[result.client] = result
                 longest = max(longest, result.seconds)
                 self.progress("session_done", round=rnd, device=result.client)
-        self._last_done = done
         round_s = plan.deadline_s if late and plan.deadline_s is not None else longest
-        if len(done) < plan.quorum:
-            self.clock_s += round_s if plan.deadline_s is None else plan.deadline_s
-            return None
         order = [i for i in plan.participants if i in done]  # participant order, whatever order they finished in
         return [done[i] for i in order], sorted(late), sorted(dropped), round_s
 

@@ -318,13 +318,14 @@ class Experiment:
                             "none; an agent holds only its own devices')")
         out: dict[int, DevicePlan] = {}
         if dataset is not None:
+            # moved once and shared by every device (on CUDA each .to() would be a copy of the dataset)
+            train_x, train_y, test_x, test_y = (t.to(self.torch_device) for t in (
+                dataset.train_x, dataset.train_y, dataset.test_x, dataset.test_y))
             for i in clients:
                 share = self.shares[i]
                 rows = torch.as_tensor(share.train_indices, dtype=torch.long, device=self.torch_device)
-                out[i] = DevicePlan(self, ClientData(
-                    i, dataset.train_x.to(self.torch_device), dataset.train_y.to(self.torch_device), rows,
-                    dataset.test_x.to(self.torch_device), dataset.test_y.to(self.torch_device),
-                    share.test.id_pool, share.test.ood_pool, share))
+                out[i] = DevicePlan(self, ClientData(i, train_x, train_y, rows, test_x, test_y,
+                                                     share.test.id_pool, share.test.ood_pool, share))
             return out
         shares = [self.shares[i] for i in clients]
         train_rows = np.concatenate([s.train_indices for s in shares])

@@ -151,7 +151,9 @@ class InProcessFleet:
         session is run and timed."""
         simulated = self.experiment.cfg.fleet.clock == "simulated"
         for i, start in starts.items():
-            estimate = self.experiment.session_estimate_s(i) if simulated else None
+            estimate = None
+            if simulated:  # the plan has the estimate (a plan built by hand may not)
+                estimate = plan.estimates[i] if i in plan.estimates else self.experiment.session_estimate_s(i)
             if i in plan.drops:
                 yield SessionResult.missing(i, "dropped", plan.drops[i] * (estimate or 0.0))
                 continue

@@ -48,6 +48,7 @@ class RoundPlan:
     deadline_s: float | None = None
     quorum: int = 1
     start_s: float = 0.0  # the round's start on the run's simulated clock (0 on the wall clock)
+    estimates: dict[int, float] = field(default_factory=dict)  # participant → modelled session time, s
 
 
 def quorum_count(quorum: float, participants: int) -> int:
@@ -118,5 +119,5 @@ def plan_round(experiment: Experiment, rnd: int, attempt: int = 0, start_s: floa
     deadline = fleet.round_deadline_s
     if deadline is None and fleet.deadline_slack is not None and participants:
         deadline = fleet.deadline_slack * max(estimates.values())
-    return RoundPlan(rnd, attempt, participants, offline, drops, deadline, quorum_count(fleet.quorum,
-                                                                                        len(participants)), start_s)
+    return RoundPlan(rnd, attempt, participants, offline, drops, deadline,
+                     quorum_count(fleet.quorum, len(participants)), start_s, estimates)
