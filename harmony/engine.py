@@ -75,6 +75,8 @@ class Engine:
         self.cfg: ExperimentConfig = experiment.cfg
         self.algorithm = experiment.algorithm
         self.out_dir = Path(out_dir) if out_dir is not None else None
+        if self.out_dir is not None:  # an unusable --out fails here, before any training
+            self.out_dir.mkdir(parents=True, exist_ok=True)
         self.progress = progress or (lambda event, **fields: None)
         fleet.progress = self.progress
         self.client_global, self.server_global = experiment.initial_states()

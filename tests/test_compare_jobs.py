@@ -44,14 +44,16 @@ def test_parallel_runs_record_their_thread_count(tmp_path):
 
 def test_a_failed_run_stops_new_runs_and_keeps_the_finished_ones(tmp_path):
     (tmp_path / "splitfed").mkdir()
-    (tmp_path / "splitfed" / "seed8").write_text("a file where the run directory should be")
+    # the first run handed out fails as it starts (its directory is a file), so no other run can have
+    # finished before the failure is seen, however slowly the second worker process starts
+    (tmp_path / "splitfed" / "seed7").write_text("a file where the run directory should be")
     events: list[tuple[str, dict]] = []
     with pytest.raises(OSError):
         compare(_cfg(threads=1), ["splitfed", "multi-exit"], 2, tmp_path, lambda e, **f: events.append((e, f)),
                 jobs=2)
     failed = [f for e, f in events if e == "run_failed"]
-    assert [f["run"] for f in failed] == ["splitfed seed 8"] and "seed8" in failed[0]["error"]
-    assert (tmp_path / "splitfed" / "seed7" / "results.json").is_file()  # was running: finished and kept
+    assert [f["run"] for f in failed] == ["splitfed seed 7"] and "seed7" in failed[0]["error"]
+    assert (tmp_path / "splitfed" / "seed8" / "results.json").is_file()  # handed out already: finished and kept
     assert not (tmp_path / "multi-exit").exists()  # queued behind the failure: never started
 
 
