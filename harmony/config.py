@@ -64,7 +64,15 @@ class FleetConfig(_Section):
     profiles: list[str] | None = Field(
         None, description="device profile per client (repeated); depth chosen to fit the profile"
     )
-    step_budget_s: float = Field(1.0, gt=0, description="per-step time budget when depths come from profiles")
+    step_budget_s: float = Field(1.0, gt=0, description="per-step time budget when depths come from profiles or "
+                                                         "measurements")
+    assignment: Literal["config", "measured"] = Field(
+        "config", description="split depths from the config (split_depths, depth_distribution, profiles) or "
+                              "measured: from each device's measured compute rate, memory and uplink (on a stack "
+                              "the agents' hello; in the local runtime the fleet.profiles figures)")
+    reassign_drift: float | None = Field(
+        None, gt=0, description="with assignment: measured, re-decide a device's depth when its measured client "
+                                "step time differs from the estimate by more than this fraction (None: never)")
     # -- rounds that never hang (the engine's rules; both runtimes apply them alike)
     round_deadline_s: float | None = Field(
         None, gt=0,
@@ -99,6 +107,11 @@ class FleetConfig(_Section):
                 raise ValueError("depth_distribution weights must not all be zero")
         if self.split_depths is not None and not self.split_depths:
             raise ValueError("split_depths must not be empty")
+        if self.assignment == "measured" and (self.split_depths is not None or self.depth_distribution is not None):
+            raise ValueError("fleet.assignment: measured decides the depths itself; remove fleet.split_depths / "
+                             "fleet.depth_distribution (or set fleet.assignment: config)")
+        if self.reassign_drift is not None and self.assignment != "measured":
+            raise ValueError("fleet.reassign_drift re-decides measured depths: set fleet.assignment: measured")
         if self.quorum > 1 and self.quorum != int(self.quorum):
             raise ValueError(f"quorum {self.quorum}: above 1 it is a count of sessions and must be a whole number")
         if self.availability_trace is not None and self.clock != "simulated":

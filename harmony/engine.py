@@ -347,6 +347,10 @@ class LocalEngine(Engine):
     def __init__(self, cfg: ExperimentConfig, out_dir: str | Path | None = None,
                  progress: ProgressFn | None = None) -> None:
         experiment = Experiment.plan(cfg)
+        if cfg.fleet.assignment == "measured" and experiment.decisions is None:
+            raise ValueError("fleet.assignment: measured in the local runtime needs fleet.profiles (the emulated "
+                             "devices' figures stand for their measurements); on a stack (harmony run --stack) the "
+                             "agents' measured hello is used")
         super().__init__(experiment, InProcessFleet(experiment), out_dir, progress)
 
 

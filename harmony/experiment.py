@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -29,13 +29,14 @@ import torch
 
 from harmony.algorithms import Algorithm, BatchStream, ClientSide, ServerSession, SessionContext, parse_algorithm
 from harmony.algorithms.base import batches_per_epoch
+from harmony.assignment import Decision, Measurement, choose_depth, from_profile, step_needs
 from harmony.config import ExperimentConfig
 from harmony.data.datasets import Dataset, load_labels, load_rows
 from harmony.data.partition import OODTestSet, dirichlet_partition, ood_test_sets, shard_partition
 from harmony.evaluate import ClientEvaluation, ServerPredict, client_outputs, measure_latency_s, score_client
 from harmony.latency import assign_profiles_by_depth, session_time_s
 from harmony.models import ClientModel, DepthCost, MultiExitNet, ServerModel, build_model, cost_table
-from harmony.profiles import DeviceProfile, load_profiles
+from harmony.profiles import load_profiles
 from harmony.rounds import load_trace
 from harmony.seeding import numpy_rng, seeded_torch
 
@@ -149,6 +150,8 @@ class Experiment:
         n = cfg.fleet.num_clients
         if len(self.samples) != n:
             raise PlanError(f"the plan has {len(self.samples)} client sample counts for fleet.num_clients = {n}")
+        self.decisions: list[Decision] | None = None
+        """Why each client has its depth, where the depths come from profiles or measurements."""
         if depths is None or profiles is None:
             depths, profiles = self._plan_depths()
         self.depths, self.profiles = list(depths), list(profiles)
@@ -208,7 +211,10 @@ class Experiment:
                 if name not in profiles:
                     raise ValueError(f"fleet.profiles: unknown device profile {name!r}; known: {sorted(profiles)}")
             names = [fleet.profiles[i % len(fleet.profiles)] for i in range(n)]
-            depths = [self._depth_for_profile(profiles[p]) for p in names]
+            self.decisions = [self.decide(from_profile(f"client {i}", profiles[p])) for i, p in enumerate(names)]
+            depths = [dec.depth for dec in self.decisions]
+        elif fleet.assignment == "measured":  # decided once the devices' measurements are in (assign_measured)
+            depths = [min(allowed)] * n
         else:
             depths = [allowed[i % len(allowed)] for i in range(n)]
         if self.algorithm.fixed_max_depth:
@@ -232,16 +238,54 @@ class Experiment:
             raise ValueError(f"{key}: split depth(s) {bad} not allowed for {self.template.family}; "
                              f"allowed: {list(allowed)}")
 
-    def _depth_for_profile(self, profile: DeviceProfile) -> int:
-        """Deepest allowed depth whose training step (≈3× forward FLOPs) fits the budget."""
-        batch = self.cfg.train.batch_size
-        fitting = [
-            d for d in self.template.split_depths
-            if 3 * batch * (self.costs[d].client_flops + self.costs[d].exit_head_flops) / profile.compute_flops
-            <= self.cfg.fleet.step_budget_s
-            and 4 * self.costs[d].client_param_bytes <= profile.memory_bytes
-        ]
-        return max(fitting) if fitting else min(self.template.split_depths)
+    # ------------------------------------------------------------------------------ measured depths
+    def _rule(self) -> dict[str, Any]:
+        cfg = self.cfg
+        return {"budget_s": cfg.fleet.step_budget_s, "batch_size": cfg.train.batch_size,
+                "batches_per_step": self.algorithm.batches_per_step, "momentum": cfg.train.momentum,
+                "bits_per_element": cfg.eval.bits_per_element}
+
+    def decide(self, measurement: Measurement) -> Decision:
+        """The depth a device with ``measurement`` gets (:mod:`harmony.assignment`); an algorithm
+        that trains every client at the deepest depth overrides it, saying so."""
+        decision = choose_depth(self.costs, measurement, **self._rule())
+        if self.algorithm.fixed_max_depth:
+            deepest = max(self.template.split_depths)
+            decision = replace(decision, depth=deepest, needs=step_needs(
+                self.costs[deepest], batch_size=self.cfg.train.batch_size,
+                batches_per_step=self.algorithm.batches_per_step, momentum=self.cfg.train.momentum,
+                bits_per_element=self.cfg.eval.bits_per_element, compute_flops=measurement.compute_flops,
+                uplink_bps=measurement.uplink_bps),
+                reason=f"depth {deepest}: {self.cfg.train.algorithm} trains every client at the deepest depth "
+                       f"(measured: {decision.reason})")
+        return decision
+
+    def assign_measured(self, measurements: list[Measurement]) -> list[Decision]:
+        """Every client's depth from its device's measurement (client ``i`` ↔ ``measurements[i]``)."""
+        if len(measurements) != self.num_clients:
+            raise PlanError(f"{len(measurements)} measurements for fleet.num_clients = {self.num_clients}")
+        self.decisions = [self.decide(m) for m in measurements]
+        for i, decision in enumerate(self.decisions):
+            self.set_depth(i, decision.depth)
+        return self.decisions
+
+    def set_depth(self, client: int, depth: int) -> None:
+        """Move ``client`` to split depth ``depth`` (an allowed one)."""
+        self._check_depths([depth], "split depth")
+        self.depths[client] = depth
+        if depth not in self.client_keys:
+            self.client_keys[depth] = self.template.client_keys(depth)
+
+    def redecide(self, client: int, measured_step_s: float) -> Decision:
+        """Client ``client``'s decision after its sessions measured ``measured_step_s`` of client
+        compute per step (``fleet.reassign_drift``); the caller applies the depth."""
+        assert self.decisions is not None
+        old = self.decisions[client]
+        rate = old.measurement.compute_flops * old.needs.compute_s / measured_step_s
+        m = replace(old.measurement, compute_flops=rate,
+                    source=f"{old.measurement.source}; re-measured {rate / 1e9:.2f} GFLOP/s by its sessions")
+        self.decisions[client] = self.decide(m)
+        return self.decisions[client]
 
     # ------------------------------------------------------------------------------ shared rules
     @property

@@ -189,12 +189,34 @@ class DepthCost:
     cut_elements: int  # cut-layer activation elements per sample
     server_flops: int  # g_d forward
     server_params: int  # B_{d+1}..B_L and the head (the paper's "server" column)
+    activation_elements: int = 0  # outputs of every leaf layer of B_1..B_d and H_d per sample: what
+    # a training step keeps for its backward pass (an upper-bound estimate of autograd's saved tensors)
 
 
 def _forward_flops(fn, x: torch.Tensor) -> int:
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         fn(x)
     return int(counter.get_total_flops())
+
+
+def _activation_elements(modules: list[nn.Module], fn, x: torch.Tensor) -> int:
+    """Elements (per sample of ``x``) that the leaf layers of ``modules`` output while ``fn(x)`` runs."""
+    total = 0
+
+    def count(_m: nn.Module, _inputs: object, out: object) -> None:
+        nonlocal total
+        if isinstance(out, torch.Tensor):
+            total += out[0].numel()
+
+    hooks = [leaf.register_forward_hook(count) for m in modules for leaf in m.modules()
+             if not any(True for _ in leaf.children())]
+    try:
+        with torch.no_grad():
+            fn(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return total
 
 
 def _numel(modules: list[nn.Module]) -> int:
@@ -224,6 +246,7 @@ def cost_table(net: MultiExitNet) -> dict[int, DepthCost]:
                 cut_elements=int(z[0].numel()),
                 server_flops=_forward_flops(lambda t, d=d: server(t, d), z),
                 server_params=_numel(list(net.blocks[d:]) + [net.head]),
+                activation_elements=_activation_elements([client], lambda t, c=client: c.exit_head(c.features(t)), x),
             )
     finally:
         net.train(was_training)
