@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import math
 import os
 import tempfile
 import threading
@@ -132,21 +133,33 @@ STATS_KEY = "__stats__"
 """The entry of a session upload that carries the session's training statistics (five float64)."""
 
 
-def session_upload_bytes(state: Mapping[str, torch.Tensor], stats: list[float]) -> bytes:
+COMPUTE_KEY = "__compute_s__"
+"""The optional entry of a session upload with the seconds the device computed (one float64)."""
+
+
+def session_upload_bytes(state: Mapping[str, torch.Tensor], stats: list[float],
+                         compute_s: float | None = None) -> bytes:
     """A device's end-of-session upload: its trained client state plus the session's statistics
-    (``harmony.algorithms.StepStats.vector``), as one state-dict blob."""
+    (``harmony.algorithms.StepStats.vector``) and the seconds it spent computing, as one state-dict blob."""
     upload = dict(state)
     upload[STATS_KEY] = torch.tensor(stats, dtype=torch.float64)
+    if compute_s is not None:
+        upload[COMPUTE_KEY] = torch.tensor([compute_s], dtype=torch.float64)
     return state_dict_to_bytes(upload)
 
 
-def read_session_upload(data: bytes | bytearray | memoryview) -> tuple[dict[str, torch.Tensor], list[float]]:
-    """The inverse of :func:`session_upload_bytes`: (client state, statistics)."""
+def read_session_upload(data: bytes | bytearray | memoryview
+                        ) -> tuple[dict[str, torch.Tensor], list[float], float | None]:
+    """The inverse of :func:`session_upload_bytes`: (client state, statistics, compute seconds or None)."""
     state = bytes_to_state_dict(data)
     stats = state.pop(STATS_KEY, None)
     if stats is None or stats.dtype != torch.float64 or stats.shape != (5,):
         raise WireError("body.data", f"a session upload needs a float64 [{STATS_KEY}] entry of 5 statistics")
-    return state, stats.tolist()
+    compute = state.pop(COMPUTE_KEY, None)
+    if compute is not None and (compute.dtype != torch.float64 or compute.shape != (1,)
+                                or not math.isfinite(compute.item()) or compute.item() < 0):
+        raise WireError("body.data", f"a session upload's [{COMPUTE_KEY}] entry must be one float64 >= 0")
+    return state, stats.tolist(), None if compute is None else float(compute.item())
 
 
 class BlobCache:

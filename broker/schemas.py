@@ -34,6 +34,7 @@ from harmony.evaluate import ClientEvaluation, ClientScore, ThresholdScore
 STATUS_ONLINE = "online"
 STATUS_OFFLINE = "offline"
 MAX_SPLIT_DEPTH = 64
+LINK_PROBE_MAX_BYTES = 1 << 20
 SCALE_EXP_RANGE = (-64, 64)
 """Accepted ``FeatureGradDown.scale_exp`` (``encode_gradient`` produces −24 … 60)."""
 _INT64_MAX = 2**63 - 1
@@ -59,9 +60,17 @@ class Hello:
     load: float  # 1-minute load average
     gflops: float  # measured matmul GFLOP/s
     rtt_ms: float  # round trip through the broker
-    uplink_bps: float  # bytes per second through the broker
+    uplink_bps: float  # bits per second device → broker (link probe); 0 when not measured
     battery: float | None = None  # percent 0–100; None on mains-powered boards
     cpus: float | None = None  # CPU time it may use, in CPUs (e.g. 0.15); None from agents before this field
+    rates: dict[str, float] | None = None  # measured training FLOP/s per kind of layer (conv, depthwise, attention)
+
+
+@dataclass
+class LinkProbe:
+    """Agent → broker on the device's ``up`` topic, only to time the uplink (nobody consumes it)."""
+
+    payload: bytes
 
 
 @dataclass
@@ -441,8 +450,10 @@ SCHEMAS: dict[str, Schema] = {
             _str("agent_version", 64), _int("cores", 1, 65536), _float("freq_mhz", 0, 1e6),
             _int("memory_bytes", 0, 2**62), _float("load", 0, 1e6), _float("gflops", 0, 1e9),
             _float("rtt_ms", 0, 1e7), _float("uplink_bps", 0, 1e15), _float("battery", 0, 100, optional=True),
-            _float("cpus", 0.001, 65536, optional=True),
+            _float("cpus", 0.001, 65536, optional=True), FieldSpec("rates", "scalar_map", optional=True),
         ), frozenset({"hello"})),
+        Schema("link_probe", LinkProbe, (FieldSpec("payload", "bytes", max_len=LINK_PROBE_MAX_BYTES),),
+               frozenset({"up"})),
         Schema("status", Status, (_str("state", 32, _IDENT), _str("detail", 1024)), frozenset({"status"})),
         Schema("assign", Assign, (
             _int("split_depth", 1, MAX_SPLIT_DEPTH), _sha("config_digest"),

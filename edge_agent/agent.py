@@ -39,7 +39,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,9 +56,9 @@ from broker.blobs import (
 from broker.client import BrokerClient, Subscription
 from broker.codec import Envelope, make_envelope
 from broker.errors import BrokerError, ConnectRefused, WireError
-from broker.schemas import Assign, EvalReport, Evaluate, InferRequest, Personalise, RoundStart
+from broker.schemas import Assign, EvalReport, Evaluate, Hello, InferRequest, LinkProbe, Personalise, RoundStart
 from broker.topics import Topics
-from edge_agent.probe import probe_hello
+from edge_agent.probe import kernel_rates, probe_hello, probe_link
 from harmony.evaluate import ServerPredict
 from harmony.experiment import ClientShare, DevicePlan, Experiment
 from harmony.fleet import flush_denormal
@@ -87,6 +87,21 @@ class SharedRuntime:
         self._manifest_sha: str | None = None
         self.devices: dict[str, DevicePlan] = {}
         """Device id → its plan and data, for the current manifest (what this process holds)."""
+        self._measure_lock = threading.Lock()
+        self._rates: dict[float, dict[str, float]] = {}
+        self._link: tuple[float, float] | None = None
+
+    def measure(self, slowdown: float, pace: Callable[[], contextlib.AbstractContextManager[Any]],
+                publish: Callable[[bytes], None]) -> tuple[dict[str, float], float, float]:
+        """``(rates, rtt_ms, uplink_bps)`` for a device's ``hello``: the layer rates measured through
+        the device's pacing, once per slow-down, and the link, once per process (the devices of
+        one process share the host and its link)."""
+        with self._measure_lock:
+            if slowdown not in self._rates:
+                self._rates[slowdown] = kernel_rates(pace)
+            if self._link is None:
+                self._link = probe_link(publish)
+            return self._rates[slowdown], *self._link
 
     def device(self, client: BrokerClient, manifest_sha: str, device_id: str) -> DevicePlan:
         with self._lock:
@@ -157,6 +172,14 @@ class Device:
         if self.slowdown > 1.0:
             time.sleep((self.slowdown - 1.0) * (time.perf_counter() - t0))
 
+    def _hello(self) -> Hello:
+        """This device's ``hello``: the host's probe, the layer rates measured as this device trains
+        (paced) and the uplink timed through the broker (``link_probe`` on its ``up`` topic)."""
+        up = self.topics.up(self.id)
+        rates, rtt_ms, uplink_bps = self.shared.measure(
+            self.slowdown, self._paced, lambda payload: self.client.send(up, LinkProbe(payload=payload)).wait(30))
+        return probe_hello(rtt_ms=rtt_ms, uplink_bps=uplink_bps, rates=rates)
+
     # ------------------------------------------------------------------------------- loop
     def _connect(self) -> None:
         while not self.stop_event.is_set():
@@ -174,7 +197,7 @@ class Device:
             self.cmd = self.client.subscribe(self.topics.cmd(self.id))
             self.down = self.client.subscribe(self.topics.down(self.id))
             self.err = self.client.subscribe(self.topics.err(self.id))
-            hello = probe_hello()
+            hello = self._hello()
             self.client.send(self.topics.hello(self.id), hello, retain=True)
             log.info("device %s: registered with %d core(s), %.2f CPUs, %d MiB, %.1f GFLOP/s", self.id, hello.cores,
                      hello.cpus, hello.memory_bytes >> 20, hello.gflops)
@@ -302,7 +325,7 @@ class Device:
         log.info("device %s round %d: %d steps in %.2f s (device compute %.2f, waiting for the server %.2f, "
                  "sending %.2f)", self.id, rnd, rs.steps, time.perf_counter() - t0, split["compute"], split["wait"],
                  split["send"])
-        self._upload(session_upload_bytes(side.state(), side.stats.vector()), rnd)
+        self._upload(session_upload_bytes(side.state(), side.stats.vector(), split["compute"]), rnd)
         self.client.publish_status("idle", f"round {rnd} done")
 
     def _upload(self, data: bytes, rnd: int) -> None:

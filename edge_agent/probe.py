@@ -17,12 +17,15 @@ not seen.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psutil
 import torch
@@ -155,8 +158,67 @@ def matmul_gflops(size: int = 256, repeats: int = 5) -> float:
     return 2 * size**3 * repeats / max(time.perf_counter() - t0, 1e-9) / 1e9
 
 
-def probe_hello(rtt_ms: float = 0.0, uplink_bps: float = 0.0, cgroup_root: Path = CGROUP_ROOT) -> Hello:
-    """This device's ``hello``: host facts from psutil, bounded by the cgroup limits under ``cgroup_root``."""
+def _kernel_layers() -> dict[str, tuple[torch.nn.Module, torch.Tensor]]:
+    """One small training layer of each kind ``harmony.assignment.KERNELS`` names, with its input."""
+    nn = torch.nn
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return {
+            "conv": (nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU()),
+                     torch.randn(8, 16, 16, 16)),
+            "depthwise": (nn.Sequential(nn.Conv2d(16, 64, 1), nn.BatchNorm2d(64), nn.ReLU6(),
+                                        nn.Conv2d(64, 64, 3, padding=1, groups=64), nn.BatchNorm2d(64), nn.ReLU6(),
+                                        nn.Conv2d(64, 16, 1), nn.BatchNorm2d(16)),
+                          torch.randn(8, 16, 16, 16)),
+            "attention": (nn.TransformerEncoderLayer(64, 4, dim_feedforward=128, dropout=0.0, batch_first=True),
+                          torch.randn(8, 16, 64)),
+        }
+
+
+def kernel_rates(pace: Callable[[], contextlib.AbstractContextManager[Any]] | None = None,
+                 repeats: int = 3) -> dict[str, float]:
+    """Training FLOP/s (forward + backward, counted by torch's FLOP counter) of one small layer of
+    each kind, the best of ``repeats`` steps; ``pace`` wraps each timed step (an emulated slower
+    device's pacing, so that it measures as slow as it trains)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    rates: dict[str, float] = {}
+    for kind, (layer, x) in _kernel_layers().items():
+        def step(layer: torch.nn.Module = layer, x: torch.Tensor = x) -> None:
+            layer.zero_grad(set_to_none=True)
+            layer(x).square().mean().backward()
+
+        with FlopCounterMode(display=False) as counter:
+            step()  # also the warm-up
+        flops = counter.get_total_flops()
+        best = math.inf
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            with pace() if pace is not None else contextlib.nullcontext():
+                step()
+            best = min(best, time.perf_counter() - t0)
+        rates[kind] = flops / max(best, 1e-9)
+    return rates
+
+
+def probe_link(publish: Callable[[bytes], None], payload_bytes: int = 256 * 1024) -> tuple[float, float]:
+    """``(rtt_ms, uplink_bps)`` of the link under ``publish`` (one acknowledged publish of that many
+    bytes): the round trip of a 1-byte publish, the best of three, and the bits of a
+    ``payload_bytes`` publish over the time it took beyond that round trip."""
+    def timed(n: int) -> float:
+        t0 = time.perf_counter()
+        publish(b"\0" * n)
+        return time.perf_counter() - t0
+
+    rtt = min(timed(1) for _ in range(3))
+    big = min(timed(payload_bytes) for _ in range(2))
+    return rtt * 1e3, payload_bytes * 8 / max(big - rtt, 1e-6)
+
+
+def probe_hello(rtt_ms: float = 0.0, uplink_bps: float = 0.0, cgroup_root: Path = CGROUP_ROOT,
+                rates: dict[str, float] | None = None) -> Hello:
+    """This device's ``hello``: host facts from psutil, bounded by the cgroup limits under ``cgroup_root``;
+    ``rtt_ms``/``uplink_bps`` from :func:`probe_link`, ``rates`` from :func:`kernel_rates`."""
     freq = psutil.cpu_freq()
     battery = psutil.sensors_battery() if hasattr(psutil, "sensors_battery") else None
     resources = effective_resources(host_cores(), int(psutil.virtual_memory().total),
@@ -172,4 +234,5 @@ def probe_hello(rtt_ms: float = 0.0, uplink_bps: float = 0.0, cgroup_root: Path 
         uplink_bps=uplink_bps,
         battery=float(battery.percent) if battery is not None else None,
         cpus=resources.cpus,
+        rates=rates,
     )

@@ -131,7 +131,7 @@ def choose_depth(costs: Mapping[int, DepthCost], m: Measurement, *, budget_s: fl
 def from_profile(device: str, profile: DeviceProfile) -> Measurement:
     """A profile's figures as the measurement of an emulated device."""
     return Measurement(device, profile.compute_flops, profile.memory_bytes, profile.uplink_bps,
-                       f"profile {profile.name} (its assumed figures)")
+                       f"profile {profile.name}, assumed figures")
 
 
 class MeasurementError(ValueError):

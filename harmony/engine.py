@@ -58,6 +58,7 @@ class RoundRecord:
     offline: list[int] = field(default_factory=list)  # clients unavailable at the round's start
     deadline_s: float | None = None
     clock_s: float | None = None  # the simulated clock at the round's end (simulated clock only)
+    reassigned: list[dict[str, Any]] = field(default_factory=list)  # depth re-decisions after measured drift
 
 
 class TrainingDivergedError(RuntimeError):
@@ -145,6 +146,7 @@ class Engine:
         record.stragglers, record.dropouts, record.offline = late, dropped, plan.offline
         record.deadline_s = plan.deadline_s
         record.clock_s = self.clock_s if self.cfg.fleet.clock == "simulated" else None
+        record.reassigned = self._reassign_drifted(rnd, results)
         if self._interim_eval_due(rnd):
             record.eval_accuracy = self.evaluate(personalise=False, rnd=rnd)["accuracy"]
         self.fleet.round_done(rnd, asdict(record), results)
@@ -175,6 +177,42 @@ class Engine:
         round_s = plan.deadline_s if late and plan.deadline_s is not None else longest
         order = [i for i in plan.participants if i in done]  # participant order, whatever order they finished in
         return [done[i] for i in order], sorted(late), sorted(dropped), round_s
+
+    def _reassign_drifted(self, rnd: int, results: list[SessionResult]) -> list[dict[str, Any]]:
+        """``fleet.reassign_drift``: a device whose measured client compute per step (what it
+        reported, ``SessionResult.extra["compute_s"]``) differs from its decision's estimate by
+        more than that fraction gets its depth decided again from what it measured; a device that
+        changes depth starts from the global model there (its personal state is of the old depth)."""
+        drift = self.cfg.fleet.reassign_drift
+        ex = self.experiment
+        if drift is None or ex.decisions is None:
+            return []
+        events: list[dict[str, Any]] = []
+        moved: list[int] = []
+        for result in results:
+            compute_s = result.extra.get("compute_s")
+            if compute_s is None or compute_s <= 0:
+                continue
+            i = result.client
+            old = ex.decisions[i]
+            measured = compute_s / self.experiment.steps(i)
+            if abs(measured / old.needs.compute_s - 1.0) <= drift:
+                continue
+            new = ex.redecide(i, measured)
+            event = {"client": i, "device": old.device, "from_depth": old.depth, "to_depth": new.depth,
+                     "measured_step_s": measured, "estimated_step_s": old.needs.compute_s, "reason": new.reason}
+            events.append(event)
+            self.progress("reassigned", round=rnd, **event)
+            if new.depth != old.depth:
+                ex.set_depth(i, new.depth)
+                self.local_states.pop(i, None)
+                moved.append(i)
+                # a depth no client held yet: its exit head starts from the template
+                fresh, _ = ex.initial_states()
+                self.client_global.update({k: v for k, v in fresh.items() if k not in self.client_global})
+        if moved:
+            self.fleet.reassign(moved)
+        return events
 
     def _interim_eval_due(self, rnd: int) -> bool:
         """Whether round ``rnd`` is followed by an evaluation of the aggregated models
@@ -321,7 +359,8 @@ class Engine:
             "seed": self.cfg.seed,
             "runtime": self.fleet.runtime,
             "config": self.cfg.model_dump(),
-            "fleet": {"split_depths": ex.depths, "profiles": ex.profiles, "train_samples": ex.samples},
+            "fleet": {"split_depths": ex.depths, "profiles": ex.profiles, "train_samples": ex.samples,
+                      "assignment": None if ex.decisions is None else [d.as_dict() for d in ex.decisions]},
             "costs": {str(d): asdict(c) for d, c in ex.costs.items()},
             "rounds": [asdict(r) for r in self.history],
             "evaluation": evaluation,

@@ -427,7 +427,11 @@ class DevicePlan:
         self.experiment = experiment
         self.cfg, self.algorithm = experiment.cfg, experiment.algorithm
         self.client, self.data = data.client, data
-        self.depth = experiment.depths[data.client]
+
+    @property
+    def depth(self) -> int:
+        """This device's split depth (the plan's: ``Experiment.set_depth`` moves it)."""
+        return self.experiment.depths[self.client]
 
     def new_model(self) -> ClientModel:
         return self.experiment.client_model(self.depth)

@@ -110,6 +110,11 @@ class Fleet(Protocol):
         """The engine rejected round ``rnd`` (e.g. diverged weights)."""
         ...
 
+    def reassign(self, clients: list[int]) -> None:
+        """The experiment moved ``clients`` to new split depths (``experiment.depths``): the devices
+        train at them from the next round."""
+        ...
+
     def describe(self) -> dict[str, Any]:
         """Extra fields for results.json (where the run's bits were computed)."""
         ...
@@ -206,6 +211,11 @@ class InProcessFleet:
 
     def round_failed(self, rnd: int, reason: str) -> None:
         pass
+
+    def reassign(self, clients: list[int]) -> None:
+        # the devices read their depth from the experiment; a depth no client had needs its model
+        for d in sorted(set(self.experiment.depths) - set(self.client_models)):
+            self.client_models[d] = self.experiment.client_model(d)
 
     def describe(self) -> dict[str, Any]:
         return {"machine": machine_info(self.experiment.torch_device)}

@@ -42,6 +42,7 @@ from broker.client import BrokerClient
 from broker.schemas import Assign, EvalReport, Evaluate, Personalise, RoundStart
 from broker.topics import Topics
 from harmony.algorithms import StepStats
+from harmony.assignment import from_hello
 from harmony.evaluate import ClientEvaluation
 from harmony.experiment import Experiment, State
 from harmony.fleet import ProgressFn, ResumePoint, SessionResult
@@ -82,11 +83,30 @@ class MqttCeleryFleet:
         self.registry = Registry(self.mqtt, self.r)
         n = experiment.num_clients
         self.device_ids: list[str] = self.registry.wait_for(n, devices_timeout_s)[:n]
+        if self.cfg.fleet.assignment == "measured":
+            self._decide_depths()
         self.published: dict[str, int] = {}
         self._round: dict[str, Any] = {}  # what the round in progress published (its shas, its clock)
         self._assign()
 
     # ------------------------------------------------------------------------------ set-up
+    def _decide_depths(self) -> None:
+        """``fleet.assignment: measured``: each device's depth from the resources its ``hello`` measured."""
+        family = self.cfg.model.family
+        measurements = [from_hello(dev, self.registry.profiles[dev], family) for dev in self.device_ids]
+        for decision in self.experiment.assign_measured(measurements):
+            log.info("device %s: %s", decision.device, decision.reason)
+            state.event(self.r, "depth_assigned", device=decision.device, depth=decision.depth,
+                        reason=decision.reason[:500])
+
+    def reassign(self, clients: list[int]) -> None:
+        """A new manifest with the experiment's new depths, assigned to every device (those whose
+        depth did not change rebuild the same plan); the next round's sessions use it."""
+        for i in clients:
+            state.event(self.r, "depth_reassigned", device=self.device_ids[i], depth=self.experiment.depths[i])
+        self._assign()
+        self.r.hset(state.run_key(), "manifest", self.manifest_sha)  # the same run, now with this manifest
+
     def _assign(self) -> None:
         ex = self.experiment
         shares = {dev: self._publish(ex.shares[i].to_bytes()) for i, dev in enumerate(self.device_ids)}
@@ -252,8 +272,11 @@ class MqttCeleryFleet:
 
     def _session_result(self, rnd: int, dev: str, client: int) -> SessionResult:
         meta = state.session_meta(self.r, rnd, dev)
+        extra = {"upload": meta["client_sha"]}
+        if meta.get("device_compute_s") is not None:
+            extra["compute_s"] = float(meta["device_compute_s"])
         return SessionResult(client, state.get_model(self.r, meta["client_sha"]), int(meta["weight"]),
-                             StepStats.from_vector(meta["stats"]), extra={"upload": meta["client_sha"]})
+                             StepStats.from_vector(meta["stats"]), extra=extra)
 
     def aggregate(self, rnd: int, results: list[SessionResult], client_prev: State, server_prev: State
                   ) -> tuple[State, State]:

@@ -22,9 +22,9 @@ def natural_key(device_id: str) -> list[object]:
 
 
 class Registry:
-    """Collects hello/status from the broker and records them in Redis."""
+    """Collects hello/status from the broker and records them in Redis (``r``; None: only in memory)."""
 
-    def __init__(self, client: BrokerClient, r: object) -> None:
+    def __init__(self, client: BrokerClient, r: object | None) -> None:
         self.client, self.r = client, r
         self.hello = client.subscribe(client.topics.all_devices("hello"))
         self.status = client.subscribe(client.topics.all_devices("status"))
@@ -54,11 +54,13 @@ class Registry:
                 if env.kind == "hello":
                     profile = dataclasses.asdict(env.body)
                     self.profiles[dev] = profile
-                    self.r.hset(state.dev_key(dev), mapping={"profile": json.dumps(profile)})  # type: ignore
-                    self.r.sadd(state.devices_key(), dev)  # type: ignore[attr-defined]
+                    if self.r is not None:
+                        self.r.hset(state.dev_key(dev), mapping={"profile": json.dumps(profile)})  # type: ignore
+                        self.r.sadd(state.devices_key(), dev)  # type: ignore[attr-defined]
                 elif env.kind == "status":
                     self.online[dev] = env.body.state != "offline"
-                    self.r.hset(state.dev_key(dev), mapping={"status": env.body.state})  # type: ignore
+                    if self.r is not None:
+                        self.r.hset(state.dev_key(dev), mapping={"status": env.body.state})  # type: ignore
 
     def available(self) -> list[str]:
         """Registered devices whose last status is not ``offline``, in natural order."""
@@ -74,3 +76,14 @@ class Registry:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{len(devices)} device(s) online ({devices}) but the config needs {count}; "
                                    "start more agents (harmony up --agents N)")
+
+
+def online_profiles(client: BrokerClient, count: int, timeout: float) -> dict[str, dict]:
+    """The ``hello`` of the first ``count`` online devices (natural order, as a run picks them),
+    read from the broker's retained messages; fewer if fewer are online after ``timeout`` seconds."""
+    registry = Registry(client, None)
+    try:
+        devices = registry.wait_for(count, timeout)
+    except TimeoutError:
+        devices = registry.available()
+    return {dev: registry.profiles[dev] for dev in devices[:count]}

@@ -169,12 +169,13 @@ def session(self: Any, rnd: int, dev: str, index: int, manifest_sha: str, server
         steps_done = time.perf_counter()
         data = client.receive_blob(sub, timeout=max(0.0, deadline - time.monotonic()),
                                    accept=lambda e: e.round == rnd, check=guard.check, check_every_s=GUARD_POLL_S)
-        uploaded, stats = read_session_upload(data)
+        uploaded, stats, device_compute_s = read_session_upload(data)
         client_sha, _ = state.put_model(r, uploaded)
         n_i = plan.samples[index]
         guard.check()
         state.store_session_result(r, rnd, dev, uploaded, server.state(), n_i,
-                                   {"stats": stats, "client_sha": client_sha, "index": index, "token": token})
+                                   {"stats": stats, "client_sha": client_sha, "index": index, "token": token,
+                                    "device_compute_s": device_compute_s})
         seconds = time.perf_counter() - t0
         split = {**clock.seconds(), "upload_store": time.perf_counter() - steps_done}
         state.event(r, "session_done", round=rnd, device=dev, seconds=seconds, split=split)

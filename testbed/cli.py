@@ -368,6 +368,102 @@ def down(run_dir: Annotated[Path, typer.Option("--run-dir", help="the `harmony u
     out_console.print(f"stopped: {', '.join(stopped) if stopped else 'nothing was running'}")
 
 
+fleet_app = typer.Typer(no_args_is_help=True, help="the devices of a run: their split depths and why")
+app.add_typer(fleet_app, name="fleet")
+
+
+@fleet_app.command("plan")
+def fleet_plan(
+    config: ConfigArg,
+    set_: SetOpt = None,
+    broker: Annotated[str | None, typer.Option("--broker", help="decide from the hello of the devices online at "
+                                               "this MQTT HOST:PORT (default: from the config's profiles)")] = None,
+    stack_dir: Annotated[Path | None, typer.Option("--stack", help="decide from the devices of this `harmony up` "
+                                                   "stack (its broker and login)")] = None,
+    username: Annotated[str | None, typer.Option("--username", help="broker user name (with --broker)")] = None,
+    password: Annotated[str | None, typer.Option("--password", envvar="HARMONY_MQTT_PASSWORD",
+                                                 help="broker password (with --broker)")] = None,
+    topic_prefix: Annotated[str, typer.Option("--topic-prefix", help="MQTT topic prefix of the fleet")] = "hsfl/v1",
+    wait: Annotated[float, typer.Option("--wait", min=0, help="seconds to wait for fleet.num_clients devices "
+                                        "to be online")] = 10.0,
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON object per device instead of the table")] = False,
+) -> None:
+    """Print each device's profile, its split depth and the constraint that decided it."""
+    from harmony.experiment import Experiment
+
+    cfg = _load(config, set_)
+    if broker is not None and stack_dir is not None:
+        _fail(ValueError("give --broker or --stack, not both"))
+    try:
+        experiment = Experiment.plan(cfg)
+        if broker is not None or stack_dir is not None:
+            decisions = _measured_decisions(experiment, broker, stack_dir, username, password, topic_prefix, wait)
+        elif experiment.decisions is not None:
+            decisions = experiment.decisions
+        else:
+            source = "fleet.split_depths" if cfg.fleet.split_depths is not None else (
+                "fleet.depth_distribution" if cfg.fleet.depth_distribution is not None else "the default pattern")
+            if cfg.fleet.assignment == "measured":
+                _fail(ValueError("fleet.assignment: measured without fleet.profiles decides from the devices' "
+                                 "hello: add --stack DIR or --broker HOST:PORT"))
+            decisions = None
+            rows = [{"device": f"client {i}", "depth": d, "reason": f"depth {d}: from {source}"}
+                    for i, d in enumerate(experiment.depths)]
+    except (ValueError, FileNotFoundError, RuntimeError, TimeoutError, OSError) as err:
+        _fail(err)
+    if decisions is not None:
+        rows = [d.as_dict() for d in decisions]
+    if as_json:
+        for row in rows:
+            typer.echo(json.dumps(row))
+        return
+    table = Table(title=f"split depths for {cfg.model.family} (batch {cfg.train.batch_size}, "
+                        f"step budget {cfg.fleet.step_budget_s:g} s)")
+    for column in ("device", "profile", "depth", "decided by"):
+        table.add_column(column)
+    for row in rows:
+        profile = "" if "compute_flops" not in row else (
+            f"{row['compute_flops'] / 1e9:.2f} GFLOP/s, {row['available_memory_bytes'] / 2**20:.0f} MiB, "
+            f"{row['uplink_bps'] / 1e6:.1f} Mbit/s ({row['source']})")
+        table.add_row(row["device"], profile, str(row["depth"]), row["reason"])
+    out_console.print(table)
+
+
+def _measured_decisions(experiment: Any, broker: str | None, stack_dir: Path | None, username: str | None,
+                        password: str | None, topic_prefix: str, wait: float) -> list[Any]:
+    """Decisions from the ``hello`` of the devices online at ``broker`` (or the stack's broker)."""
+    import uuid
+
+    from broker.client import BrokerClient
+    from broker.topics import Topics
+    from harmony.assignment import from_hello
+    from orchestrator.registry import online_profiles
+    from testbed.stack import load_stack
+
+    if stack_dir is not None:
+        info = load_stack(stack_dir)
+        (host, port), (username, password) = info.mqtt, info.orchestrator_login()
+    else:
+        assert broker is not None
+        host, sep, port_text = broker.rpartition(":")
+        if not sep or not port_text.isdigit():
+            raise ValueError(f"--broker {broker!r}: expected HOST:PORT, e.g. 127.0.0.1:1883")
+        host, port = host or "127.0.0.1", int(port_text)
+    client = BrokerClient(f"fleet-plan-{uuid.uuid4().hex[:8]}", host, port, username=username, password=password,
+                          topics=Topics(topic_prefix), clean_start=True, session_expiry_s=0)
+    client.connect()
+    try:
+        n = experiment.num_clients
+        profiles = online_profiles(client, n, wait)
+    finally:
+        client.close()
+    if len(profiles) < n:
+        raise TimeoutError(f"{len(profiles)} device(s) online ({sorted(profiles)}) but fleet.num_clients = {n}; "
+                           "start more agents or lower fleet.num_clients")
+    family = experiment.cfg.model.family
+    return experiment.assign_measured([from_hello(dev, hello, family) for dev, hello in profiles.items()])
+
+
 def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     app()

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
+import yaml
 
 from harmony.assignment import Measurement, MeasurementError, choose_depth, from_hello, step_needs
 from harmony.config import ConfigError
-from harmony.engine import LocalEngine
+from harmony.engine import Engine, LocalEngine
 from harmony.experiment import Experiment
+from harmony.fleet import InProcessFleet
 from harmony.models.base import DepthCost
 from tests.conftest import tiny_config
 
@@ -117,3 +121,62 @@ def test_measured_assignment_rejects_fixed_depths_and_local_runs_without_profile
     with pytest.raises(ValueError, match="needs fleet.profiles"):
         LocalEngine(_measured(), tmp_path)
     assert not any(tmp_path.iterdir())
+
+
+class _ReportingFleet(InProcessFleet):
+    """The in-process fleet, with devices that report their client compute time as a board does,
+    at their true rates: the measured ones, except client 0, which is ``slow`` times slower."""
+
+    def __init__(self, experiment: Experiment, slow: float) -> None:
+        super().__init__(experiment)
+        assert experiment.decisions is not None
+        self.true_rates = {i: d.measurement.compute_flops / (slow if i == 0 else 1.0)
+                           for i, d in enumerate(experiment.decisions)}
+
+    def train(self, rnd, starts, server_start, plan):
+        ex = self.experiment
+        for result in super().train(rnd, starts, server_start, plan):
+            if result.status == "done":
+                i = result.client
+                step = step_needs(ex.costs[ex.depths[i]], batch_size=ex.cfg.train.batch_size,
+                                  batches_per_step=ex.algorithm.batches_per_step, momentum=ex.cfg.train.momentum,
+                                  bits_per_element=16, compute_flops=self.true_rates[i], uplink_bps=1e9)
+                result.extra["compute_s"] = step.compute_s * ex.steps(i)
+            yield result
+
+
+def test_a_device_that_drifts_is_reassigned_and_trains_at_its_new_depth(tmp_path):
+    cfg = _measured(**{"fleet.profiles": ["jetson_nano"], "fleet.step_budget_s": 0.05, "fleet.reassign_drift": 0.5,
+                       "train.rounds": 2})
+    ex = Experiment.plan(cfg)
+    assert ex.depths == [4, 4, 4, 4]
+    events: list[tuple[str, dict]] = []
+    engine = Engine(ex, _ReportingFleet(ex, slow=1000.0), tmp_path, lambda e, **f: events.append((e, f)))
+    results = engine.run()
+    first, second = results["rounds"]
+    # only client 0 drifted; it was re-decided from what it measured and moved to the shallowest depth
+    assert [(e["client"], e["from_depth"], e["to_depth"]) for e in first["reassigned"]] == [(0, 4, 2)]
+    assert first["reassigned"][0]["measured_step_s"] == pytest.approx(1000 * first["reassigned"][0]["estimated_step_s"])
+    assert [f["client"] for e, f in events if e == "reassigned"] == [0]
+    assert results["fleet"]["split_depths"] == [2, 4, 4, 4]
+    assert results["fleet"]["assignment"][0]["depth"] == 2 and "re-measured" in results["fleet"]["assignment"][0]["source"]
+    # round 2: client 0 now measures as estimated at depth 2 — no drift, no second move
+    assert second["reassigned"] == [] and second["participants"] == 4
+    assert results["evaluation"]["per_client"][0]["split_depth"] == 2
+
+
+def test_fleet_plan_prints_each_device_and_what_decided_it(tmp_path):
+    from typer.testing import CliRunner
+
+    from testbed.cli import app
+
+    config = tmp_path / "cfg.yaml"
+    config.write_text(yaml.safe_dump(_measured(**{"fleet.profiles": ["pi_zero_2", "pi4", "jetson_nano"],
+                                                  "fleet.step_budget_s": 0.02}).model_dump(mode="json")))
+    out = CliRunner().invoke(app, ["fleet", "plan", str(config), "--json"])
+    assert out.exit_code == 0, out.output
+    rows = [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
+    assert [r["depth"] for r in rows] == [2, 3, 4, 2]
+    assert rows[1]["reason"].startswith("depth 3: depth 4 needs") and "profile pi4" in rows[1]["source"]
+    bad = CliRunner().invoke(app, ["fleet", "plan", str(config), "--set", "fleet.profiles=null"])
+    assert bad.exit_code == 2 and "add --stack DIR or --broker HOST:PORT" in bad.output
