@@ -159,7 +159,8 @@ def test_a_device_that_drifts_is_reassigned_and_trains_at_its_new_depth(tmp_path
     assert first["reassigned"][0]["measured_step_s"] == pytest.approx(1000 * first["reassigned"][0]["estimated_step_s"])
     assert [f["client"] for e, f in events if e == "reassigned"] == [0]
     assert results["fleet"]["split_depths"] == [2, 4, 4, 4]
-    assert results["fleet"]["assignment"][0]["depth"] == 2 and "re-measured" in results["fleet"]["assignment"][0]["source"]
+    decided = results["fleet"]["assignment"][0]
+    assert decided["depth"] == 2 and "re-measured" in decided["source"]
     # round 2: client 0 now measures as estimated at depth 2 — no drift, no second move
     assert second["reassigned"] == [] and second["participants"] == 4
     assert results["evaluation"]["per_client"][0]["split_depth"] == 2
