@@ -91,14 +91,13 @@ class SharedRuntime:
         self._rates: dict[float, dict[str, float]] = {}
         self._link: tuple[float, float] | None = None
 
-    def measure(self, slowdown: float, pace: Callable[[], contextlib.AbstractContextManager[Any]],
-                publish: Callable[[bytes], None]) -> tuple[dict[str, float], float, float]:
-        """``(rates, rtt_ms, uplink_bps)`` for a device's ``hello``: the layer rates measured through
-        the device's pacing, once per slow-down, and the link, once per process (the devices of
-        one process share the host and its link)."""
+    def measure(self, slowdown: float, publish: Callable[[bytes], None]) -> tuple[dict[str, float], float, float]:
+        """``(rates, rtt_ms, uplink_bps)`` for a device's ``hello``: the layer rates of a device
+        ``slowdown`` times slower than the host, and the link, each measured once per process (the
+        devices of one process share the host and its link)."""
         with self._measure_lock:
             if slowdown not in self._rates:
-                self._rates[slowdown] = kernel_rates(pace)
+                self._rates[slowdown] = kernel_rates(slowdown)
             if self._link is None:
                 self._link = probe_link(publish)
             return self._rates[slowdown], *self._link
@@ -173,11 +172,11 @@ class Device:
             time.sleep((self.slowdown - 1.0) * (time.perf_counter() - t0))
 
     def _hello(self) -> Hello:
-        """This device's ``hello``: the host's probe, the layer rates measured as this device trains
-        (paced) and the uplink timed through the broker (``link_probe`` on its ``up`` topic)."""
+        """This device's ``hello``: the host's probe, the layer rates at this device's slow-down and
+        the uplink timed through the broker (``link_probe`` on its ``up`` topic)."""
         up = self.topics.up(self.id)
         rates, rtt_ms, uplink_bps = self.shared.measure(
-            self.slowdown, self._paced, lambda payload: self.client.send(up, LinkProbe(payload=payload)).wait(30))
+            self.slowdown, lambda payload: self.client.send(up, LinkProbe(payload=payload)).wait(30))
         return probe_hello(rtt_ms=rtt_ms, uplink_bps=uplink_bps, rates=rates)
 
     # ------------------------------------------------------------------------------- loop

@@ -17,7 +17,6 @@ not seen.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
@@ -25,7 +24,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import psutil
 import torch
@@ -175,11 +173,12 @@ def _kernel_layers() -> dict[str, tuple[torch.nn.Module, torch.Tensor]]:
         }
 
 
-def kernel_rates(pace: Callable[[], contextlib.AbstractContextManager[Any]] | None = None,
-                 repeats: int = 3) -> dict[str, float]:
+def kernel_rates(slowdown: float = 1.0, repeats: int = 3) -> dict[str, float]:
     """Training FLOP/s (forward + backward, counted by torch's FLOP counter) of one small layer of
-    each kind, the best of ``repeats`` steps; ``pace`` wraps each timed step (an emulated slower
-    device's pacing, so that it measures as slow as it trains)."""
+    each kind, the best of ``repeats`` timed steps, on a device emulated ``slowdown`` times slower
+    than this host (the agent's pacing sleeps ``slowdown − 1`` times each compute phase, so such a
+    device computes at the host's rate ÷ ``slowdown``; timing the sleeps too would only make a
+    very slow emulated device take minutes to register)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     rates: dict[str, float] = {}
@@ -194,10 +193,9 @@ def kernel_rates(pace: Callable[[], contextlib.AbstractContextManager[Any]] | No
         best = math.inf
         for _ in range(repeats):
             t0 = time.perf_counter()
-            with pace() if pace is not None else contextlib.nullcontext():
-                step()
+            step()
             best = min(best, time.perf_counter() - t0)
-        rates[kind] = flops / max(best, 1e-9)
+        rates[kind] = flops / max(best, 1e-9) / slowdown
     return rates
 
 
