@@ -1,5 +1,5 @@
 """Split depths from measured resources, with real processes (mosquitto, redis-server, a Celery
-worker, two agent processes, one emulating devices 30× slower than the host): `harmony fleet plan
+worker, two agent processes, one emulating devices 100× slower than the host): `harmony fleet plan
 --stack` and a distributed run give the fast and the slow devices different depths from what
 their agents measured."""
 
@@ -24,7 +24,7 @@ from server import state
 from testbed.stack import REPO_ROOT, LocalStack
 from tests.conftest import tiny_config
 
-SLOW = 30.0
+SLOW = 100.0
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +51,8 @@ def _hellos(stack: LocalStack) -> dict[str, dict]:
 def _config(hellos: dict[str, dict]):
     """A measured-assignment config whose step budget lies between what the deepest depth needs on
     the fast devices and what the second-shallowest needs on the slow ones (a factor ≥ 3 either side)."""
-    cfg = tiny_config(**{"fleet.split_depths": None, "fleet.assignment": "measured", "train.rounds": 1})
+    cfg = tiny_config(**{"fleet.split_depths": None, "fleet.assignment": "measured", "train.rounds": 1,
+                         "train.local_steps": 2})
     ex = Experiment.plan(cfg)
     rate = {dev: from_hello(dev, h, "cnn8").compute_flops for dev, h in hellos.items()}
     depths = sorted(ex.costs)
