@@ -242,7 +242,7 @@ class Engine:
         )
 
     # ----------------------------------------------------------------------------- evaluation
-    def evaluate_clients(self, personalise: bool = True, rnd: int | None = None) -> list[ClientEvaluation]:
+    def evaluate_clients(self, personalise: bool = True, rnd: int | None = None) -> dict[int, ClientEvaluation]:
         """Every client's evaluation against the global server model, in client order (the final
         one, ``personalise``, in the evaluation round; a periodic one in round ``rnd``)."""
         if rnd is None:
@@ -258,7 +258,14 @@ class Engine:
         server_rate = profiles[cfg.eval.server_profile].compute_flops
         early = self.algorithm.early_exit
         per_client = []
-        for i, ev in enumerate(self.evaluate_clients(personalise, rnd)):
+        evaluations = self.evaluate_clients(personalise, rnd)
+        missing = [i for i in range(ex.num_clients) if i not in evaluations]
+        if not evaluations:
+            raise RoundFailedError(f"evaluation: none of the {ex.num_clients} devices could be evaluated (all gone)")
+        if missing:
+            log.warning("evaluation without clients %s: their devices are gone", missing)
+            self.progress("evaluation_incomplete", missing=missing)
+        for i, ev in evaluations.items():
             depth = ex.depths[i]
             profile = profiles[ex.profiles[i]]
             rows = []
@@ -291,6 +298,7 @@ class Engine:
             "latency_ms": mean_of("latency_ms"),
             "measured_latency_ms": mean_of("measured_latency_ms"),
             "per_client": per_client,
+            "unevaluated": missing,  # clients whose devices were gone: the means are over the others
         }
 
     # ----------------------------------------------------------------------------- driver

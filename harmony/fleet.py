@@ -97,9 +97,10 @@ class Fleet(Protocol):
         ...
 
     def evaluate(self, rnd: int, models: dict[int, State], server: State, personalise: bool
-                 ) -> list[ClientEvaluation]:
+                 ) -> dict[int, ClientEvaluation]:
         """Every client evaluates ``models[i]`` (after the algorithm's personalisation when
-        ``personalise``) against the server back end ``server``; in client order."""
+        ``personalise``) against the server back end ``server``; client → its evaluation, in
+        client order, without the devices that are gone (the engine reports them)."""
         ...
 
     def round_done(self, rnd: int, record: dict[str, Any], results: list[SessionResult]) -> None:
@@ -188,12 +189,12 @@ class InProcessFleet:
         return client_sum.average(client_prev), server_sum.average(server_prev)
 
     def evaluate(self, rnd: int, models: dict[int, State], server: State, personalise: bool
-                 ) -> list[ClientEvaluation]:
+                 ) -> dict[int, ClientEvaluation]:
         """Batch-1 latency is measured once per split depth and shared by its clients."""
         self.server_model.load_state_dict(server)
         predict = server_predictor(self.server_model)
         measured: dict[int, tuple[float, float]] = {}
-        evaluations = []
+        evaluations: dict[int, ClientEvaluation] = {}
         for i in sorted(models):
             device = self.devices[i]
             model = self.client_models[device.depth]
@@ -203,7 +204,7 @@ class InProcessFleet:
             ev = device.evaluate(model, predict, measure=device.depth not in measured)
             if ev.measured_s is not None:
                 measured[device.depth] = ev.measured_s
-            evaluations.append(ClientEvaluation(ev.scores, measured.get(device.depth)))
+            evaluations[i] = ClientEvaluation(ev.scores, measured.get(device.depth))
         return evaluations
 
     def round_done(self, rnd: int, record: dict[str, Any], results: list[SessionResult]) -> None:

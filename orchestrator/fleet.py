@@ -60,6 +60,10 @@ sessions for the CPU); this bounds the wait when a wake-up is lost (e.g. Redis r
 log = logging.getLogger(__name__)
 
 
+class _DeviceGone(Exception):
+    """A device's status turned ``offline`` while the fleet waited for it."""
+
+
 class MqttCeleryFleet:
     """The devices registered with a running stack (Mosquitto, Redis, Celery workers, agents)."""
 
@@ -310,14 +314,18 @@ class MqttCeleryFleet:
 
     # ------------------------------------------------------------------------------ evaluation
     def evaluate(self, rnd: int, models: dict[int, State], server: State, personalise: bool
-                 ) -> list[ClientEvaluation]:
+                 ) -> dict[int, ClientEvaluation]:
         """Every device evaluates its own model against ``server`` (module docstring); ``rnd`` is the
-        envelope round and the Redis keys (the evaluation round for the final evaluation)."""
+        envelope round and the Redis keys (the evaluation round for the final evaluation). A device
+        whose status is ``offline`` (its last will) before or during the evaluation is left out at
+        once (``evaluation_skipped`` event), its inference task stopped."""
         cfg, r = self.cfg, self.r
-        clients = sorted(models)
+        self.registry.poll(0)
+        clients = [i for i in sorted(models) if not self._gone(rnd, i)]
         server_sha, _ = state.put_model(r, server)
         if personalise and self.experiment.algorithm.personalises:
             blobs = self._personalise_on_devices(rnd, {i: models[i] for i in clients})
+            clients = sorted(blobs)
         else:
             blobs = {i: state_dict_to_bytes(models[i]) for i in clients}
         shas = {i: self._publish(blobs[i]) for i in clients}
@@ -335,14 +343,26 @@ class MqttCeleryFleet:
         command = {i: Evaluate(model_sha256=shas[i], rhos=list(cfg.data.rhos), entropy_thresholds=list(cfg.eval.taus),
                                fixed_tau=cfg.eval.fixed_tau) for i in clients}
         reports = self._await_reports(rnd, attempt, dict(zip(devs, clients, strict=True)), command)
-        evaluations = []
+        evaluations: dict[int, ClientEvaluation] = {}
         for i in clients:
-            report = reports[self.device_ids[i]]
+            report = reports.get(self.device_ids[i])
+            if report is None:
+                continue  # gone during the evaluation
             if report.rhos != list(cfg.data.rhos):
                 raise ValueError(f"device {self.device_ids[i]}: eval_report.rhos {report.rhos} differ from data.rhos "
                                  f"{list(cfg.data.rhos)} (is the agent running another config?)")
-            evaluations.append(report.to_evaluation())
+            evaluations[i] = report.to_evaluation()
         return evaluations
+
+    def _gone(self, rnd: int, client: int) -> bool:
+        """Whether client ``client``'s device is ``offline``; if so, record that it is left out of
+        evaluation ``rnd`` and stop its inference task."""
+        dev = self.device_ids[client]
+        if self.registry.online.get(dev) is not False:
+            return False
+        self.r.hset(state.ready_key(rnd), f"infer:{dev}", "stopped:gone")
+        state.event(self.r, "evaluation_skipped", round=rnd, device=dev)
+        return True
 
     def _personalise_on_devices(self, rnd: int, models: dict[int, State]) -> dict[int, bytes]:
         """Send ``personalise`` to every device at once; their personalised models as state-dict bytes."""
@@ -354,12 +374,19 @@ class MqttCeleryFleet:
                 self.mqtt.send(self.topics.cmd(self.device_ids[i]), Personalise(model_sha256=sha), round=rnd)
             deadline = time.monotonic() + self.round_timeout_s
             for i in models:
+                def gone(i: int = i) -> None:
+                    self.registry.poll(0)
+                    if self._gone(rnd, i):
+                        raise _DeviceGone
                 try:
                     out[i] = self.mqtt.receive_blob(subs[i], timeout=max(0.0, deadline - time.monotonic()),
-                                                    accept=lambda e: e.round == rnd)
-                except TimeoutError:
-                    raise RoundFailedError(f"device {self.device_ids[i]} did not upload its personalised model "
-                                           f"within {self.round_timeout_s} s (see the agent log)") from None
+                                                    accept=lambda e: e.round == rnd, check=gone, check_every_s=0.5)
+                except _DeviceGone:
+                    continue
+                except TimeoutError:  # too slow: left out of the evaluation, as a vanished device is
+                    log.warning("device %s did not upload its personalised model within %s s; it is left out of "
+                                "the evaluation (see the agent log)", self.device_ids[i], self.round_timeout_s)
+                    state.event(self.r, "evaluation_late", round=rnd, device=self.device_ids[i])
         finally:
             for sub in subs.values():
                 self.mqtt.unsubscribe(sub)
@@ -384,10 +411,18 @@ class MqttCeleryFleet:
                 if doc["attempt"] == attempt and dev in index and dev not in reports:
                     reports[dev] = EvalReport(**doc["report"])
                     self.progress("evaluation_done", device=index[dev])
+            self.registry.poll(0)
+            for dev in [d for d in index if d not in reports and self._gone(rnd, index[d])]:
+                del index[dev]
             if len(reports) == len(index):
                 return reports
-            if time.monotonic() > deadline:
-                raise RoundFailedError(f"evaluation {rnd}: devices {sorted(set(index) - set(reports))} did not report "
-                                       f"within {self.round_timeout_s} s (see the worker and agent logs)")
+            if time.monotonic() > deadline:  # the late ones are left out, as vanished devices are
+                late = sorted(set(index) - set(reports))
+                log.warning("evaluation %s: devices %s did not report within %s s; left out (see the worker and "
+                            "agent logs)", rnd, late, self.round_timeout_s)
+                for dev in late:
+                    self.r.hset(state.ready_key(rnd), f"infer:{dev}", "stopped:late")
+                    state.event(self.r, "evaluation_late", round=rnd, device=dev)
+                return reports
             state.wait_notify(self.r, rnd, WAKE_S)
 

@@ -11,7 +11,6 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import asdict
 from typing import Any
 
 import pytest
@@ -41,10 +40,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
         s.stop()
 
 
-def _engine(stack: LocalStack, cfg: Any, tmp_path: Any, progress: Any) -> DistributedEngine:
+def _engine(stack: LocalStack, cfg: Any, tmp_path: Any, progress: Any, timeout_s: float = 300
+            ) -> DistributedEngine:
     assert stack.info is not None
     return DistributedEngine(cfg, tmp_path, progress, mqtt=stack.info.mqtt, redis_url=stack.info.redis_url,
-                             devices_timeout_s=90, round_timeout_s=300)
+                             devices_timeout_s=90, round_timeout_s=timeout_s)
 
 
 @pytest.mark.slow
@@ -77,12 +77,16 @@ def test_a_killed_and_a_slow_device_leave_every_round_on_quorum(stack, tmp_path)
         if event == "round_end":
             spans[fields["record"].round].append(time.monotonic())
 
-    engine = _engine(stack, cfg, tmp_path, progress)
+    engine = _engine(stack, cfg, tmp_path, progress, timeout_s=DEADLINE_S + 10)
     try:
-        engine.fleet.begin_run(False)
-        rounds = [asdict(rec) for rec in engine.train()]
+        results = engine.run()
     finally:
         engine.close()
+    rounds = results["rounds"]
+    # the evaluation leaves out the dead device at once and the slow one at the timeout
+    assert results["evaluation"]["unevaluated"] == [10, 11]
+    assert [c["client"] for c in results["evaluation"]["per_client"]] == list(range(10))
+    assert time.monotonic() - spans[3][1] < DEADLINE_S + 10 + 30
     killer.join(timeout=5)
     assert "at" in killed, "emu-10's round-2 session was never seen in flight"
     assert [r_["stragglers"] for r_ in rounds] == [[11], [11], [11]]
