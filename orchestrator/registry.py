@@ -60,6 +60,11 @@ class Registry:
                     self.online[dev] = env.body.state != "offline"
                     self.r.hset(state.dev_key(dev), mapping={"status": env.body.state})  # type: ignore
 
+    def started_at(self, dev: str) -> float | None:
+        """When the agent process of ``dev`` started, as its latest ``hello`` says (None if unknown)."""
+        value = self.profiles.get(dev, {}).get("started_at")
+        return None if value is None else float(value)
+
     def available(self) -> list[str]:
         """Registered devices whose last status is not ``offline``, in natural order."""
         return sorted((d for d in self.profiles if self.online.get(d, False)), key=natural_key)
