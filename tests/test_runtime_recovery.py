@@ -105,9 +105,12 @@ def test_a_crashing_session_task_drops_its_device_at_once(stack, tmp_path):
 @pytest.mark.slow
 def test_mosquitto_killed_and_restarted_between_rounds(stack, tmp_path):
     """SIGKILL mosquitto after round 1 and start it again on the same port: every client reconnects,
-    round 2 and the evaluation give the local run's model and accuracy, and a later run sees the
-    four devices online (their ``hello`` announced again, whatever the broker kept)."""
+    round 2 and the evaluation give the local run's model and accuracy, the broker's retained
+    ``hello`` of every device is one announced after the restart (whatever its last autosave
+    kept), and a later run sees the four devices online."""
     assert stack.info is not None
+    conf = (Path(stack.run_dir) / "mosquitto.conf").read_text()
+    assert "persistence true" in conf and f"persistence_location {Path(stack.run_dir) / 'mosquitto'}/" in conf
     cfg = tiny_config()
     local = LocalEngine(cfg)
     expected = local.run()
@@ -116,6 +119,7 @@ def test_mosquitto_killed_and_restarted_between_rounds(stack, tmp_path):
     def progress(event: str, **fields: Any) -> None:
         if event == "round_end" and fields["record"].round == 1:
             killed["old"] = stack.kill("mosquitto", signal.SIGKILL)
+            killed["at"] = time.time()
             killed["new"] = stack.restart("mosquitto")
 
     engine = _engine(stack, cfg, tmp_path / "first", progress)
@@ -126,6 +130,18 @@ def test_mosquitto_killed_and_restarted_between_rounds(stack, tmp_path):
     assert killed["new"] != killed["old"]
     assert same_weights(local.model_state(), engine.model_state())
     assert got["evaluation"]["accuracy"] == expected["evaluation"]["accuracy"]
+    watcher = BrokerClient("test-hello-reader", *stack.info.mqtt, clean_start=True, session_expiry_s=0)
+    watcher.connect()
+    try:
+        retained = watcher.subscribe(watcher.topics.all_devices("hello"))
+        four = {"emu-0", "emu-1", "emu-2", "emu-3"}
+        announced = {}
+        while set(announced) != four:
+            env = retained.wait_for("hello", lambda e: e.dev in four, timeout=10)
+            announced[env.dev] = env.ts
+    finally:
+        watcher.close()
+    assert all(ts > killed["at"] for ts in announced.values()), announced
 
     later = _engine(stack, cfg.with_overrides(**{"train.rounds": 1}), tmp_path / "later")
     try:
