@@ -244,6 +244,8 @@ class BrokerClient:
         self._started = False
         self.connect_count = 0
         """Successful CONNACKs so far (the first connect plus every automatic reconnect)."""
+        self.disconnected_at: float | None = None
+        """When (unix s) the connection was last lost other than by ``close``; None if never."""
 
         client = paho.Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
@@ -332,6 +334,8 @@ class BrokerClient:
     def _on_disconnect(self, client: paho.Client, userdata: Any, flags: paho.DisconnectFlags,
                        reason_code: ReasonCode, properties: Properties | None) -> None:
         self._connected.clear()
+        if not self._closing:
+            self.disconnected_at = time.time()
         if self._closing:
             log.info("disconnected %s from %s:%d", self.client_id, self.host, self.port)
         else:

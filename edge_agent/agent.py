@@ -207,7 +207,10 @@ class Device:
                     pending = restart.envelope
                 except (BrokerError, TimeoutError, KeyError, ValueError, RuntimeError) as err:
                     log.error("device %s: %s failed: %s", self.id, env.kind, err)
-                    self.client.publish_status("error", str(err)[:1000])
+                    try:
+                        self.client.publish_status("error", str(err)[:1000])
+                    except (BrokerError, TimeoutError) as status_err:  # e.g. the broker is still away
+                        log.warning("device %s: could not report the error: %s", self.id, status_err)
         except Exception:
             log.exception("device %s stopped on an unexpected error", self.id)
         finally:

@@ -34,7 +34,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from celery.result import AsyncResult
@@ -90,7 +90,8 @@ class MqttCeleryFleet:
                         "within a round; lower HSFL_VISIBILITY_S or raise --round-timeout", round_timeout_s,
                         redelivery_bound_s())
         self.mqtt = BrokerClient(f"orchestrator-{uuid.uuid4().hex[:8]}", mqtt[0], mqtt[1], username=username,
-                                 password=password, topics=self.topics, clean_start=True, session_expiry_s=0)
+                                 password=password, topics=self.topics, clean_start=True, session_expiry_s=0,
+                                 reconnect_min_delay_s=0.2, reconnect_max_delay_s=5.0)
         self.mqtt.connect()
         self._connects = self.mqtt.connect_count  # a change: the broker was away (republish, _after_reconnect)
         self.registry = Registry(self.mqtt, self.r)
@@ -177,23 +178,27 @@ class MqttCeleryFleet:
                            state.get_model(self.r, info[b"server_sha"].decode()), local_states,
                            [json.loads(raw) for raw in records if raw is not None])
 
-    def _after_reconnect(self) -> None:
+    def _after_reconnect(self, models: Iterable[str] = ()) -> bool:
         """If this driver's connection to the broker was lost and made again since the last look,
-        publish the run's blobs again: a broker restarted without persistence (or from an older
-        autosave) has lost the retained manifest and shares that a restarted agent must fetch."""
+        publish the run's blobs again (and the weights ``models``, from Redis): a broker restarted
+        without persistence (or from an older autosave) has lost the retained manifest and shares
+        that a restarted agent must fetch. True when it was lost."""
         if not self.mqtt.wait_connected(30):
             raise RoundFailedError(f"lost the broker {self.mqtt.host}:{self.mqtt.port} for 30 s (is mosquitto "
                                    "running?)")
         if self.mqtt.connect_count == self._connects:
-            return
+            return False
         self._connects = self.mqtt.connect_count
-        log.warning("reconnected to the broker; publishing the run manifest and shares again")
+        log.warning("reconnected to the broker; publishing the run manifest, shares and round weights again")
+        state.event(self.r, "broker_reconnected")
         self.published.clear()
-        manifest = self.r.get(state.config_key(self.manifest_sha))
-        if manifest is not None:
-            self._publish(manifest)
+        blobs = [self.r.get(state.config_key(self.manifest_sha)), *(self.r.get(state.model_key(m)) for m in models)]
+        for data in blobs:
+            if data is not None:
+                self._publish(data)
         for i in range(len(self.device_ids)):
             self._publish(self.experiment.shares[i].to_bytes())
+        return True
 
     def _publish(self, data: bytes) -> str:
         sha = sha256_hex(data)
@@ -263,20 +268,28 @@ class MqttCeleryFleet:
         done; drop a device at once when its status says ``offline``, when its agent restarted
         (a new ``hello.started_at``: the session it ran is gone) or when its session task failed
         (Celery state ``FAILURE``, e.g. on features the server model cannot run); send a session
-        again when its worker died (its ``alive`` key expired, ``server.state.Heartbeat``); and
-        yield each straggler at the deadline (without one, a round that outlasts
-        ``round_timeout_s`` fails). Every device left out is told to abandon its session (``cancel``)."""
+        again when its worker died (its ``alive`` key expired, ``server.state.Heartbeat``); replay
+        every unfinished session once its device is back after this driver lost the broker (the
+        broker restarted: messages in flight are gone); and yield each straggler at the deadline
+        (without one, a round that outlasts ``round_timeout_s`` fails). Every device left out is
+        told to abandon its session (``cancel``)."""
         commanded: dict[str, bytes] = {}
         resent: set[bytes] = set()  # session tokens whose lost session was sent again
+        replay: set[str] = set()  # devices whose sessions to replay once they are back on the broker
+        lost_at = 0.0
         waiting = set(devs)
         t0 = time.monotonic()
         limit = self.round_timeout_s if deadline_s is None else min(deadline_s, self.round_timeout_s)
         index = dict(zip(devs, chosen, strict=True))
         started_at = {dev: self.registry.started_at(dev) for dev in devs}
         while True:
+            if not self.mqtt.is_connected or self.mqtt.connect_count != self._connects:
+                lost_at = self.mqtt.disconnected_at or time.time()
+                self._after_reconnect(client_shas.values())
+                replay |= waiting
             for dev_b, token in self.r.hgetall(state.ready_key(rnd)).items():
                 dev = dev_b.decode()
-                if dev in waiting and commanded.get(dev) != token:
+                if dev in waiting and commanded.get(dev) != token and not token.startswith(b"stopped:"):
                     commanded[dev] = token
                     self.mqtt.send(self.topics.cmd(dev), RoundStart(
                         round=rnd, steps=self.experiment.steps(index[dev]),
@@ -288,12 +301,20 @@ class MqttCeleryFleet:
                 result.seconds = time.monotonic() - t0
                 yield result
             self.registry.poll(0)
+            for dev in sorted(replay & waiting, key=devs.index):
+                if self.registry.status_ts.get(dev, 0.0) > lost_at:  # it announced itself since the loss
+                    replay.discard(dev)
+                    self.r.hset(state.ready_key(rnd), dev, "stopped:replay")  # the old session stops
+                    state.drop_alive(self.r, rnd, attempt, dev)
+                    commanded.pop(dev, None)
+                    state.event(self.r, "session_replayed", round=rnd, device=dev)
+                    tasks[dev] = self.celery.send_task("hsfl.session", kwargs=jobs[dev])
             for dev in sorted(waiting, key=devs.index):
                 if self.registry.online.get(dev) is False:
                     why = "its status is offline"
                 elif self.registry.started_at(dev) != started_at[dev]:
                     why = "its agent restarted"
-                elif tasks[dev].state == "FAILURE":
+                elif dev not in replay and tasks[dev].state == "FAILURE":  # (one cut off by the broker replays)
                     why = f"its session task failed: {_error_text(tasks[dev].result)}"
                     log.warning("round %d: device %s dropped, %s", rnd, dev, why)
                 else:
@@ -303,7 +324,8 @@ class MqttCeleryFleet:
                 yield SessionResult.missing(index[dev], "dropped", time.monotonic() - t0)
             for dev in sorted(waiting, key=devs.index):
                 token = commanded.get(dev)
-                if token is not None and token not in resent and not self.r.exists(state.alive_key(rnd, attempt, dev)):
+                if (token is not None and token not in resent and dev not in replay
+                        and not self.r.exists(state.alive_key(rnd, attempt, dev))):
                     resent.add(token)  # its worker died mid-session: send it again (the device replays)
                     log.warning("round %d: the session of device %s stopped renewing its heartbeat (worker lost?); "
                                 "sending it again", rnd, dev)

@@ -133,6 +133,14 @@ whose key has been gone this long (its worker died), so a lost session comes bac
 ``ALIVE_TTL_S`` plus a worker's pick-up, whatever the visibility timeout."""
 
 
+_RENEW_IF_MINE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+end
+return false
+"""
+
+
 class Heartbeat:
     """A running task's ``alive`` key, renewed from a daemon thread until :meth:`stop`.
 
@@ -151,15 +159,23 @@ class Heartbeat:
         return True
 
     def _renew(self) -> None:
+        renew = self.r.register_script(_RENEW_IF_MINE)
         while not self._stopped.wait(HEARTBEAT_S):
             try:
-                self.r.set(self.key, self.token, ex=ALIVE_TTL_S)
+                if not renew(keys=[self.key], args=[self.token, ALIVE_TTL_S]):
+                    return  # expired or taken over (the driver sent the session again): no longer ours
             except redis.RedisError as err:  # e.g. Redis restarting: the next renewal retries
                 log.warning("heartbeat %s: %s", self.key, err)
 
     def stop(self) -> None:
         """Stop renewing; the key expires by itself (deleting it could delete a successor's)."""
         self._stopped.set()
+
+
+def drop_alive(r: redis.Redis, rnd: int, attempt: str | None, field: str) -> None:
+    """Free ``field``'s ``alive`` key for a successor: its holder, already superseded, cannot renew it
+    any more (it renews only its own token) and stops at its next guard check."""
+    r.delete(alive_key(rnd, attempt, field))
 
 
 def eval_key(rnd: int) -> str:

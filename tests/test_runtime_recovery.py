@@ -5,7 +5,8 @@ seconds of the fault, and the model equal to the local run that left out the sam
 - a session task that crashes (an agent started with ``--corrupt-features`` sends features of the
   wrong shape): the device is dropped at once, not at the deadline, and told to cancel;
 - mosquitto SIGKILLed and restarted on its port between rounds: the run goes on, and a later run
-  finds every agent online again (they announce ``hello`` after the reconnect);
+  finds every agent online again (they announce ``hello`` after the reconnect); and mid-session:
+  the sessions cut off are replayed once their devices are back;
 - an agent process SIGKILLed mid-session and started again: it is dropped from that round, gets
   its ``assign`` again and takes part in the next rounds.
 """
@@ -150,6 +151,55 @@ def test_mosquitto_killed_and_restarted_between_rounds(stack, tmp_path):
     finally:
         later.close()
     assert rounds[0]["participants"] == 4 and rounds[0]["dropouts"] == []
+
+
+@pytest.mark.slow
+def test_mosquitto_killed_mid_session_replays_the_round(stack, tmp_path):
+    """SIGKILL mosquitto while all four sessions of round 1 run and start it again: the step
+    messages in flight are gone, so once each device is back on the broker the driver replays its
+    session (a new session task, ``round_start`` again); the round completes with all four within
+    seconds, and the model is the local run's."""
+    assert stack.info is not None
+    cfg = tiny_config(**{"train.local_steps": 40})
+    r = state.connect(stack.info.redis_url)
+    since = _last_event_id(r)
+    four = {"emu-0", "emu-1", "emu-2", "emu-3"}
+    killed: dict[str, float] = {}
+
+    def kill_mid_session() -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            ready = {k.decode() for k in r.hkeys(state.ready_key(1))}
+            if four <= ready and not r.smembers(state.done_key(1)):
+                time.sleep(0.3)  # let the exchange get going
+                stack.kill("mosquitto", signal.SIGKILL)
+                killed["at"] = time.monotonic()
+                stack.restart("mosquitto")
+                return
+            time.sleep(0.02)
+
+    killer = threading.Thread(target=kill_mid_session, daemon=True)
+    ends: dict[int, float] = {}
+
+    def progress(event: str, **fields: Any) -> None:
+        if event == "round_start" and fields["round"] == 1 and not killer.is_alive() and not killed:
+            killer.start()
+        if event == "round_end":
+            ends[fields["record"].round] = time.monotonic()
+
+    engine = _engine(stack, cfg, tmp_path, progress)
+    try:
+        rounds = train_only(engine)
+    finally:
+        engine.close()
+    killer.join(timeout=5)
+    assert "at" in killed, "the four sessions of round 1 were never seen in flight together"
+    assert [(rec["dropouts"], rec["participants"]) for rec in rounds] == [([], 4), ([], 4)]
+    assert ends[1] - killed["at"] < 30, f"round 1 ended {ends[1] - killed['at']:.1f} s after the broker was killed"
+    replayed = {e["device"].strip('"') for e in _events(r, "session_replayed", since)}
+    assert replayed, "no session was replayed: the broker restart cut nothing off"
+    reference = local_without(cfg, {})
+    assert same_weights(reference.model_state(), engine.model_state())
 
 
 @pytest.mark.slow
