@@ -36,7 +36,8 @@ Live work is not duplicated: a running task keeps ``round:{r}:alive:{attempt}:{f
 task that starts while the key lives (the Redis transport redelivered a message whose task still
 runs, because it outlived the visibility timeout) stands down instead of superseding it; a key
 that expires while its session is unfinished tells the round driver that the worker died, and
-the driver sends the session again (docs/design.md §5).
+the driver sends the session again (docs/design.md §5). A task renews only a key that still
+holds its own token, so the driver can free the key of a session it replays (:func:`drop_alive`).
 
 The aggregation buffers are *per-session* contributions: ``θ_i`` as raw little-endian bytes in each
 tensor's own dtype, with ``n_i`` in the meta. The aggregation task forms ``n_i·θ_i`` in float64
