@@ -46,12 +46,28 @@ RESTORE_INTERVAL_S = 10
 """Default ``HSFL_RESTORE_INTERVAL_S``."""
 
 
+def _env_seconds(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ValueError(f"{name}={raw!r}: expected a whole number of seconds >= 1 (default {default}); "
+                         f"unset it or fix the value in the worker's environment")
+    return value
+
+
 def visibility_s() -> int:
-    return int(os.environ.get("HSFL_VISIBILITY_S", str(VISIBILITY_S)))
+    """``HSFL_VISIBILITY_S``: seconds before the Redis transport redelivers an unacknowledged task."""
+    return _env_seconds("HSFL_VISIBILITY_S", VISIBILITY_S)
 
 
 def restore_interval_s() -> int:
-    return int(os.environ.get("HSFL_RESTORE_INTERVAL_S", str(RESTORE_INTERVAL_S)))
+    """``HSFL_RESTORE_INTERVAL_S``: seconds between a worker's looks for tasks to redeliver."""
+    return _env_seconds("HSFL_RESTORE_INTERVAL_S", RESTORE_INTERVAL_S)
 
 
 def redelivery_bound_s() -> int:

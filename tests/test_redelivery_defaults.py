@@ -42,3 +42,10 @@ def test_every_entry_point_has_the_same_round_timeout() -> None:
     assert inspect.signature(MqttCeleryFleet).parameters["round_timeout_s"].default == ROUND_TIMEOUT_S
     assert inspect.signature(DistributedEngine).parameters["round_timeout_s"].default == ROUND_TIMEOUT_S
     assert inspect.signature(cli.run).parameters["round_timeout"].default == ROUND_TIMEOUT_S
+
+
+@pytest.mark.parametrize("value", ["15m", "0", "-3", ""])
+def test_a_bad_redelivery_setting_names_the_variable(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    monkeypatch.setenv("HSFL_VISIBILITY_S", value)
+    with pytest.raises(ValueError, match="HSFL_VISIBILITY_S=.*whole number of seconds >= 1"):
+        app.celery_app("redis://127.0.0.1:1/0")
