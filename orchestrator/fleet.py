@@ -99,6 +99,7 @@ class MqttCeleryFleet:
         self.device_ids: list[str] = self.registry.wait_for(n, devices_timeout_s)[:n]
         self._assigned_at: dict[str, float | None] = {}  # device → the agent start its assign went to
         self.published: dict[str, int] = {}
+        self._stale: set[str] = set()  # published before the broker was lost (_after_reconnect)
         self._round: dict[str, Any] = {}  # what the round in progress published (its shas, its clock)
         self._assign()
 
@@ -191,7 +192,7 @@ class MqttCeleryFleet:
         self._connects = self.mqtt.connect_count
         log.warning("reconnected to the broker; publishing the run manifest, shares and round weights again")
         state.event(self.r, "broker_reconnected")
-        self.published.clear()
+        self._stale = set(self.published)  # the broker may have lost any of them: publish each again when used
         blobs = [self.r.get(state.config_key(self.manifest_sha)), *(self.r.get(state.model_key(m)) for m in models)]
         for data in blobs:
             if data is not None:
@@ -202,9 +203,10 @@ class MqttCeleryFleet:
 
     def _publish(self, data: bytes) -> str:
         sha = sha256_hex(data)
-        if sha not in self.published:
+        if sha not in self.published or sha in self._stale:
             self.mqtt.publish_blob(data)
             self.published[sha] = len(split_blob(data))
+            self._stale.discard(sha)
         return sha
 
     def _unpublish(self, keep: set[str]) -> None:
@@ -311,16 +313,16 @@ class MqttCeleryFleet:
                     tasks[dev] = self.celery.send_task("hsfl.session", kwargs=jobs[dev])
             for dev in sorted(waiting, key=devs.index):
                 if self.registry.online.get(dev) is False:
-                    why = "its status is offline"
+                    outcome, why = "dropped", "its status is offline"
                 elif self.registry.started_at(dev) != started_at[dev]:
-                    why = "its agent restarted"
+                    outcome, why = "dropped", "its agent restarted"
                 elif dev not in replay and tasks[dev].state == "FAILURE":  # (one cut off by the broker replays)
-                    why = f"its session task failed: {_error_text(tasks[dev].result)}"
+                    outcome, why = "failed", f"its session task failed: {_error_text(tasks[dev].result)}"
                     log.warning("round %d: device %s dropped, %s", rnd, dev, why)
                 else:
                     continue
                 waiting.discard(dev)
-                self._stop_session(rnd, dev, "failed" if why.startswith("its session task") else "dropped", why)
+                self._stop_session(rnd, dev, outcome, why)
                 yield SessionResult.missing(index[dev], "dropped", time.monotonic() - t0)
             for dev in sorted(waiting, key=devs.index):
                 token = commanded.get(dev)
