@@ -2,9 +2,12 @@
 
 ``BrokerClient`` sets ``TCP_NODELAY`` on paho's socket (``on_socket_open``; with Nagle on, every
 small exchange costs 44–88 ms instead of < 1 ms), publishes with QoS 1, keeps a persistent session
-(``clean_start=False`` plus a session expiry interval) and resubscribes when the broker lost it,
-reconnects by itself with exponential backoff, sets a retained last will ``offline`` on the device's
-``status`` topic (and announces ``online`` on every connect), supports user name/password and TLS,
+(``clean_start=False`` plus a session expiry interval) and subscribes again on every reconnect (a
+broker restarted from an older persistence file may hold a session without the latest
+subscriptions), reconnects by itself with exponential backoff, sets a retained last will
+``offline`` on the device's ``status`` topic (and announces ``online`` on every connect), publishes
+the messages given to ``announce`` (an agent's retained ``hello``) again after every reconnect,
+supports user name/password and TLS,
 and surfaces MQTT v5 reason codes: a refused CONNECT raises ``ConnectRefused``, a PUBACK/SUBACK
 failure (e.g. 0x87 *Not authorized* from the ACL) raises ``PublishDenied``/``SubscribeDenied``
 naming the topic and is logged.
@@ -198,7 +201,7 @@ class BrokerClient:
         device_id: str | None = None,
         keepalive_s: int = 30,
         session_expiry_s: int = 3600,
-        clean_start: bool = False,
+        clean_start: paho.CleanStartOption = False,
         reconnect_min_delay_s: float = 1.0,
         reconnect_max_delay_s: float = 30.0,
         max_queue: int = 10_000,
@@ -234,12 +237,15 @@ class BrokerClient:
         self._unwaited_subs: dict[int, str] = {}
         self._unwaited_pubs: dict[int, str] = {}
         self._connack = threading.Event()
+        self._announced: dict[str, object] = {}  # topic → body, published (retained) on every connect
         self._connected = threading.Event()
         self._connect_failure: tuple[int, str] | None = None
         self._closing = False
         self._started = False
         self.connect_count = 0
         """Successful CONNACKs so far (the first connect plus every automatic reconnect)."""
+        self.disconnected_at: float | None = None
+        """When (unix s) the connection was last lost other than by ``close``; None if never."""
 
         client = paho.Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
@@ -301,14 +307,22 @@ class BrokerClient:
         self.connect_count += 1
         log.info("connected to %s:%d as %s (session present: %s)", self.host, self.port, self.client_id,
                  flags.session_present)
-        if not flags.session_present:
-            with self._cond:
-                subscriptions = list(self._subscriptions.values())
-            for sub in subscriptions:  # the broker lost (or never had) our session: subscribe again
-                result, mid = client.subscribe(sub.topic_filter, qos=sub.qos, properties=self._sub_properties(sub.id))
-                if result == MQTTErrorCode.MQTT_ERR_SUCCESS and mid is not None:
-                    with self._lock:
-                        self._unwaited_subs[mid] = sub.topic_filter
+        with self._cond:
+            subscriptions = list(self._subscriptions.values())
+            announced = list(self._announced.items())
+        # Subscribe again even when the broker says it kept our session: one restarted from an older
+        # persistence file (autosave, or kill -9) has the session without the latest subscriptions.
+        # A repeated SUBSCRIBE only replaces the subscription (and sends the retained messages again).
+        for sub in subscriptions:
+            result, mid = client.subscribe(sub.topic_filter, qos=sub.qos, properties=self._sub_properties(sub.id))
+            if result == MQTTErrorCode.MQTT_ERR_SUCCESS and mid is not None:
+                with self._lock:
+                    self._unwaited_subs[mid] = sub.topic_filter
+        for topic, body in announced:  # e.g. the retained hello that a restarted broker no longer holds
+            envelope = make_envelope(body, dev=self.topics.parse(topic).device_id or "", seq=self.next_seq())
+            info = client.publish(topic, encode(envelope, max_bytes=self.max_bytes), qos=1, retain=True)
+            with self._lock:
+                self._unwaited_pubs[info.mid] = topic
         if self.device_id is not None:
             payload = encode(self._status_envelope(STATUS_ONLINE, "", seq=self.next_seq()))
             info = client.publish(self.topics.status(self.device_id), payload, qos=1, retain=True)
@@ -320,6 +334,8 @@ class BrokerClient:
     def _on_disconnect(self, client: paho.Client, userdata: Any, flags: paho.DisconnectFlags,
                        reason_code: ReasonCode, properties: Properties | None) -> None:
         self._connected.clear()
+        if not self._closing:
+            self.disconnected_at = time.time()
         if self._closing:
             log.info("disconnected %s from %s:%d", self.client_id, self.host, self.port)
         else:
@@ -552,6 +568,14 @@ class BrokerClient:
             dev = dev if dev is not None else (self.device_id or "")
         envelope = make_envelope(body, dev=dev, seq=self.next_seq(), round=round, step=step)
         return self.publish_message(topic, envelope, retain=retain, wait=wait, timeout=timeout)
+
+    def announce(self, topic: str, body: object, *, timeout: float = 10.0) -> PendingPublish:
+        """Publish ``body`` retained on ``topic`` now and again after every reconnect (an agent's
+        ``hello``: a broker restarted without persistence has lost its retained copy, and the
+        registry of a later run would never see the device)."""
+        with self._cond:
+            self._announced[topic] = body
+        return self.send(topic, body, retain=True, timeout=timeout)
 
     def publish_status(self, state: str, detail: str = "", *, timeout: float = 10.0) -> PendingPublish:
         """Publish this device's retained status."""

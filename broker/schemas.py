@@ -63,6 +63,7 @@ class Hello:
     uplink_bps: float  # bits per second device → broker (link probe); 0 when not measured
     battery: float | None = None  # percent 0–100; None on mains-powered boards
     cpus: float | None = None  # CPU time it may use, in CPUs (e.g. 0.15); None from agents before this field
+    started_at: float | None = None  # when the agent process started (unix s); a new value: the device restarted
     rates: dict[str, float] | None = None  # measured training FLOP/s per kind of layer (conv, depthwise, attention)
 
 
@@ -190,6 +191,16 @@ class EvalReport:
 class Stop:
     """Orchestrator → agent: stop training and disconnect."""
 
+    reason: str = ""
+
+
+@dataclass
+class Cancel:
+    """Orchestrator → agent: abandon your session of round ``round`` (its server side failed, the
+    device was left out at the deadline, or it was dropped); the agent goes back to waiting for
+    commands. A cancel for a round other than the session in progress is ignored."""
+
+    round: int
     reason: str = ""
 
 
@@ -451,6 +462,7 @@ SCHEMAS: dict[str, Schema] = {
             _int("memory_bytes", 0, 2**62), _float("load", 0, 1e6), _float("gflops", 0, 1e9),
             _float("rtt_ms", 0, 1e7), _float("uplink_bps", 0, 1e15), _float("battery", 0, 100, optional=True),
             _float("cpus", 0.001, 65536, optional=True), FieldSpec("rates", "scalar_map", optional=True),
+            _float("started_at", 0, 1e11, optional=True),
         ), frozenset({"hello"})),
         Schema("link_probe", LinkProbe, (FieldSpec("payload", "bytes", max_len=LINK_PROBE_MAX_BYTES),),
                frozenset({"up"})),
@@ -502,6 +514,7 @@ SCHEMAS: dict[str, Schema] = {
             _float("client_latency_s", 0, 1e6, optional=True), _float("server_latency_s", 0, 1e6, optional=True),
         ), frozenset({"up"}), _check_eval_report),
         Schema("stop", Stop, (_str("reason", 1024),), frozenset({"cmd"})),
+        Schema("cancel", Cancel, (_int("round"), _str("reason", 1024)), frozenset({"cmd"})),
         Schema("error", ErrorReport, (
             _str("code", 32, _IDENT), _str("field", 128), _str("message", 2048), _int("ref_seq", optional=True),
         ), frozenset({"err", "up"})),

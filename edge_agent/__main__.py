@@ -54,13 +54,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--slowdown", type=float, default=1.0,
                     help="emulate devices this many times slower than the host: each compute phase is followed "
                          "by a sleep of (slowdown - 1) x its duration (default 1: host speed)")
+    ap.add_argument("--corrupt-features", action="store_true",
+                    help="fault injection for tests: drop the last channel of every cut-layer feature tensor sent, "
+                         "so the server's session fails on the shape")
     ap.add_argument("--log-level", type=_log_level_arg, default="INFO", help=f"one of {', '.join(LOG_LEVELS)}")
     args = ap.parse_args(argv)
     configure_logging(args.log_level)
     host, port = parse_broker(args.broker)
     Agent(host, port, args.device_id, topics=Topics(args.topic_prefix),
           credentials=read_credentials(args.credentials, args.device_id), cache_dir=args.cache_dir,
-          data_dir=args.data_dir, slowdown=args.slowdown).run()
+          data_dir=args.data_dir, slowdown=args.slowdown, corrupt_features=args.corrupt_features).run()
 
 
 if __name__ == "__main__":

@@ -27,14 +27,21 @@ device, one shared torch and dataset). Per device:
   at the split depth, in requests of at most ``harmony.evaluate.MAX_OFFLOAD_BYTES``) to the ``hsfl.infer`` task, whose
   ``infer_reply`` predictions feed the τ sweep here; labels never leave the device. The result
   goes up as an ``eval_report``.
+- ``cancel``: abandon the session of that round (its server side failed, or the round went on
+  without this device) and wait for the next command.
 - ``stop``: leave.
 
-The MQTT connection reconnects by itself (persistent session, QoS 1), so a broker blip resumes.
+The MQTT connection reconnects by itself (persistent session, QoS 1), so a broker blip resumes;
+``hello`` and the status are announced again on every reconnect, so a broker restarted without its
+retained messages still sees the device. A restarted agent process starts a clean MQTT session
+(commands queued for its previous life are stale) and says so through ``hello.started_at``: the
+round driver then sends it its ``assign`` again (docs/design.md §9).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import threading
@@ -43,6 +50,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import paho.mqtt.client as paho
 import torch
 
 from broker.blobs import (
@@ -142,16 +150,21 @@ class Device:
 
     def __init__(self, device_id: str, host: str, port: int, shared: SharedRuntime, *, topics: Topics,
                  credentials: Credentials | None = None, session_timeout_s: float = 600.0,
-                 slowdown: float = 1.0) -> None:
+                 slowdown: float = 1.0, corrupt_features: bool = False, started_at: float | None = None) -> None:
         self.id, self.host, self.port, self.shared, self.topics = device_id, host, port, shared, topics
         creds = credentials or Credentials()
+        # a clean session on this process's first connect (what the broker queued for an earlier
+        # process of this device is stale), the persistent one on every reconnect
         self.client = BrokerClient(f"agent-{device_id}", host, port, username=creds.username,
                                    password=creds.password, topics=topics, device_id=device_id,
+                                   clean_start=paho.MQTT_CLEAN_START_FIRST_ONLY,
                                    reconnect_min_delay_s=0.2, reconnect_max_delay_s=5.0)
+        self.started_at = time.time() if started_at is None else started_at
         self.session_timeout_s = session_timeout_s
         if not slowdown >= 1.0:
             raise ValueError(f"slowdown {slowdown}: a device can only be emulated slower than its host (>= 1)")
         self.slowdown = slowdown
+        self.corrupt_features = corrupt_features
         self.assignment: Assign | None = None
         self.stop_event = threading.Event()
         self.thread = threading.Thread(target=self._main, name=f"device-{device_id}", daemon=True)
@@ -196,8 +209,8 @@ class Device:
             self.cmd = self.client.subscribe(self.topics.cmd(self.id))
             self.down = self.client.subscribe(self.topics.down(self.id))
             self.err = self.client.subscribe(self.topics.err(self.id))
-            hello = self._hello()
-            self.client.send(self.topics.hello(self.id), hello, retain=True)
+            hello = dataclasses.replace(self._hello(), started_at=self.started_at)
+            self.client.announce(self.topics.hello(self.id), hello)  # again after every reconnect
             log.info("device %s: registered with %d core(s), %.2f CPUs, %d MiB, %.1f GFLOP/s", self.id, hello.cores,
                      hello.cpus, hello.memory_bytes >> 20, hello.gflops)
             self.client.publish_status("idle")
@@ -216,7 +229,10 @@ class Device:
                     pending = restart.envelope
                 except (BrokerError, TimeoutError, KeyError, ValueError, RuntimeError) as err:
                     log.error("device %s: %s failed: %s", self.id, env.kind, err)
-                    self.client.publish_status("error", str(err)[:1000])
+                    try:
+                        self.client.publish_status("error", str(err)[:1000])
+                    except (BrokerError, TimeoutError) as status_err:  # e.g. the broker is still away
+                        log.warning("device %s: could not report the error: %s", self.id, status_err)
         except Exception:
             log.exception("device %s stopped on an unexpected error", self.id)
         finally:
@@ -245,6 +261,9 @@ class Device:
             self._personalise(env.round, body)
         elif env.kind == "evaluate":
             self._evaluate(env.round, body)
+        elif env.kind == "cancel":
+            log.info("device %s: round %d cancelled (%s)", self.id, body.round, body.reason)
+            self.client.publish_status("idle", f"round {body.round} cancelled: {body.reason}"[:1000])
         elif env.kind == "stop":
             self.stop_event.set()
             return False
@@ -280,7 +299,10 @@ class Device:
                 pass
             nxt = self.cmd.get_nowait()
             if nxt is not None:
-                raise Restart(nxt.decode(self.client.max_bytes))
+                command = nxt.decode(self.client.max_bytes)
+                if command.kind != "cancel" or command.body.round == rnd:
+                    raise Restart(command)
+                log.info("device %s: ignoring a cancel of round %d during round %d", self.id, command.body.round, rnd)
             if ref_seq is not None:
                 try:
                     refusal = self.client.wait_for("error", lambda e: e.body.ref_seq == ref_seq, timeout=0,
@@ -308,6 +330,8 @@ class Device:
         for step in range(rs.steps):
             with clock("compute"), self._paced():
                 features = side.begin_step(step)
+            if self.corrupt_features:  # fault injection: a device that sends features of the wrong shape
+                features = dataclasses.replace(features, features=features.features[:, :-1])
             with clock("send"):
                 self.client.send(up, features, round=rnd)
             with clock("wait"):
@@ -381,12 +405,14 @@ class Agent:
 
     def __init__(self, host: str, port: int, device_ids: list[str], *, topics: Topics | None = None,
                  credentials: dict[str, Credentials] | None = None, cache_dir: str | None = None,
-                 data_dir: str | None = None, slowdown: float = 1.0) -> None:
+                 data_dir: str | None = None, slowdown: float = 1.0, corrupt_features: bool = False) -> None:
         self.shared = SharedRuntime(BlobCache(cache_dir, max_entries=4 * len(device_ids) + 8), device_ids, data_dir)
         topics = topics or Topics()
         creds = credentials or {}
+        started_at = time.time()
         self.devices = [Device(d, host, port, self.shared, topics=topics, credentials=creds.get(d),
-                               slowdown=slowdown) for d in device_ids]
+                               slowdown=slowdown, corrupt_features=corrupt_features, started_at=started_at)
+                        for d in device_ids]
 
     def run(self) -> None:
         for device in self.devices:

@@ -17,7 +17,7 @@ from harmony.engine import Engine
 from harmony.experiment import Experiment
 from harmony.fleet import ProgressFn
 from harmony.rounds import RoundFailedError
-from orchestrator.fleet import MqttCeleryFleet
+from orchestrator.fleet import ROUND_TIMEOUT_S, MqttCeleryFleet
 
 __all__ = ["DistributedEngine", "RoundFailedError"]
 
@@ -29,7 +29,7 @@ class DistributedEngine(Engine):
     def __init__(self, cfg: ExperimentConfig, out_dir: str | Path | None = None, progress: ProgressFn | None = None,
                  *, mqtt: tuple[str, int], redis_url: str, topics: Topics | None = None,
                  username: str | None = None, password: str | None = None, devices_timeout_s: float = 120.0,
-                 round_timeout_s: float = 900.0, data_dir: str | None = None) -> None:
+                 round_timeout_s: float = ROUND_TIMEOUT_S, data_dir: str | None = None) -> None:
         experiment = Experiment.plan(cfg, data_dir)
         fleet = MqttCeleryFleet(experiment, mqtt=mqtt, redis_url=redis_url, topics=topics, username=username,
                                 password=password, devices_timeout_s=devices_timeout_s,

@@ -34,12 +34,15 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
+
+from celery.result import AsyncResult
 
 from broker.blobs import sha256_hex, split_blob, state_dict_to_bytes
 from broker.client import BrokerClient
-from broker.schemas import Assign, EvalReport, Evaluate, Personalise, RoundStart
+from broker.errors import BrokerError
+from broker.schemas import Assign, Cancel, EvalReport, Evaluate, Personalise, RoundStart
 from broker.topics import Topics
 from harmony.algorithms import StepStats
 from harmony.assignment import from_hello
@@ -50,12 +53,17 @@ from harmony.rounds import RoundFailedError, RoundPlan
 from harmony.timing import PhaseClock
 from orchestrator.registry import Registry
 from server import state
-from server.app import celery_app
+from server.app import celery_app, redelivery_bound_s
 
 WAKE_S = 0.5
 """Longest wait between two looks at a round's state in Redis; tasks wake the orchestrator at once
 through ``state.notify`` (a BLPOP rather than polling Redis every 10 ms, which competed with the
 sessions for the CPU); this bounds the wait when a wake-up is lost (e.g. Redis restarted)."""
+
+ROUND_TIMEOUT_S = 900.0
+"""Default ``round_timeout_s`` (``harmony run --round-timeout``): well above the Celery redelivery
+bound (``server.app.redelivery_bound_s``, 130 s by default), so a task lost with its worker comes
+back within the round."""
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +80,7 @@ class MqttCeleryFleet:
 
     def __init__(self, experiment: Experiment, *, mqtt: tuple[str, int], redis_url: str,
                  topics: Topics | None = None, username: str | None = None, password: str | None = None,
-                 devices_timeout_s: float = 120.0, round_timeout_s: float = 900.0) -> None:
+                 devices_timeout_s: float = 120.0, round_timeout_s: float = ROUND_TIMEOUT_S) -> None:
         self.experiment = experiment
         self.cfg = experiment.cfg
         self.progress: ProgressFn = lambda event, **fields: None
@@ -81,15 +89,24 @@ class MqttCeleryFleet:
         self.celery = celery_app(redis_url)
         self.topics = topics or Topics()
         self.round_timeout_s = round_timeout_s
+        if round_timeout_s <= redelivery_bound_s():
+            log.warning("round timeout %.0f s <= the Celery redelivery bound %d s (HSFL_VISIBILITY_S + "
+                        "HSFL_RESTORE_INTERVAL_S): a task lost with a worker before it started cannot come back "
+                        "within a round; lower HSFL_VISIBILITY_S or raise --round-timeout", round_timeout_s,
+                        redelivery_bound_s())
         self.mqtt = BrokerClient(f"orchestrator-{uuid.uuid4().hex[:8]}", mqtt[0], mqtt[1], username=username,
-                                 password=password, topics=self.topics, clean_start=True, session_expiry_s=0)
+                                 password=password, topics=self.topics, clean_start=True, session_expiry_s=0,
+                                 reconnect_min_delay_s=0.2, reconnect_max_delay_s=5.0)
         self.mqtt.connect()
+        self._connects = self.mqtt.connect_count  # a change: the broker was away (republish, _after_reconnect)
         self.registry = Registry(self.mqtt, self.r)
         n = experiment.num_clients
         self.device_ids: list[str] = self.registry.wait_for(n, devices_timeout_s)[:n]
         if self.cfg.fleet.assignment == "measured":
             self._decide_depths()
+        self._assigned_at: dict[str, float | None] = {}  # device → the agent start its assign went to
         self.published: dict[str, int] = {}
+        self._stale: set[str] = set()  # published before the broker was lost (_after_reconnect)
         self._round: dict[str, Any] = {}  # what the round in progress published (its shas, its clock)
         self._assign()
 
@@ -122,7 +139,25 @@ class MqttCeleryFleet:
         self._keep = {self.manifest_sha, *shares.values()}
         for i, dev in enumerate(self.device_ids):
             self.r.hset(state.dev_key(dev), mapping={"client": i, "split_depth": ex.depths[i]})
-            self.mqtt.send(self.topics.cmd(dev), Assign(split_depth=ex.depths[i], config_digest=self.manifest_sha))
+            self._send_assign(i, dev)
+
+    def _send_assign(self, i: int, dev: str) -> None:
+        self._assigned_at[dev] = self.registry.started_at(dev)
+        self.mqtt.send(self.topics.cmd(dev), Assign(split_depth=self.experiment.depths[i],
+                                                    config_digest=self.manifest_sha))
+
+    def _reassign_restarted(self, clients: list[int]) -> None:
+        """Send ``assign`` again to devices whose agent restarted since their last one (a new
+        ``hello.started_at``): a restarted agent has forgotten its assignment, and its clean MQTT
+        session dropped what was queued for it. The ``cmd`` topic is ordered, so the device has it
+        before any later command."""
+        for i in clients:
+            dev = self.device_ids[i]
+            if self.registry.started_at(dev) != self._assigned_at.get(dev):
+                log.info("device %s restarted (agent started at %s); sending its assign again", dev,
+                         self.registry.started_at(dev))
+                state.event(self.r, "device_reassigned", device=dev)
+                self._send_assign(i, dev)
 
     def begin_run(self, resume: bool) -> ResumePoint | None:
         if resume:
@@ -168,11 +203,34 @@ class MqttCeleryFleet:
                            state.get_model(self.r, info[b"server_sha"].decode()), local_states,
                            [json.loads(raw) for raw in records if raw is not None])
 
+    def _after_reconnect(self, models: Iterable[str] = ()) -> bool:
+        """If this driver's connection to the broker was lost and made again since the last look,
+        publish the run's blobs again (and the weights ``models``, from Redis): a broker restarted
+        without persistence (or from an older autosave) has lost the retained manifest and shares
+        that a restarted agent must fetch. True when it was lost."""
+        if not self.mqtt.wait_connected(30):
+            raise RoundFailedError(f"lost the broker {self.mqtt.host}:{self.mqtt.port} for 30 s (is mosquitto "
+                                   "running?)")
+        if self.mqtt.connect_count == self._connects:
+            return False
+        self._connects = self.mqtt.connect_count
+        log.warning("reconnected to the broker; publishing the run manifest, shares and round weights again")
+        state.event(self.r, "broker_reconnected")
+        self._stale = set(self.published)  # the broker may have lost any of them: publish each again when used
+        blobs = [self.r.get(state.config_key(self.manifest_sha)), *(self.r.get(state.model_key(m)) for m in models)]
+        for data in blobs:
+            if data is not None:
+                self._publish(data)
+        for i in range(len(self.device_ids)):
+            self._publish(self.experiment.shares[i].to_bytes())
+        return True
+
     def _publish(self, data: bytes) -> str:
         sha = sha256_hex(data)
-        if sha not in self.published:
+        if sha not in self.published or sha in self._stale:
             self.mqtt.publish_blob(data)
             self.published[sha] = len(split_blob(data))
+            self._stale.discard(sha)
         return sha
 
     def _unpublish(self, keep: set[str]) -> None:
@@ -198,12 +256,14 @@ class MqttCeleryFleet:
         ``plan.deadline_s`` the sessions still running are stragglers, stopped and left out."""
         clock = PhaseClock("publish", "sessions", "aggregate", "load")  # the round_done event's split
         self._ensure_run()
+        self._after_reconnect()
         self.registry.poll(0)
         gone = [i for i in starts if i in plan.drops or self.registry.online.get(self.device_ids[i]) is False]
         for i in gone:
             yield SessionResult.missing(i, "dropped")
         chosen = [i for i in starts if i not in gone]
         devs = [self.device_ids[i] for i in chosen]
+        self._reassign_restarted(chosen)
         with clock("publish"):
             server_sha, _ = state.put_model(self.r, server_start)
             client_shas = {i: self._publish(state.put_model(self.r, starts[i])[1]) for i in chosen}
@@ -216,30 +276,46 @@ class MqttCeleryFleet:
                                                      "deadline": time.time() + self.round_timeout_s,
                                                      "attempt": attempt})
             pipe.execute()
-            for i, dev in zip(chosen, devs, strict=True):
-                self.celery.send_task("hsfl.session", kwargs={
-                    "rnd": rnd, "dev": dev, "index": i, "manifest_sha": self.manifest_sha, "server_sha": server_sha,
-                    "steps": self.experiment.steps(i), "timeout_s": self.round_timeout_s, "attempt": attempt})
+            jobs = {dev: {"rnd": rnd, "dev": dev, "index": i, "manifest_sha": self.manifest_sha,
+                          "server_sha": server_sha, "steps": self.experiment.steps(i),
+                          "timeout_s": self.round_timeout_s, "attempt": attempt}
+                    for i, dev in zip(chosen, devs, strict=True)}
+            tasks = {dev: self.celery.send_task("hsfl.session", kwargs=job) for dev, job in jobs.items()}
             self.r.hset(state.round_key(rnd), "state", "running")
             state.event(self.r, "round_running", round=rnd, sessions=len(devs))
         self._round = {"rnd": rnd, "clock": clock, "server": (server_start, server_sha)}
         with clock("sessions"):
-            yield from self._await_sessions(rnd, chosen, devs, client_shas, plan.deadline_s)
+            yield from self._await_sessions(rnd, chosen, devs, client_shas, plan.deadline_s, jobs, tasks, attempt)
 
     def _await_sessions(self, rnd: int, chosen: list[int], devs: list[str], client_shas: dict[int, str],
-                        deadline_s: float | None) -> Iterator[SessionResult]:
+                        deadline_s: float | None, jobs: dict[str, dict[str, Any]], tasks: dict[str, AsyncResult],
+                        attempt: str) -> Iterator[SessionResult]:
         """Command each device once its session is subscribed; yield each session's result once
-        done, each dropout as soon as the device's status says ``offline``, and each straggler at
-        the deadline (without one, a round that outlasts ``round_timeout_s`` fails)."""
+        done; drop a device at once when its status says ``offline``, when its agent restarted
+        (a new ``hello.started_at``: the session it ran is gone) or when its session task failed
+        (Celery state ``FAILURE``, e.g. on features the server model cannot run); send a session
+        again when its worker died (its ``alive`` key expired, ``server.state.Heartbeat``); replay
+        every unfinished session once its device is back after this driver lost the broker (the
+        broker restarted: messages in flight are gone); and yield each straggler at the deadline
+        (without one, a round that outlasts ``round_timeout_s`` fails). Every device left out is
+        told to abandon its session (``cancel``)."""
         commanded: dict[str, bytes] = {}
+        resent: set[bytes] = set()  # session tokens whose lost session was sent again
+        replay: set[str] = set()  # devices whose sessions to replay once they are back on the broker
+        lost_at = 0.0
         waiting = set(devs)
         t0 = time.monotonic()
         limit = self.round_timeout_s if deadline_s is None else min(deadline_s, self.round_timeout_s)
         index = dict(zip(devs, chosen, strict=True))
+        started_at = {dev: self.registry.started_at(dev) for dev in devs}
         while True:
+            if not self.mqtt.is_connected or self.mqtt.connect_count != self._connects:
+                lost_at = self.mqtt.disconnected_at or time.time()
+                self._after_reconnect(client_shas.values())
+                replay |= waiting
             for dev_b, token in self.r.hgetall(state.ready_key(rnd)).items():
                 dev = dev_b.decode()
-                if dev in waiting and commanded.get(dev) != token:
+                if dev in waiting and commanded.get(dev) != token and not token.startswith(b"stopped:"):
                     commanded[dev] = token
                     self.mqtt.send(self.topics.cmd(dev), RoundStart(
                         round=rnd, steps=self.experiment.steps(index[dev]),
@@ -251,10 +327,36 @@ class MqttCeleryFleet:
                 result.seconds = time.monotonic() - t0
                 yield result
             self.registry.poll(0)
-            for dev in sorted((d for d in waiting if self.registry.online.get(d) is False), key=devs.index):
+            for dev in sorted(replay & waiting, key=devs.index):
+                if self.registry.status_ts.get(dev, 0.0) > lost_at:  # it announced itself since the loss
+                    replay.discard(dev)
+                    self.r.hset(state.ready_key(rnd), dev, "stopped:replay")  # the old session stops
+                    state.drop_alive(self.r, rnd, attempt, dev)
+                    commanded.pop(dev, None)
+                    state.event(self.r, "session_replayed", round=rnd, device=dev)
+                    tasks[dev] = self.celery.send_task("hsfl.session", kwargs=jobs[dev])
+            for dev in sorted(waiting, key=devs.index):
+                if self.registry.online.get(dev) is False:
+                    outcome, why = "dropped", "its status is offline"
+                elif self.registry.started_at(dev) != started_at[dev]:
+                    outcome, why = "dropped", "its agent restarted"
+                elif dev not in replay and tasks[dev].state == "FAILURE":  # (one cut off by the broker replays)
+                    outcome, why = "failed", f"its session task failed: {_error_text(tasks[dev].result)}"
+                    log.warning("round %d: device %s dropped, %s", rnd, dev, why)
+                else:
+                    continue
                 waiting.discard(dev)
-                self._stop_session(rnd, dev, "dropped")
+                self._stop_session(rnd, dev, outcome, why)
                 yield SessionResult.missing(index[dev], "dropped", time.monotonic() - t0)
+            for dev in sorted(waiting, key=devs.index):
+                token = commanded.get(dev)
+                if (token is not None and token not in resent and dev not in replay
+                        and not self.r.exists(state.alive_key(rnd, attempt, dev))):
+                    resent.add(token)  # its worker died mid-session: send it again (the device replays)
+                    log.warning("round %d: the session of device %s stopped renewing its heartbeat (worker lost?); "
+                                "sending it again", rnd, dev)
+                    state.event(self.r, "session_resent", round=rnd, device=dev)
+                    tasks[dev] = self.celery.send_task("hsfl.session", kwargs=jobs[dev])
             if not waiting:
                 return
             if time.monotonic() - t0 > limit:
@@ -263,16 +365,23 @@ class MqttCeleryFleet:
                     raise RoundFailedError(f"round {rnd}: sessions of {sorted(waiting)} did not finish within "
                                            f"{self.round_timeout_s} s (see the worker and agent logs)")
                 for dev in sorted(waiting, key=devs.index):
-                    self._stop_session(rnd, dev, "late")
+                    self._stop_session(rnd, dev, "late", f"past the deadline of {limit:g} s")
                     yield SessionResult.missing(index[dev], "late", time.monotonic() - t0)
                 return
             state.wait_notify(self.r, rnd, WAKE_S)
 
-    def _stop_session(self, rnd: int, dev: str, why: str) -> None:
+    def _stop_session(self, rnd: int, dev: str, outcome: str, why: str) -> None:
         """Supersede device ``dev``'s session of round ``rnd`` (its task stops within a second and
-        frees its worker thread; ``server.state.TaskGuard``) and record why."""
-        self.r.hset(state.ready_key(rnd), dev, f"stopped:{why}")
-        state.event(self.r, f"session_{why}", round=rnd, device=dev)
+        frees its worker thread; ``server.state.TaskGuard``), tell the device to abandon it
+        (``cancel``; a device that is gone gets it, if ever, when it reconnects, and ignores it
+        then) and record the ``outcome`` (``dropped``, ``failed``, ``late``) and why."""
+        self.r.hset(state.ready_key(rnd), dev, f"stopped:{outcome}")
+        state.event(self.r, f"session_{outcome}", round=rnd, device=dev, reason=why[:500])
+        try:
+            self.mqtt.send(self.topics.cmd(dev), Cancel(round=rnd, reason=f"session {outcome}: {why}"[:1024]),
+                           round=rnd, wait=False)
+        except BrokerError as err:  # the round goes on without the device either way
+            log.warning("could not send cancel to device %s: %s", dev, err)
 
     def _session_result(self, rnd: int, dev: str, client: int) -> SessionResult:
         meta = state.session_meta(self.r, rnd, dev)
@@ -320,8 +429,11 @@ class MqttCeleryFleet:
         whose status is ``offline`` (its last will) before or during the evaluation is left out at
         once (``evaluation_skipped`` event), its inference task stopped."""
         cfg, r = self.cfg, self.r
+        clients = sorted(models)
+        self._after_reconnect()
         self.registry.poll(0)
-        clients = [i for i in sorted(models) if not self._gone(rnd, i)]
+        clients = [i for i in clients if not self._gone(rnd, i)]
+        self._reassign_restarted(clients)
         server_sha, _ = state.put_model(r, server)
         if personalise and self.experiment.algorithm.personalises:
             blobs = self._personalise_on_devices(rnd, {i: models[i] for i in clients})
@@ -426,3 +538,9 @@ class MqttCeleryFleet:
                 return reports
             state.wait_notify(self.r, rnd, WAKE_S)
 
+
+def _error_text(error: object) -> str:
+    """A failed task's exception as one line (``RuntimeError: …``), for events and logs."""
+    if isinstance(error, BaseException):
+        return f"{type(error).__name__}: {error}"[:1000]
+    return str(error)[:1000]

@@ -29,6 +29,8 @@ class Registry:
         self.hello = client.subscribe(client.topics.all_devices("hello"))
         self.status = client.subscribe(client.topics.all_devices("status"))
         self.online: dict[str, bool] = {}
+        self.status_ts: dict[str, float] = {}
+        """Device → the send time of its latest status (an agent announces one on every connect)."""
         self.profiles: dict[str, dict] = {}
 
     def poll(self, timeout: float = 0.2) -> None:
@@ -59,8 +61,14 @@ class Registry:
                         self.r.sadd(state.devices_key(), dev)  # type: ignore[attr-defined]
                 elif env.kind == "status":
                     self.online[dev] = env.body.state != "offline"
+                    self.status_ts[dev] = max(env.ts, self.status_ts.get(dev, 0.0))
                     if self.r is not None:
                         self.r.hset(state.dev_key(dev), mapping={"status": env.body.state})  # type: ignore
+
+    def started_at(self, dev: str) -> float | None:
+        """When the agent process of ``dev`` started, as its latest ``hello`` says (None if unknown)."""
+        value = self.profiles.get(dev, {}).get("started_at")
+        return None if value is None else float(value)
 
     def available(self) -> list[str]:
         """Registered devices whose last status is not ``offline``, in natural order."""

@@ -7,8 +7,8 @@ same code at their own services::
     HSFL_MQTT             127.0.0.1:1883             the Mosquitto the session tasks talk through
     HSFL_MQTT_USER/…PASSWORD                         the server's broker credentials (optional)
     HSFL_TOPIC_PREFIX     hsfl/v1
-    HSFL_VISIBILITY_S     900    how long before an unacknowledged session is redelivered
-    HSFL_RESTORE_INTERVAL_S 10   how often a worker looks for such sessions (see below)
+    HSFL_VISIBILITY_S     120    how long before an unacknowledged task is redelivered
+    HSFL_RESTORE_INTERVAL_S 10   how often a worker looks for such tasks (see below)
 
 Run a worker with ``celery -A server.app worker --pool threads --concurrency 2 -Q hsfl``: sessions
 are I/O-bound between steps and torch releases the GIL, so threads serve several at once.
@@ -21,11 +21,16 @@ a delivered message sits in the ``unacked`` hash until acknowledged. A worker ki
 dies under a live parent. The message becomes visible again once it is ``visibility_timeout``
 seconds old, and only when some live worker runs ``restore_visible``: at its start-up and then
 every ``unacked_restore_interval × unacked_restore_throttle`` seconds (kombu's defaults, 10 × 10,
-mean up to 100 s). We set the throttle to 1, so a lost session is redelivered within
-``HSFL_VISIBILITY_S + HSFL_RESTORE_INTERVAL_S`` of its delivery. The visibility timeout must
-exceed the longest session (delivery to acknowledgement): a session still running when it
-expires is delivered a second time; the duplicate then supersedes the original
-(``server.state.TaskGuard``), which costs a replay but never changes the result.
+mean up to 100 s). We set the throttle to 1, so a lost task is redelivered within
+``HSFL_VISIBILITY_S + HSFL_RESTORE_INTERVAL_S`` of its delivery (:func:`redelivery_bound_s`).
+
+That bound must sit well inside a round (the driver's ``round_timeout_s``, 900 s by default), or a
+task lost before it started could never come back in time; hence 120 s, not the 900 s this
+default used to be. A *started* session does not wait for it at all: it renews a heartbeat key,
+and the round driver sends it again about ``server.state.ALIVE_TTL_S`` after its worker died.
+A task that outlives the visibility timeout is delivered a second time while it still runs; the
+copy finds the original's heartbeat and stands down (``server.state.Heartbeat``), so a long
+session is neither duplicated nor restarted (docs/design.md §5).
 """
 
 from __future__ import annotations
@@ -35,6 +40,40 @@ import os
 from celery import Celery
 
 QUEUE = "hsfl"
+VISIBILITY_S = 120
+"""Default ``HSFL_VISIBILITY_S``: well below the default round timeout (900 s); see the module docstring."""
+RESTORE_INTERVAL_S = 10
+"""Default ``HSFL_RESTORE_INTERVAL_S``."""
+
+
+def _env_seconds(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ValueError(f"{name}={raw!r}: expected a whole number of seconds >= 1 (default {default}); "
+                         f"unset it or fix the value in the worker's environment")
+    return value
+
+
+def visibility_s() -> int:
+    """``HSFL_VISIBILITY_S``: seconds before the Redis transport redelivers an unacknowledged task."""
+    return _env_seconds("HSFL_VISIBILITY_S", VISIBILITY_S)
+
+
+def restore_interval_s() -> int:
+    """``HSFL_RESTORE_INTERVAL_S``: seconds between a worker's looks for tasks to redeliver."""
+    return _env_seconds("HSFL_RESTORE_INTERVAL_S", RESTORE_INTERVAL_S)
+
+
+def redelivery_bound_s() -> int:
+    """How long after its delivery a task lost with its worker is delivered again, at most (this
+    process's settings; a worker started with other ones has its own)."""
+    return visibility_s() + restore_interval_s()
 
 
 def redis_url() -> str:
@@ -57,8 +96,8 @@ def celery_app(url: str | None = None, **kwargs: object) -> Celery:
         result_expires=3600,
         broker_connection_retry_on_startup=True,
         broker_transport_options={
-            "visibility_timeout": int(os.environ.get("HSFL_VISIBILITY_S", "900")),
-            "unacked_restore_interval": int(os.environ.get("HSFL_RESTORE_INTERVAL_S", "10")),
+            "visibility_timeout": visibility_s(),
+            "unacked_restore_interval": restore_interval_s(),
             "unacked_restore_throttle": 1,
         },
         worker_hijack_root_logger=False,

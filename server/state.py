@@ -15,6 +15,9 @@ Key layout under the ``hsfl:`` prefix::
     hsfl:round:{r}:done           set of device ids whose session folded its result
     hsfl:round:{r}:eval           hash: device id → its evaluation report (JSON) for evaluation round r
     hsfl:round:{r}:notify         list: wake-ups for the orchestrator waiting on round r (BLPOP)
+    hsfl:round:{r}:alive:{attempt}:{field}
+                                  string with a TTL: a server task of that attempt serving ``field`` (a
+                                  device id, or ``infer:{id}``) is alive; it renews it every second
     hsfl:agg:{r}:{dev}            hash: raw little-endian bytes per tensor in its own dtype
                                   (``client:{name}``/``server:{name}``)
                                   and ``meta`` (JSON: weight, shapes, stats, uploaded client sha)
@@ -27,6 +30,14 @@ task whose token was replaced (its session was redelivered and runs elsewhere) o
 attempt is no longer current (a restarted orchestrator re-planned the round) ends at its next
 message or within a second (:class:`TaskGuard`), instead of holding a worker thread until its
 deadline or answering a device that now talks to its successor.
+
+Live work is not duplicated: a running task keeps ``round:{r}:alive:{attempt}:{field}`` alive
+(:class:`Heartbeat`, renewed every ``HEARTBEAT_S``, expiring after ``ALIVE_TTL_S``). A copy of a
+task that starts while the key lives (the Redis transport redelivered a message whose task still
+runs, because it outlived the visibility timeout) stands down instead of superseding it; a key
+that expires while its session is unfinished tells the round driver that the worker died, and
+the driver sends the session again (docs/design.md §5). A task renews only a key that still
+holds its own token, so the driver can free the key of a session it replays (:func:`drop_alive`).
 
 The aggregation buffers are *per-session* contributions: ``θ_i`` as raw little-endian bytes in each
 tensor's own dtype, with ``n_i`` in the meta. The aggregation task forms ``n_i·θ_i`` in float64
@@ -43,6 +54,8 @@ This module imports redis-py, numpy and torch only (no Celery), so the orchestra
 from __future__ import annotations
 
 import json
+import logging
+import threading
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -52,6 +65,8 @@ import torch
 
 from broker.blobs import bytes_to_state_dict, sha256_hex, state_dict_to_bytes
 from harmony.aggregation import WeightedSum
+
+log = logging.getLogger(__name__)
 
 PREFIX = "hsfl:"
 ROUND_STATES = ("planned", "running", "aggregating", "done", "failed")
@@ -105,6 +120,63 @@ def wait_notify(r: redis.Redis, rnd: int, timeout_s: float) -> None:
     queued wake-ups: the caller re-reads the state itself, so one wake-up covers all of them."""
     if r.blpop([notify_key(rnd)], timeout=timeout_s) is not None:
         r.delete(notify_key(rnd))
+
+
+def alive_key(rnd: int, attempt: str | None, field: str) -> str:
+    return f"{PREFIX}round:{rnd}:alive:{attempt or '-'}:{field}"
+
+
+HEARTBEAT_S = 1.0
+"""How often a running server task renews its ``alive`` key."""
+ALIVE_TTL_S = 10
+"""How long an ``alive`` key outlives its task's last renewal: the round driver re-sends a session
+whose key has been gone this long (its worker died), so a lost session comes back within about
+``ALIVE_TTL_S`` plus a worker's pick-up, whatever the visibility timeout."""
+
+
+_RENEW_IF_MINE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+end
+return false
+"""
+
+
+class Heartbeat:
+    """A running task's ``alive`` key, renewed from a daemon thread until :meth:`stop`.
+
+    :meth:`start` takes the key only when nobody holds it (SET NX): False means another task of the
+    same attempt serves ``field`` right now, and this copy should stand down."""
+
+    def __init__(self, r: redis.Redis, rnd: int, attempt: str | None, field: str, token: str) -> None:
+        self.r, self.key, self.token = r, alive_key(rnd, attempt, field), token
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._renew, name=f"heartbeat-{field}", daemon=True)
+
+    def start(self) -> bool:
+        if not self.r.set(self.key, self.token, nx=True, ex=ALIVE_TTL_S):
+            return False
+        self._thread.start()
+        return True
+
+    def _renew(self) -> None:
+        renew = self.r.register_script(_RENEW_IF_MINE)
+        while not self._stopped.wait(HEARTBEAT_S):
+            try:
+                if not renew(keys=[self.key], args=[self.token, ALIVE_TTL_S]):
+                    return  # expired or taken over (the driver sent the session again): no longer ours
+            except redis.RedisError as err:  # e.g. Redis restarting: the next renewal retries
+                log.warning("heartbeat %s: %s", self.key, err)
+
+    def stop(self) -> None:
+        """Stop renewing; the key expires by itself (deleting it could delete a successor's)."""
+        self._stopped.set()
+
+
+def drop_alive(r: redis.Redis, rnd: int, attempt: str | None, field: str) -> None:
+    """Free ``field``'s ``alive`` key for a successor: its holder, already superseded, cannot renew it
+    any more (it renews only its own token) and stops at its next guard check."""
+    r.delete(alive_key(rnd, attempt, field))
 
 
 def eval_key(rnd: int) -> str:

@@ -29,6 +29,7 @@ import uuid
 from typing import Any
 
 import torch
+from celery import Task
 
 from broker.blobs import read_session_upload
 from broker.client import BrokerClient, Subscription
@@ -121,18 +122,46 @@ def _await(client: BrokerClient, sub: Subscription, kind: str, rnd: int, deadlin
         return env
 
 
-@app.task(name="hsfl.session", bind=True, acks_late=True, reject_on_worker_lost=True)
+class WakesTheDriver(Task):
+    """A task that wakes the round driver (``state.notify``) when it fails, after Celery stored the
+    failure, so the driver sees the ``FAILURE`` state at once instead of at its next look."""
+
+    def on_failure(self, exc: Exception, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
+        rnd = kwargs.get("rnd")
+        if isinstance(rnd, int):
+            try:
+                state.notify(state.connect(redis_url()), rnd)
+            except Exception as err:  # the failure itself is stored; the driver finds it at its next look
+                log.warning("could not wake the round driver after a failed task: %s", err)
+
+
+@app.task(name="hsfl.session", base=WakesTheDriver, bind=True, acks_late=True, reject_on_worker_lost=True)
 def session(self: Any, rnd: int, dev: str, index: int, manifest_sha: str, server_sha: str, steps: int,
             timeout_s: float = 600.0, attempt: str | None = None) -> dict[str, Any]:
     """Serve device ``dev`` (client ``index``) for round ``rnd``; idempotent under redelivery.
 
     ``attempt``: the orchestrator's try of this round (``round:{r}`` field ``attempt``); a session
-    of an attempt that is no longer current skips or stops (``state.TaskGuard``)."""
+    of an attempt that is no longer current skips or stops (``state.TaskGuard``). A copy that starts
+    while another session of this attempt and device is alive (``state.Heartbeat``) stands down.
+    Any exception (e.g. features the server model cannot run) fails the task, and the round
+    driver drops the device from the round at once."""
     r = state.connect(redis_url())
     if r.sismember(state.done_key(rnd), dev):
         return {"device": dev, "round": rnd, "skipped": "already done"}
     if attempt is not None and r.hget(state.round_key(rnd), "attempt") != attempt.encode():
         return {"device": dev, "round": rnd, "skipped": "superseded"}
+    token = uuid.uuid4().hex[:12]
+    heartbeat = state.Heartbeat(r, rnd, attempt, dev, token)
+    if not heartbeat.start():
+        return {"device": dev, "round": rnd, "skipped": "another session of this attempt is alive"}
+    try:
+        return _serve_session(r, rnd, dev, index, manifest_sha, server_sha, steps, timeout_s, attempt, token)
+    finally:
+        heartbeat.stop()
+
+
+def _serve_session(r: Any, rnd: int, dev: str, index: int, manifest_sha: str, server_sha: str, steps: int,
+                   timeout_s: float, attempt: str | None, token: str) -> dict[str, Any]:
     plan = plan_for(r, manifest_sha)
     flush_denormal()  # per-thread CPU state, as every process of a run sets it
     cfg = plan.cfg
@@ -140,7 +169,6 @@ def session(self: Any, rnd: int, dev: str, index: int, manifest_sha: str, server
     model.load_state_dict(server_weights(r, server_sha))
     server = plan.session(rnd, index, model)
     host, port, user, password, topics = mqtt_settings()
-    token = uuid.uuid4().hex[:12]
     client = BrokerClient(f"session-{dev}-{rnd}-{token}", host, port, username=user, password=password,
                           topics=topics, clean_start=True, session_expiry_s=0)
     client.connect()
@@ -226,12 +254,15 @@ def infer(dev: str, manifest_sha: str, server_sha: str, idle_s: float = 30.0, rn
     model.eval()
     host, port, user, password, topics = mqtt_settings()
     token = uuid.uuid4().hex[:12]
+    field = f"infer:{dev}"
+    heartbeat = state.Heartbeat(r, rnd, attempt, field, token)
+    if not heartbeat.start():
+        return {"device": dev, "round": rnd, "served": 0, "skipped": "another infer task of this attempt is alive"}
     client = BrokerClient(f"infer-{dev}-{token}", host, port, username=user, password=password, topics=topics,
                           clean_start=True, session_expiry_s=0)
-    client.connect()
     served, reported = 0, False
-    field = f"infer:{dev}"
     try:
+        client.connect()
         sub = client.subscribe(topics.up(dev))
         if not state.claim_ready(r, rnd, field, token, "eval_attempt", attempt):
             return {"device": dev, "round": rnd, "served": 0, "skipped": "superseded"}
@@ -283,5 +314,6 @@ def infer(dev: str, manifest_sha: str, server_sha: str, idle_s: float = 30.0, rn
     except state.Superseded as err:
         log.info("infer task of device %s round %d stops: %s", dev, rnd, err)
     finally:
+        heartbeat.stop()
         client.close(timeout=2)
     return {"device": dev, "round": rnd, "served": served, "reported": reported}

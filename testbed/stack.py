@@ -6,6 +6,9 @@ Used by ``harmony up``/``down``/``run --runtime distributed`` and by the runtime
 use :meth:`LocalStack.kill` and :meth:`LocalStack.restart` to inject faults. redis-server runs with
 its append-only file in ``{run_dir}/redis`` (fsync every second), so a restart keeps the round
 state; a hard crash may lose the last second of writes, as Redis documents for that setting.
+Mosquitto runs with persistence in ``{run_dir}/mosquitto`` (saved on SIGTERM and every
+``autosave_interval``), so a restart keeps the clients' sessions and the retained messages; after a
+kill -9 the agents announce their ``hello`` and status again when they reconnect.
 
 With ``auth=True`` (``harmony up --auth``) the broker refuses anonymous clients and confines
 each device to its own topics: a random password per device, for the Celery worker (user
@@ -139,7 +142,11 @@ class LocalStack:
         self.info = StackInfo(str(self.run_dir), free_port(), free_port())
         info = self.info
         conf = self.run_dir / "mosquitto.conf"
-        mosquitto_config = MosquittoConfig(port=info.mqtt_port)
+        # persistence: sessions, their queued messages and retained messages (hello, blobs) survive a
+        # restart; after a kill -9 what the last autosave held (the clients announce themselves again)
+        store = self.run_dir / "mosquitto"
+        store.mkdir(exist_ok=True)
+        mosquitto_config = MosquittoConfig(port=info.mqtt_port, persistence=True, persistence_dir=store)
         if auth:
             planned = [f"emu-{k}" for k in range(agents * devices_per_agent)]
             self._passwords = {name: secrets.token_urlsafe(18) for name in ("server", "orchestrator", *planned)}
@@ -151,7 +158,8 @@ class LocalStack:
                                           f"orchestrator:{self._passwords['orchestrator']}\n")
             info.credentials["orchestrator"] = str(orchestrator)
             mosquitto_config = MosquittoConfig(port=info.mqtt_port, password_file=creds / "mosquitto.passwd",
-                                               acl_file=creds / "mosquitto.acl")
+                                               acl_file=creds / "mosquitto.acl", persistence=True,
+                                               persistence_dir=store)
         conf.write_text(mosquitto_config.render())
         mosq = self._spawn("mosquitto", [find_mosquitto(), "-c", str(conf)])
         redis_bin = shutil.which("redis-server") or "/usr/bin/redis-server"

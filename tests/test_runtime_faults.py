@@ -1,16 +1,16 @@
 """Faults the distributed runtime survives (docs/design.md §5), each ending with the local engine's weights:
 
-- a Celery worker SIGKILLed in the middle of a round: its sessions are redelivered (``acks_late``;
-  the Redis transport restores them once the visibility timeout has passed) and the devices
-  replay the round from the round-start weights;
+- a Celery worker SIGKILLed in the middle of a round, with the default redelivery settings: the
+  round driver sees the sessions' heartbeats expire and sends them again, and the devices replay
+  the round from the round-start weights, within seconds rather than the visibility timeout;
 - the orchestrator (the ``harmony run --runtime distributed`` process) SIGKILLed after round 1
   and started again with ``--resume``: it continues from Redis;
 - redis-server restarted between rounds: the round state survives (append-only file) and the
   worker, the orchestrator and the result backend reconnect.
 
 One stack for the module — real mosquitto, redis-server, a Celery worker and an agent process
-with 4 devices on free loopback ports — whose worker redelivers a lost session after
-``VISIBILITY_S`` (swept every second), and one local reference run of the same config.
+with 4 devices on free loopback ports, the worker with the default ``HSFL_VISIBILITY_S`` and
+``HSFL_RESTORE_INTERVAL_S`` — and one local reference run of the same config.
 """
 
 from __future__ import annotations
@@ -33,19 +33,17 @@ import yaml
 from harmony.engine import LocalEngine
 from orchestrator.engine import DistributedEngine
 from server import state
+from server.app import redelivery_bound_s
 from testbed.stack import LocalStack
 from tests.conftest import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
-VISIBILITY_S = 10
-"""Longer than any session of the tiny config takes here (about 1 s), short enough for a test."""
 
 
 @pytest.fixture(scope="module")
 def fault_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
     stack = LocalStack(tmp_path_factory.mktemp("fault-stack"))
-    stack.start(agents=1, devices_per_agent=4, worker_concurrency=2, registry=False,
-                visibility_timeout_s=VISIBILITY_S, restore_interval_s=1)
+    stack.start(agents=1, devices_per_agent=4, worker_concurrency=2, registry=False)  # default redelivery
     try:
         yield stack
     finally:
@@ -75,13 +73,15 @@ def models_in_redis(r: Any, rnd: int) -> dict[str, dict[str, torch.Tensor]]:
 def engine_for(stack: LocalStack, out: Path, progress: Any = None) -> DistributedEngine:
     assert stack.info is not None
     return DistributedEngine(tiny_config(), out, progress, mqtt=stack.info.mqtt, redis_url=stack.info.redis_url,
-                             devices_timeout_s=60, round_timeout_s=120)
+                             devices_timeout_s=60, round_timeout_s=150)
 
 
 @pytest.mark.slow
 def test_worker_killed_mid_round_is_redelivered(fault_stack, reference, tmp_path):
     """SIGKILL the worker while sessions of round 1 are in flight, start a new one: the lost sessions
-    come back (new session tokens), the devices replay, and the weights are the local engine's."""
+    come back (new session tokens) within seconds of the kill, with the default settings (whose
+    visibility timeout alone would take over two minutes), the devices replay, and the weights are
+    the local engine's."""
     r = state.connect(fault_stack.info.redis_url)
     killed: dict[str, Any] = {}
     started = threading.Event()
@@ -98,6 +98,7 @@ def test_worker_killed_mid_round_is_redelivered(fault_stack, reference, tmp_path
                 in_flight = {d: t for d, t in in_flight.items() if d not in done}
                 if in_flight:
                     killed["pid"] = fault_stack.kill("worker", signal.SIGKILL)
+                    killed["at"] = time.monotonic()
                     killed["in_flight"] = in_flight
                     killed["new_pid"] = fault_stack.restart("worker")
                     return
@@ -109,6 +110,8 @@ def test_worker_killed_mid_round_is_redelivered(fault_stack, reference, tmp_path
         if event == "round_start" and fields["round"] == 1 and not started.is_set():
             started.set()
             killer.start()
+        if event == "round_end" and fields["record"].round == 1:
+            killed["round_1_end"] = time.monotonic()
 
     engine = engine_for(fault_stack, tmp_path, progress)
     try:
@@ -121,6 +124,12 @@ def test_worker_killed_mid_round_is_redelivered(fault_stack, reference, tmp_path
     tokens = {k.decode(): v for k, v in r.hgetall(state.ready_key(1)).items()}
     replayed = [d for d, token in killed["in_flight"].items() if tokens.get(d) != token]
     assert sorted(replayed) == sorted(killed["in_flight"]), "a killed session was not redelivered"
+    # the heartbeat (ALIVE_TTL_S), the new worker's start and the queued sessions ahead of the resent
+    # ones; the visibility timeout alone would have taken redelivery_bound_s() (130 s)
+    recovered_s = killed["round_1_end"] - killed["at"]
+    assert recovered_s < redelivery_bound_s() / 2, f"round 1 ended {recovered_s:.1f} s after the worker was killed"
+    resent = {f[b"device"].decode() for _, f in r.xrange(state.events_key()) if f[b"name"] == b"session_resent"}
+    assert {f'"{d}"' for d in killed["in_flight"]} <= resent
     assert_same_weights(reference[0], engine.model_state())
     assert got["evaluation"]["accuracy"] == reference[1]["evaluation"]["accuracy"]
 

@@ -12,13 +12,13 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import torch
 
 from harmony.engine import LocalEngine
 from orchestrator.engine import DistributedEngine
 from server import state
 from testbed.stack import LocalStack
 from tests.conftest import tiny_config
+from tests.runtime_fixtures import left_out, local_without, same_weights, train_only
 
 
 @pytest.fixture(scope="module")
@@ -29,23 +29,6 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
         yield s
     finally:
         s.stop()
-
-
-def _same(a: dict, b: dict) -> bool:
-    return all(torch.equal(a[s][k], b[s][k]) for s in a for k in a[s])
-
-
-def _left_out(rounds: list[dict[str, Any]]) -> dict[int, set[int]]:
-    return {r["round"]: set(r["dropouts"]) | set(r["stragglers"]) for r in rounds}
-
-
-def _local_without(cfg: Any, left_out: dict[int, set[int]]) -> LocalEngine:
-    """The local run with those clients left out of those rounds."""
-    local = LocalEngine(cfg.with_overrides(**{"fleet.dropout_probability": 0.0}))
-    local.participants = lambda rnd, *_: [i for i in range(cfg.fleet.num_clients)  # type: ignore[method-assign]
-                                          if i not in left_out.get(rnd, set())]
-    local.train()
-    return local
 
 
 @pytest.mark.slow
@@ -62,12 +45,12 @@ def test_planned_dropouts_give_the_local_model(stack, tmp_path):
     finally:
         engine.close()
     assert [r["dropouts"] for r in got["rounds"]] == [r["dropouts"] for r in expected["rounds"]]
-    assert _same(local.model_state(), engine.model_state())
+    assert same_weights(local.model_state(), engine.model_state())
     assert got["evaluation"]["accuracy"] == expected["evaluation"]["accuracy"]
 
 
 @pytest.mark.slow
-def test_devices_slowed_past_the_deadline_are_stragglers_left_out(stack, tmp_path):
+def test_devices_slowed_past_the_deadline_are_stragglersleft_out(stack, tmp_path):
     """Two more devices in an agent process emulated 50× slower than the host: each round they miss
     the deadline, their sessions are stopped (the round does not wait for them), and the model is
     the local run's without them."""
@@ -82,7 +65,7 @@ def test_devices_slowed_past_the_deadline_are_stragglers_left_out(stack, tmp_pat
                                mqtt=stack.info.mqtt, redis_url=stack.info.redis_url, devices_timeout_s=60,
                                round_timeout_s=120)
     try:
-        rounds = _train_only(engine)
+        rounds = train_only(engine)
     finally:
         engine.close()
     for record in rounds:
@@ -92,8 +75,8 @@ def test_devices_slowed_past_the_deadline_are_stragglers_left_out(stack, tmp_pat
     r = state.connect(stack.info.redis_url)
     late = [f for _, f in r.xrange(state.events_key()) if f[b"name"] == b"session_late"]
     assert len(late) >= 4
-    reference = _local_without(cfg, _left_out(rounds))
-    assert _same(reference.model_state(), engine.model_state())
+    reference = local_without(cfg, left_out(rounds))
+    assert same_weights(reference.model_state(), engine.model_state())
 
 
 @pytest.mark.slow
@@ -130,7 +113,7 @@ def test_an_agent_killed_mid_session_is_dropped_within_seconds(stack, tmp_path):
     engine = DistributedEngine(cfg, tmp_path, progress, mqtt=stack.info.mqtt, redis_url=stack.info.redis_url,
                                devices_timeout_s=60, round_timeout_s=120)
     try:
-        rounds = _train_only(engine)
+        rounds = train_only(engine)
     finally:
         engine.close()
     killer.join(timeout=5)
@@ -138,13 +121,5 @@ def test_an_agent_killed_mid_session_is_dropped_within_seconds(stack, tmp_path):
     assert ends[1] - killed["at"] < 15, f"round 1 ended {ends[1] - killed['at']:.1f} s after the kill"
     assert rounds[0]["dropouts"] == [2, 3] and rounds[0]["participants"] == 2
     assert rounds[1]["dropouts"] == [2, 3]
-    reference = _local_without(cfg, _left_out(rounds))
-    assert _same(reference.model_state(), engine.model_state())
-
-
-def _train_only(engine: DistributedEngine) -> list[dict[str, Any]]:
-    """Train (no evaluation: the killed devices cannot evaluate) and return the round records."""
-    from dataclasses import asdict
-
-    engine.fleet.begin_run(False)
-    return [asdict(rec) for rec in engine.train()]
+    reference = local_without(cfg, left_out(rounds))
+    assert same_weights(reference.model_state(), engine.model_state())

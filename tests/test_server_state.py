@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -116,3 +117,28 @@ def test_task_state_changes_wake_the_waiting_orchestrator(redis_client: redis.Re
     t0 = time.monotonic()
     state.wait_notify(redis_client, rnd, 10.0)  # the stored result's wake-up is already queued
     assert time.monotonic() - t0 < 5.0
+
+
+def test_a_heartbeat_keeps_its_key_alive_and_a_second_copy_stands_down(redis_client, monkeypatch):
+    """A running task's ``alive`` key is renewed; a copy of the task (same round, attempt and device)
+    cannot take it while it lives; once renewal stops the key expires and a new session may start."""
+    monkeypatch.setattr(state, "ALIVE_TTL_S", 2)
+    monkeypatch.setattr(state, "HEARTBEAT_S", 0.2)
+    first = state.Heartbeat(redis_client, 5, "att1", "emu-0", "tok-a")
+    assert first.start()
+    try:
+        time.sleep(2.5)  # longer than the TTL: only the renewals keep it
+        assert redis_client.get(state.alive_key(5, "att1", "emu-0")) == b"tok-a"
+        assert not state.Heartbeat(redis_client, 5, "att1", "emu-0", "tok-b").start()
+        other_attempt = state.Heartbeat(redis_client, 5, "att2", "emu-0", "tok-c")
+        assert other_attempt.start(), "another attempt of the round has its own key"
+        other_attempt.stop()
+    finally:
+        first.stop()
+    deadline = time.monotonic() + 5
+    while redis_client.exists(state.alive_key(5, "att1", "emu-0")):
+        assert time.monotonic() < deadline, "the key outlived its heartbeat"
+        time.sleep(0.1)
+    successor = state.Heartbeat(redis_client, 5, "att1", "emu-0", "tok-d")
+    assert successor.start()
+    successor.stop()

@@ -9,6 +9,7 @@ import torch
 from broker.schemas import (
     Assign,
     BlobChunk,
+    Cancel,
     ErrorReport,
     EvalReport,
     Evaluate,
@@ -55,6 +56,7 @@ def sample_messages(feature_dtype: torch.dtype = torch.float16) -> dict[str, Any
                                   offload_probability_fixed_tau=[0.3, 0.5], fixed_tau=0.5, samples=40,
                                   client_latency_s=0.0012, server_latency_s=0.004),
         "stop": Stop(reason="done"),
+        "cancel": Cancel(round=3, reason="session_failed"),
         "error": ErrorReport(code="schema", field="body.features", message="bad dtype", ref_seq=3),
         "blob_chunk": BlobChunk(sha256=SHA, index=1, count=3, data=b"\x00\x01weights"),
         "event": Event(name="round.started", fields={"round": 4, "participants": 8, "quorum": 0.75, "note": None}),

@@ -135,7 +135,7 @@ def test_channels() -> None:
         with pytest.raises(WireError, match="^kind"):
             check_channel(kind, channel)
     assert {k for k in KINDS if "cmd" in SCHEMAS[k].channels} == {"assign", "round_start", "personalise", "evaluate",
-                                                                 "stop"}
+                                                                 "stop", "cancel"}
 
 
 def test_messages_are_plain_dataclasses() -> None:
