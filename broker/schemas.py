@@ -63,8 +63,8 @@ class Hello:
     uplink_bps: float  # bits per second device → broker (link probe); 0 when not measured
     battery: float | None = None  # percent 0–100; None on mains-powered boards
     cpus: float | None = None  # CPU time it may use, in CPUs (e.g. 0.15); None from agents before this field
-    started_at: float | None = None  # when the agent process started (unix s); a new value: the device restarted
     rates: dict[str, float] | None = None  # measured training FLOP/s per kind of layer (conv, depthwise, attention)
+    started_at: float | None = None  # when the agent process started (unix s); a new value: the device restarted
 
 
 @dataclass

@@ -17,6 +17,7 @@ from broker.schemas import (
     Hello,
     InferReply,
     InferRequest,
+    LinkProbe,
     Personalise,
     RoundStart,
     Status,
@@ -33,7 +34,9 @@ def sample_messages(feature_dtype: torch.dtype = torch.float16) -> dict[str, Any
     g = torch.Generator().manual_seed(0)
     return {
         "hello": Hello(agent_version="0.1.0", cores=4, freq_mhz=1500.0, memory_bytes=4 << 30, load=0.5,
-                       gflops=12.5, rtt_ms=0.8, uplink_bps=1.25e6, battery=87.0, cpus=3.5),
+                       gflops=12.5, rtt_ms=0.8, uplink_bps=1.25e6, battery=87.0, cpus=3.5,
+                       rates={"conv": 2.5e9, "depthwise": 1e9, "attention": 4e9}),
+        "link_probe": LinkProbe(payload=b"\0" * 1024),
         "status": Status(state="online", detail="ready"),
         "assign": Assign(split_depth=3, config_digest=SHA),
         "round_start": RoundStart(round=4, steps=10, client_model_sha256=SHA),

@@ -39,7 +39,8 @@ def test_step_payloads_travel_field_for_field() -> None:
 
 
 def test_no_upload_schema_has_a_label_field() -> None:
-    assert UPLOAD_KINDS == {"hello", "status", "features", "logit_grad", "infer", "eval_report", "error", "blob_chunk"}
+    assert UPLOAD_KINDS == {"hello", "status", "features", "logit_grad", "infer", "eval_report", "error", "blob_chunk",
+                            "link_probe"}
     for kind in UPLOAD_KINDS:
         for spec in SCHEMAS[kind].fields:
             if spec.name in ALLOWED_LABEL_DERIVED:
