@@ -235,6 +235,7 @@ def test_an_agent_restarted_after_kill_9_takes_part_again(stack, tmp_path):
         if event == "round_start" and fields["round"] == 1 and not killer.is_alive() and not killed:
             killer.start()
         if event == "round_end" and fields["record"].round == 1:
+            killed["round_1_end"] = time.time()
             # round 2 should find the restarted agent registered: wait for its new hellos
             waiting, deadline = {"emu-2", "emu-3"}, time.monotonic() + 30
             while waiting and time.monotonic() < deadline:
@@ -255,6 +256,7 @@ def test_an_agent_restarted_after_kill_9_takes_part_again(stack, tmp_path):
     killer.join(timeout=5)
     assert "at" in killed, "the sessions of emu-2/emu-3 were never seen in flight"
     assert rounds[0]["dropouts"] == [2, 3] and rounds[0]["participants"] == 2
+    assert killed["round_1_end"] - killed["at"] < 30, "round 1 waited on the killed devices"
     assert [(rec["dropouts"], rec["participants"]) for rec in rounds[1:]] == [([], 4), ([], 4)]
     assert sorted(e["device"] for e in _events(r, "device_reassigned", since)) == ['"emu-2"', '"emu-3"']
     reference = local_without(cfg, left_out(rounds))
