@@ -177,7 +177,8 @@ def session(self: Any, rnd: int, dev: str, index: int, manifest_sha: str, server
                                    {"stats": stats, "client_sha": client_sha, "index": index, "token": token})
         seconds = time.perf_counter() - t0
         split = {**clock.seconds(), "upload_store": time.perf_counter() - steps_done}
-        state.event(r, "session_done", round=rnd, device=dev, seconds=seconds, split=split)
+        state.event(r, "session_done", round=rnd, device=dev, seconds=seconds, split=split,
+                    compute_cpu_s=clock.cpu_seconds()["compute"])
         log.info("session done: device %s round %d, %d steps in %.2f s (server compute %.2f, waiting for the "
                  "device %.2f, sending %.2f, upload and store %.2f)", dev, rnd, steps, seconds, split["compute"],
                  split["wait"], split["send"], split["upload_store"])
