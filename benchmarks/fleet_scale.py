@@ -28,6 +28,9 @@ Figures per size (``sizes[N]``):
   aggregation, the protocol's Python, thread scheduling, and cores left idle while sessions wait
   for their peers. ``overhead_ms_per_device = 1000 · overhead_s / N``; ``wall_ms_per_device =
   1000 · round_s / N``.
+- ``process_cpu_s``: CPU seconds (user + system, all threads) each part of the stack spent during
+  the warm round — this process (the round driver), the Celery worker, the agents together,
+  mosquitto, redis-server — i.e. where the cores went, arithmetic and overhead alike.
 - ``split_s``: the round driver's phases of the warm round (``round_done`` event: publish,
   sessions, aggregate, load).
 - Memory, resident set size (psutil) after the warm round: ``rss_mb_per_agent`` (each agent
@@ -114,6 +117,12 @@ def server_events(redis_url: str, rnd: int) -> tuple[float, int, dict[str, float
     return total, sessions, split
 
 
+def cpu_s(proc: psutil.Process) -> float:
+    """User + system CPU seconds of ``proc`` so far (its threads included)."""
+    t = proc.cpu_times()
+    return t.user + t.system
+
+
 def rss_mb(pid: int) -> float:
     return psutil.Process(pid).memory_info().rss / 2**20
 
@@ -136,9 +145,13 @@ def run_size(devices: int, per_agent: int, stack_threads: int, cores: int) -> di
                 t0 = time.perf_counter()
                 engine.run_round(1)
                 cold_s = time.perf_counter() - t0
+                procs = {name: psutil.Process(pid) for name, pid in info.pids.items()}
+                procs["driver"] = psutil.Process()
+                cpu0 = {name: cpu_s(p) for name, p in procs.items()}
                 t0 = time.perf_counter()
                 record = engine.run_round(2)
                 round_s = time.perf_counter() - t0
+                process_cpu = {name: cpu_s(p) - cpu0[name] for name, p in procs.items()}
             finally:
                 engine.close()
             time.sleep(0.5)  # the agents write their last log lines
@@ -161,6 +174,9 @@ def run_size(devices: int, per_agent: int, stack_threads: int, cores: int) -> di
         "compute_cpu_s": {"device": round(dev_cpu, 3), "server": round(srv_cpu, 3)},
         "overhead_s": round(overhead, 2), "overhead_ms_per_device": round(1e3 * overhead / devices, 1),
         "wall_ms_per_device": round(1e3 * round_s / devices, 1), "split_s": split,
+        "process_cpu_s": {"driver": round(process_cpu["driver"], 2), "worker": round(process_cpu["worker"], 2),
+                          "agents": round(sum(v for k, v in process_cpu.items() if k.startswith("agent-")), 2),
+                          "mosquitto": round(process_cpu["mosquitto"], 2), "redis": round(process_cpu["redis"], 2)},
         "rss_mb_per_agent": agent_rss, "rss_mb_per_device": round(sum(agent_rss) / devices, 2),
         "worker_rss_mb": round(worker_rss, 1), "brokers_rss_mb": round(brokers_rss, 1),
     }
@@ -207,7 +223,7 @@ def main() -> None:
         print(f"{n} devices in {res['agents']} agent(s): warm round {res['round_s']} s (cold {res['cold_round_s']} s), "
               f"compute {res['compute_cpu_s']} CPU-s, overhead {res['overhead_ms_per_device']} ms/device; "
               f"RSS per agent {res['rss_mb_per_agent']} MB, worker {res['worker_rss_mb']} MB; "
-              f"driver phases {res['split_s']}", flush=True)
+              f"driver phases {res['split_s']}; CPU-s by process {res['process_cpu_s']}", flush=True)
     largest = results[str(max(int(k) for k in results))] if results else None
     points = [(h, rss) for res in results.values() for h, rss in zip(res["hosted"], res["rss_mb_per_agent"],
                                                                      strict=True)]
