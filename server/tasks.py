@@ -35,7 +35,7 @@ import torch
 from broker.blobs import read_session_upload
 from broker.client import BrokerClient, Subscription
 from broker.codec import Envelope, check_origin, error_report
-from broker.errors import WireError
+from broker.errors import ConnectRefused, WireError
 from broker.schemas import InferReply
 from broker.topics import Topics
 from harmony.experiment import Experiment, ServerPlan
@@ -89,6 +89,32 @@ def mqtt_settings() -> tuple[str, int, str | None, str | None, Topics]:
     host, _, port = os.environ.get("HSFL_MQTT", "127.0.0.1:1883").rpartition(":")
     return (host or "127.0.0.1", int(port), os.environ.get("HSFL_MQTT_USER"), os.environ.get("HSFL_MQTT_PASSWORD"),
             Topics(os.environ.get("HSFL_TOPIC_PREFIX", "hsfl/v1")))
+
+
+CONNECT_TRY_S = 10.0
+"""How long one connection attempt of a task waits for its CONNACK before it tries again."""
+
+
+def connect_task_client(client_id: str, deadline: float) -> BrokerClient:
+    """A connected broker client for a server task. A CONNACK that does not come within
+    ``CONNECT_TRY_S`` is tried again with a fresh client (id ``{client_id}-r{k}``) until
+    ``deadline`` (monotonic): with 200 sessions starting at once on 2 cores some waited longer
+    than that, and the session task failed, stalling its round until the round timeout. A broker
+    that refuses (credentials, ACL) raises at once."""
+    host, port, user, password, topics = mqtt_settings()
+    attempt = 0
+    while True:
+        name = client_id if attempt == 0 else f"{client_id}-r{attempt}"
+        client = BrokerClient(name, host, port, username=user, password=password, topics=topics, clean_start=True,
+                              session_expiry_s=0)
+        try:
+            client.connect(timeout=CONNECT_TRY_S)
+            return client
+        except ConnectRefused as err:
+            if err.reason_code is not None or time.monotonic() + CONNECT_TRY_S > deadline:
+                raise
+            attempt += 1
+            log.warning("%s: %s; trying again (%d)", client_id, err, attempt)
 
 
 def plan_for(r: Any, manifest_sha: str) -> ServerPlan:
@@ -173,10 +199,8 @@ def _serve_session(r: Any, plan: ServerPlan, model: ServerModel, rnd: int, dev: 
     server = plan.session(rnd, index, model)
     host, port, user, password, topics = mqtt_settings()
     token = uuid.uuid4().hex[:12]
-    client = BrokerClient(f"session-{dev}-{rnd}-{token}", host, port, username=user, password=password,
-                          topics=topics, clean_start=True, session_expiry_s=0)
-    client.connect()
     t0 = time.perf_counter()
+    client = connect_task_client(f"session-{dev}-{rnd}-{token}", time.monotonic() + timeout_s)
     try:
         sub = client.subscribe(topics.up(dev))
         # the orchestrator now sends round_start to the device (a redelivered session replaces the token)
@@ -258,9 +282,7 @@ def infer(dev: str, manifest_sha: str, server_sha: str, idle_s: float = 30.0, rn
     model.eval()
     host, port, user, password, topics = mqtt_settings()
     token = uuid.uuid4().hex[:12]
-    client = BrokerClient(f"infer-{dev}-{token}", host, port, username=user, password=password, topics=topics,
-                          clean_start=True, session_expiry_s=0)
-    client.connect()
+    client = connect_task_client(f"infer-{dev}-{token}", time.monotonic() + idle_s)
     served, reported = 0, False
     field = f"infer:{dev}"
     try:
