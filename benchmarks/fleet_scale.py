@@ -3,11 +3,11 @@ real mosquitto, redis-server, one Celery worker and agent processes that each ho
 all on this machine, for N in ``--sizes`` (default 25, 50, 100, 200).
 
 Each size gets a fresh stack (so one size's processes and Redis state do not weigh on the next):
-``ceil(N / --devices-per-agent)`` agent processes, one worker with one session thread per device
-(``harmony up``'s default), torch at one intra-op thread in every stack process
-(``--stack-threads``). The model is tiny — ``cnn8`` at width 0.125, split depths 2/3/4, 2 local
-steps of batch 8, ~16 training samples and 4 test samples per client — so the figures are the
-runtime's costs, not arithmetic. Every device takes part in every round (participation 1).
+``ceil(N / --devices-per-agent)`` agent processes, ``--workers`` Celery workers (default 1) with
+one session thread per device between them (``harmony up``'s default for one worker), torch at
+one intra-op thread in every stack process (``--stack-threads``). The model is tiny — ``cnn8`` at
+width 0.125, split depths 2/3/4, 2 local steps of batch 8, ~16 training samples and 4 test
+samples per client — so the figures are the runtime's costs, not arithmetic. Every device takes part in every round (participation 1).
 Round 1 is the cold round (the agents and the worker rebuild the plan from the run manifest and
 the agents read their devices' rows of the dataset); round 2 is the timed, warm round.
 
@@ -35,7 +35,7 @@ Figures per size (``sizes[N]``):
   sessions, aggregate, load).
 - Memory, resident set size (psutil) after the warm round: ``rss_mb_per_agent`` (each agent
   process), ``rss_mb_per_device`` (all agents' RSS / N: a device's share, the process baseline
-  of torch and Python included), ``worker_rss_mb``, ``brokers_rss_mb`` (mosquitto + redis-server).
+  of torch and Python included), ``worker_rss_mb`` (all workers), ``brokers_rss_mb`` (mosquitto + redis-server).
 
 Summary (the largest size that completed): ``devices_completed``, its ``overhead_ms_per_device``
 and ``rss_mb_per_device``, and ``rss_mb_per_hosted_device`` — the slope of agent RSS against the
@@ -127,11 +127,12 @@ def rss_mb(pid: int) -> float:
     return psutil.Process(pid).memory_info().rss / 2**20
 
 
-def run_size(devices: int, per_agent: int, stack_threads: int, cores: int) -> dict:
+def run_size(devices: int, per_agent: int, stack_threads: int, cores: int, workers: int) -> dict:
     cfg = validate_config(config(devices))
     with tempfile.TemporaryDirectory(prefix="hsfl-scale-") as tmp:
         stack = LocalStack(tmp)
-        info = stack.start(agents=0, registry=False, worker_concurrency=devices, torch_threads=stack_threads)
+        info = stack.start(agents=0, registry=False, worker_concurrency=math.ceil(devices / workers),
+                           torch_threads=stack_threads, workers=workers)
         try:
             agents = math.ceil(devices / per_agent)
             for a in range(agents):
@@ -157,7 +158,7 @@ def run_size(devices: int, per_agent: int, stack_threads: int, cores: int) -> di
             time.sleep(0.5)  # the agents write their last log lines
             agent_rss = [round(rss_mb(stack.pid(f"agent-{a}")), 1) for a in range(agents)]
             hosted = [min(devices, (a + 1) * per_agent) - a * per_agent for a in range(agents)]
-            worker_rss = rss_mb(stack.pid("worker"))
+            worker_rss = sum(rss_mb(pid) for name, pid in info.pids.items() if name.startswith("worker"))
             brokers_rss = rss_mb(stack.pid("mosquitto")) + rss_mb(stack.pid("redis"))
             dev_cpu, dev_sessions = device_cpu_s(Path(tmp), 2)
             srv_cpu, srv_sessions, split = server_events(info.redis_url, 2)
@@ -174,7 +175,8 @@ def run_size(devices: int, per_agent: int, stack_threads: int, cores: int) -> di
         "compute_cpu_s": {"device": round(dev_cpu, 3), "server": round(srv_cpu, 3)},
         "overhead_s": round(overhead, 2), "overhead_ms_per_device": round(1e3 * overhead / devices, 1),
         "wall_ms_per_device": round(1e3 * round_s / devices, 1), "split_s": split,
-        "process_cpu_s": {"driver": round(process_cpu["driver"], 2), "worker": round(process_cpu["worker"], 2),
+        "process_cpu_s": {"driver": round(process_cpu["driver"], 2),
+                          "worker": round(sum(v for k, v in process_cpu.items() if k.startswith("worker")), 2),
                           "agents": round(sum(v for k, v in process_cpu.items() if k.startswith("agent-")), 2),
                           "mosquitto": round(process_cpu["mosquitto"], 2), "redis": round(process_cpu["redis"], 2)},
         "rss_mb_per_agent": agent_rss, "rss_mb_per_device": round(sum(agent_rss) / devices, 2),
@@ -196,6 +198,8 @@ def main() -> None:
     ap.add_argument("--sizes", default="25,50,100,200", help="fleet sizes, comma-separated (default 25,50,100,200)")
     ap.add_argument("--devices-per-agent", type=int, default=50, help="devices per agent process (default 50)")
     ap.add_argument("--stack-threads", type=int, default=1, help="torch threads of the stack's processes (default 1)")
+    ap.add_argument("--workers", type=int, default=1,
+                    help="Celery worker processes, each with ceil(N / workers) session threads (default 1)")
     ap.add_argument("--smoke", action="store_true", help="4 devices in 2 agents (what the test suite runs)")
     args = ap.parse_args()
     if args.smoke:
@@ -206,15 +210,15 @@ def main() -> None:
         ap.error(f"--sizes: expected comma-separated integers, got {args.sizes!r}")
     if not sizes or min(sizes) < 1:
         ap.error(f"--sizes: every size must be at least 1, got {args.sizes!r}")
-    if args.devices_per_agent < 1 or args.stack_threads < 1:
-        ap.error("--devices-per-agent and --stack-threads must be at least 1")
+    if args.devices_per_agent < 1 or args.stack_threads < 1 or args.workers < 1:
+        ap.error("--devices-per-agent, --stack-threads and --workers must be at least 1")
     logging.basicConfig(level=logging.WARNING)
     cores = len(os.sched_getaffinity(0))
     results: dict[str, dict] = {}
     failed: dict[str, str] = {}
     for n in sizes:
         try:
-            res = run_size(n, args.devices_per_agent, args.stack_threads, cores)
+            res = run_size(n, args.devices_per_agent, args.stack_threads, cores, args.workers)
         except Exception as err:  # a size that does not complete is a result too; report it and go on
             failed[str(n)] = f"{type(err).__name__}: {err}"[:500]
             print(f"{n} devices: FAILED: {failed[str(n)]}", flush=True)
@@ -231,7 +235,7 @@ def main() -> None:
     summary = {
         "bench": "fleet_scale", "cores": cores, "devices_per_agent": args.devices_per_agent,
         "stack_threads": args.stack_threads,
-        "devices_completed": largest["devices"] if largest else 0,
+        "workers": args.workers, "devices_completed": largest["devices"] if largest else 0,
         "round_s": largest["round_s"] if largest else None,
         "overhead_ms_per_device": largest["overhead_ms_per_device"] if largest else None,
         "rss_mb_per_device": largest["rss_mb_per_device"] if largest else None,
