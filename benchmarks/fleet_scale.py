@@ -7,7 +7,8 @@ Each size gets a fresh stack (so one size's processes and Redis state do not wei
 one session thread per device between them (``harmony up``'s default for one worker), torch at
 one intra-op thread in every stack process (``--stack-threads``). The model is tiny — ``cnn8`` at
 width 0.125, split depths 2/3/4, 2 local steps of batch 8, ~16 training samples and 4 test
-samples per client — so the figures are the runtime's costs, not arithmetic. Every device takes part in every round (participation 1).
+samples per client — so the figures are the runtime's costs, not arithmetic. Every device takes
+part in every round (participation 1).
 Round 1 is the cold round (the agents and the worker rebuild the plan from the run manifest and
 the agents read their devices' rows of the dataset); round 2 is the timed, warm round.
 

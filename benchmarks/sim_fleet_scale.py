@@ -8,7 +8,9 @@ every device), builds the in-process fleet (``InProcessFleet``: the whole datase
 each (``train.participation = participants / N``; 1 % at 10,000). Every client keeps ~6 training
 samples at every N (Fashion-MNIST's 60,000 split 10,000 ways; ``data.train_fraction`` trims the
 smaller fleets to the same), 4 test samples, ``cnn8`` at width 0.125, 2 local steps of batch 4,
-``fleet.clock: simulated`` (session times modelled from the device profiles). The default
+``fleet.clock: simulated`` (session times modelled from the device profiles), one torch thread
+(a batch of 4 through a 0.125-width network gains nothing from two, and on a loaded machine the
+second thread's spin-waits cost more than it computes). The default
 algorithm is ``multi-exit`` (λ = 0): methods with λ > 0 keep every trained client's last local
 model, so a device that has trained is no longer idle. The final evaluation is not run (every
 device would evaluate; not what this measures).
@@ -52,7 +54,7 @@ SAMPLES_PER_CLIENT = 6  # what each of 10,000 clients gets
 def config(registered: int, participants: int, rounds: int, algorithm: str, samples: int) -> dict:
     """The run of ``registered`` devices (module docstring)."""
     return {
-        "name": f"sim-fleet-{registered}", "seed": 0,
+        "name": f"sim-fleet-{registered}", "seed": 0, "threads": 1,
         "data": {"partition": "shard", "shards_per_client": 2, "num_shards": 2 * registered,
                  "train_fraction": min(1.0, samples * registered / TRAIN_SAMPLES),
                  "test_per_client": 4, "rhos": [0.0, 0.5]},
