@@ -214,7 +214,7 @@ def _label_distribution_sample(
 
 class _ClassCandidates:
     """The test indices of a class set and their per-class counts, computed once per class set:
-    a fleet of 10,000 clients has only a few dozen distinct class sets (Shard-2: at most 55),
+    a fleet of 10,000 clients has few distinct class sets (Shard-2: mostly the 55 of one or two classes),
     and ``np.isin`` over the whole test set per client was most of the planning time."""
 
     def __init__(self, test_labels: npt.NDArray[np.int64]) -> None:
