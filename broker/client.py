@@ -589,20 +589,31 @@ class BrokerClient:
         return make_envelope(Status(state=state, detail=detail), dev=self.device_id, seq=seq)
 
     # -- blobs -------------------------------------------------------------------------------
-    def publish_blob(self, data: bytes, *, retain: bool = True, timeout: float = 60.0) -> str:
-        """Publish ``data`` as retained chunks under ``blob/{sha256}/{index}``; return the sha256."""
+    def publish_blob(self, data: bytes, *, retain: bool = True, timeout: float = 60.0,
+                     pending: list[PendingPublish] | None = None) -> str:
+        """Publish ``data`` as retained chunks under ``blob/{sha256}/{index}``; return the sha256.
+
+        With ``pending`` the chunks' publications are appended to it instead of awaited here, so a
+        caller publishing many blobs waits for all their PUBACKs at once (:func:`wait_all`) rather
+        than for one round trip through the broker per blob."""
         chunks = split_blob(data)
-        pending = [self.send(self.topics.blob_chunk(c.sha256, c.index), c, dev="", retain=retain, wait=False)
-                   for c in chunks]
-        deadline = time.monotonic() + timeout
-        for p in pending:
-            p.wait(max(0.0, deadline - time.monotonic()))
+        sent = [self.send(self.topics.blob_chunk(c.sha256, c.index), c, dev="", retain=retain, wait=False)
+                for c in chunks]
+        if pending is not None:
+            pending.extend(sent)
+        else:
+            wait_all(sent, timeout)
         return chunks[0].sha256
 
-    def clear_blob(self, sha256: str, count: int, *, timeout: float = 10.0) -> None:
-        """Remove a blob's retained chunks from the broker."""
-        for index in range(count):
-            self.publish_raw(self.topics.blob_chunk(sha256, index), b"", retain=True, timeout=timeout)
+    def clear_blob(self, sha256: str, count: int, *, timeout: float = 10.0,
+                   pending: list[PendingPublish] | None = None) -> None:
+        """Remove a blob's retained chunks from the broker (``pending``: as in :meth:`publish_blob`)."""
+        sent = [self.publish_raw(self.topics.blob_chunk(sha256, index), b"", retain=True, wait=False)
+                for index in range(count)]
+        if pending is not None:
+            pending.extend(sent)
+        else:
+            wait_all(sent, timeout)
 
     def fetch_blob(self, sha256: str, *, timeout: float = 60.0, cache: BlobCache | None = None) -> bytes:
         """Fetch and verify a blob from its retained chunks (from ``cache`` when it already holds the hash)."""
@@ -661,3 +672,11 @@ class BrokerClient:
             data = assembler.add(chunk)
             if data is not None:
                 return data
+
+
+def wait_all(pending: list[PendingPublish], timeout: float = 60.0) -> None:
+    """Wait for the PUBACK of every publication in ``pending`` (one deadline for all of them);
+    raises as :meth:`PendingPublish.wait` does for the first that failed or timed out."""
+    deadline = time.monotonic() + timeout
+    for p in pending:
+        p.wait(max(0.0, deadline - time.monotonic()))

@@ -346,8 +346,8 @@ class Device:
                 side.on_feature_grad(restore_layout(grad.body, cfg.model.channels_last))
         split = clock.seconds()
         log.info("device %s round %d: %d steps in %.2f s (device compute %.2f, waiting for the server %.2f, "
-                 "sending %.2f)", self.id, rnd, rs.steps, time.perf_counter() - t0, split["compute"], split["wait"],
-                 split["send"])
+                 "sending %.2f); compute cpu %.4f s", self.id, rnd, rs.steps, time.perf_counter() - t0,
+                 split["compute"], split["wait"], split["send"], clock.cpu_seconds()["compute"])
         self._upload(session_upload_bytes(side.state(), side.stats.vector(), split["compute"]), rnd)
         self.client.publish_status("idle", f"round {rnd} done")
 

@@ -34,7 +34,7 @@ from celery import Task
 from broker.blobs import read_session_upload
 from broker.client import BrokerClient, Subscription
 from broker.codec import Envelope, check_origin, error_report
-from broker.errors import WireError
+from broker.errors import ConnectRefused, WireError
 from broker.schemas import InferReply
 from broker.topics import Topics
 from harmony.experiment import Experiment, ServerPlan
@@ -49,8 +49,6 @@ _plans: dict[str, ServerPlan] = {}
 _plans_lock = threading.Lock()
 _weights: dict[str, dict[str, torch.Tensor]] = {}
 _weights_lock = threading.Lock()
-
-
 def server_weights(r: Any, sha: str) -> dict[str, torch.Tensor]:
     """The server back end ``sha`` (content-addressed, so never stale), loaded from Redis once per
     worker process and round rather than once per session; callers copy it into their replica
@@ -66,6 +64,32 @@ def mqtt_settings() -> tuple[str, int, str | None, str | None, Topics]:
     host, _, port = os.environ.get("HSFL_MQTT", "127.0.0.1:1883").rpartition(":")
     return (host or "127.0.0.1", int(port), os.environ.get("HSFL_MQTT_USER"), os.environ.get("HSFL_MQTT_PASSWORD"),
             Topics(os.environ.get("HSFL_TOPIC_PREFIX", "hsfl/v1")))
+
+
+CONNECT_TRY_S = 10.0
+"""How long one connection attempt of a task waits for its CONNACK before it tries again."""
+
+
+def connect_task_client(client_id: str, deadline: float) -> BrokerClient:
+    """A connected broker client for a server task. A CONNACK that does not come within
+    ``CONNECT_TRY_S`` is tried again with a fresh client (id ``{client_id}-r{k}``) until
+    ``deadline`` (monotonic): with 200 sessions starting at once on 2 cores some waited longer
+    than that, and the session task failed, stalling its round until the round timeout. A broker
+    that refuses (credentials, ACL) raises at once."""
+    host, port, user, password, topics = mqtt_settings()
+    attempt = 0
+    while True:
+        name = client_id if attempt == 0 else f"{client_id}-r{attempt}"
+        client = BrokerClient(name, host, port, username=user, password=password, topics=topics, clean_start=True,
+                              session_expiry_s=0)
+        try:
+            client.connect(timeout=CONNECT_TRY_S)
+            return client
+        except ConnectRefused as err:
+            if err.reason_code is not None or time.monotonic() + CONNECT_TRY_S > deadline:
+                raise
+            attempt += 1
+            log.warning("%s: %s; trying again (%d)", client_id, err, attempt)
 
 
 def plan_for(r: Any, manifest_sha: str) -> ServerPlan:
@@ -162,17 +186,16 @@ def session(self: Any, rnd: int, dev: str, index: int, manifest_sha: str, server
 
 def _serve_session(r: Any, rnd: int, dev: str, index: int, manifest_sha: str, server_sha: str, steps: int,
                    timeout_s: float, attempt: str | None, token: str) -> dict[str, Any]:
+    """The body of :func:`session`: its own server back end, round-start weights loaded."""
     plan = plan_for(r, manifest_sha)
     flush_denormal()  # per-thread CPU state, as every process of a run sets it
     cfg = plan.cfg
     model = plan.new_model()
     model.load_state_dict(server_weights(r, server_sha))
     server = plan.session(rnd, index, model)
-    host, port, user, password, topics = mqtt_settings()
-    client = BrokerClient(f"session-{dev}-{rnd}-{token}", host, port, username=user, password=password,
-                          topics=topics, clean_start=True, session_expiry_s=0)
-    client.connect()
+    topics = mqtt_settings()[4]
     t0 = time.perf_counter()
+    client = connect_task_client(f"session-{dev}-{rnd}-{token}", time.monotonic() + timeout_s)
     try:
         sub = client.subscribe(topics.up(dev))
         # the orchestrator now sends round_start to the device (a redelivered session replaces the token)
@@ -206,7 +229,8 @@ def _serve_session(r: Any, rnd: int, dev: str, index: int, manifest_sha: str, se
                                     "device_compute_s": device_compute_s})
         seconds = time.perf_counter() - t0
         split = {**clock.seconds(), "upload_store": time.perf_counter() - steps_done}
-        state.event(r, "session_done", round=rnd, device=dev, seconds=seconds, split=split)
+        state.event(r, "session_done", round=rnd, device=dev, seconds=seconds, split=split,
+                    compute_cpu_s=clock.cpu_seconds()["compute"])
         log.info("session done: device %s round %d, %d steps in %.2f s (server compute %.2f, waiting for the "
                  "device %.2f, sending %.2f, upload and store %.2f)", dev, rnd, steps, seconds, split["compute"],
                  split["wait"], split["send"], split["upload_store"])
@@ -252,17 +276,19 @@ def infer(dev: str, manifest_sha: str, server_sha: str, idle_s: float = 30.0, rn
     model = plan.new_model()
     model.load_state_dict(server_weights(r, server_sha))
     model.eval()
-    host, port, user, password, topics = mqtt_settings()
+    topics = mqtt_settings()[4]
     token = uuid.uuid4().hex[:12]
     field = f"infer:{dev}"
     heartbeat = state.Heartbeat(r, rnd, attempt, field, token)
     if not heartbeat.start():
         return {"device": dev, "round": rnd, "served": 0, "skipped": "another infer task of this attempt is alive"}
-    client = BrokerClient(f"infer-{dev}-{token}", host, port, username=user, password=password, topics=topics,
-                          clean_start=True, session_expiry_s=0)
+    try:
+        client = connect_task_client(f"infer-{dev}-{token}", time.monotonic() + idle_s)
+    except BaseException:
+        heartbeat.stop()
+        raise
     served, reported = 0, False
     try:
-        client.connect()
         sub = client.subscribe(topics.up(dev))
         if not state.claim_ready(r, rnd, field, token, "eval_attempt", attempt):
             return {"device": dev, "round": rnd, "served": 0, "skipped": "superseded"}

@@ -122,7 +122,7 @@ class LocalStack:
     def start(self, agents: int = 0, devices_per_agent: int = 4, worker_concurrency: int | None = None,
               registry: bool = True, visibility_timeout_s: int | None = None,
               restore_interval_s: int | None = None, auth: bool = False,
-              torch_threads: int | None = None) -> StackInfo:
+              torch_threads: int | None = None, workers: int = 1) -> StackInfo:
         """Start mosquitto, redis-server, one Celery worker, the registry and ``agents`` agent processes.
 
         ``visibility_timeout_s``/``restore_interval_s``: the worker's ``HSFL_VISIBILITY_S`` and
@@ -133,7 +133,11 @@ class LocalStack:
         round trains at once: a session mostly waits for its device, and with fewer threads the
         round runs in waves whose set-up and tail leave cores idle. ``torch_threads``: the intra-op
         threads (``OMP_NUM_THREADS``) of the worker and agent processes; ``None`` leaves torch's
-        default (one per core in every process). A run's ``threads`` setting overrides both."""
+        default (one per core in every process). A run's ``threads`` setting overrides both.
+        ``workers``: Celery worker processes (``worker``, ``worker-1``, …), each with
+        ``worker_concurrency`` session threads: one process's sessions share one GIL, so past a
+        hundred or so concurrent sessions a second process spreads the server side's Python over
+        the cores (``benchmarks/fleet_scale.py``)."""
         from server.app import QUEUE  # here, not at import: the CLI loads this module on every command
 
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -177,10 +181,14 @@ class LocalStack:
             env.update({"HSFL_MQTT_USER": "server", "HSFL_MQTT_PASSWORD": self._passwords["server"]})
         if worker_concurrency is None:
             worker_concurrency = max(2, agents * devices_per_agent)
-        self._spawn("worker", [sys.executable, "-m", "celery", "-A", "server.app", "worker", "--pool", "threads",
-                               "--concurrency", str(worker_concurrency), "-Q", QUEUE, "--loglevel", "INFO",
-                               "-n", f"hsfl-{info.mqtt_port}@%h", "--without-gossip", "--without-mingle",
-                               "--without-heartbeat"], env)
+        if workers < 1:
+            raise ValueError(f"workers must be at least 1, got {workers}")
+        for k in range(workers):
+            self._spawn("worker" if k == 0 else f"worker-{k}", [
+                sys.executable, "-m", "celery", "-A", "server.app", "worker", "--pool", "threads", "--concurrency",
+                str(worker_concurrency), "-Q", QUEUE, "--loglevel", "INFO",
+                "-n", f"hsfl-{info.mqtt_port}@%h" if k == 0 else f"hsfl-{info.mqtt_port}-{k}@%h",
+                "--without-gossip", "--without-mingle", "--without-heartbeat"], env)
         if registry:
             argv = [sys.executable, "-m", "orchestrator", "--broker", f"127.0.0.1:{info.mqtt_port}", "--redis",
                     info.redis_url]
@@ -321,8 +329,8 @@ def stop_stack(run_dir: str | Path, procs: dict[str, subprocess.Popen[bytes]] | 
     """SIGTERM each recorded PID (SIGKILL after ``timeout``); returns the names stopped."""
     info = load_stack(run_dir)
     procs = procs or {}
-    order = sorted(info.pids, key=lambda n: (0 if n.startswith("agent") else 1 if n in ("orchestrator", "worker")
-                                               else 2, n))
+    order = sorted(info.pids, key=lambda n: (0 if n.startswith("agent")
+                                             else 1 if n == "orchestrator" or n.startswith("worker") else 2, n))
     stopped = []
     for name in order:
         pid = info.pids[name]

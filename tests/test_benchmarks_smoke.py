@@ -59,3 +59,32 @@ def test_personalisation_probe_smoke(tmp_path):
     reported = engine.evaluate(personalise=False)["accuracy"]
     assert abs(reported[0] - rows["none"]["oracle_rho0"]) < 0.01
     assert abs(reported[-1] - rows["none"]["oracle_rho08"]) < 0.01
+
+
+def test_fleet_scale_smoke():
+    """4 devices in 2 agent processes over a real stack: one warm round, its overhead and memory figures."""
+    proc = subprocess.run([sys.executable, "benchmarks/fleet_scale.py", "--smoke"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["bench"] == "fleet_scale" and result["failed"] == {}
+    assert result["devices_completed"] == 4
+    size = result["sizes"]["4"]
+    assert size["agents"] == 2 and size["hosted"] == [2, 2]
+    assert size["compute_cpu_s"]["device"] > 0 and size["compute_cpu_s"]["server"] > 0
+    assert size["round_s"] > 0 and all(rss > 0 for rss in size["rss_mb_per_agent"])
+    assert set(size["split_s"]) == {"publish", "sessions", "aggregate", "load"}
+
+
+def test_sim_fleet_scale_smoke():
+    """20 and 200 registered devices, 10 training per round on the simulated clock."""
+    proc = subprocess.run([sys.executable, "benchmarks/sim_fleet_scale.py", "--smoke"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["bench"] == "sim_fleet_scale" and result["registered"] == 200
+    assert set(result["sizes"]) == {"20", "200"}
+    for size in result["sizes"].values():
+        assert size["participants"] == 10 and size["sessions_timed"] == 10
+        assert size["rounds_per_s"] > 0 and size["peak_rss_mb"] >= size["rss_mb"] * 0.9
+    assert "idle_device_kb" in result

@@ -28,3 +28,17 @@ def test_a_phase_that_raises_still_counts():
         time.sleep(0.01)
         raise TimeoutError
     assert clock.seconds()["io"] >= 0.01
+
+
+def test_cpu_seconds_count_work_not_waiting():
+    clock = PhaseClock()
+    with clock("wait"):
+        time.sleep(0.05)
+    with clock("compute"):
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < 0.05:
+            pass
+    cpu = clock.cpu_seconds()
+    assert set(cpu) == {"compute", "wait", "send"}
+    assert cpu["wait"] < 0.02 and cpu["compute"] > 0.01
+    assert cpu["compute"] <= clock.seconds()["compute"] + 1e-3

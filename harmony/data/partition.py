@@ -193,22 +193,42 @@ def _label_distribution_sample(
     test_labels: npt.NDArray[np.int64],
     class_weights: dict[int, float],
     size: int,
+    candidates_of: _ClassCandidates | None = None,
 ) -> IndexArray:
     """Test indices of the weighted classes, drawn so that classes follow ``class_weights``.
 
     A test sample of class c has weight ``class_weights[c] / (#test samples of c)``, so each
     draw picks class c with probability proportional to ``class_weights[c]`` (as long as no
-    class has run out of test samples).
+    class has run out of test samples). ``candidates_of`` caches the candidate indices per
+    class set (many clients share one); the draw is the same with or without it.
     """
     classes = np.asarray(sorted(class_weights), dtype=np.int64)
-    candidates = np.flatnonzero(np.isin(test_labels, classes)).astype(np.int64)
+    candidates, counts = (candidates_of or _ClassCandidates(test_labels)).of(classes)
     if candidates.size == 0:
         return candidates
-    counts = np.bincount(test_labels[candidates], minlength=int(classes.max()) + 1)
     per_class = np.zeros(len(counts))
     for c in classes:
         per_class[c] = class_weights[int(c)] / max(counts[c], 1)
     return _weighted_sample(rng, candidates, per_class[test_labels[candidates]], size)
+
+
+class _ClassCandidates:
+    """The test indices of a class set and their per-class counts, computed once per class set:
+    a fleet of 10,000 clients has few distinct class sets (Shard-2: mostly the 55 of one or two classes),
+    and ``np.isin`` over the whole test set per client was most of the planning time."""
+
+    def __init__(self, test_labels: npt.NDArray[np.int64]) -> None:
+        self.test_labels = test_labels
+        self._cache: dict[tuple[int, ...], tuple[IndexArray, npt.NDArray[np.int64]]] = {}
+
+    def of(self, classes: npt.NDArray[np.int64]) -> tuple[IndexArray, npt.NDArray[np.int64]]:
+        key = tuple(int(c) for c in classes)
+        if key not in self._cache:
+            candidates = np.flatnonzero(np.isin(self.test_labels, classes)).astype(np.int64)
+            counts = np.bincount(self.test_labels[candidates], minlength=int(classes.max()) + 1) \
+                if candidates.size else np.zeros(0, dtype=np.int64)
+            self._cache[key] = (candidates, counts)
+        return self._cache[key]
 
 
 def _split_counts(rho: float, n_test: int) -> tuple[int, int]:
@@ -309,6 +329,8 @@ def ood_test_sets(
     if not 0.0 <= min_class_fraction <= 1.0:
         raise ValueError(f"min_class_fraction must lie in [0, 1], got {min_class_fraction}")
     test_classes = np.unique(test)
+    candidates_of = _ClassCandidates(test)
+    ood_of: dict[tuple[int, ...], tuple[IndexArray, IndexArray]] = {}  # ID class set → OOD classes, candidates
     result = []
     for client, train_labels in enumerate(train_labels_per_client):
         rng = np.random.default_rng([seed, client])
@@ -316,10 +338,15 @@ def ood_test_sets(
             _as_labels(train_labels, f"train labels of client {client}"), min_class_fraction
         )
         id_classes = np.asarray(sorted(weights), dtype=np.int64)
-        ood_classes = np.setdiff1d(test_classes, id_classes).astype(np.int64)
-        id_pool = _label_distribution_sample(rng, test, weights, n_test)
-        ood_candidates = np.flatnonzero(np.isin(test, ood_classes)).astype(np.int64)
-        ood_pool = rng.permutation(ood_candidates)[:n_test]
+        key = tuple(int(c) for c in id_classes)
+        if key not in ood_of:
+            ood_classes = np.setdiff1d(test_classes, id_classes).astype(np.int64)
+            ood_of[key] = (ood_classes, np.flatnonzero(np.isin(test, ood_classes)).astype(np.int64))
+        ood_classes, ood_candidates = ood_of[key]
+        id_pool = _label_distribution_sample(rng, test, weights, n_test, candidates_of)
+        # a copy, not a view: the slice would keep the whole permutation alive (64 KB per
+        # client on Fashion-MNIST, whatever n_test is)
+        ood_pool = rng.permutation(ood_candidates)[:n_test].copy()
         test_set = OODTestSet(client, n_test, id_pool, ood_pool, id_classes, ood_classes)
         for rho in rhos:
             test_set.counts(rho)
