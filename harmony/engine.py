@@ -59,6 +59,7 @@ class RoundRecord:
     deadline_s: float | None = None
     clock_s: float | None = None  # the simulated clock at the round's end (simulated clock only)
     reassigned: list[dict[str, Any]] = field(default_factory=list)  # depth re-decisions after measured drift
+    rejoined: list[int] = field(default_factory=list)  # completed again after being left out as gone
 
 
 class TrainingDivergedError(RuntimeError):
@@ -82,6 +83,8 @@ class Engine:
         fleet.progress = self.progress
         self.client_global, self.server_global = experiment.initial_states()
         self.local_states: dict[int, State] = {}
+        self.gone: set[int] = set()
+        """Clients left out as dropouts or offline, not seen completing a session since."""
         self.history: list[RoundRecord] = []
         self.start_round = 1
         self.clock_s = 0.0
@@ -144,6 +147,10 @@ class Engine:
         record.attempts = plan.attempt + 1
         record.invited = len(plan.participants)
         record.stragglers, record.dropouts, record.offline = late, dropped, plan.offline
+        record.rejoined = sorted(res.client for res in results if res.client in self.gone)
+        self.gone = (self.gone - {res.client for res in results}) | set(dropped) | set(plan.offline)
+        for i in record.rejoined:
+            self.progress("rejoined", round=rnd, device=i)
         record.deadline_s = plan.deadline_s
         record.clock_s = self.clock_s if self.cfg.fleet.clock == "simulated" else None
         record.reassigned = self._reassign_drifted(rnd, results)

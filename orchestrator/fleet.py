@@ -427,6 +427,8 @@ class MqttCeleryFleet:
             "state": "done", "client_sha": client_sha, "server_sha": server_sha,
             "uploads": json.dumps([res.extra["upload"] for res in results]), "record": json.dumps(record)})
         self.r.hset(state.run_key(), "last_round", rnd)
+        for i in record.get("rejoined", []):
+            state.event(self.r, "device_rejoined", round=rnd, device=self.device_ids[i])
         state.event(self.r, "round_done", round=rnd, split=self._round["clock"].seconds())
 
     def round_failed(self, rnd: int, reason: str) -> None:

@@ -117,3 +117,21 @@ def test_an_availability_trace_takes_devices_off_and_drops_them_mid_session(tmp_
     assert record["participants"] == 2
     with pytest.raises(FileNotFoundError, match="fleet.availability_trace"):
         Experiment.plan(cfg.with_overrides(**{"fleet.availability_trace": str(tmp_path / "missing.json")}))
+
+
+def test_a_device_that_comes_back_is_recorded_as_rejoined():
+    cfg = tiny_config(**{"fleet.offline_probability": 0.4, "fleet.dropout_probability": 0.2, "fleet.quorum": 0.25,
+                         "train.rounds": 5, "train.local_steps": 1})
+    engine = LocalEngine(cfg)
+    events: list[tuple[str, dict]] = []
+    engine.progress = lambda e, **f: events.append((e, f))
+    records = engine.train()
+    gone: set[int] = set()
+    rejoins = 0
+    for r in records:
+        completed = set(range(4)) - set(r.offline) - set(r.dropouts) - set(r.stragglers)
+        assert r.rejoined == sorted(completed & gone), r
+        rejoins += len(r.rejoined)
+        gone = (gone - completed) | set(r.dropouts) | set(r.offline)
+    assert rejoins > 0, "the seed brings nobody back; the test would show nothing"
+    assert sum(1 for e, _ in events if e == "rejoined") == rejoins
