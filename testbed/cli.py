@@ -79,6 +79,14 @@ def _load(config: Path, overrides: list[str] | None):
         raise typer.Exit(2) from None
 
 
+def _broker_address(broker: str) -> tuple[str, int]:
+    """``--broker HOST:PORT`` as (host, port); an empty host is loopback."""
+    host, sep, port = broker.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"--broker {broker!r}: expected HOST:PORT, e.g. 127.0.0.1:1883")
+    return host or "127.0.0.1", int(port)
+
+
 def _fail(err: Exception) -> None:
     console.print(f"[red]error:[/red] {err}")
     raise typer.Exit(2) from None
@@ -116,10 +124,11 @@ def run(
             _fail(ValueError("--broker/--redis drive a distributed run; add --runtime distributed"))
         if broker is None or redis is None:
             _fail(ValueError("--broker and --redis go together: the MQTT broker and the Redis of the same fleet"))
-        host, sep, port = broker.rpartition(":")
-        if not sep or not port.isdigit():
-            _fail(ValueError(f"--broker {broker!r}: expected HOST:PORT, e.g. 127.0.0.1:1883"))
-        fleet = {"mqtt": (host or "127.0.0.1", int(port)), "redis_url": redis, "topic_prefix": topic_prefix,
+        try:
+            mqtt = _broker_address(broker)
+        except ValueError as err:
+            _fail(err)
+        fleet = {"mqtt": mqtt, "redis_url": redis, "topic_prefix": topic_prefix,
                  "devices_timeout_s": devices_timeout, "round_timeout_s": round_timeout}
     cfg = _load(config, set_)
     try:
@@ -445,10 +454,7 @@ def _measured_decisions(experiment: Any, broker: str | None, stack_dir: Path | N
         (host, port), (username, password) = info.mqtt, info.orchestrator_login()
     else:
         assert broker is not None
-        host, sep, port_text = broker.rpartition(":")
-        if not sep or not port_text.isdigit():
-            raise ValueError(f"--broker {broker!r}: expected HOST:PORT, e.g. 127.0.0.1:1883")
-        host, port = host or "127.0.0.1", int(port_text)
+        host, port = _broker_address(broker)
     client = BrokerClient(f"fleet-plan-{uuid.uuid4().hex[:8]}", host, port, username=username, password=password,
                           topics=Topics(topic_prefix), clean_start=True, session_expiry_s=0)
     client.connect()

@@ -5,7 +5,9 @@ left out the same devices."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from typing import Any
 
@@ -13,6 +15,7 @@ import pytest
 import torch
 
 from harmony.engine import LocalEngine
+from server import state
 from testbed.stack import LocalStack, StackInfo
 
 
@@ -50,3 +53,22 @@ def train_only(engine: Any) -> list[dict[str, Any]]:
     round records."""
     engine.fleet.begin_run(False)
     return [asdict(rec) for rec in engine.train()]
+
+
+def when_in_flight(r: Any, rnd: int, devices: set[str], action: Callable[[], None], *, settle_s: float = 0.3,
+                   timeout_s: float = 60.0, poll_s: float = 0.02) -> threading.Thread:
+    """A thread (not yet started) that runs ``action()`` once, as soon as the round-``rnd`` sessions
+    of every one of ``devices`` are subscribed (Redis) and none of them is done, ``settle_s`` later
+    (to let the exchange get going); it gives up after ``timeout_s``."""
+    def watch() -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            ready = {k.decode() for k in r.hkeys(state.ready_key(rnd))}
+            done = {d.decode() for d in r.smembers(state.done_key(rnd))}
+            if devices <= ready and not devices & done:
+                time.sleep(settle_s)
+                action()
+                return
+            time.sleep(poll_s)
+
+    return threading.Thread(target=watch, daemon=True)

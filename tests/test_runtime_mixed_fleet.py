@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import signal
-import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -22,6 +21,7 @@ from orchestrator.engine import DistributedEngine
 from server import state
 from testbed.stack import LocalStack
 from tests.conftest import tiny_config
+from tests.runtime_fixtures import when_in_flight
 
 DEADLINE_S = 40.0
 
@@ -56,17 +56,11 @@ def test_a_killed_and_a_slow_device_leave_every_round_on_quorum(stack, tmp_path)
     r = state.connect(stack.info.redis_url)
     killed: dict[str, float] = {}
 
-    def kill_mid_session() -> None:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if "emu-10" in {k.decode() for k in r.hkeys(state.ready_key(2))} and \
-                    b"emu-10" not in r.smembers(state.done_key(2)):
-                stack.kill("agent-2", signal.SIGKILL)
-                killed["at"] = time.time()
-                return
-            time.sleep(0.01)
+    def kill() -> None:
+        stack.kill("agent-2", signal.SIGKILL)
+        killed["at"] = time.time()
 
-    killer = threading.Thread(target=kill_mid_session, daemon=True)
+    killer = when_in_flight(r, 2, {"emu-10"}, kill, settle_s=0.0, timeout_s=120, poll_s=0.01)
     spans: dict[int, list[float]] = {}
 
     def progress(event: str, **fields: Any) -> None:

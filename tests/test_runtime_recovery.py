@@ -14,7 +14,6 @@ seconds of the fault, and the model equal to the local run that left out the sam
 from __future__ import annotations
 
 import signal
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,7 +27,7 @@ from orchestrator.engine import DistributedEngine
 from server import state
 from testbed.stack import LocalStack
 from tests.conftest import tiny_config
-from tests.runtime_fixtures import left_out, local_without, same_weights, train_only
+from tests.runtime_fixtures import left_out, local_without, same_weights, train_only, when_in_flight
 
 ROUND_TIMEOUT_S = 150
 """The round timeout of these runs: a fault that stalled a round would show as a round this long."""
@@ -166,19 +165,12 @@ def test_mosquitto_killed_mid_session_replays_the_round(stack, tmp_path):
     four = {"emu-0", "emu-1", "emu-2", "emu-3"}
     killed: dict[str, float] = {}
 
-    def kill_mid_session() -> None:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            ready = {k.decode() for k in r.hkeys(state.ready_key(1))}
-            if four <= ready and not r.smembers(state.done_key(1)):
-                time.sleep(0.3)  # let the exchange get going
-                stack.kill("mosquitto", signal.SIGKILL)
-                killed["at"] = time.monotonic()
-                stack.restart("mosquitto")
-                return
-            time.sleep(0.02)
+    def kill() -> None:
+        stack.kill("mosquitto", signal.SIGKILL)
+        killed["at"] = time.monotonic()
+        stack.restart("mosquitto")
 
-    killer = threading.Thread(target=kill_mid_session, daemon=True)
+    killer = when_in_flight(r, 1, four, kill)
     ends: dict[int, float] = {}
 
     def progress(event: str, **fields: Any) -> None:
@@ -216,20 +208,12 @@ def test_an_agent_restarted_after_kill_9_takes_part_again(stack, tmp_path):
     hellos = watcher.subscribe(watcher.topics.all_devices("hello"))
     killed: dict[str, float] = {}
 
-    def kill_mid_session() -> None:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            ready = {k.decode() for k in r.hkeys(state.ready_key(1))}
-            done = {d.decode() for d in r.smembers(state.done_key(1))}
-            if {"emu-2", "emu-3"} <= ready and not {"emu-2", "emu-3"} & done:
-                time.sleep(0.3)  # let the exchange get going
-                stack.kill("agent-1", signal.SIGKILL)
-                killed["at"] = time.time()
-                stack.restart("agent-1")
-                return
-            time.sleep(0.02)
+    def kill() -> None:
+        stack.kill("agent-1", signal.SIGKILL)
+        killed["at"] = time.time()
+        stack.restart("agent-1")
 
-    killer = threading.Thread(target=kill_mid_session, daemon=True)
+    killer = when_in_flight(r, 1, {"emu-2", "emu-3"}, kill)
 
     def progress(event: str, **fields: Any) -> None:
         if event == "round_start" and fields["round"] == 1 and not killer.is_alive() and not killed:

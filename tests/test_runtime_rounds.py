@@ -6,7 +6,6 @@ on quorum, the model equal to the local run without them."""
 from __future__ import annotations
 
 import signal
-import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -18,7 +17,7 @@ from orchestrator.engine import DistributedEngine
 from server import state
 from testbed.stack import LocalStack
 from tests.conftest import tiny_config
-from tests.runtime_fixtures import left_out, local_without, same_weights, train_only
+from tests.runtime_fixtures import left_out, local_without, same_weights, train_only, when_in_flight
 
 
 @pytest.fixture(scope="module")
@@ -89,19 +88,11 @@ def test_an_agent_killed_mid_session_is_dropped_within_seconds(stack, tmp_path):
     r = state.connect(stack.info.redis_url)
     killed: dict[str, float] = {}
 
-    def kill_mid_session() -> None:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            ready = {k.decode() for k in r.hkeys(state.ready_key(1))}
-            done = {d.decode() for d in r.smembers(state.done_key(1))}
-            if {"emu-2", "emu-3"} <= ready and not {"emu-2", "emu-3"} & done:
-                time.sleep(0.3)  # let the exchange get going
-                stack.kill("agent-1", signal.SIGKILL)
-                killed["at"] = time.monotonic()
-                return
-            time.sleep(0.02)
+    def kill() -> None:
+        stack.kill("agent-1", signal.SIGKILL)
+        killed["at"] = time.monotonic()
 
-    killer = threading.Thread(target=kill_mid_session, daemon=True)
+    killer = when_in_flight(r, 1, {"emu-2", "emu-3"}, kill)
     ends: dict[int, float] = {}
 
     def progress(event: str, **fields: Any) -> None:
