@@ -14,11 +14,17 @@ profiles or overrides single fields of shipped ones::
       memory_bytes: 2_147_483_648
       cores: 4
       source: "..."
+
+What emulating a class needs (``harmony fleet emulate``, docs/emulation.md) is there too:
+``downlink_bps`` (server→device; default: the uplink), ``latency_ms`` (one-way link latency;
+default 0) and ``availability`` (``always``, or ``{on_s: S, off_s: S}``: on for ``on_s`` seconds,
+then off for ``off_s``, repeating); a new profile may leave these three out.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from functools import lru_cache
@@ -41,10 +47,32 @@ class DeviceProfile:
     memory_bytes: int
     cores: int
     source: str  # where the numbers come from, and what was assumed
+    downlink_bps: float | None = None  # server→device throughput, bits/s; None: as the uplink
+    latency_ms: float = 0.0  # one-way link latency, milliseconds
+    availability: Availability | None = None  # None: always on
+
+    @property
+    def downlink(self) -> float:
+        """Server→device bits/s (the uplink's figure when the profile gives none)."""
+        return self.uplink_bps if self.downlink_bps is None else self.downlink_bps
+
+
+@dataclass(frozen=True)
+class Availability:
+    """On/off periods of a device class: on for ``on_s`` seconds, then off for ``off_s``, repeating
+    (from the moment the device starts)."""
+
+    on_s: float
+    off_s: float
+
+    def is_on(self, elapsed_s: float) -> bool:
+        """Whether a device that started ``elapsed_s`` seconds ago is on."""
+        return elapsed_s % (self.on_s + self.off_s) < self.on_s
 
 
 _FIELDS = tuple(f.name for f in fields(DeviceProfile) if f.name != "name")
-_FLOAT_FIELDS = ("compute_flops", "uplink_bps")
+_REQUIRED = ("compute_flops", "uplink_bps", "memory_bytes", "cores", "source")
+_FLOAT_FIELDS = ("compute_flops", "uplink_bps", "downlink_bps")
 _INT_FIELDS = ("memory_bytes", "cores")
 
 
@@ -100,6 +128,16 @@ def _positive_int(profile: str, key: str, value: Any, where: str) -> int:
     return int(number)
 
 
+def _availability(profile: str, value: Any, where: str) -> Availability | None:
+    if value == "always":
+        return None
+    if isinstance(value, Mapping) and set(value) == {"on_s", "off_s"}:
+        return Availability(_positive_float(profile, "availability.on_s", value["on_s"], where),
+                            _positive_float(profile, "availability.off_s", value["off_s"], where))
+    raise ProfileError(f"profile {profile!r}: field 'availability' must be 'always' or a mapping "
+                       f"{{on_s: SECONDS, off_s: SECONDS}}, got {value!r}{where}")
+
+
 def _check_fields(profile: str, entry: Any, where: str) -> dict[str, Any]:
     """Validate one entry's fields (any subset); return them converted."""
     if not isinstance(entry, Mapping):
@@ -115,6 +153,14 @@ def _check_fields(profile: str, entry: Any, where: str) -> dict[str, Any]:
             out[key] = _positive_float(profile, key, value, where)
         elif key in _INT_FIELDS:
             out[key] = _positive_int(profile, key, value, where)
+        elif key == "latency_ms":
+            number = _as_number(value)
+            if number is None or number < 0:
+                raise ProfileError(f"profile {profile!r}: field 'latency_ms' must be a number >= 0, got {value!r}"
+                                   f"{where}")
+            out[key] = number
+        elif key == "availability":
+            out[key] = _availability(profile, value, where)
         else:  # source
             if not isinstance(value, str) or not value.strip():
                 raise ProfileError(f"profile {profile!r}: field 'source' must be a non-empty string{where}")
@@ -149,11 +195,11 @@ def _merge(
                 given["source"] = f"{merged[name].source} [{changed} overridden{where}]"
             merged[name] = replace(merged[name], **given)
         else:
-            missing = [k for k in _FIELDS if k not in given]
+            missing = [k for k in _REQUIRED if k not in given]
             if missing:
                 raise ProfileError(
                     f"profile {name!r}: missing field {missing[0]!r}{where} "
-                    f"(a new profile needs {', '.join(_FIELDS)})"
+                    f"(a new profile needs {', '.join(_REQUIRED)})"
                 )
             merged[name] = DeviceProfile(name=name, **given)
     return merged
@@ -188,3 +234,20 @@ def get_profile(name: str, profiles: Mapping[str, DeviceProfile] | None = None) 
         return table[name]
     except KeyError:
         raise UnknownProfileError(name, sorted(table)) from None
+
+
+def _spelling_key(name: str) -> str:
+    return re.sub(r"[-_\s]", "", name.lower())
+
+
+def resolve_class(name: str, profiles: Mapping[str, DeviceProfile] | None = None) -> str:
+    """The profile name a command-line class spelling means: the name itself, or the same letters
+    and digits with hyphens/underscores anywhere (``pi-zero2`` → ``pi_zero_2``, ``jetson-nano`` →
+    ``jetson_nano``). Raises :class:`UnknownProfileError` listing the names."""
+    table = _packaged() if profiles is None else profiles
+    if name in table:
+        return name
+    matches = [n for n in table if _spelling_key(n) == _spelling_key(name)]
+    if len(matches) == 1:
+        return matches[0]
+    raise UnknownProfileError(name, sorted(table))

@@ -5,11 +5,13 @@ from __future__ import annotations
 import pytest
 
 from harmony.profiles import (
+    Availability,
     DeviceProfile,
     ProfileError,
     UnknownProfileError,
     get_profile,
     load_profiles,
+    resolve_class,
 )
 
 SHIPPED = ["pi_zero_2", "pi4", "pi5", "jetson_nano", "jetson_orin_nano", "laptop", "server"]
@@ -90,6 +92,11 @@ def test_unknown_profile_lists_names():
         ("pi4:\n  source: ''\n", ["'pi4'", "'source'"]),
         ("new_board:\n  compute_flops: 1_000\n", ["'new_board'", "missing field"]),
         ("pi4: 7\n", ["'pi4'"]),
+        ("pi4:\n  downlink_bps: 0\n", ["'pi4'", "'downlink_bps'"]),
+        ("pi4:\n  latency_ms: -1\n", ["'pi4'", "'latency_ms'"]),
+        ("pi4:\n  availability: sometimes\n", ["'pi4'", "'availability'", "on_s"]),
+        ("pi4:\n  availability: {on_s: 10}\n", ["'pi4'", "'availability'"]),
+        ("pi4:\n  availability: {on_s: 10, off_s: 0}\n", ["'pi4'", "'availability.off_s'"]),
     ],
 )
 def test_bad_field_names_profile_and_field(tmp_path, text, fragments):
@@ -113,3 +120,33 @@ def test_empty_user_file_gives_defaults(tmp_path):
     path = tmp_path / "empty.yaml"
     path.write_text("")
     assert load_profiles(path) == load_profiles()
+
+
+def test_emulation_fields_of_the_shipped_classes():
+    """What `harmony fleet emulate` enforces: every class has a downlink, a link latency and an
+    availability model; the shipped ones are always on."""
+    for name, p in load_profiles().items():
+        assert p.downlink > 0 and p.latency_ms >= 0 and p.availability is None, name
+    zero = get_profile("pi_zero_2")
+    assert (zero.downlink_bps, zero.latency_ms) == (30e6, 5.0)
+
+
+def test_a_new_profile_may_leave_the_emulation_fields_out_and_on_off_periods_parse(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("board:\n  compute_flops: 1_000_000_000\n  uplink_bps: 1_000_000\n  memory_bytes: 1024\n"
+                    "  cores: 1\n  source: a battery board\n  availability: {on_s: 60, off_s: 30}\n")
+    board = load_profiles(path)["board"]
+    assert board.downlink == 1e6 and board.latency_ms == 0.0  # defaults: as the uplink, no latency
+    assert board.availability == Availability(60.0, 30.0)
+    assert [board.availability.is_on(t) for t in (0, 59.9, 60, 89.9, 90)] == [True, True, False, False, True]
+
+
+@pytest.mark.parametrize(("spelling", "name"), [("pi-zero2", "pi_zero_2"), ("jetson-nano", "jetson_nano"),
+                                                ("pi4", "pi4"), ("Jetson-Orin-Nano", "jetson_orin_nano")])
+def test_command_line_spellings_map_to_the_yaml_names(spelling, name):
+    assert resolve_class(spelling) == name
+
+
+def test_an_unknown_spelling_lists_the_classes():
+    with pytest.raises(UnknownProfileError, match="pi_zero_2"):
+        resolve_class("pi-zero3")
