@@ -246,6 +246,11 @@ class BrokerClient:
         """Successful CONNACKs so far (the first connect plus every automatic reconnect)."""
         self.disconnected_at: float | None = None
         """When (unix s) the connection was last lost other than by ``close``; None if never."""
+        self.before_publish: Callable[[int], None] | None = None
+        """Called with a payload's size before it is published (an emulated link's uplink and latency)."""
+        self.before_deliver: Callable[[int], None] | None = None
+        """Called with a received payload's size, in the network thread, before it is delivered (an
+        emulated link's downlink: later messages wait behind it, as on a link)."""
 
         client = paho.Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
@@ -343,6 +348,8 @@ class BrokerClient:
                         self.host, self.port, reason_code.getName(), reason_code.value)
 
     def _on_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
+        if self.before_deliver is not None:
+            self.before_deliver(len(message.payload))
         inbound = InboundMessage(message.topic, bytes(message.payload), message.qos, bool(message.retain))
         ids = getattr(message.properties, "SubscriptionIdentifier", None) if message.properties else None
         with self._cond:
@@ -530,6 +537,8 @@ class BrokerClient:
     def publish_raw(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False, wait: bool = True,
                     timeout: float = 10.0) -> PendingPublish:
         """Publish bytes as they are (e.g. ``b""`` retained, to clear a retained message)."""
+        if self.before_publish is not None:
+            self.before_publish(len(payload))
         info = self._mqtt.publish(topic, payload, qos=qos, retain=retain)
         if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
             raise BrokerError(f"could not publish to {topic!r}: {paho.error_string(info.rc)}")

@@ -1,13 +1,15 @@
 """``python -m edge_agent --broker HOST:PORT --device-id ID [--device-id ID2 …] [--credentials FILE]
-[--data-dir DIR]``."""
+[--data-dir DIR] [--device-class CLASS [--emulate [--emulate-limits compute,uplink,downlink,latency]]]``."""
 
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from broker.topics import Topics
 from edge_agent.agent import Agent, Credentials
+from edge_agent.emulation import LIMITS, DeviceLimits
 from edge_agent.logs import LOG_LEVELS, configure_logging, parse_log_level
 
 
@@ -54,6 +56,20 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--slowdown", type=float, default=1.0,
                     help="emulate devices this many times slower than the host: each compute phase is followed "
                          "by a sleep of (slowdown - 1) x its duration (default 1: host speed)")
+    ap.add_argument("--device-class", default=None,
+                    help="the harmony/profiles.yaml class these devices are (reported in hello); hyphenated "
+                         "spellings work (pi-zero2, jetson-nano)")
+    ap.add_argument("--emulate", action="store_true",
+                    help="enforce the class's limits in the agent: compute pacing (a step takes at least its "
+                         "FLOPs / the class's rate), uplink/downlink token buckets, link latency")
+    ap.add_argument("--emulate-limits", default=",".join(LIMITS),
+                    help=f"with --emulate: which limits the agent enforces, comma-separated from {', '.join(LIMITS)} "
+                         "(default all; `harmony fleet emulate` leaves out what a cgroup or tc enforces)")
+    ap.add_argument("--join-cgroup", type=Path, action="append", default=[],
+                    help="a cgroup directory this process moves itself into once started (its imports done); "
+                         "`harmony fleet emulate` passes the device's CPU-quota cgroup")
+    ap.add_argument("--profiles", type=Path, default=None,
+                    help="a profiles YAML adding or overriding classes (harmony/profiles.py)")
     ap.add_argument("--corrupt-features", action="store_true",
                     help="fault injection for tests: drop the last channel of every cut-layer feature tensor sent, "
                          "so the server's session fails on the shape")
@@ -61,9 +77,40 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     configure_logging(args.log_level)
     host, port = parse_broker(args.broker)
+    try:
+        device_class, limits = device_limits(args.device_class, args.emulate, args.emulate_limits, args.profiles)
+    except (ValueError, OSError) as err:
+        ap.error(str(err))
+    for cgroup in args.join_cgroup:
+        try:
+            (cgroup / "cgroup.procs").write_text(f"{os.getpid()}\n")
+        except OSError as err:
+            ap.error(f"--join-cgroup {cgroup}: {err}")
     Agent(host, port, args.device_id, topics=Topics(args.topic_prefix),
           credentials=read_credentials(args.credentials, args.device_id), cache_dir=args.cache_dir,
-          data_dir=args.data_dir, slowdown=args.slowdown, corrupt_features=args.corrupt_features).run()
+          data_dir=args.data_dir, slowdown=args.slowdown, corrupt_features=args.corrupt_features,
+          device_class=device_class, limits=limits).run()
+
+
+def device_limits(device_class: str | None, emulate: bool, enforce: str, profiles: Path | None = None
+                  ) -> tuple[str | None, DeviceLimits | None]:
+    """``--device-class``/``--emulate``/``--emulate-limits`` as (the yaml class name, the limits the
+    agent enforces or None). Raises ``ValueError`` naming the option."""
+    from harmony.profiles import UnknownProfileError, load_profiles, resolve_class
+
+    if device_class is None:
+        if emulate:
+            raise ValueError("--emulate needs --device-class CLASS (the class whose limits to enforce)")
+        return None, None
+    table = load_profiles(profiles)
+    try:
+        name = resolve_class(device_class, table)
+    except UnknownProfileError as err:
+        raise ValueError(f"--device-class: {err}") from None
+    if not emulate:
+        return name, None
+    chosen = frozenset(x.strip() for x in enforce.split(",") if x.strip())
+    return name, DeviceLimits(table[name], chosen)
 
 
 if __name__ == "__main__":

@@ -66,7 +66,9 @@ from broker.codec import Envelope, make_envelope
 from broker.errors import BrokerError, ConnectRefused, WireError
 from broker.schemas import Assign, EvalReport, Evaluate, Hello, InferRequest, LinkProbe, Personalise, RoundStart
 from broker.topics import Topics
-from edge_agent.probe import kernel_rates, probe_hello, probe_link
+from edge_agent.emulation import DeviceLimits, StepPacer
+from edge_agent.probe import cpu_quota_cpus, kernel_rates, probe_hello, probe_link
+from harmony.assignment import step_needs
 from harmony.evaluate import ServerPredict
 from harmony.experiment import ClientShare, DevicePlan, Experiment
 from harmony.fleet import flush_denormal
@@ -96,19 +98,22 @@ class SharedRuntime:
         self.devices: dict[str, DevicePlan] = {}
         """Device id → its plan and data, for the current manifest (what this process holds)."""
         self._measure_lock = threading.Lock()
-        self._rates: dict[float, dict[str, float]] = {}
+        self._rates: dict[tuple[float, float | None, float], dict[str, float]] = {}
         self._link: tuple[float, float] | None = None
 
-    def measure(self, slowdown: float, publish: Callable[[bytes], None]) -> tuple[dict[str, float], float, float]:
+    def measure(self, slowdown: float, publish: Callable[[bytes], None], pace_flops: float | None = None,
+                sustained_s: float = 0.0) -> tuple[dict[str, float], float, float]:
         """``(rates, rtt_ms, uplink_bps)`` for a device's ``hello``: the layer rates of a device
-        ``slowdown`` times slower than the host, and the link, each measured once per process (the
-        devices of one process share the host and its link)."""
+        ``slowdown`` times slower than the host (paced to ``pace_flops``, timed over ``sustained_s``
+        under a CPU quota: ``kernel_rates``), and the link, each measured once per process (the
+        devices of one process share the host, its class and its link)."""
         with self._measure_lock:
-            if slowdown not in self._rates:
-                self._rates[slowdown] = kernel_rates(slowdown)
+            key = (slowdown, pace_flops, sustained_s)
+            if key not in self._rates:
+                self._rates[key] = kernel_rates(slowdown, pace_flops=pace_flops, sustained_s=sustained_s)
             if self._link is None:
                 self._link = probe_link(publish)
-            return self._rates[slowdown], *self._link
+            return self._rates[key], *self._link
 
     def device(self, client: BrokerClient, manifest_sha: str, device_id: str) -> DevicePlan:
         with self._lock:
@@ -150,8 +155,11 @@ class Device:
 
     def __init__(self, device_id: str, host: str, port: int, shared: SharedRuntime, *, topics: Topics,
                  credentials: Credentials | None = None, session_timeout_s: float = 600.0,
-                 slowdown: float = 1.0, corrupt_features: bool = False, started_at: float | None = None) -> None:
+                 slowdown: float = 1.0, corrupt_features: bool = False, started_at: float | None = None,
+                 device_class: str | None = None, limits: DeviceLimits | None = None) -> None:
         self.id, self.host, self.port, self.shared, self.topics = device_id, host, port, shared, topics
+        self.device_class = device_class
+        self.limits = limits
         creds = credentials or Credentials()
         # a clean session on this process's first connect (what the broker queued for an earlier
         # process of this device is stale), the persistent one on every reconnect
@@ -159,6 +167,8 @@ class Device:
                                    password=creds.password, topics=topics, device_id=device_id,
                                    clean_start=paho.MQTT_CLEAN_START_FIRST_ONLY,
                                    reconnect_min_delay_s=0.2, reconnect_max_delay_s=5.0)
+        if limits is not None:
+            self._shape_link(limits)
         self.started_at = time.time() if started_at is None else started_at
         self.session_timeout_s = session_timeout_s
         if not slowdown >= 1.0:
@@ -184,13 +194,32 @@ class Device:
         if self.slowdown > 1.0:
             time.sleep((self.slowdown - 1.0) * (time.perf_counter() - t0))
 
+    def _shape_link(self, limits: DeviceLimits) -> None:
+        """The emulated link (``--emulate``): every publish waits for the uplink bucket and the
+        round-trip delay, every received message for the downlink bucket."""
+        uplink, downlink, delay = limits.uplink_bucket(), limits.downlink_bucket(), limits.round_trip_s
+
+        def before_publish(nbytes: int) -> None:
+            if delay > 0:
+                time.sleep(delay)
+            if uplink is not None:
+                uplink.consume(nbytes)
+
+        if uplink is not None or delay > 0:
+            self.client.before_publish = before_publish
+        if downlink is not None:
+            self.client.before_deliver = downlink.consume
+
     def _hello(self) -> Hello:
-        """This device's ``hello``: the host's probe, the layer rates at this device's slow-down and
-        the uplink timed through the broker (``link_probe`` on its ``up`` topic)."""
+        """This device's ``hello``: the host's probe, the layer rates at this device's slow-down (or
+        its class's pacing) and the uplink timed through the broker (``link_probe`` on its ``up``
+        topic) — under an emulated class, what its enforced limits let through."""
         up = self.topics.up(self.id)
+        pace = self.limits.compute_flops if self.limits is not None else None
+        sustained = 0.5 if cpu_quota_cpus() is not None else 0.0  # a CPU quota: burst speed says nothing
         rates, rtt_ms, uplink_bps = self.shared.measure(
-            self.slowdown, lambda payload: self.client.send(up, LinkProbe(payload=payload)).wait(30))
-        return probe_hello(rtt_ms=rtt_ms, uplink_bps=uplink_bps, rates=rates)
+            self.slowdown, lambda payload: self.client.send(up, LinkProbe(payload=payload)).wait(30), pace, sustained)
+        return probe_hello(rtt_ms=rtt_ms, uplink_bps=uplink_bps, rates=rates, device_class=self.device_class)
 
     # ------------------------------------------------------------------------------- loop
     def _connect(self) -> None:
@@ -327,8 +356,9 @@ class Device:
         deadline = time.monotonic() + self.session_timeout_s
         up = self.topics.up(self.id)
         clock, t0 = PhaseClock(), time.perf_counter()
+        pacer = StepPacer(self._step_target_s(plan))
         for step in range(rs.steps):
-            with clock("compute"), self._paced():
+            with clock("compute"), self._paced(), pacer.phase():
                 features = side.begin_step(step)
             if self.corrupt_features:  # fault injection: a device that sends features of the wrong shape
                 features = dataclasses.replace(features, features=features.features[:, :-1])
@@ -336,20 +366,33 @@ class Device:
                 self.client.send(up, features, round=rnd)
             with clock("wait"):
                 logits = self._await_down("logits", rnd, step, deadline)
-            with clock("compute"), self._paced():
+            with clock("compute"), self._paced(), pacer.phase():
                 logit_grad = side.on_logits(logits.body)
             with clock("send"):
                 self.client.send(up, logit_grad, round=rnd)
             with clock("wait"):
                 grad = self._await_down("feature_grad", rnd, step, deadline)
             with clock("compute"), self._paced():
-                side.on_feature_grad(restore_layout(grad.body, cfg.model.channels_last))
+                with pacer.phase():
+                    side.on_feature_grad(restore_layout(grad.body, cfg.model.channels_last))
+                pacer.finish()
         split = clock.seconds()
         log.info("device %s round %d: %d steps in %.2f s (device compute %.2f, waiting for the server %.2f, "
                  "sending %.2f); compute cpu %.4f s", self.id, rnd, rs.steps, time.perf_counter() - t0,
                  split["compute"], split["wait"], split["send"], clock.cpu_seconds()["compute"])
         self._upload(session_upload_bytes(side.state(), side.stats.vector(), split["compute"]), rnd)
         self.client.publish_status("idle", f"round {rnd} done")
+
+    def _step_target_s(self, plan: DevicePlan) -> float:
+        """The seconds one training step's compute must take on the emulated class (its FLOPs ÷ the
+        class's rate, as ``harmony.assignment`` counts them); 0 when compute is not paced here."""
+        if self.limits is None or self.limits.compute_flops is None:
+            return 0.0
+        cfg = plan.cfg
+        return step_needs(plan.experiment.costs[plan.depth], batch_size=cfg.train.batch_size,
+                          batches_per_step=plan.algorithm.batches_per_step, momentum=cfg.train.momentum,
+                          bits_per_element=cfg.eval.bits_per_element, compute_flops=self.limits.compute_flops,
+                          uplink_bps=1.0).compute_s
 
     def _upload(self, data: bytes, rnd: int) -> None:
         pending = [self.client.send(self.topics.up(self.id), chunk, round=rnd, wait=False)
@@ -405,13 +448,17 @@ class Agent:
 
     def __init__(self, host: str, port: int, device_ids: list[str], *, topics: Topics | None = None,
                  credentials: dict[str, Credentials] | None = None, cache_dir: str | None = None,
-                 data_dir: str | None = None, slowdown: float = 1.0, corrupt_features: bool = False) -> None:
+                 data_dir: str | None = None, slowdown: float = 1.0, corrupt_features: bool = False,
+                 device_class: str | None = None, limits: DeviceLimits | None = None) -> None:
         self.shared = SharedRuntime(BlobCache(cache_dir, max_entries=4 * len(device_ids) + 8), device_ids, data_dir)
         topics = topics or Topics()
         creds = credentials or {}
         started_at = time.time()
+        if limits is not None:
+            log.info("emulating class %s in the agent: %s", limits.profile.name, limits.describe())
         self.devices = [Device(d, host, port, self.shared, topics=topics, credentials=creds.get(d),
-                               slowdown=slowdown, corrupt_features=corrupt_features, started_at=started_at)
+                               slowdown=slowdown, corrupt_features=corrupt_features, started_at=started_at,
+                               device_class=device_class, limits=limits)
                         for d in device_ids]
 
     def run(self) -> None:

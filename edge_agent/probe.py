@@ -10,9 +10,10 @@ profile takes the smaller of the host's value and the cgroup limit:
 - cgroup v1 (fallback): ``cpu/cpu.cfs_quota_us`` over ``cpu/cpu.cfs_period_us`` (quota ``-1``
   unlimited; also under ``cpu,cpuacct/``) and ``memory/memory.limit_in_bytes``.
 
-Only the cgroup at the root of the mount is read: a container's own under Docker's default private
-cgroup namespace (v2) and its bind-mounted hierarchies (v1); limits set on ancestor cgroups are
-not seen.
+The cgroup read is the process's own (``/proc/self/cgroup``: where ``harmony fleet emulate`` puts
+an emulated device's agent) when that directory exists under the mount, else the one at the
+root of the mount (a container's own under Docker's default private cgroup namespace (v2) and
+its bind-mounted hierarchies (v1)); limits set on ancestor cgroups are not seen.
 """
 
 from __future__ import annotations
@@ -92,16 +93,41 @@ def _read(path: Path) -> str | None:
         return None
 
 
-def read_cgroup_limits(root: Path = CGROUP_ROOT) -> CgroupLimits:
-    """The CPU quota and memory limit of the cgroup mounted at ``root`` (v2, else v1 hierarchies)."""
+def own_cgroups(proc_file: Path = Path("/proc/self/cgroup")) -> dict[str, str]:
+    """Controller (``cpu``, ``memory``; ``""`` for v2) → this process's cgroup path, from ``proc_file``."""
+    text = _read(proc_file)
+    out: dict[str, str] = {}
+    for line in (text or "").splitlines():
+        parts = line.split(":", 2)
+        if len(parts) == 3:
+            for controller in parts[1].split(","):
+                out[controller] = parts[2].strip().lstrip("/")
+    return out
+
+
+def _own_dir(root: Path, hierarchy: str, path: str | None) -> Path:
+    """``root/hierarchy/path`` when this process's cgroup directory exists there, else ``root/hierarchy``."""
+    base = root / hierarchy if hierarchy else root
+    if path:
+        mine = base / path
+        if mine.is_dir():
+            return mine
+    return base
+
+
+def read_cgroup_limits(root: Path = CGROUP_ROOT, proc_file: Path = Path("/proc/self/cgroup")) -> CgroupLimits:
+    """The CPU quota and memory limit of this process's cgroup under ``root`` (v2, else v1
+    hierarchies; the root of the mount where the process's own directory is not there)."""
     cpus: float | None = None
     memory: int | None = None
+    mine = own_cgroups(proc_file)
     try:
-        if (text := _read(root / "cpu.max")) is not None:
+        if (text := _read(_own_dir(root, "", mine.get("")) / "cpu.max")) is not None:
             cpus = parse_cpu_max(text)
         else:
             for name in _V1_CPU_DIRS:
-                quota, period = _read(root / name / "cpu.cfs_quota_us"), _read(root / name / "cpu.cfs_period_us")
+                where = _own_dir(root, name, mine.get("cpu"))
+                quota, period = _read(where / "cpu.cfs_quota_us"), _read(where / "cpu.cfs_period_us")
                 if quota is not None and period is not None:
                     cpus = parse_cfs_quota(quota, period)
                     break
@@ -109,9 +135,9 @@ def read_cgroup_limits(root: Path = CGROUP_ROOT) -> CgroupLimits:
         log.warning("cgroup CPU limit under %s unreadable (%s); using the host's cores", root, err)
         cpus = None
     try:
-        text = _read(root / "memory.max")
+        text = _read(_own_dir(root, "", mine.get("")) / "memory.max")
         if text is None:
-            text = _read(root / "memory" / "memory.limit_in_bytes")
+            text = _read(_own_dir(root, "memory", mine.get("memory")) / "memory.limit_in_bytes")
         if text is not None:
             memory = parse_memory_limit(text)
     except ValueError as err:
@@ -173,12 +199,19 @@ def _kernel_layers() -> dict[str, tuple[torch.nn.Module, torch.Tensor]]:
         }
 
 
-def kernel_rates(slowdown: float = 1.0, repeats: int = 3) -> dict[str, float]:
+def kernel_rates(slowdown: float = 1.0, repeats: int = 3, *, pace_flops: float | None = None,
+                 sustained_s: float = 0.0) -> dict[str, float]:
     """Training FLOP/s (forward + backward, counted by torch's FLOP counter) of one small layer of
     each kind, the best of ``repeats`` timed steps, on a device emulated ``slowdown`` times slower
     than this host (the agent's pacing sleeps ``slowdown − 1`` times each compute phase, so such a
     device computes at the host's rate ÷ ``slowdown``; timing the sleeps too would only make a
-    very slow emulated device take minutes to register)."""
+    very slow emulated device take minutes to register).
+
+    ``pace_flops``: the agent paces compute to that rate (``--emulate``): each timed step is padded
+    to its FLOPs ÷ that rate, as a training step is, and the padded time is what is measured.
+    ``sustained_s``: under a CPU quota a short burst runs at full speed until the quota of the CFS
+    period is spent, so the best single step says nothing; time back-to-back steps for at least
+    that many seconds instead and take their mean rate."""
     from torch.utils.flop_counter import FlopCounterMode
 
     rates: dict[str, float] = {}
@@ -190,10 +223,24 @@ def kernel_rates(slowdown: float = 1.0, repeats: int = 3) -> dict[str, float]:
         with FlopCounterMode(display=False) as counter:
             step()  # also the warm-up
         flops = counter.get_total_flops()
+        if sustained_s > 0:
+            n, t0 = 0, time.perf_counter()
+            while (elapsed := time.perf_counter() - t0) < sustained_s or n < repeats:
+                t1 = time.perf_counter()
+                step()
+                n += 1
+                if pace_flops is not None and (left := flops / pace_flops - (time.perf_counter() - t1)) > 0:
+                    time.sleep(left)
+            rates[kind] = n * flops / elapsed / slowdown
+            continue
         best = math.inf
         for _ in range(repeats):
             t0 = time.perf_counter()
             step()
+            if pace_flops is not None:
+                left = flops / pace_flops - (time.perf_counter() - t0)
+                if left > 0:
+                    time.sleep(left)
             best = min(best, time.perf_counter() - t0)
         rates[kind] = flops / max(best, 1e-9) / slowdown
     return rates
@@ -213,8 +260,14 @@ def probe_link(publish: Callable[[bytes], None], payload_bytes: int = 256 * 1024
     return rtt * 1e3, payload_bytes * 8 / max(big - rtt, 1e-6)
 
 
+def cpu_quota_cpus(cgroup_root: Path = CGROUP_ROOT) -> float | None:
+    """This process's CPU quota in CPUs when it is below the cores it may run on, else None."""
+    cpus = read_cgroup_limits(cgroup_root).cpus
+    return cpus if cpus is not None and cpus < host_cores() else None
+
+
 def probe_hello(rtt_ms: float = 0.0, uplink_bps: float = 0.0, cgroup_root: Path = CGROUP_ROOT,
-                rates: dict[str, float] | None = None) -> Hello:
+                rates: dict[str, float] | None = None, device_class: str | None = None) -> Hello:
     """This device's ``hello``: host facts from psutil, bounded by the cgroup limits under ``cgroup_root``;
     ``rtt_ms``/``uplink_bps`` from :func:`probe_link`, ``rates`` from :func:`kernel_rates`."""
     freq = psutil.cpu_freq()
@@ -233,4 +286,5 @@ def probe_hello(rtt_ms: float = 0.0, uplink_bps: float = 0.0, cgroup_root: Path 
         battery=float(battery.percent) if battery is not None else None,
         cpus=resources.cpus,
         rates=rates,
+        device_class=device_class,
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -313,6 +314,11 @@ def agent(
                                             "sleep of slowdown - 1 times its duration)")] = 1.0,
     log_level: Annotated[str, typer.Option("--log-level", callback=_log_level_option,
                                            help=f"one of {', '.join(LOG_LEVELS)}")] = "INFO",
+    device_class: Annotated[str | None, typer.Option("--device-class", help="the profiles.yaml class of these "
+                                                     "devices, reported in hello (pi4, pi-zero2, jetson-nano, ...)")
+                            ] = None,
+    emulate: Annotated[bool, typer.Option("--emulate", help="enforce the class's compute, link and latency "
+                                          "limits in the agent (docs/emulation.md)")] = False,
 ) -> None:
     """Run the edge agent: register, then train, personalise and evaluate on command."""
     from edge_agent.__main__ import main as agent_main
@@ -328,6 +334,10 @@ def agent(
         argv += ["--data-dir", data_dir]
     if slowdown != 1.0:
         argv += ["--slowdown", str(slowdown)]
+    if device_class is not None:
+        argv += ["--device-class", device_class]
+    if emulate:
+        argv += ["--emulate"]
     try:
         agent_main(argv)
     except ValueError as err:
@@ -436,6 +446,74 @@ def fleet_plan(
             f"{row['uplink_bps'] / 1e6:.1f} Mbit/s ({row['source']})")
         table.add_row(row["device"], profile, str(row["depth"]), row["reason"])
     out_console.print(table)
+
+
+@fleet_app.command("emulate")
+def fleet_emulate(
+    profile: Annotated[list[str], typer.Option("--profile", help="CLASS:N — N emulated devices of a "
+                                               "harmony/profiles.yaml class (repeatable; pi4:10, pi-zero2:5, "
+                                               "jetson-nano:5)")],
+    broker: Annotated[str | None, typer.Option("--broker", help="MQTT HOST:PORT of a running fleet (default: the "
+                                               "stack in --stack, started if none runs there)")] = None,
+    stack_dir: Annotated[Path, typer.Option("--stack", help="run directory of a `harmony up` stack")] = Path(
+        "runs/stack"),
+    compute: Annotated[str, typer.Option("--compute", help="auto (a cgroup quota where root, else pacing), "
+                                         "cgroup or pacing")] = "auto",
+    link: Annotated[str, typer.Option("--link", help="auto (tc tbf in a netns where root, else the agent's token "
+                                      "bucket), netns or agent")] = "auto",
+    memory: Annotated[bool, typer.Option("--memory/--no-memory", help="the class's memory as a cgroup limit where "
+                                         "available")] = True,
+    id_prefix: Annotated[str, typer.Option("--id-prefix", help="prefix of the device ids (CLASS-K by default)")] = "",
+    duration: Annotated[float | None, typer.Option("--duration", min=0, help="stop after this many seconds "
+                                                   "(default: until Ctrl-C)")] = None,
+) -> None:
+    """Run an emulated fleet whose devices are held to their class's compute, link and memory limits."""
+    from testbed.emulate import (
+        EmulatedFleet,
+        EmulationError,
+        detect_host,
+        oversubscription,
+        parse_profile_option,
+        plan_fleet,
+        run_fleet,
+    )
+    from testbed.stack import LocalStack, load_stack, stack_running
+
+    try:
+        requests = [parse_profile_option(p) for p in profile]
+        mqtt = _broker_address(broker) if broker is not None else None
+        host = detect_host()
+        plans = plan_fleet(requests, host, compute=compute, link=link, memory=memory, id_prefix=id_prefix)
+    except (EmulationError, ValueError) as err:
+        _fail(err)
+    if mqtt is None:
+        if not stack_running(stack_dir):
+            console.print(f"starting a local stack in {stack_dir} (stop it with `harmony down --run-dir {stack_dir}`)")
+            LocalStack(stack_dir).start(agents=0, worker_concurrency=max(2, sum(len(p.devices) for p in plans)))
+        info = load_stack(stack_dir)
+        if info.credentials:
+            _fail(ValueError(f"the stack in {stack_dir} requires broker passwords (--auth); emulate against it "
+                             "with --broker and a stack without --auth"))
+        mqtt = info.mqtt
+    table = Table(title=f"emulated fleet against {mqtt[0]}:{mqtt[1]} — host: {host.describe()}")
+    rows = [p.row() for p in plans]
+    for column in ("class", "devices", "compute", "uplink", "latency", "memory"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*(row[c] for c in ("class", "devices", "compute", "uplink", "latency", "memory")))
+    out_console.print(table)
+    for row in rows:
+        if row["note"]:
+            console.print(f"[yellow]note:[/yellow] {row['note']}")
+    warning = oversubscription(plans, os.cpu_count() or 1)
+    if warning:
+        console.print(f"[yellow]note:[/yellow] {warning}")
+    fleet = EmulatedFleet(plans, mqtt, stack_dir / "emulate")
+    out_console.print(f"devices: {', '.join(fleet.devices)}; agent logs in {stack_dir / 'emulate'}; cgroups and "
+                      f"namespaces named hemu-{fleet.tag}-*; Ctrl-C stops", soft_wrap=True)
+    failures = run_fleet(fleet, duration_s=duration, on_failure=lambda f: console.print(
+        f"[red]device failure:[/red] {', '.join(f.devices)} ({f.device_class}): {f.reason}"))
+    out_console.print(f"stopped; {len(failures)} agent process(es) failed" if failures else "stopped")
 
 
 def _measured_decisions(experiment: Any, broker: str | None, stack_dir: Path | None, username: str | None,

@@ -1,0 +1,582 @@
+"""An emulated fleet of device classes with their limits enforced (``harmony fleet emulate``).
+
+``--profile CLASS:N`` asks for N devices of a ``harmony/profiles.yaml`` class. Per class this module
+decides how each limit is enforced on this host, and says so (:func:`plan_fleet`,
+:meth:`ClassPlan.row`):
+
+- **compute**: where root and the cgroup v1 ``cpu`` controller is writable, a CPU quota of the
+  class's rate ÷ this host's measured single-thread training rate (:func:`host_training_flops`) on
+  a short CFS period (20 ms), *and* pacing in the agent as a floor (``cgroup+pacing``, the
+  default there; the quota then has 50 % headroom): a quota only throttles once a period's share
+  is spent, so a step shorter than the period that follows a wait for the server runs at host
+  speed (``benchmarks/emulation_accuracy.py`` measures it), while the pacing makes a step take
+  at least its FLOPs ÷ the class's rate and the quota caps what a device can take of the host.
+  ``--compute cgroup`` is the quota alone, ``--compute pacing`` (the default without root) the
+  pacing alone. A class faster than one host core cannot be emulated: it runs unthrottled at
+  the host's speed and the table says so.
+- **uplink/downlink**: ``tc tbf`` in a network namespace of the device's own (a veth pair; tbf on
+  the namespace side shapes the uplink, on the host side the downlink) where root and ``ip netns``
+  work, else token buckets in the agent. The broker is reached through a TCP relay on the host
+  end of the veth pair (``LinkRelay``): a broker bound to 127.0.0.1 is not reachable from a
+  namespace, and only addresses of namespaces made here are listened on.
+- **latency**: always in the agent (this kernel has no ``netem``).
+- **memory**: the cgroup ``memory`` limit (and ``memsw``, so no swap softens it) where available,
+  else not enforced. An agent killed by the out-of-memory killer is reported as that device's
+  failure (its MQTT last will tells the orchestrator at once; :meth:`EmulatedFleet.failures`).
+
+Agents run with one torch thread each. An agent process hosts every device of its class when all
+of the class's limits are enforced in the agent; a cgroup quota or a namespace is per process, so
+then each device gets its own process (a throttled thread would hold the GIL of its neighbours).
+
+Everything created here is named ``hemu-{tag}-…`` (cgroups, namespaces; veths ``hm{tag}{k}{h|n}``)
+with a random tag per fleet, so parallel fleets never collide, and :meth:`EmulatedFleet.stop`
+removes it all, also after a failed start.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from harmony.profiles import DeviceProfile, UnknownProfileError, load_profiles, resolve_class
+
+log = logging.getLogger(__name__)
+
+CGROUP_V1 = Path("/sys/fs/cgroup")
+CFS_PERIOD_US = 20_000
+MIN_QUOTA_US = 1_000  # the kernel's floor for cpu.cfs_quota_us
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class EmulationError(ValueError):
+    """A bad ``--profile`` or method option, or a host that cannot do what was asked."""
+
+
+def parse_profile_option(text: str, profiles: Mapping[str, DeviceProfile] | None = None) -> tuple[str, int]:
+    """``CLASS:N`` (``N`` devices, default 1) as (the yaml class name, N); hyphenated spellings work."""
+    name, sep, count = text.partition(":")
+    try:
+        cls = resolve_class(name.strip(), profiles)
+    except UnknownProfileError as err:
+        raise EmulationError(f"--profile {text!r}: {err}") from None
+    if not sep:
+        return cls, 1
+    if not count.strip().isdigit() or int(count) < 1:
+        raise EmulationError(f"--profile {text!r}: expected CLASS:N with N a positive integer, e.g. pi4:10")
+    return cls, int(count)
+
+
+# ------------------------------------------------------------------------------------ the host
+@dataclass(frozen=True)
+class Host:
+    """What this host can enforce with, and how fast one of its cores trains."""
+
+    root: bool
+    cpu_cgroup: bool
+    memory_cgroup: bool
+    netns: bool
+    training_flops: float  # one thread's sustained training FLOP/s (cnn8), measured
+
+    def describe(self) -> str:
+        return (f"root {'yes' if self.root else 'no'}, cgroup cpu {'yes' if self.cpu_cgroup else 'no'}, "
+                f"cgroup memory {'yes' if self.memory_cgroup else 'no'}, netns+tc {'yes' if self.netns else 'no'}, "
+                f"one core trains at {self.training_flops / 1e9:.1f} GFLOP/s")
+
+
+def _writable_cgroup(controller: str) -> bool:
+    base = CGROUP_V1 / controller
+    probe = base / f"hemu-probe-{secrets.token_hex(3)}"
+    try:
+        probe.mkdir()
+    except OSError:
+        return False
+    try:
+        return (probe / ("cpu.cfs_quota_us" if controller == "cpu" else "memory.limit_in_bytes")).exists()
+    finally:
+        probe.rmdir()
+
+
+def _netns_works() -> bool:
+    if not (shutil.which("ip") and shutil.which("tc")):
+        return False
+    name = f"hemu-probe-{secrets.token_hex(3)}"
+    ok = subprocess.run(["ip", "netns", "add", name], capture_output=True).returncode == 0
+    if ok:
+        subprocess.run(["ip", "netns", "del", name], capture_output=True)
+    return ok
+
+
+def host_training_flops(repeats: int = 10) -> float:
+    """FLOP/s of one thread training cnn8's front (depth 3, batch 16, half width): the yardstick a
+    CPU quota is computed against. The best of ``repeats`` steps (a busy host makes some slow)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from harmony.models import build_model
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            net = build_model("cnn8", 0.5, 10, (1, 28, 28))
+            client = net.client_model(3)
+            x = torch.randn(16, 1, 28, 28)
+
+            def step() -> None:
+                client.zero_grad(set_to_none=True)
+                client.exit_head(client.features(x)).square().mean().backward()
+
+            step()  # warm-up
+            with FlopCounterMode(display=False) as counter:
+                step()
+            flops = counter.get_total_flops()
+            best = math.inf
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                step()
+                best = min(best, time.perf_counter() - t0)
+        return flops / best
+    finally:
+        torch.set_num_threads(threads)
+
+
+def detect_host(training_flops: float | None = None) -> Host:
+    """This host's enforcement means (tried, not assumed) and its training rate."""
+    root = os.geteuid() == 0
+    return Host(root=root, cpu_cgroup=root and _writable_cgroup("cpu"),
+                memory_cgroup=root and _writable_cgroup("memory"), netns=root and _netns_works(),
+                training_flops=training_flops if training_flops is not None else host_training_flops())
+
+
+# ------------------------------------------------------------------------------------ the plan
+COMPUTE_METHODS = ("auto", "cgroup+pacing", "cgroup", "pacing")
+QUOTA_HEADROOM = 1.5
+"""With ``cgroup+pacing`` the quota is this much above the class's rate, so that the pacing floor
+decides a step's time and the quota caps what the device may take of the host."""
+LINK_METHODS = ("auto", "netns", "agent")
+
+
+@dataclass(frozen=True)
+class ClassPlan:
+    """How one class's devices are emulated here."""
+
+    profile: DeviceProfile
+    devices: list[str]
+    compute: str  # "cgroup+pacing" | "cgroup" | "pacing" | "host"
+    link: str  # "netns" | "agent"
+    memory: bool  # cgroup memory limit
+    cpus: float | None  # the CPU quota per device (compute == "cgroup")
+    note: str = ""
+
+    @property
+    def per_process(self) -> bool:
+        """One device per agent process (a quota or a namespace is per process)."""
+        return self.compute.startswith("cgroup") or self.link == "netns"
+
+    @property
+    def agent_limits(self) -> list[str]:
+        """What the agent enforces itself (``--emulate-limits``)."""
+        limits = ["latency"]
+        if self.compute.endswith("pacing"):
+            limits.insert(0, "compute")
+        if self.link == "agent":
+            limits[-1:-1] = ["uplink", "downlink"]
+        return limits
+
+    def row(self) -> dict[str, str]:
+        """The printed table's row: what enforces each limit."""
+        p = self.profile
+        rate = f"{p.compute_flops / 1e9:g} GFLOP/s"
+        compute = {"cgroup+pacing": f"cgroup quota {self.cpus or 0:.3f} CPU + agent pacing ({rate})",
+                   "cgroup": f"cgroup quota {self.cpus or 0:.3f} CPU ({rate})",
+                   "pacing": f"agent pacing ({rate})",
+                   "host": "not emulated: host speed"}[self.compute]
+        link = (f"tc tbf in a netns ({p.uplink_bps / 1e6:g}/{p.downlink / 1e6:g} Mbit/s up/down)"
+                if self.link == "netns" else f"agent token bucket ({p.uplink_bps / 1e6:g}/{p.downlink / 1e6:g} "
+                "Mbit/s up/down)")
+        return {"class": p.name, "devices": str(len(self.devices)), "compute": compute, "uplink": link,
+                "latency": f"in agent ({p.latency_ms:g} ms one-way)",
+                "memory": f"cgroup {p.memory_bytes / 2**20:.0f} MiB" if self.memory else "not enforced",
+                "note": self.note}
+
+
+def plan_fleet(requests: list[tuple[str, int]], host: Host, *, compute: str = "auto", link: str = "auto",
+               memory: bool = True, profiles: Mapping[str, DeviceProfile] | None = None,
+               id_prefix: str = "") -> list[ClassPlan]:
+    """Each requested class's enforcement methods on ``host`` (module docstring). ``compute``/``link``
+    force a method (``cgroup``/``pacing``, ``netns``/``agent``); one the host lacks is an error."""
+    table = load_profiles() if profiles is None else profiles
+    if compute not in COMPUTE_METHODS:
+        raise EmulationError(f"--compute {compute!r}: choose from {', '.join(COMPUTE_METHODS)}")
+    if link not in LINK_METHODS:
+        raise EmulationError(f"--link {link!r}: choose from {', '.join(LINK_METHODS)}")
+    if compute.startswith("cgroup") and not host.cpu_cgroup:
+        raise EmulationError(f"--compute {compute}: this host has no writable cgroup v1 cpu controller (needs root); "
+                             "use --compute pacing")
+    if link == "netns" and not host.netns:
+        raise EmulationError("--link netns: this host cannot create network namespaces with tc (needs root and "
+                             "iproute2); use --link agent")
+    if not requests:
+        raise EmulationError("no devices: give --profile CLASS:N at least once, e.g. --profile pi4:2")
+    seen: dict[str, int] = {}
+    plans = []
+    for name, count in requests:
+        seen[name] = seen.get(name, 0) + count
+    for name, count in seen.items():
+        p = table[name]
+        slug = name.replace("_", "-")
+        devices = [f"{id_prefix}{slug}-{k}" for k in range(count)]
+        method = compute if compute != "auto" else ("cgroup+pacing" if host.cpu_cgroup else "pacing")
+        note = ""
+        cpus = None
+        if p.compute_flops >= host.training_flops:
+            note = (f"{name} ({p.compute_flops / 1e9:g} GFLOP/s) is faster than one core of this host "
+                    f"({host.training_flops / 1e9:.1f} GFLOP/s): it runs at host speed, unthrottled")
+            method = "host"
+        elif method.startswith("cgroup"):
+            headroom = QUOTA_HEADROOM if method == "cgroup+pacing" else 1.0
+            cpus = max(headroom * p.compute_flops / host.training_flops, MIN_QUOTA_US / CFS_PERIOD_US)
+        chosen_link = link if link != "auto" else ("netns" if host.netns else "agent")
+        plans.append(ClassPlan(p, devices, method, chosen_link, memory and host.memory_cgroup, cpus, note))
+    return plans
+
+
+# ------------------------------------------------------------------------------------ the relay
+class LinkRelay:
+    """TCP relay from ``listen`` (the host end of a namespace's veth) to the broker at ``target``."""
+
+    def __init__(self, listen: tuple[str, int], target: tuple[str, int]) -> None:
+        self.target = target
+        self.server = socket.create_server(listen, reuse_port=False)
+        self.server.settimeout(0.5)
+        self._stop = threading.Event()
+        self._conns: list[socket.socket] = []
+        self.thread = threading.Thread(target=self._accept, name=f"relay-{listen[0]}", daemon=True)
+        self.thread.start()
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.server.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(self.target, timeout=10)
+            except OSError as err:
+                log.warning("relay: cannot reach the broker at %s:%d: %s", *self.target, err)
+                conn.close()
+                continue
+            for s in (conn, upstream):
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                s.settimeout(None)
+            self._conns += [conn, upstream]
+            for a, b in ((conn, upstream), (upstream, conn)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self._stop.set()
+        self.server.close()
+        for s in self._conns:
+            try:
+                s.close()
+            except OSError:
+                pass
+        self.thread.join(timeout=2)
+
+
+# ------------------------------------------------------------------------------------ the fleet
+def _run(argv: list[str]) -> None:
+    out = subprocess.run(argv, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} failed: {out.stderr.strip() or out.stdout.strip()}")
+
+
+def tbf_burst_bytes(rate_bps: float) -> int:
+    """A tbf bucket small next to the 256 KiB link probe (≤ 2 % of it), yet above a jumbo segment."""
+    return max(4096, min(int(rate_bps / 8 / 1000), 5000))
+
+
+@dataclass
+class _Process:
+    name: str
+    devices: list[str]
+    plan: ClassPlan
+    proc: subprocess.Popen[bytes]
+    log: Path
+    memory_cgroup: Path | None
+    reported: bool = False
+
+
+@dataclass
+class Failure:
+    """An agent process that ended on its own."""
+
+    devices: list[str]
+    device_class: str
+    reason: str
+
+
+@dataclass
+class EmulatedFleet:
+    """Starts the planned agents against the broker at ``broker`` and removes all it made on :meth:`stop`."""
+
+    plans: list[ClassPlan]
+    broker: tuple[str, int]
+    run_dir: Path
+    credentials: Path | None = None  # device_id:password lines (a broker with --auth)
+    extra_agent_args: list[str] = field(default_factory=list)
+    tag: str = field(default_factory=lambda: secrets.token_hex(2))
+    _procs: list[_Process] = field(default_factory=list)
+    _cgroups: list[Path] = field(default_factory=list)
+    _netns: list[str] = field(default_factory=list)
+    _veths: list[str] = field(default_factory=list)
+    _relays: list[LinkRelay] = field(default_factory=list)
+    _failures: list[Failure] = field(default_factory=list)
+
+    @property
+    def devices(self) -> list[str]:
+        return [d for p in self.plans for d in p.devices]
+
+    def start(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            k = 0
+            for plan in self.plans:
+                groups = [[d] for d in plan.devices] if plan.per_process else [plan.devices]
+                for devices in groups:
+                    self._start_agent(plan, devices, k)
+                    k += 1
+        except BaseException:
+            self.stop()
+            raise
+
+    # -- pieces ------------------------------------------------------------------------------
+    def _cgroup(self, controller: str, name: str) -> Path:
+        path = CGROUP_V1 / controller / f"hemu-{self.tag}-{name}"
+        path.mkdir()
+        self._cgroups.append(path)
+        return path
+
+    def _namespace(self, k: int, plan: ClassPlan) -> tuple[str, str]:
+        """A namespace with a shaped veth to the host; returns (namespace, host-side address)."""
+        ns = f"hemu-{self.tag}-{k}"
+        host_if, ns_if = f"hm{self.tag}{k}h", f"hm{self.tag}{k}n"
+        octet = int(self.tag, 16) % 200 + 20
+        a, b = divmod(4 * k, 256)
+        host_ip, ns_ip = f"10.{octet}.{a}.{b + 1}", f"10.{octet}.{a}.{b + 2}"
+        _run(["ip", "netns", "add", ns])
+        self._netns.append(ns)
+        _run(["ip", "link", "add", host_if, "type", "veth", "peer", "name", ns_if])
+        self._veths.append(host_if)
+        _run(["ip", "link", "set", ns_if, "netns", ns])
+        _run(["ip", "addr", "add", f"{host_ip}/30", "dev", host_if])
+        _run(["ip", "link", "set", host_if, "up"])
+        inside = ["ip", "netns", "exec", ns]
+        _run([*inside, "ip", "addr", "add", f"{ns_ip}/30", "dev", ns_if])
+        _run([*inside, "ip", "link", "set", ns_if, "up"])
+        _run([*inside, "ip", "link", "set", "lo", "up"])
+        p = plan.profile
+        # uplink: the namespace's egress; downlink: the host end's egress toward the namespace
+        _run([*inside, "tc", "qdisc", "add", "dev", ns_if, "root", "tbf", "rate", f"{int(p.uplink_bps)}bit",
+              "burst", str(tbf_burst_bytes(p.uplink_bps)), "latency", "500ms"])
+        _run(["tc", "qdisc", "add", "dev", host_if, "root", "tbf", "rate", f"{int(p.downlink)}bit",
+              "burst", str(tbf_burst_bytes(p.downlink)), "latency", "500ms"])
+        return ns, host_ip
+
+    def _start_agent(self, plan: ClassPlan, devices: list[str], k: int) -> None:
+        name = f"agent-{k}-{plan.profile.name}"
+        host, port = self.broker
+        prefix: list[str] = []
+        if plan.link == "netns":
+            ns, host_ip = self._namespace(k, plan)
+            relay = LinkRelay((host_ip, port), self.broker)
+            self._relays.append(relay)
+            host = host_ip
+            # nsenter, not `ip netns exec`: that remounts /sys, and the agent could no longer read its cgroup limits
+            prefix = ["nsenter", f"--net=/run/netns/{ns}"]
+        argv = [*prefix, sys.executable, "-m", "edge_agent", "--broker", f"{host}:{port}",
+                "--device-class", plan.profile.name, "--emulate", "--emulate-limits", ",".join(plan.agent_limits)]
+        for d in devices:
+            argv += ["--device-id", d]
+        if self.credentials is not None:
+            argv += ["--credentials", str(self.credentials)]
+        cpu_cg = mem_cg = None
+        if plan.compute.startswith("cgroup"):
+            assert plan.cpus is not None
+            cpu_cg = self._cgroup("cpu", f"{k}")
+            (cpu_cg / "cpu.cfs_period_us").write_text(str(CFS_PERIOD_US))
+            (cpu_cg / "cpu.cfs_quota_us").write_text(str(max(MIN_QUOTA_US, round(plan.cpus * CFS_PERIOD_US))))
+            # the agent joins it once its imports are done: a fleet of 0.06-CPU devices would take a
+            # minute just to import torch, which is no part of what is emulated
+            argv += ["--join-cgroup", str(cpu_cg)]
+        argv += self.extra_agent_args
+        if plan.memory:
+            mem_cg = self._cgroup("memory", f"{k}")
+            limit = str(plan.profile.memory_bytes * len(devices))
+            (mem_cg / "memory.limit_in_bytes").write_text(limit)
+            if (mem_cg / "memory.memsw.limit_in_bytes").exists():
+                (mem_cg / "memory.memsw.limit_in_bytes").write_text(limit)
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+               "PYTHONPATH": f"{REPO_ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+        log_path = self.run_dir / f"{name}.log"
+        groups = [g for g in (mem_cg,) if g is not None]
+
+        def join_cgroups() -> None:  # in the child, before exec: the agent starts inside its limits
+            for g in groups:
+                (g / "cgroup.procs").write_text(str(os.getpid()))
+
+        with open(log_path, "ab") as handle:
+            proc = subprocess.Popen(argv, stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    env=env, cwd=self.run_dir, start_new_session=True, preexec_fn=join_cgroups)
+        self._procs.append(_Process(name, devices, plan, proc, log_path, mem_cg))
+        log.info("%s: %s (pid %d)", name, " ".join(argv), proc.pid)
+
+    # -- watching ----------------------------------------------------------------------------
+    def failures(self) -> list[Failure]:
+        """Agent processes that ended since the start, each once, with why (an out-of-memory kill
+        is named as such: its devices are gone, and their last will told the orchestrator)."""
+        for p in self._procs:
+            if p.reported or p.proc.poll() is None:
+                continue
+            p.reported = True
+            code = p.proc.returncode
+            reason = f"exited with code {code}; see {p.log}"
+            if p.memory_cgroup is not None and _oom_kills(p.memory_cgroup) > 0:
+                reason = (f"killed by the out-of-memory killer at its cgroup limit of "
+                          f"{p.plan.profile.memory_bytes * len(p.devices) / 2**20:.0f} MiB ({p.plan.profile.name})")
+            elif code == -signal.SIGKILL:
+                reason = f"killed (SIGKILL); see {p.log}"
+            self._failures.append(Failure(p.devices, p.plan.profile.name, reason))
+            log.error("devices %s (%s): %s", ", ".join(p.devices), p.plan.profile.name, reason)
+        return list(self._failures)
+
+    def alive(self) -> int:
+        return sum(p.proc.poll() is None for p in self._procs)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop every agent (SIGINT, then SIGKILL), then remove relays, veths, namespaces and cgroups."""
+        self.failures()  # what ended on its own before the stop
+        for p in self._procs:
+            if p.proc.poll() is None:
+                p.reported = True  # stopped here: not a failure
+                os.kill(p.proc.pid, signal.SIGINT)
+        deadline = time.monotonic() + timeout
+        for p in self._procs:
+            try:
+                p.proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.kill(p.proc.pid, signal.SIGKILL)
+                p.proc.wait(5)
+        for relay in self._relays:
+            relay.close()
+        self._relays.clear()
+        for veth in self._veths:
+            subprocess.run(["ip", "link", "del", veth], capture_output=True)
+        self._veths.clear()
+        for ns in self._netns:
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        self._netns.clear()
+        for cg in reversed(self._cgroups):
+            for _ in range(50):  # a cgroup is removable once its last task has gone
+                try:
+                    cg.rmdir()
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:
+                    time.sleep(0.1)
+            else:
+                log.warning("could not remove cgroup %s", cg)
+        self._cgroups.clear()
+
+
+def _oom_kills(cgroup: Path) -> int:
+    try:
+        for line in (cgroup / "memory.oom_control").read_text().splitlines():
+            key, _, value = line.partition(" ")
+            if key == "oom_kill":
+                return int(value)
+    except OSError:
+        pass
+    return 0
+
+
+def leftovers(tag: str) -> list[str]:
+    """Cgroups, namespaces and veths of fleet ``tag`` still present (for tests; empty after ``stop``)."""
+    found = [str(p) for c in ("cpu", "memory") for p in (CGROUP_V1 / c).glob(f"hemu-{tag}-*")]
+    ns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    found += [line.split()[0] for line in ns.splitlines() if line.startswith(f"hemu-{tag}-")]
+    links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
+    found += [w.split("@")[0] for w in links.split() if w.startswith(f"hm{tag}")]
+    return found
+
+
+def oversubscription(plans: list[ClassPlan], cores: int) -> str | None:
+    """A warning when the devices, all computing at once, need more CPU than the host has."""
+    need = 0.0
+    for plan in plans:
+        per_device = plan.cpus if plan.cpus is not None else (
+            1.0 if plan.compute == "host" else 0.0)  # pacing: the host's time of the paced work
+        need += per_device * len(plan.devices)
+    if need > cores:
+        return (f"the CPU quotas add up to {need:.2f} CPUs on a {cores}-core host: devices computing at the same "
+                "time get less than their class's rate")
+    return None
+
+
+def run_fleet(fleet: EmulatedFleet, *, duration_s: float | None = None, poll_s: float = 1.0,
+              on_failure: Callable[[Failure], None] | None = None) -> list[Failure]:
+    """Start ``fleet`` and watch it until ``duration_s`` passed, every agent ended, or SIGINT/SIGTERM;
+    then stop it (removing what it made). Returns the failures seen."""
+    def terminate(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    seen = 0
+    try:
+        fleet.start()
+        deadline = None if duration_s is None else time.monotonic() + duration_s
+        while deadline is None or time.monotonic() < deadline:
+            time.sleep(poll_s)
+            failures = fleet.failures()
+            for failure in failures[seen:]:
+                if on_failure is not None:
+                    on_failure(failure)
+            seen = len(failures)
+            if fleet.alive() == 0:
+                break
+    except KeyboardInterrupt:
+        pass
+    finally:
+        fleet.stop()
+        signal.signal(signal.SIGTERM, previous)
+    return fleet.failures()

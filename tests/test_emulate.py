@@ -1,0 +1,275 @@
+"""Emulated device classes with enforced limits (testbed/emulate.py, edge_agent/emulation.py), with
+real processes: mosquitto, redis-server, a Celery worker and agent processes held to their class by
+a cgroup CPU quota, ``tc tbf`` in a network namespace, or the agent's own pacing and token bucket.
+
+Two classes well below this host's speed (Pi Zero 2 W at 3 GFLOP/s, Pi 4 at 10) measure a step
+time (the device compute seconds their sessions report) and an uplink (their ``hello``) within
+±15 % of the class's figures, and the orchestrator's measured assignment gives them different
+split depths. Everything the fleet made (cgroups, namespaces, veths) is gone afterwards."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import yaml
+
+from broker.client import BrokerClient
+from edge_agent.emulation import StepPacer, TokenBucket
+from harmony.assignment import from_hello, step_needs
+from harmony.experiment import Experiment
+from harmony.profiles import get_profile
+from orchestrator.engine import DistributedEngine
+from orchestrator.registry import online_profiles
+from server import state
+from testbed.emulate import (
+    EmulatedFleet,
+    EmulationError,
+    Host,
+    detect_host,
+    leftovers,
+    parse_profile_option,
+    plan_fleet,
+)
+from testbed.stack import REPO_ROOT, LocalStack
+from tests.conftest import tiny_config
+
+TOLERANCE = 0.15
+HOST = detect_host() if sys.platform.startswith("linux") else None
+needs_root = pytest.mark.skipif(HOST is None or not (HOST.cpu_cgroup and HOST.netns and HOST.memory_cgroup),
+                                reason="needs root, writable cgroup v1 cpu/memory and ip netns + tc")
+
+
+# ------------------------------------------------------------------------------------ units
+def test_profile_options_accept_cli_spellings_and_refuse_bad_counts():
+    assert parse_profile_option("pi-zero2:5") == ("pi_zero_2", 5)
+    assert parse_profile_option("jetson-nano") == ("jetson_nano", 1)
+    for bad, fragment in (("pi4:0", "positive integer"), ("pi4:x", "CLASS:N"), ("pi9:2", "pi_zero_2")):
+        with pytest.raises(EmulationError, match=fragment):
+            parse_profile_option(bad)
+
+
+def test_plan_says_per_class_what_enforces_what_and_refuses_a_class_faster_than_the_host():
+    root = Host(root=True, cpu_cgroup=True, memory_cgroup=True, netns=True, training_flops=30e9)
+    plans = plan_fleet([("pi4", 2), ("jetson_nano", 1)], root)
+    pi4, nano = plans
+    assert pi4.compute == "cgroup+pacing" and pi4.link == "netns" and pi4.memory and pi4.per_process
+    assert math.isclose(pi4.cpus, 1.5 * 10e9 / 30e9)
+    assert pi4.row()["uplink"].startswith("tc tbf in a netns") and pi4.row()["memory"] == "cgroup 4096 MiB"
+    assert nano.compute == "host" and "faster than one core" in nano.note  # 35 GFLOP/s > 30
+    plain = Host(root=False, cpu_cgroup=False, memory_cgroup=False, netns=False, training_flops=30e9)
+    (zero,) = plan_fleet([("pi_zero_2", 3)], plain)
+    assert (zero.compute, zero.link, zero.memory, zero.per_process) == ("pacing", "agent", False, False)
+    assert zero.agent_limits == ["compute", "uplink", "downlink", "latency"]
+    assert zero.row()["memory"] == "not enforced" and zero.row()["compute"].startswith("agent pacing")
+    with pytest.raises(EmulationError, match="--compute cgroup"):
+        plan_fleet([("pi4", 1)], plain, compute="cgroup")
+    with pytest.raises(EmulationError, match="--link netns"):
+        plan_fleet([("pi4", 1)], plain, link="netns")
+
+
+def test_token_bucket_and_step_pacer_hold_their_rates():
+    bucket = TokenBucket(8e6, burst_bytes=1000)  # 1 MB/s
+    t0 = time.perf_counter()
+    for _ in range(20):
+        bucket.consume(10_000)
+    assert 0.85 * 0.2 < time.perf_counter() - t0 < 1.15 * 0.2 + 0.05
+    pacer = StepPacer(0.05)
+    t0 = time.perf_counter()
+    with pacer.phase():
+        time.sleep(0.01)
+    assert pacer.finish() == pytest.approx(0.04, abs=0.005)
+    assert time.perf_counter() - t0 == pytest.approx(0.05, abs=0.01)
+
+
+# ------------------------------------------------------------------------------------ real processes
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+    s = LocalStack(tmp_path_factory.mktemp("emulate-stack"))
+    s.start(agents=0, registry=False, worker_concurrency=4)
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
+def _hellos(stack: LocalStack, n: int, timeout: float = 90) -> dict[str, dict]:
+    assert stack.info is not None
+    client = BrokerClient(f"test-{uuid.uuid4().hex[:6]}", *stack.info.mqtt, clean_start=True, session_expiry_s=0)
+    client.connect()
+    try:
+        return online_profiles(client, n, timeout=timeout)
+    finally:
+        client.close()
+
+
+def _budget_between(cfg, hellos: dict[str, dict], fast: str, slow: str) -> float:
+    """A step budget the fast device's deepest depth fits and the slow device's does not (its
+    compute need there is ~3× the fast one's: the budget sits at their geometric mean)."""
+    ex = Experiment.plan(cfg)
+    deepest = ex.costs[max(ex.costs)]
+
+    def need(dev: str) -> float:
+        m = from_hello(dev, hellos[dev], "cnn8")
+        n = step_needs(deepest, batch_size=cfg.train.batch_size, batches_per_step=ex.algorithm.batches_per_step,
+                       momentum=cfg.train.momentum, bits_per_element=cfg.eval.bits_per_element,
+                       compute_flops=m.compute_flops, uplink_bps=m.uplink_bps)
+        return max(n.compute_s, n.uplink_s)
+
+    assert need(slow) > 2 * need(fast), hellos
+    return math.sqrt(need(fast) * need(slow))
+
+
+@needs_root
+@pytest.mark.slow
+def test_two_classes_run_at_their_rates_and_get_different_depths(stack, tmp_path):
+    """Pi Zero 2 W and Pi 4, one device each, paced by the agent, their links shaped by tc tbf in a
+    namespace each, memory capped by a cgroup: hello measures the shaped uplink within ±15 %, the
+    measured assignment gives the Pi 4 a deeper split, and each session's device compute per step
+    is within ±15 % of the step's FLOPs ÷ the class's rate. (The CPU quota, this host's default
+    besides the pacing, is tested below: under it every non-training second of a 0.1-CPU device
+    takes ten, too long for the suite.)"""
+    assert HOST is not None and stack.info is not None
+    plans = plan_fleet([("pi_zero_2", 1), ("pi4", 1)], HOST, compute="pacing", id_prefix="t-")
+    assert [(p.compute, p.link, p.memory) for p in plans] == [("pacing", "netns", True)] * 2
+    fleet = EmulatedFleet(plans, stack.info.mqtt, tmp_path / "emulate")
+    try:
+        fleet.start()
+        hellos = _hellos(stack, 2)
+        assert fleet.failures() == []
+        zero, pi4 = "t-pi-zero-2-0", "t-pi4-0"
+        assert sorted(hellos) == [zero, pi4]
+        for dev, cls in ((zero, "pi_zero_2"), (pi4, "pi4")):
+            hello, profile = hellos[dev], get_profile(cls)
+            assert hello["device_class"] == cls
+            assert abs(hello["uplink_bps"] / profile.uplink_bps - 1) < TOLERANCE, (dev, hello["uplink_bps"])
+            assert hello["memory_bytes"] == profile.memory_bytes  # the cgroup limit, read back by the probe
+            assert hello["rtt_ms"] >= 2 * profile.latency_ms  # the agent's latency is in the round trip
+        assert hellos[zero]["rates"]["conv"] < hellos[pi4]["rates"]["conv"] / 2
+
+        # half-width cnn8: this host trains it near the rate the classes are measured against
+        cfg = tiny_config(**{"fleet.num_clients": 2, "fleet.split_depths": None, "fleet.assignment": "measured",
+                             "train.rounds": 1, "train.local_steps": 6, "model.width": 0.5})
+        cfg = cfg.with_overrides(**{"fleet.step_budget_s": _budget_between(cfg, hellos, pi4, zero)})
+        config = tmp_path / "cfg.yaml"
+        config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+        out = subprocess.run([sys.executable, "-m", "testbed.cli", "fleet", "plan", str(config), "--stack",
+                              str(stack.run_dir), "--json"], capture_output=True, text=True, timeout=120,
+                             cwd=REPO_ROOT)
+        assert out.returncode == 0, out.stderr
+        plan = {row["device"]: row for row in map(json.loads, out.stdout.splitlines())}
+        assert plan[pi4]["depth"] > plan[zero]["depth"], plan
+        assert "(measured)" in plan[zero]["source"]
+
+        engine = DistributedEngine(cfg, tmp_path / "run", mqtt=stack.info.mqtt, redis_url=stack.info.redis_url,
+                                   devices_timeout_s=60, round_timeout_s=300)
+        try:
+            engine.run_round(1)
+        finally:
+            engine.close()
+        ex = engine.experiment
+        r = state.connect(stack.info.redis_url)
+        for dev, cls in ((zero, "pi_zero_2"), (pi4, "pi4")):
+            depth = plan[dev]["depth"]
+            meta = state.session_meta(r, 1, dev)
+            steps = ex.steps(meta["index"])
+            target = step_needs(ex.costs[depth], batch_size=cfg.train.batch_size,
+                                batches_per_step=ex.algorithm.batches_per_step, momentum=cfg.train.momentum,
+                                bits_per_element=cfg.eval.bits_per_element,
+                                compute_flops=get_profile(cls).compute_flops, uplink_bps=1.0).compute_s
+            per_step = meta["device_compute_s"] / steps
+            assert abs(per_step / target - 1) < TOLERANCE, (dev, per_step, target)
+    finally:
+        fleet.stop()
+    assert leftovers(fleet.tag) == []
+
+
+@needs_root
+def test_an_out_of_memory_kill_is_a_reported_device_failure(stack, tmp_path):
+    """A class whose memory cannot hold the agent: the kernel kills it at the cgroup limit, and the
+    fleet reports that device as failed by the out-of-memory killer (no hang, no silent loss)."""
+    assert HOST is not None and stack.info is not None
+    profile = replace(get_profile("pi_zero_2"), name="tiny_board", memory_bytes=48 * 2**20)
+    plans = plan_fleet([("tiny_board", 1)], HOST, profiles={"tiny_board": profile}, compute="pacing", link="agent",
+                       id_prefix="oom-")
+    fleet = EmulatedFleet(plans, stack.info.mqtt, tmp_path / "emulate")
+    try:
+        fleet.start()
+        deadline = time.monotonic() + 60
+        while not fleet.failures() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        (failure,) = fleet.failures()
+        assert failure.devices == ["oom-tiny-board-0"]
+        assert "out-of-memory killer" in failure.reason and "48 MiB" in failure.reason
+    finally:
+        fleet.stop()
+    assert leftovers(fleet.tag) == []
+
+
+@pytest.mark.slow
+def test_agent_pacing_and_token_bucket_without_root_methods(stack, tmp_path):
+    """The methods of a host without root, forced here: two Pi 4 devices in ONE agent process, held
+    by the agent's own pacing and token bucket, measure the class's compute rate and uplink."""
+    assert stack.info is not None
+    host = HOST or Host(False, False, False, False, 30e9)
+    (plan,) = plan_fleet([("pi4", 2)], host, compute="pacing", link="agent", memory=False, id_prefix="p-")
+    assert not plan.per_process
+    fleet = EmulatedFleet([plan], stack.info.mqtt, tmp_path / "emulate")
+    try:
+        fleet.start()
+        assert len(fleet._procs) == 1  # many devices per process where the method allows it
+        hellos = _hellos(stack, 2)
+        profile = get_profile("pi4")
+        for dev in ("p-pi4-0", "p-pi4-1"):
+            hello = hellos[dev]
+            assert abs(hello["uplink_bps"] / profile.uplink_bps - 1) < TOLERANCE, hello["uplink_bps"]
+            assert abs(hello["rates"]["conv"] / profile.compute_flops - 1) < TOLERANCE, hello["rates"]
+            assert hello["device_class"] == "pi4"
+    finally:
+        fleet.stop()
+
+
+@needs_root
+def test_the_command_enforces_a_cpu_quota_says_so_and_cleans_up(stack, tmp_path):
+    """`harmony fleet emulate --profile pi4:1` against the stack, on this host's defaults: the table
+    names the methods (cgroup quota + pacing, tc tbf in a netns, memory cgroup); the agent runs in
+    its quota's cgroup, the kernel throttles it there and its hello reports that quota and the
+    class's memory; after SIGINT no cgroup, namespace or veth of the fleet is left."""
+    assert stack.info is not None
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "COLUMNS": "250"}
+    proc = subprocess.Popen([sys.executable, "-m", "testbed.cli", "fleet", "emulate", "--profile", "pi4:1",
+                             "--broker", f"127.0.0.1:{stack.info.mqtt_port}", "--id-prefix", "cli-",
+                             "--stack", str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env, cwd=REPO_ROOT)
+    lines: list[str] = []
+    try:
+        assert proc.stdout is not None
+        while not any("named hemu-" in line for line in lines):
+            line = proc.stdout.readline()
+            assert line, "".join(lines)
+            lines.append(line)
+        tag = re.search(r"named hemu-([0-9a-f]{4})-", "".join(lines)).group(1)
+        hello = _hellos(stack, 1, timeout=60)["cli-pi4-0"]
+        cgroup = Path(f"/sys/fs/cgroup/cpu/hemu-{tag}-0")
+        quota = int((cgroup / "cpu.cfs_quota_us").read_text()) / int((cgroup / "cpu.cfs_period_us").read_text())
+        assert hello["cpus"] == pytest.approx(quota, rel=1e-3) and quota < 1
+        assert hello["memory_bytes"] == get_profile("pi4").memory_bytes
+        throttled = dict(line.split() for line in (cgroup / "cpu.stat").read_text().splitlines())
+        assert int(throttled["nr_throttled"]) > 0  # the sustained hello benchmark ran into the quota
+    finally:
+        proc.send_signal(2)
+        output = "".join(lines) + proc.communicate(timeout=30)[0]
+    assert proc.returncode == 0, output
+    assert "cgroup quota" in output and "agent pacing" in output and "tc tbf in a netns" in output, output
+    assert "cgroup 4096 MiB" in output, output
+    assert leftovers(tag) == []
