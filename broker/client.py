@@ -67,6 +67,22 @@ class TlsSettings:
     keyfile: str | Path | None = None
 
 
+def tls_settings(cafile: str | Path | None, certfile: str | Path | None = None,
+                 keyfile: str | Path | None = None) -> TlsSettings | None:
+    """``TlsSettings`` from ``--cafile/--certfile/--keyfile`` (None without a CA file); ``ValueError``
+    names a missing file or a lone certificate or key."""
+    if cafile is None:
+        if certfile is not None or keyfile is not None:
+            raise ValueError("--certfile/--keyfile need --cafile (the CA that signed the broker's certificate)")
+        return None
+    if (certfile is None) != (keyfile is None):
+        raise ValueError("--certfile and --keyfile go together (the client certificate and its key)")
+    for flag, path in (("--cafile", cafile), ("--certfile", certfile), ("--keyfile", keyfile)):
+        if path is not None and not Path(path).is_file():
+            raise ValueError(f"{flag} {path}: no such file (`harmony certs` and `harmony fleet add ID` write them)")
+    return TlsSettings(cafile, certfile, keyfile)
+
+
 @dataclass(eq=False)
 class InboundMessage:
     """One received PUBLISH, as paho handed it over (payload still encoded)."""
@@ -214,6 +230,7 @@ class BrokerClient:
         self.topics = topics
         self.device_id = validate_device_id(device_id, "device_id") if device_id is not None else None
         self.max_bytes = max_bytes
+        self._tls = tls is not None
         self._keepalive_s = keepalive_s
         self._session_expiry_s = session_expiry_s
         self._clean_start = clean_start
@@ -417,7 +434,10 @@ class BrokerClient:
             code, name = self._connect_failure
             raise ConnectRefused(f"broker {self.host}:{self.port} refused {self.client_id!r}: {name} "
                                  f"(MQTT v5 reason code 0x{code:02x})", reason_code=code, reason=name)
-        raise ConnectRefused(f"no CONNACK from {self.host}:{self.port} within {timeout} s (is the broker running?)")
+        hint = ("is the broker running, does it speak TLS there, and did the CA of --cafile sign its certificate "
+                "for this host name? (a refused TLS handshake looks like no answer)" if self._tls
+                else "is the broker running?")
+        raise ConnectRefused(f"no CONNACK from {self.host}:{self.port} within {timeout} s ({hint})")
 
     def wait_connected(self, timeout: float = 10.0) -> bool:
         """Block until connected (e.g. after an automatic reconnect); False on timeout."""

@@ -1,5 +1,11 @@
 """``python -m edge_agent --broker HOST:PORT --device-id ID [--device-id ID2 …] [--credentials FILE]
-[--data-dir DIR] [--device-class CLASS [--emulate [--emulate-limits compute,uplink,downlink,latency]]]``."""
+[--cafile CA.crt [--certfile client.crt --keyfile client.key]] [--data-dir DIR]
+[--device-class CLASS [--emulate [--emulate-limits compute,uplink,downlink,latency]]]``.
+
+TLS is on when ``--cafile`` is given: the broker's certificate must be signed by that CA (and name
+the host of ``--broker``); ``--certfile``/``--keyfile`` present the device's client certificate
+(``harmony fleet add ID`` makes them, docs/security.md). ``--device-class``/``--emulate``:
+docs/emulation.md."""
 
 from __future__ import annotations
 
@@ -7,8 +13,9 @@ import argparse
 import os
 from pathlib import Path
 
+from broker.client import TlsSettings, tls_settings
 from broker.topics import Topics
-from edge_agent.agent import Agent, Credentials
+from edge_agent.agent import Agent, Credentials, device_path
 from edge_agent.emulation import LIMITS, DeviceLimits
 from edge_agent.logs import LOG_LEVELS, configure_logging, parse_log_level
 
@@ -36,6 +43,18 @@ def read_credentials(path: Path | None, device_ids: list[str]) -> dict[str, Cred
     return out
 
 
+def agent_tls(cafile: Path | None, certfile: Path | None, keyfile: Path | None,
+              device_ids: list[str] | None = None) -> TlsSettings | None:
+    """The agent's TLS settings from its flags (None without ``--cafile``); ``ValueError`` names a
+    missing file or a lone ``--certfile``/``--keyfile``. ``{device}`` in ``--certfile``/``--keyfile``
+    stands for each hosted device's id (one process emulating several devices, each with its own
+    certificate: ``--certfile DIR/devices/{device}/client.crt``)."""
+    for dev in device_ids or [""]:
+        tls_settings(cafile, None if certfile is None else device_path(certfile, dev),
+                     None if keyfile is None else device_path(keyfile, dev))
+    return None if cafile is None else TlsSettings(cafile, certfile, keyfile)
+
+
 def _log_level_arg(text: str) -> str:
     try:
         return parse_log_level(text)
@@ -47,7 +66,10 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="edge_agent", description="harmony edge agent")
     ap.add_argument("--broker", required=True, help="HOST:PORT of the MQTT broker")
     ap.add_argument("--device-id", action="append", required=True, help="device id (repeat to emulate several)")
-    ap.add_argument("--credentials", type=Path, default=None)
+    ap.add_argument("--credentials", type=Path, default=None, help="file of device_id:password lines")
+    ap.add_argument("--cafile", type=Path, default=None, help="CA certificate of the broker: turns TLS on")
+    ap.add_argument("--certfile", type=Path, default=None, help="the device's client certificate (with --cafile)")
+    ap.add_argument("--keyfile", type=Path, default=None, help="the client certificate's key (with --certfile)")
     ap.add_argument("--topic-prefix", default="hsfl/v1")
     ap.add_argument("--cache-dir", default=None, help="blob cache directory (default: in memory)")
     ap.add_argument("--data-dir", default=None,
@@ -78,6 +100,7 @@ def main(argv: list[str] | None = None) -> None:
     configure_logging(args.log_level)
     host, port = parse_broker(args.broker)
     try:
+        tls = agent_tls(args.cafile, args.certfile, args.keyfile, args.device_id)
         device_class, limits = device_limits(args.device_class, args.emulate, args.emulate_limits, args.profiles)
     except (ValueError, OSError) as err:
         ap.error(str(err))
@@ -87,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
         except OSError as err:
             ap.error(f"--join-cgroup {cgroup}: {err}")
     Agent(host, port, args.device_id, topics=Topics(args.topic_prefix),
-          credentials=read_credentials(args.credentials, args.device_id), cache_dir=args.cache_dir,
+          credentials=read_credentials(args.credentials, args.device_id), tls=tls, cache_dir=args.cache_dir,
           data_dir=args.data_dir, slowdown=args.slowdown, corrupt_features=args.corrupt_features,
           device_class=device_class, limits=limits).run()
 
