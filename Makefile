@@ -11,12 +11,15 @@ APT_STAMP := .venv-apt-checked
 
 setup: system-deps $(STAMP)
 
-# Install through apt-get only what is missing: the Fashion-MNIST files, mosquitto, redis-server.
+# Install through apt-get only what is missing: the Fashion-MNIST files, mosquitto, redis-server,
+# docker-compose (validates docker/compose.yaml offline: `docker-compose config` needs no engine).
 system-deps:
 	@missing=""; \
 	[ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || missing="$$missing dataset-fashion-mnist"; \
 	command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || missing="$$missing mosquitto"; \
 	command -v redis-server >/dev/null || [ -x /usr/bin/redis-server ] || missing="$$missing redis-server"; \
+	command -v docker-compose >/dev/null || missing="$$missing docker-compose"; \
+	command -v tc >/dev/null || [ -x /usr/sbin/tc ] || missing="$$missing iproute2"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing with apt-get:$$missing"; \
 	  $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \

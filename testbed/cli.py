@@ -122,7 +122,8 @@ def run(
         "runs/stack"),
     broker: Annotated[str | None, typer.Option("--broker", help="distributed over an existing fleet: MQTT "
                                                "HOST:PORT (with --redis; instead of --stack)")] = None,
-    redis: Annotated[str | None, typer.Option("--redis", help="Redis URL of that fleet's Celery workers, "
+    redis: Annotated[str | None, typer.Option("--redis", envvar="HARMONY_REDIS_URL",
+                                              help="Redis URL of that fleet's Celery workers, "
                                               "e.g. redis://host:6379/0")] = None,
     topic_prefix: Annotated[str, typer.Option("--topic-prefix", help="MQTT topic prefix of the fleet")] = "hsfl/v1",
     username: Annotated[str | None, typer.Option("--username", help="broker user name (with --broker)")] = None,
@@ -369,6 +370,8 @@ def agent(
                             ] = None,
     emulate: Annotated[bool, typer.Option("--emulate", help="enforce the class's compute, link and latency "
                                           "limits in the agent (docs/emulation.md)")] = False,
+    emulate_limits: Annotated[str | None, typer.Option("--emulate-limits", help="with --emulate: the limits the "
+                                                       "agent enforces, from compute,uplink,downlink,latency")] = None,
 ) -> None:
     """Run the edge agent: register, then train, personalise and evaluate on command."""
     from edge_agent.__main__ import main as agent_main
@@ -391,6 +394,8 @@ def agent(
         argv += ["--device-class", device_class]
     if emulate:
         argv += ["--emulate"]
+    if emulate_limits is not None:
+        argv += ["--emulate-limits", emulate_limits]
     try:
         agent_main(argv)
     except ValueError as err:
@@ -647,6 +652,35 @@ def fleet_emulate(
     failures = run_fleet(fleet, duration_s=duration, on_failure=lambda f: console.print(
         f"[red]device failure:[/red] {', '.join(f.devices)} ({f.device_class}): {f.reason}"))
     out_console.print(f"stopped; {len(failures)} agent process(es) failed" if failures else "stopped")
+
+
+@fleet_app.command("compose")
+def fleet_compose(
+    profile: Annotated[list[str], typer.Option("--profile", help="CLASS:N — N agent containers of a "
+                                               "harmony/profiles.yaml class (repeatable)")],
+    out: Annotated[Path, typer.Option("--out", help="the compose file to write")],
+    core_gflops: Annotated[float, typer.Option("--core-gflops", min=0.01, help="GFLOP/s one core of the Docker "
+                                               "host trains at: the agents' `cpus` are their rates over it")] = 25.0,
+    credentials: Annotated[Path | None, typer.Option("--credentials", help="also create what the fleet mounts in "
+                                                     "this credential store (CA, broker and device certificates, "
+                                                     "passwords, ACLs, DIR/compose/*.env)")] = None,
+) -> None:
+    """Write a compose file: broker, Redis, worker, orchestrator, driver and the emulated agents."""
+    from testbed.compose import prepare_credentials, render_compose
+    from testbed.emulate import EmulationError, parse_profile_option
+
+    try:
+        fleet = [parse_profile_option(p) for p in profile]
+    except EmulationError as err:
+        _fail(err)
+    text = render_compose(fleet, core_flops=core_gflops * 1e9)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    out_console.print(f"wrote {out} ({sum(n for _, n in fleet)} agents)")
+    if credentials is not None:
+        for path in prepare_credentials(credentials, fleet):
+            out_console.print(f"wrote {path}")
+        out_console.print(f"credential store {credentials}: run with HARMONY_CREDENTIALS_DIR={credentials.resolve()}")
 
 
 def _measured_decisions(experiment: Any, broker: str | None, stack_dir: Path | None, username: str | None,

