@@ -65,7 +65,17 @@ from broker.blobs import (
 from broker.client import BrokerClient, Subscription, TlsSettings
 from broker.codec import Envelope, make_envelope
 from broker.errors import BrokerError, ConnectRefused, WireError
-from broker.schemas import Assign, EvalReport, Evaluate, Hello, InferRequest, LinkProbe, Personalise, RoundStart
+from broker.schemas import (
+    LINK_PROBE_MAX_BYTES,
+    Assign,
+    EvalReport,
+    Evaluate,
+    Hello,
+    InferRequest,
+    LinkProbe,
+    Personalise,
+    RoundStart,
+)
 from broker.topics import Topics
 from edge_agent.emulation import DeviceLimits, StepPacer
 from edge_agent.probe import cpu_quota_cpus, kernel_rates, probe_hello, probe_link
@@ -103,7 +113,7 @@ class SharedRuntime:
         self._link: tuple[float, float] | None = None
 
     def measure(self, slowdown: float, publish: Callable[[bytes], None], pace_flops: float | None = None,
-                sustained_s: float = 0.0) -> tuple[dict[str, float], float, float]:
+                sustained_s: float = 0.0, probe_bytes: int | None = None) -> tuple[dict[str, float], float, float]:
         """``(rates, rtt_ms, uplink_bps)`` for a device's ``hello``: the layer rates of a device
         ``slowdown`` times slower than the host (paced to ``pace_flops``, timed over ``sustained_s``
         under a CPU quota: ``kernel_rates``), and the link, each measured once per process (the
@@ -113,7 +123,7 @@ class SharedRuntime:
             if key not in self._rates:
                 self._rates[key] = kernel_rates(slowdown, pace_flops=pace_flops, sustained_s=sustained_s)
             if self._link is None:
-                self._link = probe_link(publish)
+                self._link = probe_link(publish) if probe_bytes is None else probe_link(publish, probe_bytes, 3)
             return self._rates[key], *self._link
 
     def device(self, client: BrokerClient, manifest_sha: str, device_id: str) -> DevicePlan:
@@ -233,8 +243,12 @@ class Device:
         up = self.topics.up(self.id)
         pace = self.limits.compute_flops if self.limits is not None else None
         sustained = 0.5 if cpu_quota_cpus() is not None else 0.0  # a CPU quota: burst speed says nothing
+        # an emulated link is probed with 1 MiB (the schema's limit), best of 3: its rate is what the
+        # measured assignment sees, and a 256 KiB probe lasts only ~20 ms at 100 Mbit/s
+        probe = LINK_PROBE_MAX_BYTES if self.limits is not None else None
         rates, rtt_ms, uplink_bps = self.shared.measure(
-            self.slowdown, lambda payload: self.client.send(up, LinkProbe(payload=payload)).wait(30), pace, sustained)
+            self.slowdown, lambda payload: self.client.send(up, LinkProbe(payload=payload)).wait(30), pace, sustained,
+            probe)
         return probe_hello(rtt_ms=rtt_ms, uplink_bps=uplink_bps, rates=rates, device_class=self.device_class)
 
     # ------------------------------------------------------------------------------- loop

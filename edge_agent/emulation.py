@@ -54,7 +54,9 @@ class TokenBucket:
             wait = -self._tokens / self.rate if self._tokens < 0 else 0.0
             if wait > 0:
                 time.sleep(wait)
-                self._last = time.monotonic()
+                # the bucket was empty at now + wait; an oversleep (a busy host) is credited to the
+                # next transfer, up to the burst, so the long-run rate holds
+                self._last = now + wait
                 self._tokens = 0.0
             return wait
 

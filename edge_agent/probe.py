@@ -246,17 +246,18 @@ def kernel_rates(slowdown: float = 1.0, repeats: int = 3, *, pace_flops: float |
     return rates
 
 
-def probe_link(publish: Callable[[bytes], None], payload_bytes: int = 256 * 1024) -> tuple[float, float]:
+def probe_link(publish: Callable[[bytes], None], payload_bytes: int = 256 * 1024, repeats: int = 2
+               ) -> tuple[float, float]:
     """``(rtt_ms, uplink_bps)`` of the link under ``publish`` (one acknowledged publish of that many
     bytes): the round trip of a 1-byte publish, the best of three, and the bits of a
-    ``payload_bytes`` publish over the time it took beyond that round trip."""
+    ``payload_bytes`` publish (the best of ``repeats``) over the time it took beyond that round trip."""
     def timed(n: int) -> float:
         t0 = time.perf_counter()
         publish(b"\0" * n)
         return time.perf_counter() - t0
 
     rtt = min(timed(1) for _ in range(3))
-    big = min(timed(payload_bytes) for _ in range(2))
+    big = min(timed(payload_bytes) for _ in range(repeats))
     return rtt * 1e3, payload_bytes * 8 / max(big - rtt, 1e-6)
 
 

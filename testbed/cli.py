@@ -604,6 +604,8 @@ def fleet_emulate(
     id_prefix: Annotated[str, typer.Option("--id-prefix", help="prefix of the device ids (CLASS-K by default)")] = "",
     duration: Annotated[float | None, typer.Option("--duration", min=0, help="stop after this many seconds "
                                                    "(default: until Ctrl-C)")] = None,
+    tls: Annotated[bool, typer.Option("--tls", help="when this command starts the stack: start it with TLS "
+                                      "(`harmony up --tls`); a running --tls stack is used over TLS anyway")] = False,
 ) -> None:
     """Run an emulated fleet whose devices are held to their class's compute, link and memory limits."""
     from testbed.emulate import (
@@ -613,13 +615,16 @@ def fleet_emulate(
         oversubscription,
         parse_profile_option,
         plan_fleet,
+        register_devices,
         run_fleet,
+        stack_login,
     )
     from testbed.stack import LocalStack, load_stack, stack_running
 
     try:
         requests = [parse_profile_option(p) for p in profile]
         mqtt = _broker_address(broker) if broker is not None else None
+        credentials, agent_args = None, []
         host = detect_host()
         plans = plan_fleet(requests, host, compute=compute, link=link, memory=memory, id_prefix=id_prefix)
     except (EmulationError, ValueError) as err:
@@ -627,12 +632,12 @@ def fleet_emulate(
     if mqtt is None:
         if not stack_running(stack_dir):
             console.print(f"starting a local stack in {stack_dir} (stop it with `harmony down --run-dir {stack_dir}`)")
-            LocalStack(stack_dir).start(agents=0, worker_concurrency=max(2, sum(len(p.devices) for p in plans)))
+            LocalStack(stack_dir).start(agents=0, worker_concurrency=max(2, sum(len(p.devices) for p in plans)),
+                                        tls=tls)
         info = load_stack(stack_dir)
-        if info.credentials:
-            _fail(ValueError(f"the stack in {stack_dir} requires broker passwords (--auth); emulate against it "
-                             "with --broker and a stack without --auth"))
         mqtt = info.mqtt
+        # a stack with --auth/--tls: the devices get their credentials in its store (and TLS flags)
+        credentials, agent_args = stack_login(info, [d for p in plans for d in p.devices], stack_dir / "emulate")
     table = Table(title=f"emulated fleet against {mqtt[0]}:{mqtt[1]} — host: {host.describe()}")
     rows = [p.row() for p in plans]
     for column in ("class", "devices", "compute", "uplink", "latency", "memory"):
@@ -646,11 +651,19 @@ def fleet_emulate(
     warning = oversubscription(plans, os.cpu_count() or 1)
     if warning:
         console.print(f"[yellow]note:[/yellow] {warning}")
-    fleet = EmulatedFleet(plans, mqtt, stack_dir / "emulate")
+    fleet = EmulatedFleet(plans, mqtt, stack_dir / "emulate", credentials=credentials, extra_agent_args=agent_args)
+    if agent_args:
+        out_console.print("over TLS: each device with its own client certificate from the stack's credential store")
     out_console.print(f"devices: {', '.join(fleet.devices)}; agent logs in {stack_dir / 'emulate'}; cgroups and "
                       f"namespaces named hemu-{fleet.tag}-*; Ctrl-C stops", soft_wrap=True)
-    failures = run_fleet(fleet, duration_s=duration, on_failure=lambda f: console.print(
-        f"[red]device failure:[/red] {', '.join(f.devices)} ({f.device_class}): {f.reason}"))
+    if broker is None:
+        register_devices(stack_dir, fleet.devices)  # `harmony run --stack` counts them
+    try:
+        failures = run_fleet(fleet, duration_s=duration, on_failure=lambda f: console.print(
+            f"[red]device failure:[/red] {', '.join(f.devices)} ({f.device_class}): {f.reason}"))
+    finally:
+        if broker is None:
+            register_devices(stack_dir, fleet.devices, add=False)
     out_console.print(f"stopped; {len(failures)} agent process(es) failed" if failures else "stopped")
 
 

@@ -360,6 +360,7 @@ class EmulatedFleet:
     _netns: list[str] = field(default_factory=list)
     _veths: list[str] = field(default_factory=list)
     _relays: list[LinkRelay] = field(default_factory=list)
+    _inner_relays: list[subprocess.Popen[str]] = field(default_factory=list)
     _failures: list[Failure] = field(default_factory=list)
 
     @property
@@ -412,17 +413,37 @@ class EmulatedFleet:
               "burst", str(tbf_burst_bytes(p.downlink)), "latency", "500ms"])
         return ns, host_ip
 
+    def _relay_process(self, prefix: list[str], listen: str, target: str, ns: str) -> None:
+        """Start ``python -m testbed.emulate relay LISTEN TARGET`` (under ``prefix``: in namespace ``ns``);
+        return once it listens."""
+        relay = subprocess.Popen([*prefix, sys.executable, "-m", "testbed.emulate", "relay", listen, target],
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True,
+                                 start_new_session=True, env={**os.environ, "PYTHONPATH": f"{REPO_ROOT}{os.pathsep}"
+                                                              f"{os.environ.get('PYTHONPATH', '')}"})
+        self._inner_relays.append(relay)
+        assert relay.stdout is not None
+        ready = relay.stdout.readline()
+        if not ready.startswith("ready"):
+            raise RuntimeError(f"the relay {listen} → {target} for namespace {ns} did not start: {ready}"
+                               f"{relay.stdout.read()[-2000:]}")
+
     def _start_agent(self, plan: ClassPlan, devices: list[str], k: int) -> None:
         name = f"agent-{k}-{plan.profile.name}"
         host, port = self.broker
         prefix: list[str] = []
         if plan.link == "netns":
             ns, host_ip = self._namespace(k, plan)
-            relay = LinkRelay((host_ip, port), self.broker)
-            self._relays.append(relay)
-            host = host_ip
+            # a process of its own (not a thread of this one, whose GIL a busy host would make it wait for)
+            self._relay_process([], f"{host_ip}:{port}", f"{self.broker[0]}:{port}", ns)
             # nsenter, not `ip netns exec`: that remounts /sys, and the agent could no longer read its cgroup limits
             prefix = ["nsenter", f"--net=/run/netns/{ns}"]
+            host = host_ip
+        if plan.link == "netns" and "--cafile" in self.extra_agent_args:
+            # over TLS, a second relay on the namespace's own 127.0.0.1: the agent connects to an
+            # address the broker's certificate names (TLS checks it), its bytes cross the shaped veth.
+            # (Only then: the extra hop costs the 100 Mbit/s classes ~15 % of their probed uplink.)
+            self._relay_process(prefix, f"127.0.0.1:{port}", f"{host_ip}:{port}", ns)
+            host = "127.0.0.1"
         argv = [*prefix, sys.executable, "-m", "edge_agent", "--broker", f"{host}:{port}",
                 "--device-class", plan.profile.name, "--emulate", "--emulate-limits", ",".join(plan.agent_limits)]
         for d in devices:
@@ -496,6 +517,15 @@ class EmulatedFleet:
             except subprocess.TimeoutExpired:
                 os.kill(p.proc.pid, signal.SIGKILL)
                 p.proc.wait(5)
+        for inner in self._inner_relays:
+            if inner.poll() is None:
+                inner.terminate()
+            try:
+                inner.wait(5)
+            except subprocess.TimeoutExpired:
+                inner.kill()
+                inner.wait(5)
+        self._inner_relays.clear()
         for relay in self._relays:
             relay.close()
         self._relays.clear()
@@ -580,3 +610,68 @@ def run_fleet(fleet: EmulatedFleet, *, duration_s: float | None = None, poll_s: 
         fleet.stop()
         signal.signal(signal.SIGTERM, previous)
     return fleet.failures()
+
+
+def stack_login(info: object, devices: list[str], run_dir: Path) -> tuple[Path | None, list[str]]:
+    """For a stack started with ``--auth``/``--tls`` (``info`` a ``testbed.stack.StackInfo``): register
+    ``devices`` in its credential store (kept if they exist), make the broker reload its password
+    file and ACL, and return the agents' credentials file (``device_id:password`` lines, 0600) and
+    TLS flags (interfaces: ``--cafile``, ``--certfile``/``--keyfile`` per device); (None, []) when
+    the stack has no authentication."""
+    store_dir = getattr(info, "store", None)
+    if store_dir is None:
+        return None, []
+    from testbed.credentials import CredentialStore
+
+    tls = bool(getattr(info, "tls", False))
+    store = CredentialStore(Path(store_dir))
+    passwords = {d: store.add_device(d, tls=tls).password for d in devices}
+    store.write_broker_files()
+    pids = getattr(info, "pids", {})
+    if "mosquitto" in pids:
+        os.kill(pids["mosquitto"], signal.SIGHUP)  # mosquitto reloads its password file and ACL
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "credentials.txt"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write("".join(f"{d}:{p}\n" for d, p in passwords.items()))
+    args: list[str] = []
+    if tls:
+        args = ["--cafile", str(store.ca_file), "--certfile", str(store.root / "devices/{device}/client.crt"),
+                "--keyfile", str(store.root / "devices/{device}/client.key")]
+    return path, args
+
+
+def register_devices(stack_dir: Path, devices: list[str], *, add: bool = True) -> None:
+    """Add (or remove) ``devices`` to the stack's ``stack.json`` device list, so that ``harmony run
+    --stack`` counts the emulated devices as the stack's."""
+    import json
+    from dataclasses import asdict
+
+    from testbed.stack import STACK_FILE, load_stack
+
+    info = load_stack(stack_dir)
+    info.devices = [d for d in info.devices if d not in devices] + (list(devices) if add else [])
+    (Path(stack_dir) / STACK_FILE).write_text(json.dumps(asdict(info), indent=2))
+
+
+def _relay_main(listen: str, target: str) -> None:
+    """``python -m testbed.emulate relay HOST:PORT HOST:PORT``: the relay inside a namespace."""
+    def address(text: str) -> tuple[str, int]:
+        host, _, port = text.rpartition(":")
+        return host, int(port)
+
+    relay = LinkRelay(address(listen), address(target))
+    print("ready", flush=True)
+    signal.signal(signal.SIGTERM, lambda *_: relay.close())
+    try:
+        relay.thread.join()
+    except KeyboardInterrupt:
+        relay.close()
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 4 and sys.argv[1] == "relay":
+        _relay_main(sys.argv[2], sys.argv[3])
+    else:
+        sys.exit("usage: python -m testbed.emulate relay LISTEN_HOST:PORT TARGET_HOST:PORT")

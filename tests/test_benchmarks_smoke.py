@@ -88,3 +88,17 @@ def test_sim_fleet_scale_smoke():
         assert size["participants"] == 10 and size["sessions_timed"] == 10
         assert size["rounds_per_s"] > 0 and size["peak_rss_mb"] >= size["rss_mb"] * 0.9
     assert "idle_device_kb" in result
+
+
+def test_emulation_accuracy_smoke():
+    """One Pi 4 device paced by its agent (no root needed), one round of 3 steps: its step time and
+    hello uplink come out near the class's figures (the full run: benchmarks/RESULTS.md §6)."""
+    proc = subprocess.run([sys.executable, "benchmarks/emulation_accuracy.py", "--methods", "pacing/agent",
+                           "--classes", "pi4", "--rounds", "1", "--steps", "3"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["bench"] == "emulation_accuracy"
+    (row,) = result["rows"]
+    assert row["class"] == "pi4" and row["enforced_compute"] == "pacing"
+    assert 0.85 < row["step_ratio"] < 1.3 and 0.85 < row["uplink_ratio"] < 1.15, row

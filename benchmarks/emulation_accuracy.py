@@ -1,0 +1,134 @@
+"""How closely emulated devices run at their class's figures, per enforcement method (docs/emulation.md).
+
+For each method pair (compute/link: ``pacing``, ``cgroup``, ``cgroup+pacing`` × ``netns``, ``agent``)
+a fresh local stack (mosquitto, redis-server, a Celery worker) serves one emulated device per class
+(``testbed.emulate.EmulatedFleet``); the benchmark records what each device's ``hello`` measured
+(uplink, conv rate, CPU quota) and runs ``--rounds`` distributed rounds of half-width cnn8 at fixed
+split depths, comparing every session's device compute per step (what the agent reports) with the
+step's FLOPs ÷ the class's rate. Prints a table and, last, one JSON line.
+
+    python benchmarks/emulation_accuracy.py                       # all methods (root), ~5 min
+    python benchmarks/emulation_accuracy.py --methods pacing/agent --classes pi4 --rounds 1 --steps 3  # smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from broker.client import BrokerClient  # noqa: E402
+from harmony.assignment import step_needs  # noqa: E402
+from harmony.config import validate_config  # noqa: E402
+from harmony.profiles import get_profile  # noqa: E402
+from orchestrator.engine import DistributedEngine  # noqa: E402
+from orchestrator.registry import online_profiles  # noqa: E402
+from server import state  # noqa: E402
+from testbed.emulate import EmulatedFleet, Host, detect_host, plan_fleet  # noqa: E402
+from testbed.stack import LocalStack  # noqa: E402
+
+
+def config(n: int, depths: list[int], steps: int, width: float) -> object:
+    return validate_config({
+        "name": "emulation-accuracy", "seed": 3,
+        "data": {"num_shards": 2 * n, "train_fraction": 0.05, "test_per_client": 20, "rhos": [0.0]},
+        "model": {"family": "cnn8", "width": width},
+        "fleet": {"num_clients": n, "split_depths": depths},
+        "train": {"algorithm": "splitgp", "rounds": 1, "batch_size": 16, "lr": 0.01, "local_steps": steps},
+        "eval": {"measure_latency_samples": 0},
+    })
+
+
+def measure(method: str, classes: list[str], host: Host, rounds: int, steps: int, width: float,
+            depth: int) -> list[dict]:
+    compute, link = method.split("/")
+    tag = uuid.uuid4().hex[:4]
+    with tempfile.TemporaryDirectory() as tmp:
+        stack = LocalStack(Path(tmp) / "stack")
+        info = stack.start(agents=0, registry=False, worker_concurrency=max(2, len(classes)))
+        plans = plan_fleet([(c, 1) for c in classes], host, compute=compute, link=link, id_prefix=f"b{tag}-")
+        fleet = EmulatedFleet(plans, info.mqtt, Path(tmp) / "emulate")
+        try:
+            fleet.start()
+            client = BrokerClient(f"bench-{tag}", *info.mqtt, clean_start=True, session_expiry_s=0)
+            client.connect()
+            try:
+                hellos = online_profiles(client, len(classes), timeout=120)
+            finally:
+                client.close()
+            devices = sorted(hellos)
+            cfg = config(len(devices), [depth] * len(devices), steps, width)
+            per_step: dict[str, list[float]] = {d: [] for d in devices}
+            for rnd in range(1, rounds + 1):
+                engine = DistributedEngine(cfg.with_overrides(**{"train.rounds": rounds}), Path(tmp) / "run",
+                                           mqtt=info.mqtt, redis_url=info.redis_url, devices_timeout_s=60,
+                                           round_timeout_s=600)
+                try:
+                    engine.run_round(rnd)
+                    ex = engine.experiment
+                finally:
+                    engine.close()
+                r = state.connect(info.redis_url)
+                for dev in devices:
+                    meta = state.session_meta(r, rnd, dev)
+                    per_step[dev].append(meta["device_compute_s"] / ex.steps(meta["index"]))
+            rows = []
+            for plan in plans:
+                (dev,) = [d for d in devices if hellos[d].get("device_class") == plan.profile.name]
+                p = get_profile(plan.profile.name)
+                target = step_needs(ex.costs[depth], batch_size=16, batches_per_step=ex.algorithm.batches_per_step,
+                                    momentum=cfg.train.momentum, bits_per_element=cfg.eval.bits_per_element,
+                                    compute_flops=p.compute_flops, uplink_bps=1.0).compute_s
+                h = hellos[dev]
+                rows.append({"method": method, "class": p.name, "enforced_compute": plan.compute,
+                             "cpus": plan.cpus, "target_step_s": target,
+                             "step_s_median": statistics.median(per_step[dev]),
+                             "step_ratio": statistics.median(per_step[dev]) / target,
+                             "step_ratio_range": [min(per_step[dev]) / target, max(per_step[dev]) / target],
+                             "uplink_ratio": h["uplink_bps"] / p.uplink_bps,
+                             "hello_conv_gflops": h["rates"]["conv"] / 1e9, "hello_cpus": h["cpus"],
+                             "rtt_ms": h["rtt_ms"]})
+            return rows
+        finally:
+            fleet.stop()
+            stack.stop()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--methods", default="pacing/netns,cgroup+pacing/netns,cgroup/netns,pacing/agent",
+                    help="compute/link pairs, comma-separated")
+    ap.add_argument("--classes", default="pi_zero_2,pi4,jetson_nano")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=12, help="local steps per round")
+    ap.add_argument("--width", type=float, default=0.5, help="cnn8 width")
+    ap.add_argument("--depth", type=int, default=3, help="split depth of every device")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    host = detect_host()
+    print(f"host: {host.describe()}", file=sys.stderr)
+    rows = []
+    t0 = time.perf_counter()
+    for method in args.methods.split(","):
+        rows += measure(method, args.classes.split(","), host, args.rounds, args.steps, args.width, args.depth)
+    print("| method | class | compute | step time / target (range) | hello uplink / class | hello conv GFLOP/s |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        lo, hi = r["step_ratio_range"]
+        print(f"| {r['method']} | {r['class']} | {r['enforced_compute']} | {r['step_ratio']:.3f} ({lo:.3f}-{hi:.3f}) "
+              f"| {r['uplink_ratio']:.3f} | {r['hello_conv_gflops']:.2f} |")
+    print(json.dumps({"bench": "emulation_accuracy", "host_training_gflops": host.training_flops / 1e9,
+                      "seconds": time.perf_counter() - t0, "rows": rows}))
+
+
+if __name__ == "__main__":
+    main()
