@@ -103,6 +103,19 @@ def _broker_login(username: str | None, password: str | None, credentials: Path 
     return username, password
 
 
+def _redis_with_password(url: str) -> str:
+    """``redis://USER@host…`` (a user, no password) gets its password from ``HARMONY_REDIS_PASSWORD``, so
+    that the password need not be on the command line (docker/compose.yaml's driver)."""
+    import os
+
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, host = rest.rpartition("@")
+    password = os.environ.get("HARMONY_REDIS_PASSWORD")
+    if sep and at and ":" not in userinfo and password:
+        return f"{scheme}://{userinfo}:{password}@{host}"
+    return url
+
+
 def _fail(err: Exception) -> None:
     console.print(f"[red]error:[/red] {err}")
     raise typer.Exit(2) from None
@@ -122,7 +135,9 @@ def run(
     broker: Annotated[str | None, typer.Option("--broker", help="distributed over an existing fleet: MQTT "
                                                "HOST:PORT (with --redis; instead of --stack)")] = None,
     redis: Annotated[str | None, typer.Option("--redis", help="Redis URL of that fleet's Celery workers, "
-                                              "e.g. redis://host:6379/0")] = None,
+                                              "e.g. redis://host:6379/0, redis://harmony:PASSWORD@host:6379/0 "
+                                              "(redis://harmony@host…: the password from "
+                                              "$HARMONY_REDIS_PASSWORD)")] = None,
     topic_prefix: Annotated[str, typer.Option("--topic-prefix", help="MQTT topic prefix of the fleet")] = "hsfl/v1",
     username: Annotated[str | None, typer.Option("--username", help="broker user name (with --broker)")] = None,
     password: Annotated[str | None, typer.Option("--password", envvar="HARMONY_MQTT_PASSWORD", show_envvar=True,
@@ -159,7 +174,8 @@ def run(
             tls = tls_settings(cafile, certfile, keyfile)
         except ValueError as err:
             _fail(err)
-        fleet = {"mqtt": mqtt, "redis_url": redis, "topic_prefix": topic_prefix, "login": login, "tls": tls,
+        fleet = {"mqtt": mqtt, "redis_url": _redis_with_password(redis), "topic_prefix": topic_prefix,
+                 "login": login, "tls": tls,
                  "devices_timeout_s": devices_timeout, "round_timeout_s": round_timeout}
     elif any(v is not None for v in (username, password, credentials, cafile, certfile, keyfile)):
         _fail(ValueError("--username/--password/--credentials/--cafile/--certfile/--keyfile go with --broker "
@@ -465,6 +481,7 @@ def certs(
         for d in device or []:
             store.add_device(d, tls=True)
         passwd, acl = store.write_broker_files()
+        store.write_service_env()
     except CredentialError as err:
         _fail(err)
     out_console.print(f"CA {ca}\nbroker certificate {cert} (key {key})\nbroker files {passwd}, {acl}, "
