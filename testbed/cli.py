@@ -499,21 +499,11 @@ def fleet_add(
                                                    "--auth/--tls` stack (its store; its broker reloads)")] = None,
 ) -> None:
     """Create a device's credentials (password, and a client certificate with TLS) in the store."""
-    import os
-    import signal
-
     from testbed.credentials import CredentialError, CredentialStore
-    from testbed.stack import load_stack, stack_running
 
-    info = None
-    if stack_dir is not None:
-        try:
-            info = load_stack(stack_dir)
-        except FileNotFoundError as err:
-            _fail(err)
-        if info.store is None:
-            _fail(ValueError(f"the stack in {stack_dir} runs without authentication; start it with "
-                             "`harmony up --auth` or `--tls`"))
+    info = _auth_stack(stack_dir)
+    if info is not None:
+        assert info.store is not None
         store_dir, tls = Path(info.store), info.tls
     store = CredentialStore(store_dir)
     try:
@@ -525,10 +515,59 @@ def fleet_add(
     files = ", ".join(p.name for p in (folder / "password", creds.ca_file, creds.cert_file, creds.key_file)
                       if p is not None)
     out_console.print(f"device {device_id}: {folder} ({files}); broker files updated in {store_dir}")
+    _reload_broker(info, stack_dir, f"the device may connect to 127.0.0.1:{info.mqtt_port}" if info else "")
+
+
+@fleet_app.command("remove")
+def fleet_remove(
+    device_id: Annotated[str, typer.Argument(help="the device id")],
+    store_dir: StoreOpt = Path("credentials"),
+    stack_dir: Annotated[Path | None, typer.Option("--stack", help="remove it from this running `harmony up "
+                                                   "--auth/--tls` stack (its broker reloads)")] = None,
+) -> None:
+    """Withdraw a device's credentials: its password leaves the broker's password file (docs/security.md)."""
+    from testbed.credentials import CredentialError, CredentialStore
+
+    info = _auth_stack(stack_dir)
+    if info is not None:
+        assert info.store is not None
+        store_dir = Path(info.store)
+    store = CredentialStore(store_dir)
+    try:
+        store.remove_device(device_id)
+        store.write_broker_files()
+    except CredentialError as err:
+        _fail(err)
+    out_console.print(f"device {device_id} removed from {store_dir}; broker files updated")
+    _reload_broker(info, stack_dir, "its connection is refused from its next connect")
+
+
+def _auth_stack(stack_dir: Path | None) -> Any:
+    """The ``StackInfo`` of the ``harmony up --auth/--tls`` stack in ``stack_dir`` (None without one)."""
+    from testbed.stack import load_stack
+
+    if stack_dir is None:
+        return None
+    try:
+        info = load_stack(stack_dir)
+    except FileNotFoundError as err:
+        _fail(err)
+    if info.store is None:
+        _fail(ValueError(f"the stack in {stack_dir} runs without authentication; start it with "
+                         "`harmony up --auth` or `--tls`"))
+    return info
+
+
+def _reload_broker(info: Any, stack_dir: Path | None, then: str) -> None:
+    """SIGHUP the stack's mosquitto, which reloads its password file and ACL."""
+    import os
+    import signal
+
+    from testbed.stack import stack_running
+
     if info is not None and stack_dir is not None and stack_running(stack_dir):
-        os.kill(info.pids["mosquitto"], signal.SIGHUP)  # mosquitto reloads its password file and ACL
-        out_console.print(f"the broker of {stack_dir} reloaded its password file: the device may connect to "
-                          f"127.0.0.1:{info.mqtt_port}")
+        os.kill(info.pids["mosquitto"], signal.SIGHUP)
+        out_console.print(f"the broker of {stack_dir} reloaded its password file: {then}")
 
 
 @fleet_app.command("plan")

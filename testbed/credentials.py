@@ -294,6 +294,12 @@ class CredentialStore:
                                  folder / "ca.crt" if (folder / "ca.crt").is_file() else None,
                                  cert if has_cert else None, folder / "client.key" if has_cert else None)
 
+    def remove_device(self, device_id: str) -> None:
+        """Delete ``device_id``'s directory (password, certificate); the next :meth:`write_broker_files`
+        leaves it out of the broker's password file. Its certificate is not revoked (no CRL)."""
+        self.device(device_id)  # CredentialError naming `harmony fleet add` if there is none
+        shutil.rmtree(self.device_dir(device_id))
+
     def devices(self) -> list[str]:
         """The ids of every device in the store, sorted."""
         base = self.root / "devices"

@@ -159,6 +159,11 @@ def test_cli_certs_and_fleet_add(tmp_path):
     before = (store_dir / "devices" / "jetson-1" / "password").read_text()
     assert runner.invoke(app, ["fleet", "add", "jetson-1", "--dir", str(store_dir)]).exit_code == 0
     assert (store_dir / "devices" / "jetson-1" / "password").read_text() == before
+    result = runner.invoke(app, ["fleet", "remove", "jetson-1", "--dir", str(store_dir)])
+    assert result.exit_code == 0, result.output
+    assert store.devices() == ["pi4-01"] and "jetson-1:" not in store.password_file.read_text()
+    result = runner.invoke(app, ["fleet", "remove", "jetson-1", "--dir", str(store_dir)])
+    assert result.exit_code == 2 and "harmony fleet add jetson-1" in result.output
     result = runner.invoke(app, ["fleet", "add", "bad/id", "--dir", str(store_dir)])
     assert result.exit_code == 2 and "device id" in result.output
 

@@ -82,6 +82,11 @@ def test_up_with_auth_confines_each_device(tmp_path):
         finally:
             device.close()
             orchestrator.close()
+        result = runner.invoke(app, ["fleet", "remove", "probe-0", "--stack", str(stack_dir)])
+        assert result.exit_code == 0, result.output
+        with pytest.raises(ConnectRefused):  # withdrawn: the reloaded broker refuses its password
+            BrokerClient("probe-0", *info.mqtt, username="probe-0", password=probe_password, clean_start=True,
+                         session_expiry_s=0).connect(timeout=5)
 
         result = runner.invoke(app, ["run", str(cfg_path), "--runtime", "distributed", "--stack", str(stack_dir),
                                      "--out", str(out)])
