@@ -23,7 +23,7 @@ Security (docs/security.md): the broker listens with TLS on 8883 for devices (pa
 certificate, client id = user name) and on 8884 for the services (client certificates of the
 services CA); Redis runs with the store's ACL file (``default`` off, user ``harmony``). The
 credential store (``harmony certs``/``harmony fleet add``, or ``harmony fleet compose --credentials
-DIR``, which also writes the services' login files under ``DIR/compose/``) is mounted read-only:
+DIR``, the same as ``harmony certs --dir DIR --host mosquitto --device ID …``) is mounted read-only:
 whole into mosquitto (``/mosquitto/credentials``), redis, worker, orchestrator and driver
 (``/credentials``); each agent gets only its own ``DIR/devices/ID`` at ``/credentials``. Two
 networks: ``backend`` (mosquitto, redis, worker, orchestrator, driver) and ``devices`` (mosquitto
@@ -44,7 +44,7 @@ CORE_FLOPS = 25e9
 QUOTA_HEADROOM = 1.5
 DEVICE_PORT = 8883
 SERVICE_PORT = 8884
-CREDENTIALS = "${HARMONY_CREDENTIALS_DIR:-../runs/credentials}"
+CREDENTIALS = "${HARMONY_CREDENTIALS_DIR:-../credentials}"
 DATA = "${HARMONY_DATA_DIR:-/usr/share/datasets}:/data:ro"
 TOPICS = "hsfl/v1"
 DEFAULT_FLEET = [("pi_zero_2", 4), ("pi4", 4), ("jetson_nano", 2)]
@@ -60,12 +60,12 @@ HEADER = """\
 # over {core:g} GFLOP/s per host core, with 50 % headroom) plus the agent's pacing, `mem_limit`,
 # and the link (token buckets and latency in the agent). docker/README.md: credentials, running.
 #
-#   harmony fleet compose {args} --credentials runs/credentials --out docker/compose.yaml
+#   harmony fleet compose {args} --credentials credentials --out docker/compose.yaml
 #   docker compose -f docker/compose.yaml up -d --build
 #   docker compose -f docker/compose.yaml --profile driver run --rm driver /app/examples/quickstart.yaml --out /runs/q
 #
 # Host-side variables (all optional): HARMONY_CREDENTIALS_DIR (the credential store, default
-# ../runs/credentials), HARMONY_DATA_DIR (datasets, default /usr/share/datasets), HARMONY_RUNS_DIR
+# ../credentials), HARMONY_DATA_DIR (datasets, default /usr/share/datasets), HARMONY_RUNS_DIR
 # (results, default ../runs), HARMONY_UID/HARMONY_GID (owner of the results), MQTT_PORT/REDIS_PORT
 # (loopback ports published on the host), WORKER_CONCURRENCY (sessions per worker).
 """
@@ -86,7 +86,11 @@ def _service_tls(name: str) -> list[str]:
 
 def _infrastructure(devices: int) -> dict[str, dict]:
     healthy = {"condition": "service_healthy"}
-    listening = f"grep -qi ':{DEVICE_PORT:04X} 00000000:0000 0A' /proc/net/tcp /proc/net/tcp6"
+    # a QoS 1 publish over the service listener succeeds once the broker accepts clients
+    publish = ("mosquitto_pub -h localhost -p 8884 --cafile /mosquitto/credentials/ca.crt "
+               "--cert /mosquitto/credentials/services/orchestrator.crt "
+               "--key /mosquitto/credentials/services/orchestrator.key -u orchestrator "
+               "-P \"$$(cat /mosquitto/credentials/services/orchestrator.password)\" -t hsfl/v1/health -m ok -q 1")
     return {
         "mosquitto": {
             "image": "eclipse-mosquitto:2.0",
@@ -94,8 +98,7 @@ def _infrastructure(devices: int) -> dict[str, dict]:
             "ports": [f"127.0.0.1:${{MQTT_PORT:-{DEVICE_PORT}}}:{DEVICE_PORT}"],
             "volumes": ["./mosquitto/mosquitto.conf:/mosquitto/config/mosquitto.conf:ro",
                         f"{CREDENTIALS}:/mosquitto/credentials:ro", "mosquitto-data:/mosquitto/data"],
-            # the device listener is up (no client needed: every client must log in with TLS)
-            "healthcheck": {"test": ["CMD-SHELL", listening], "interval": "5s", "timeout": "5s", "retries": 12},
+            "healthcheck": {"test": ["CMD-SHELL", publish], "interval": "5s", "timeout": "5s", "retries": 12},
             "networks": ["backend", "devices"],
         },
         "redis": {
@@ -105,8 +108,8 @@ def _infrastructure(devices: int) -> dict[str, dict]:
             "command": ["redis-server", "--appendonly", "yes", "--save", "", "--aclfile", "/credentials/redis.acl"],
             "ports": ["127.0.0.1:${REDIS_PORT:-6379}:6379"],
             "volumes": ["redis-data:/data", f"{CREDENTIALS}:/credentials:ro"],
-            # it answers (NOAUTH without a login): up
-            "healthcheck": {"test": ["CMD-SHELL", "redis-cli ping 2>&1 | grep -q -e PONG -e NOAUTH"],
+            "healthcheck": {"test": ["CMD-SHELL", "redis-cli --no-auth-warning --user harmony --pass "
+                                     "\"$$(cat /credentials/services/redis.password)\" ping | grep -q PONG"],
                             "interval": "5s", "timeout": "3s", "retries": 12},
             "networks": ["backend"],
         },
@@ -117,9 +120,10 @@ def _infrastructure(devices: int) -> dict[str, dict]:
             "command": ["celery", "-A", "server.app", "worker", "--pool", "threads", "--concurrency",
                         f"${{WORKER_CONCURRENCY:-{max(2, devices)}}}", "-Q", "hsfl", "--loglevel", "INFO",
                         "-n", "hsfl@%h", "--without-gossip", "--without-mingle", "--without-heartbeat"],
-            # HSFL_MQTT_USER/PASSWORD and HSFL_REDIS_URL (with the Redis password) come from the env file
-            "env_file": [f"{CREDENTIALS}/compose/server.env"],
-            "environment": {"HSFL_MQTT": f"mosquitto:{SERVICE_PORT}", "HSFL_TOPIC_PREFIX": TOPICS,
+            # HSFL_MQTT_PASSWORD and HSFL_REDIS_URL (with the Redis password) from the store's env file
+            "env_file": [f"{CREDENTIALS}/services/server.env"],
+            "environment": {"HSFL_MQTT": f"mosquitto:{SERVICE_PORT}", "HSFL_MQTT_USER": "server",
+                            "HSFL_TOPIC_PREFIX": TOPICS,
                             "HSFL_MQTT_CAFILE": "/credentials/ca.crt",
                             "HSFL_MQTT_CERTFILE": "/credentials/services/server.crt",
                             "HSFL_MQTT_KEYFILE": "/credentials/services/server.key", "HARMONY_DATA_DIR": "/data"},
@@ -133,26 +137,27 @@ def _infrastructure(devices: int) -> dict[str, dict]:
             "restart": "unless-stopped",
             "stop_signal": "SIGINT",
             "command": ["python", "-m", "orchestrator", "--broker", f"mosquitto:{SERVICE_PORT}",
-                        "--topic-prefix", TOPICS, "--credentials", "/credentials/compose/orchestrator.txt",
+                        "--topic-prefix", TOPICS, "--credentials", "/credentials/services/orchestrator.login",
                         *_service_tls("orchestrator")],
-            "env_file": [f"{CREDENTIALS}/compose/orchestrator.env"],  # HSFL_REDIS_URL
+            "env_file": [f"{CREDENTIALS}/services/orchestrator.env"],  # HSFL_REDIS_URL
             "volumes": [f"{CREDENTIALS}:/credentials:ro"],
             "depends_on": {"mosquitto": healthy, "redis": healthy},
             "networks": ["backend"],
         },
         # `harmony run --runtime distributed` over this fleet; only with `--profile driver`. The fleet
         # options are in the entrypoint, so that `compose run --rm driver CONFIG --out /runs/NAME ...`
-        # (which replaces `command`) keeps them; --redis comes from HARMONY_REDIS_URL of the env file.
+        # (which replaces `command`) keeps them; the passwords come from the env file:
+        # HARMONY_MQTT_PASSWORD (--password) and HARMONY_REDIS_PASSWORD (the --redis URL's).
         "driver": {
             **_server_image(),
             "profiles": ["driver"],
             "init": True,
             "user": "${HARMONY_UID:-10001}:${HARMONY_GID:-10001}",
             "entrypoint": ["harmony", "run", "--runtime", "distributed", "--broker", f"mosquitto:{SERVICE_PORT}",
-                           "--topic-prefix", TOPICS, "--credentials", "/credentials/compose/orchestrator.txt",
-                           *_service_tls("orchestrator"), "--devices-timeout", "300"],
+                           "--redis", "redis://harmony@redis:6379/0", "--topic-prefix", TOPICS,
+                           "--devices-timeout", "300", "--username", "orchestrator", *_service_tls("orchestrator")],
             "command": ["/app/examples/quickstart.yaml", "--out", "/runs/quickstart"],
-            "env_file": [f"{CREDENTIALS}/compose/orchestrator.env"],
+            "env_file": [f"{CREDENTIALS}/services/orchestrator.env"],
             "environment": {"HARMONY_DATA_DIR": "/data"},
             "volumes": [DATA, "${HARMONY_RUNS_DIR:-../runs}:/runs", f"{CREDENTIALS}:/credentials:ro"],
             "depends_on": {"worker": {"condition": "service_started"},
@@ -236,12 +241,12 @@ def render_compose(fleet: list[tuple[str, int]], *, profiles: Mapping[str, Devic
 
 
 def prepare_credentials(root: Path, fleet: list[tuple[str, int]], hosts: list[str] | None = None) -> list[Path]:
-    """Create (idempotently) what the compose fleet mounts from the store at ``root``: the CA, the
-    broker certificate (for the host ``mosquitto``), every device's password and client
-    certificate, the services' certificates, the broker's password file and ACL, redis.acl, and
-    ``compose/server.env``, ``compose/orchestrator.env``, ``compose/orchestrator.txt`` (0600: the
-    services' logins). Returns the files written under ``compose/``."""
-    from testbed.credentials import REDIS_USER, CredentialStore, _write_private
+    """Create (idempotently) what the compose fleet mounts from the credential store at ``root`` —
+    what ``harmony certs --dir DIR --host mosquitto --device ID …`` makes (docs/security.md): the CA,
+    the broker certificate for the host ``mosquitto``, every device's password and client
+    certificate, the services' certificates, the broker's password file and ACL, redis.acl and
+    the services' env files. Returns the env files (``DIR/services/*.env``, ``orchestrator.login``)."""
+    from testbed.credentials import CredentialStore
 
     store = CredentialStore(root)
     store.ensure_ca()
@@ -251,12 +256,4 @@ def prepare_credentials(root: Path, fleet: list[tuple[str, int]], hosts: list[st
     for name in ("server", "orchestrator"):
         store.service_certificate(name)
     store.write_broker_files()
-    redis_url = f"redis://{REDIS_USER}:{store.service_password('redis')}@redis:6379/0"
-    files = {
-        "server.env": f"HSFL_MQTT_USER=server\nHSFL_MQTT_PASSWORD={store.service_password('server')}\n"
-                      f"HSFL_REDIS_URL={redis_url}\n",
-        # the orchestrator reads HSFL_REDIS_URL, the driver's `harmony run --redis` HARMONY_REDIS_URL
-        "orchestrator.env": f"HSFL_REDIS_URL={redis_url}\nHARMONY_REDIS_URL={redis_url}\n",
-        "orchestrator.txt": f"orchestrator:{store.service_password('orchestrator')}\n",
-    }
-    return [_write_private(root / "compose" / name, text.encode()) for name, text in files.items()]
+    return store.write_service_env()

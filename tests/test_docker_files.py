@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import functools
-import getpass
 import importlib
 import importlib.util
 import json
@@ -22,11 +21,9 @@ import os
 import re
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"
 COMPOSE_FILE = DOCKER / "compose.yaml"
 MOSQUITTO_CONF = DOCKER / "mosquitto" / "mosquitto.conf"
+CREDENTIALS_SOURCE = "../credentials"  # ${HARMONY_CREDENTIALS_DIR:-../credentials}
 README = DOCKER / "README.md"
 PACKAGES = ("harmony", "broker", "edge_agent", "server", "orchestrator", "testbed")
 EXTRA_OF = {"Dockerfile.agent": "agent", "Dockerfile.server": "server"}
@@ -224,7 +222,7 @@ def mosquitto_settings() -> dict[str, str]:
 
 
 def mosquitto_listeners() -> list[int]:
-    """The ports of the config's listeners, in order: the devices' (TLS), then the services'."""
+    """The ports of the config's listeners: the devices' first, then the services' (docs/security.md)."""
     return [int(line.split()[1]) for line in MOSQUITTO_CONF.read_text().splitlines() if line.startswith("listener ")]
 
 
@@ -262,7 +260,7 @@ def env_files(service: dict[str, Any]) -> dict[str, str]:
     """The variables of a service's ``env_file``s, read from the scratch store."""
     out: dict[str, str] = {}
     for item in service.get("env_file") or []:
-        path = interpolate(str(item)).replace("../runs/credentials", str(credential_store()), 1)
+        path = interpolate(str(item)).replace("../credentials", str(credential_store()), 1)
         for line in Path(path).read_text().splitlines():
             if line.strip() and not line.startswith("#"):
                 key, _, value = line.partition("=")
@@ -465,9 +463,9 @@ def test_dependencies_and_volumes_exist():
                 assert "healthcheck" in doc["services"][dep], f"{name} waits for {dep} to be healthy: no healthcheck"
         for volume in service.get("volumes") or []:
             source = interpolate(volume).split(":")[0]
+            if source.startswith(CREDENTIALS_SOURCE):
+                continue  # the credential store: `harmony certs --dir credentials` makes it (docs/security.md)
             if source.startswith((".", "/")):
-                if source.startswith("../runs/credentials"):  # made by `harmony fleet compose --credentials`
-                    continue
                 if volume.endswith(":ro") and source.startswith("."):
                     assert (DOCKER / source).exists(), f"{name}: mounted file {source} does not exist"
             else:
@@ -591,21 +589,20 @@ def test_wiring_uses_service_names_and_ports():
         argv = effective_argv(service)
         env = environment(service, with_files=True)
         brokers = option_values(argv, "--broker") + [env[k] for k in ("HSFL_MQTT",) if k in env]
-        redis_urls = option_values(argv, "--redis") + [env[k] for k in ("HSFL_REDIS_URL", "HARMONY_REDIS_URL")
-                                                       if k in env]
+        redis_urls = option_values(argv, "--redis") + [env[k] for k in ("HSFL_REDIS_URL",) if k in env]
         port = device_port if name in agents else service_port
         for value in brokers:
-            assert value == f"{mqtt}:{port}", f"{name}: broker {value}; it should use {mqtt}:{port}"
-        for value in redis_urls:
-            assert re.fullmatch(rf"redis://harmony:[^@:]+@{redis}:6379/\d+", value), f"{name}: Redis URL {value}"
+            assert value == f"{mqtt}:{port}", f"{name}: broker {value}; its listener is {mqtt}:{port}"
+        for value in redis_urls:  # the password in the URL from env_file, or from HARMONY_REDIS_PASSWORD (driver)
+            assert re.fullmatch(rf"redis://harmony(:[^@:]+)?@{redis}:6379/\d+", value), f"{name}: Redis URL {value}"
         wiring = " ".join(argv + list(env.values()))
         assert "127.0.0.1" not in wiring and "localhost" not in wiring, f"{name}: loopback inside a container"
         mounts = [interpolate(v) for v in service.get("volumes") or []]
-        creds = [m for m in mounts if m.startswith("../runs/credentials")]
+        creds = [m for m in mounts if m.startswith(CREDENTIALS_SOURCE)]
         assert creds and all(m.endswith(":ro") for m in creds), f"{name}: credentials not mounted read-only"
         if name in agents:
             dev = option_values(argv, "--device-id")[0]
-            assert creds == [f"../runs/credentials/devices/{dev}:/credentials:ro"], f"{name}: sees more than its own"
+            assert creds == [f"{CREDENTIALS_SOURCE}/devices/{dev}:/credentials:ro"], f"{name}: sees more than its own"
             assert service["networks"] == ["devices"], f"{name}: an agent must be on the devices network only"
             assert option_values(argv, "--cafile") and option_values(argv, "--certfile"), f"{name}: no TLS"
         else:
@@ -668,6 +665,8 @@ def test_docker_compose_config_validates_the_file(tmp_path):
     absent = subprocess.run(["docker-compose", "-f", str(COMPOSE_FILE), "config", "-q"], capture_output=True,
                             text=True, env=missing, cwd=DOCKER, timeout=60)
     assert absent.returncode != 0 and "server.env" in absent.stderr, absent.stderr
+    for agent in agent_services().values():
+        assert option_values(effective_argv(agent), "--broker"), "an agent without --broker"
 
 
 def test_environment_variables_are_read_by_the_code():
@@ -806,42 +805,7 @@ def test_mosquitto_config_matches_the_project_settings():
         "the persistence directory is not a volume: retained state would die with the container")
 
 
-@pytest.mark.skipif(not (os.path.exists("/usr/sbin/mosquitto") or shutil.which("mosquitto")),
-                    reason="mosquitto is not installed")
-def test_mosquitto_starts_with_the_config(tmp_path):
-    from broker.mosquitto import find_mosquitto, free_port
-
-    port, service_port = free_port(), free_port()
-    text = MOSQUITTO_CONF.read_text()
-    ports = iter([port, service_port])
-    text = re.sub(r"(?m)^listener \d+ \S+$", lambda m: f"listener {next(ports)} 127.0.0.1", text)
-    text = text.replace("/mosquitto/credentials/", f"{credential_store()}/")
-    text = re.sub(r"(?m)^persistence_location .*$", f"persistence_location {tmp_path}/", text)
-    if os.geteuid() == 0:  # as root mosquitto would switch to the user "mosquitto"
-        text = f"user {getpass.getuser()}\n" + text
-    conf = tmp_path / "mosquitto.conf"
-    conf.write_text(text)
-    log = tmp_path / "mosquitto.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([find_mosquitto(), "-c", str(conf)], stdout=out, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"mosquitto rejected docker/mosquitto/mosquitto.conf:\n{log.read_text()}")
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline, f"mosquitto did not listen within 10 s:\n{log.read_text()}"
-                time.sleep(0.05)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:  # it accepted the config; do not let a slow exit fail the test
-            proc.kill()
-            proc.wait(10)
+# test_tls_auth.py starts a real mosquitto on docker/mosquitto/mosquitto.conf (it needs a credential store)
 
 
 def test_redis_keeps_an_append_only_file_on_a_volume():
