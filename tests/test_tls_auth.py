@@ -276,6 +276,10 @@ def test_up_tls_trains_over_tls_and_redis_needs_its_password(tmp_path):
             redis.Redis(port=info.redis_port, username="harmony", password="guess").ping()
         assert redis.Redis.from_url(info.redis_url).ping()
 
+        result = runner.invoke(app, ["fleet", "plan", str(cfg_path), "--stack", str(stack_dir), "--json",
+                                     "--wait", "60"])  # the stack's service listener, with its certificate
+        assert result.exit_code == 0, result.output
+        assert sorted(json.loads(line)["device"] for line in result.output.splitlines()) == info.devices
         result = runner.invoke(app, ["run", str(cfg_path), "--runtime", "distributed", "--stack", str(stack_dir),
                                      "--out", str(tmp_path / "a")])
         assert result.exit_code == 0, result.output
