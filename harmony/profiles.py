@@ -41,11 +41,15 @@ class DeviceProfile:
     memory_bytes: int
     cores: int
     source: str  # where the numbers come from, and what was assumed
+    agent_memory_bytes: int | None = None
+    """Optional: the memory an agent may use on this class (what the OS leaves of ``memory_bytes``);
+    unset, the whole of ``memory_bytes`` (``testbed.footprint`` compares the agent's measured peak)."""
 
 
 _FIELDS = tuple(f.name for f in fields(DeviceProfile) if f.name != "name")
+_OPTIONAL_FIELDS = ("agent_memory_bytes",)
 _FLOAT_FIELDS = ("compute_flops", "uplink_bps")
-_INT_FIELDS = ("memory_bytes", "cores")
+_INT_FIELDS = ("memory_bytes", "cores", "agent_memory_bytes")
 
 
 class ProfileError(ValueError):
@@ -149,11 +153,11 @@ def _merge(
                 given["source"] = f"{merged[name].source} [{changed} overridden{where}]"
             merged[name] = replace(merged[name], **given)
         else:
-            missing = [k for k in _FIELDS if k not in given]
+            missing = [k for k in _FIELDS if k not in given and k not in _OPTIONAL_FIELDS]
             if missing:
                 raise ProfileError(
                     f"profile {name!r}: missing field {missing[0]!r}{where} "
-                    f"(a new profile needs {', '.join(_FIELDS)})"
+                    f"(a new profile needs {', '.join(k for k in _FIELDS if k not in _OPTIONAL_FIELDS)})"
                 )
             merged[name] = DeviceProfile(name=name, **given)
     return merged
