@@ -214,6 +214,7 @@ class BrokerClient:
         self.topics = topics
         self.device_id = validate_device_id(device_id, "device_id") if device_id is not None else None
         self.max_bytes = max_bytes
+        self._tls = tls is not None
         self._keepalive_s = keepalive_s
         self._session_expiry_s = session_expiry_s
         self._clean_start = clean_start
@@ -410,7 +411,10 @@ class BrokerClient:
             code, name = self._connect_failure
             raise ConnectRefused(f"broker {self.host}:{self.port} refused {self.client_id!r}: {name} "
                                  f"(MQTT v5 reason code 0x{code:02x})", reason_code=code, reason=name)
-        raise ConnectRefused(f"no CONNACK from {self.host}:{self.port} within {timeout} s (is the broker running?)")
+        hint = ("is the broker running, does it speak TLS there, and did the CA of --cafile sign its certificate "
+                "for this host name? (a refused TLS handshake looks like no answer)" if self._tls
+                else "is the broker running?")
+        raise ConnectRefused(f"no CONNACK from {self.host}:{self.port} within {timeout} s ({hint})")
 
     def wait_connected(self, timeout: float = 10.0) -> bool:
         """Block until connected (e.g. after an automatic reconnect); False on timeout."""

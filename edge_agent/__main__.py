@@ -1,13 +1,18 @@
 """``python -m edge_agent --broker HOST:PORT --device-id ID [--device-id ID2 …] [--credentials FILE]
-[--data-dir DIR]``."""
+[--cafile CA.crt [--certfile client.crt --keyfile client.key]] [--data-dir DIR]``.
+
+TLS is on when ``--cafile`` is given: the broker's certificate must be signed by that CA (and name
+the host of ``--broker``); ``--certfile``/``--keyfile`` present the device's client certificate
+(``harmony fleet add ID`` makes them, docs/security.md)."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
+from broker.client import TlsSettings
 from broker.topics import Topics
-from edge_agent.agent import Agent, Credentials
+from edge_agent.agent import Agent, Credentials, device_path
 from edge_agent.logs import LOG_LEVELS, configure_logging, parse_log_level
 
 
@@ -34,6 +39,26 @@ def read_credentials(path: Path | None, device_ids: list[str]) -> dict[str, Cred
     return out
 
 
+def tls_settings(cafile: Path | None, certfile: Path | None, keyfile: Path | None,
+                 device_ids: list[str] | None = None) -> TlsSettings | None:
+    """The agent's TLS settings from its flags (None without ``--cafile``); ``ValueError`` names a
+    missing file or a lone ``--certfile``/``--keyfile``. ``{device}`` in ``--certfile``/``--keyfile``
+    stands for each hosted device's id (one process emulating several devices, each with its own
+    certificate: ``--certfile DIR/devices/{device}/client.crt``)."""
+    if cafile is None:
+        if certfile is not None or keyfile is not None:
+            raise ValueError("--certfile/--keyfile need --cafile (the CA that signed the broker's certificate)")
+        return None
+    if (certfile is None) != (keyfile is None):
+        raise ValueError("--certfile and --keyfile go together (the device's client certificate and its key)")
+    for flag, path in (("--cafile", cafile), ("--certfile", certfile), ("--keyfile", keyfile)):
+        for dev in device_ids or [""]:
+            if path is not None and not device_path(path, dev).is_file():
+                raise ValueError(f"{flag} {device_path(path, dev)}: no such file (`harmony fleet add ID` "
+                                 "writes DIR/devices/ID/)")
+    return TlsSettings(cafile, certfile, keyfile)
+
+
 def _log_level_arg(text: str) -> str:
     try:
         return parse_log_level(text)
@@ -45,7 +70,10 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="edge_agent", description="harmony edge agent")
     ap.add_argument("--broker", required=True, help="HOST:PORT of the MQTT broker")
     ap.add_argument("--device-id", action="append", required=True, help="device id (repeat to emulate several)")
-    ap.add_argument("--credentials", type=Path, default=None)
+    ap.add_argument("--credentials", type=Path, default=None, help="file of device_id:password lines")
+    ap.add_argument("--cafile", type=Path, default=None, help="CA certificate of the broker: turns TLS on")
+    ap.add_argument("--certfile", type=Path, default=None, help="the device's client certificate (with --cafile)")
+    ap.add_argument("--keyfile", type=Path, default=None, help="the client certificate's key (with --certfile)")
     ap.add_argument("--topic-prefix", default="hsfl/v1")
     ap.add_argument("--cache-dir", default=None, help="blob cache directory (default: in memory)")
     ap.add_argument("--data-dir", default=None,
@@ -61,8 +89,12 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     configure_logging(args.log_level)
     host, port = parse_broker(args.broker)
+    try:
+        tls = tls_settings(args.cafile, args.certfile, args.keyfile, args.device_id)
+    except ValueError as err:
+        ap.error(str(err))
     Agent(host, port, args.device_id, topics=Topics(args.topic_prefix),
-          credentials=read_credentials(args.credentials, args.device_id), cache_dir=args.cache_dir,
+          credentials=read_credentials(args.credentials, args.device_id), tls=tls, cache_dir=args.cache_dir,
           data_dir=args.data_dir, slowdown=args.slowdown, corrupt_features=args.corrupt_features).run()
 
 

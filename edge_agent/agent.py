@@ -48,6 +48,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as paho
@@ -61,7 +62,7 @@ from broker.blobs import (
     split_blob,
     state_dict_to_bytes,
 )
-from broker.client import BrokerClient, Subscription
+from broker.client import BrokerClient, Subscription, TlsSettings
 from broker.codec import Envelope, make_envelope
 from broker.errors import BrokerError, ConnectRefused, WireError
 from broker.schemas import Assign, EvalReport, Evaluate, Hello, InferRequest, LinkProbe, Personalise, RoundStart
@@ -139,6 +140,20 @@ def restore_layout(msg: Any, channels_last: bool) -> Any:
     return msg
 
 
+def device_path(path: str | Path, device_id: str) -> Path:
+    """``path`` with ``{device}`` replaced by ``device_id`` (per-device client certificates)."""
+    return Path(str(path).replace("{device}", device_id))
+
+
+def device_tls(tls: TlsSettings | None, device_id: str) -> TlsSettings | None:
+    """``tls`` with ``{device}`` in its client certificate and key paths replaced by ``device_id``."""
+    if tls is None:
+        return None
+    return dataclasses.replace(
+        tls, certfile=None if tls.certfile is None else device_path(tls.certfile, device_id),
+        keyfile=None if tls.keyfile is None else device_path(tls.keyfile, device_id))
+
+
 @dataclass
 class Credentials:
     username: str | None = None
@@ -149,14 +164,15 @@ class Device:
     """One (possibly emulated) device: its MQTT connection and command loop."""
 
     def __init__(self, device_id: str, host: str, port: int, shared: SharedRuntime, *, topics: Topics,
-                 credentials: Credentials | None = None, session_timeout_s: float = 600.0,
+                 credentials: Credentials | None = None, tls: TlsSettings | None = None,
+                 session_timeout_s: float = 600.0,
                  slowdown: float = 1.0, corrupt_features: bool = False, started_at: float | None = None) -> None:
         self.id, self.host, self.port, self.shared, self.topics = device_id, host, port, shared, topics
         creds = credentials or Credentials()
         # a clean session on this process's first connect (what the broker queued for an earlier
         # process of this device is stale), the persistent one on every reconnect
         self.client = BrokerClient(f"agent-{device_id}", host, port, username=creds.username,
-                                   password=creds.password, topics=topics, device_id=device_id,
+                                   password=creds.password, tls=tls, topics=topics, device_id=device_id,
                                    clean_start=paho.MQTT_CLEAN_START_FIRST_ONLY,
                                    reconnect_min_delay_s=0.2, reconnect_max_delay_s=5.0)
         self.started_at = time.time() if started_at is None else started_at
@@ -404,14 +420,16 @@ class Agent:
     """Hosts devices until they are told to stop (or ``stop()``)."""
 
     def __init__(self, host: str, port: int, device_ids: list[str], *, topics: Topics | None = None,
-                 credentials: dict[str, Credentials] | None = None, cache_dir: str | None = None,
-                 data_dir: str | None = None, slowdown: float = 1.0, corrupt_features: bool = False) -> None:
+                 credentials: dict[str, Credentials] | None = None, tls: TlsSettings | None = None,
+                 cache_dir: str | None = None, data_dir: str | None = None, slowdown: float = 1.0,
+                 corrupt_features: bool = False) -> None:
         self.shared = SharedRuntime(BlobCache(cache_dir, max_entries=4 * len(device_ids) + 8), device_ids, data_dir)
         topics = topics or Topics()
         creds = credentials or {}
         started_at = time.time()
         self.devices = [Device(d, host, port, self.shared, topics=topics, credentials=creds.get(d),
-                               slowdown=slowdown, corrupt_features=corrupt_features, started_at=started_at)
+                               tls=device_tls(tls, d), slowdown=slowdown, corrupt_features=corrupt_features,
+                               started_at=started_at)
                         for d in device_ids]
 
     def run(self) -> None:

@@ -303,6 +303,10 @@ def agent(
     device_id: Annotated[list[str], typer.Option("--device-id", help="device id (repeat to emulate several "
                                                  "devices in this process)")],
     credentials: Annotated[Path | None, typer.Option("--credentials", help="file of device_id:password lines")] = None,
+    cafile: Annotated[Path | None, typer.Option("--cafile", help="CA certificate of the broker: turns TLS on")] = None,
+    certfile: Annotated[Path | None, typer.Option("--certfile", help="the device's client certificate "
+                                                  "({device} stands for each device id)")] = None,
+    keyfile: Annotated[Path | None, typer.Option("--keyfile", help="the client certificate's key")] = None,
     topic_prefix: Annotated[str, typer.Option("--topic-prefix")] = "hsfl/v1",
     cache_dir: Annotated[str | None, typer.Option("--cache-dir", help="blob cache directory")] = None,
     data_dir: Annotated[str | None, typer.Option("--data-dir", help="where the dataset files are on this host "
@@ -322,6 +326,9 @@ def agent(
         argv += ["--device-id", d]
     if credentials is not None:
         argv += ["--credentials", str(credentials)]
+    for flag, path in (("--cafile", cafile), ("--certfile", certfile), ("--keyfile", keyfile)):
+        if path is not None:
+            argv += [flag, str(path)]
     if cache_dir is not None:
         argv += ["--cache-dir", cache_dir]
     if data_dir is not None:
@@ -462,6 +469,55 @@ def _default_credentials_dir() -> Path:
 
 fleet_app = typer.Typer(no_args_is_help=True, help="the devices of a run: their split depths and why")
 app.add_typer(fleet_app, name="fleet")
+
+StoreOpt = Annotated[Path, typer.Option("--dir", help="the credential store (docs/security.md)")]
+
+
+@app.command()
+def certs(
+    store_dir: StoreOpt = Path("credentials"),
+    host: Annotated[list[str] | None, typer.Option("--host", help="a name or IP address the devices reach the "
+                                                   "broker by (repeatable; 127.0.0.1 and localhost always)")] = None,
+    device: Annotated[list[str] | None, typer.Option("--device", help="also make this device's credentials "
+                                                     "(repeatable; as `harmony fleet add`)")] = None,
+) -> None:
+    """Make the fleet's CA, the broker's certificate and the broker's password and ACL files."""
+    from testbed.credentials import CredentialError, CredentialStore
+
+    store = CredentialStore(store_dir)
+    try:
+        ca = store.ensure_ca()
+        cert, key = store.broker_certificate(list(host or []))
+        for d in device or []:
+            store.add_device(d, tls=True)
+        passwd, acl = store.write_broker_files()
+    except CredentialError as err:
+        _fail(err)
+    out_console.print(f"CA {ca}\nbroker certificate {cert} (key {key})\nbroker files {passwd}, {acl}, "
+                      f"{store.redis_acl_file}\ndevices: {', '.join(store.devices()) or 'none yet'}")
+
+
+@fleet_app.command("add")
+def fleet_add(
+    device_id: Annotated[str, typer.Argument(help="the device id (its broker user name and certificate CN)")],
+    store_dir: StoreOpt = Path("credentials"),
+    tls: Annotated[bool, typer.Option("--tls/--no-tls", help="also a client certificate signed by the store's "
+                                      "CA")] = True,
+    rotate: Annotated[bool, typer.Option("--rotate", help="replace the device's password and certificate")] = False,
+) -> None:
+    """Create a device's credentials (password, and a client certificate with TLS) in the store."""
+    from testbed.credentials import CredentialError, CredentialStore
+
+    store = CredentialStore(store_dir)
+    try:
+        creds = store.add_device(device_id, tls=tls, rotate=rotate)
+        store.write_broker_files()
+    except CredentialError as err:
+        _fail(err)
+    folder = store.device_dir(device_id)
+    files = ", ".join(p.name for p in (folder / "password", creds.ca_file, creds.cert_file, creds.key_file)
+                      if p is not None)
+    out_console.print(f"device {device_id}: {folder} ({files}); broker files updated in {store_dir}")
 
 
 @fleet_app.command("plan")
