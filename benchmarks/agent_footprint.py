@@ -141,18 +141,22 @@ def measure_install(mode: str) -> dict:
         wheel = build_wheel(Path(tmp) / "wheel")
         venv = Path(tmp) / "venv"
         t0 = time.perf_counter()
-        subprocess.run(["python3", "-m", "venv", str(venv)], check=True)
         py = venv / "bin" / "python"
+        if mode == "reuse":  # no pip of its own (ensurepip alone takes ~10 s here): this pip installs into it
+            subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+            pip = [sys.executable, "-m", "pip", "--python", str(py)]
+        else:  # as on a board
+            subprocess.run(["python3", "-m", "venv", str(venv)], check=True)
+            pip = [str(py), "-m", "pip"]
         site = Path(subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                                    check=True, capture_output=True, text=True).stdout.strip())
         if mode == "reuse":
             import sysconfig
 
             (site / "harmony-base.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-        subprocess.run([str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check", f"{wheel}[agent]"],
-                       check=True)
+        subprocess.run([*pip, "install", "-q", "--disable-pip-version-check", f"{wheel}[agent]"], check=True)
         install_s = time.perf_counter() - t0
-        listing = subprocess.run([str(py), "-m", "pip", "list", "--format", "json", "--path", str(site)],
+        listing = subprocess.run([*pip, "list", "--format", "json", "--path", str(site)],
                                  check=True, capture_output=True, text=True).stdout
         installed = sorted(d["name"].lower() for d in json.loads(listing))
         total = du(venv)

@@ -460,11 +460,7 @@ def flash(
 
 
 def _default_credentials_dir() -> Path:
-    try:
-        from testbed.credentials import DEFAULT_DIR  # type: ignore[attr-defined]
-    except ImportError:
-        return Path("credentials")
-    return Path(DEFAULT_DIR)
+    return Path("credentials")  # as `harmony certs` and `harmony fleet add` default
 
 
 fleet_app = typer.Typer(no_args_is_help=True, help="the devices of a run: their split depths and why")
@@ -563,11 +559,15 @@ def fleet_plan(
         _fail(err)
     if decisions is not None:
         rows = [d.as_dict() for d in decisions]
+    memory = _footprint_warnings(experiment, rows, measured=broker is not None or stack_dir is not None) \
+        if decisions is not None else []
     if as_json:
         for row in rows:
             typer.echo(json.dumps(row))
         for dev, why in refused.items():
             typer.echo(json.dumps({"device": dev, "refused": why}))
+        for warning in memory:
+            typer.echo(json.dumps({"warning": warning}))
         return
     table = Table(title=f"split depths for {cfg.model.family} (batch {cfg.train.batch_size}, "
                         f"step budget {cfg.fleet.step_budget_s:g} s)")
@@ -581,6 +581,28 @@ def fleet_plan(
     out_console.print(table)
     for why in refused.values():
         out_console.print(f"warning: refused {why}", markup=False, highlight=False, soft_wrap=True)
+    for warning in memory:
+        out_console.print(f"warning: {warning}", markup=False, highlight=False, soft_wrap=True)
+
+
+def _footprint_warnings(experiment: Any, rows: list[dict[str, Any]], measured: bool) -> list[str]:
+    """A line per device that cannot hold the agent's measured peak memory (testbed/footprint.py):
+    by its profile's agent budget, or by the memory its ``hello`` reported."""
+    from harmony.profiles import load_profiles
+    from testbed.footprint import budget_bytes, memory_warning
+
+    out = []
+    profiles = load_profiles()
+    for i, row in enumerate(rows):
+        if measured:
+            warning = memory_warning(row["device"], int(row["available_memory_bytes"]), "memory reported in its hello")
+        else:
+            name = experiment.profiles[i]
+            warning = memory_warning(f"{row['device']} ({name})", budget_bytes(profiles[name]),
+                                     "agent memory budget" if profiles[name].agent_memory_bytes else "memory")
+        if warning is not None:
+            out.append(warning)
+    return out
 
 
 def _measured_decisions(experiment: Any, broker: str | None, stack_dir: Path | None, username: str | None,

@@ -194,7 +194,13 @@ def _under(root: PurePosixPath, path: PurePosixPath) -> PurePosixPath:
 
 
 def _profile_name(name: str) -> str:
-    return name.strip().lower().replace("-", "_")
+    """The profiles.yaml name of a device class, also from a hyphenated spelling (``pi-zero2``)."""
+    from harmony.profiles import load_profiles
+
+    def key(text: str) -> str:
+        return text.strip().lower().replace("-", "").replace("_", "")
+
+    return next((known for known in load_profiles() if key(known) == key(name)), name)
 
 
 # ----------------------------------------------------------------------------------- the bundle
@@ -307,7 +313,6 @@ def unit_text(opts: FlashOptions, argv: list[str], user: str) -> str:
     return "\n".join([
         "[Unit]",
         f"Description=harmony edge agent (device {opts.device_id})",
-        "Documentation=https://github.com/harmony-testbed/harmony-testbed/blob/main/docs/flashing.md",
         "Wants=network-online.target",
         "After=network-online.target",
         "StartLimitIntervalSec=0",
@@ -356,25 +361,12 @@ def build_bundle(opts: FlashOptions, staging: Path, user: str, say: Say) -> Bund
 
     files: dict[str, list[str]] = {c: [] for c in COMPONENTS}
     notes: list[str] = []
-    # the agent
-    if opts.wheel is not None:
-        wheel = staging / opts.wheel.name
-        shutil.copy2(opts.wheel, wheel)
-        say(f"agent: using the wheel {opts.wheel}")
-    else:
-        t0 = time.perf_counter()
-        wheel = build_wheel(staging)
-        say(f"agent: built {wheel.name} from {project_root()} ({time.perf_counter() - t0:.1f} s)")
-    version = wheel_version(wheel)
-    files["agent"].append(wheel.name)
     # the credentials
     store = CredentialStore(opts.credentials_dir)
     try:
         creds = store.device(opts.device_id)
-    except (KeyError, FileNotFoundError, ValueError) as err:
-        raise FlashError(f"no credentials for device {opts.device_id!r} in {opts.credentials_dir}: {err}; create "
-                         f"them with `harmony fleet add {opts.device_id} --dir {opts.credentials_dir}` (and let the "
-                         "broker read its new password file and ACL)") from None
+    except (KeyError, FileNotFoundError, ValueError) as err:  # CredentialError names `harmony fleet add`
+        raise FlashError(f"{err} (then let the broker read its new password file and ACL)") from None
     password = staging / "password"
     password.write_text(f"{opts.device_id}:{creds.password}\n")
     password.chmod(0o600)
@@ -393,6 +385,17 @@ def build_bundle(opts: FlashOptions, staging: Path, user: str, say: Say) -> Bund
             files["credentials"].append(name)
     say(f"credentials: device {opts.device_id} from {opts.credentials_dir}"
         + (" (password, CA certificate, client certificate and key)" if opts.tls else " (password; TLS off)"))
+    # the agent
+    if opts.wheel is not None:
+        wheel = staging / opts.wheel.name
+        shutil.copy2(opts.wheel, wheel)
+        say(f"agent: using the wheel {opts.wheel}")
+    else:
+        t0 = time.perf_counter()
+        wheel = build_wheel(staging)
+        say(f"agent: built {wheel.name} from {project_root()} ({time.perf_counter() - t0:.1f} s)")
+    version = wheel_version(wheel)
+    files["agent"].append(wheel.name)
     # the data
     data_dir: str | None = None
     if opts.config is not None:
@@ -413,6 +416,7 @@ def build_bundle(opts: FlashOptions, staging: Path, user: str, say: Say) -> Bund
     text = unit_text(opts, argv, user)
     (staging / UNIT_NAME).write_text(text)
     files["unit"].append(UNIT_NAME)
+    say(f"unit: {UNIT_NAME} (as {user}, Restart=on-failure): ExecStart={' '.join(systemd_quote(a) for a in argv)}")
     digests = {"agent": zip_digest(wheel)}
     for component in ("credentials", "data", "unit"):
         digests[component] = _digest_files([staging / n for n in files[component]]) if files[component] else ""
@@ -533,15 +537,16 @@ def install_script(opts: FlashOptions, bundle: Bundle, incoming: str, changed: l
         lines.append(f"find {h}/wheels -name '*.whl' ! -name {q(bundle.wheel.name)} -delete")
         lines.append(f"install -m 644 {inc}/{q(bundle.wheel.name)} {wheel}")
         flags = " --system-site-packages" if opts.system_site_packages else ""
-        lines.append(f"[ -x {h}/venv/bin/python ] || {q(opts.python)} -m venv{flags} {h}/venv")
+        venv = f"{q(opts.python)} -m venv{flags} {h}/venv"
         if opts.site_packages:
             site = f'"$({h}/venv/bin/python -c \'import sysconfig; print(sysconfig.get_paths()["purelib"])\')"'
-            lines.append(f"printf '%s\\n' {' '.join(q(s) for s in opts.site_packages)} > {site}/harmony-base.pth")
-        # the project itself replaced even at an equal version (in place: the same venv), then its
-        # [agent] dependencies brought in line (pip installs only what is missing or of another version)
-        lines.append(f"{pip} --force-reinstall --no-deps {wheel}")
-        lines.append(f"{pip} {wheel}'[agent]'")
-        lines.append(f"{h}/venv/bin/python -c 'import edge_agent, paho.mqtt, torch; from importlib import metadata; "
+            venv += f" && printf '%s\\n' {' '.join(q(s) for s in opts.site_packages)} > {site}/harmony-base.pth"
+        # a fresh venv: the wheel with its [agent] dependencies; an existing one (in place): the
+        # project replaced even at an equal version, then its dependencies brought in line (pip
+        # installs only what is missing or of another version)
+        lines.append(f"if [ -x {h}/venv/bin/python ]; then {pip} --force-reinstall --no-deps {wheel} && "
+                     f"{pip} {wheel}'[agent]'; else {venv} && {pip} {wheel}'[agent]'; fi")
+        lines.append(f"{h}/venv/bin/python -c 'import edge_agent.agent; from importlib import metadata; "
                      f"print(\"installed harmony-testbed\", metadata.version(\"harmony-testbed\"))'")
     if "unit" in changed:
         lines.append(f"install -m 644 {inc}/{UNIT_NAME} {q(str(opts.unit_path))}")
@@ -566,24 +571,25 @@ def flash(opts: FlashOptions, say: Say | None = None) -> FlashReport:
     for tool in ("ssh", "scp"):
         if shutil.which(tool) is None:
             raise FlashError(f"`{tool}` is not installed here (Debian: apt-get install openssh-client)")
-    step(f"read the board's state: {shlex.join(opts.target.ssh('…'))}")
-    board = probe_board(opts)
-    if not board.reachable:
-        if not opts.dry_run:
-            raise FlashError(f"cannot reach {opts.target.login} port {opts.target.port} over SSH: {board.error}. "
-                             "Check the address, that sshd runs there and that your key is in the board's "
-                             "~/.ssh/authorized_keys (ssh-copy-id), then try again")
-        say(f"[dry-run] {opts.target.login} is not reachable ({board.error}); showing the steps for a fresh board")
-    else:
-        _check_board(opts, board)
     user = opts.run_as or opts.target.user
-    sudo = board.reachable and board.uid != 0 and str(opts.root) == "/"
     with tempfile.TemporaryDirectory(prefix="harmony-bundle-") as tmp:
         staging = Path(tmp)
-        bundle = build_bundle(opts, staging, user, say)
+        bundle = build_bundle(opts, staging, user, say)  # first: a missing credential fails before any SSH
         for note in bundle.notes:
             say(f"note: {note}")
         _footprint_warning(opts, say)
+        step(f"read the board's state: {shlex.join(opts.target.ssh('…'))}")
+        board = probe_board(opts)
+        if not board.reachable:
+            if not opts.dry_run:
+                raise FlashError(f"cannot reach {opts.target.login} port {opts.target.port} over SSH: {board.error}. "
+                                 "Check the address, that sshd runs there and that your key is in the board's "
+                                 "~/.ssh/authorized_keys (ssh-copy-id), then try again")
+            say(f"[dry-run] {opts.target.login} is not reachable ({board.error}); showing the steps for a fresh "
+                "board")
+        else:
+            _check_board(opts, board)
+        sudo = board.reachable and board.uid != 0 and str(opts.root) == "/"
         installed = board.installed if board.reachable else None
         changed = _changed(opts, bundle, installed)
         service = _service_kind(opts, board)

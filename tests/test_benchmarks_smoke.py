@@ -88,3 +88,15 @@ def test_sim_fleet_scale_smoke():
         assert size["participants"] == 10 and size["sessions_timed"] == 10
         assert size["rounds_per_s"] > 0 and size["peak_rss_mb"] >= size["rss_mb"] * 0.9
     assert "idle_device_kb" in result
+
+
+def test_agent_footprint_smoke():
+    """One agent, one tiny cnn8 device, a real session on a local stack; a venv with the agent extra."""
+    proc = subprocess.run([sys.executable, "benchmarks/agent_footprint.py", "--smoke"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["bench"] == "agent_footprint"
+    assert 0 < result["idle_rss_mib"] <= result["peak_rss_mib"] and result["loaded_rss_mib"] <= result["peak_rss_mib"]
+    assert result["session_s"] > 0 and 0 <= result["accuracy_rho0"] <= 100
+    assert "harmony-testbed" in result["distributions"] and result["celery_or_redis"] == []
