@@ -11,12 +11,15 @@ APT_STAMP := .venv-apt-checked
 
 setup: system-deps $(STAMP)
 
-# Install through apt-get only what is missing: the Fashion-MNIST files, mosquitto, redis-server.
+# Install through apt-get only what is missing: the Fashion-MNIST files, mosquitto, redis-server, and
+# openssh-server/-client (tests/test_flash.py flashes a "board" behind a real sshd with ssh and scp).
 system-deps:
 	@missing=""; \
 	[ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || missing="$$missing dataset-fashion-mnist"; \
 	command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || missing="$$missing mosquitto"; \
 	command -v redis-server >/dev/null || [ -x /usr/bin/redis-server ] || missing="$$missing redis-server"; \
+	[ -x /usr/sbin/sshd ] || missing="$$missing openssh-server"; \
+	command -v ssh >/dev/null && command -v scp >/dev/null || missing="$$missing openssh-client"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing with apt-get:$$missing"; \
 	  $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
@@ -43,6 +46,7 @@ bench: setup
 	$(BIN)/python benchmarks/engine_throughput.py --algorithm harmony
 	$(BIN)/python benchmarks/speed_options.py
 	$(BIN)/python benchmarks/distributed_overhead.py
+	$(BIN)/python benchmarks/agent_footprint.py
 	$(BIN)/python benchmarks/reproduce_fmnist.py --scale paper --project
 
 # The documented reduced-scale CPU reproduction of the paper's Table 2 (6 algorithms x 3 seeds),

@@ -589,7 +589,8 @@ def flash(opts: FlashOptions, say: Say | None = None) -> FlashReport:
                 "board")
         else:
             _check_board(opts, board)
-        sudo = board.reachable and board.uid != 0 and str(opts.root) == "/"
+        # system paths as a user other than root: through sudo (assumed so for an unreachable board)
+        sudo = str(opts.root) == "/" and (board.uid != 0 if board.reachable else opts.target.user != "root")
         installed = board.installed if board.reachable else None
         changed = _changed(opts, bundle, installed)
         service = _service_kind(opts, board)
