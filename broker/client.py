@@ -67,6 +67,22 @@ class TlsSettings:
     keyfile: str | Path | None = None
 
 
+def tls_settings(cafile: str | Path | None, certfile: str | Path | None = None,
+                 keyfile: str | Path | None = None) -> TlsSettings | None:
+    """``TlsSettings`` from ``--cafile/--certfile/--keyfile`` (None without a CA file); ``ValueError``
+    names a missing file or a lone certificate or key."""
+    if cafile is None:
+        if certfile is not None or keyfile is not None:
+            raise ValueError("--certfile/--keyfile need --cafile (the CA that signed the broker's certificate)")
+        return None
+    if (certfile is None) != (keyfile is None):
+        raise ValueError("--certfile and --keyfile go together (the client certificate and its key)")
+    for flag, path in (("--cafile", cafile), ("--certfile", certfile), ("--keyfile", keyfile)):
+        if path is not None and not Path(path).is_file():
+            raise ValueError(f"{flag} {path}: no such file (`harmony certs` and `harmony fleet add ID` write them)")
+    return TlsSettings(cafile, certfile, keyfile)
+
+
 @dataclass(eq=False)
 class InboundMessage:
     """One received PUBLISH, as paho handed it over (payload still encoded)."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from broker.client import TlsSettings
+from broker.client import TlsSettings, tls_settings
 from broker.topics import Topics
 from edge_agent.agent import Agent, Credentials, device_path
 from edge_agent.logs import LOG_LEVELS, configure_logging, parse_log_level
@@ -39,24 +39,16 @@ def read_credentials(path: Path | None, device_ids: list[str]) -> dict[str, Cred
     return out
 
 
-def tls_settings(cafile: Path | None, certfile: Path | None, keyfile: Path | None,
-                 device_ids: list[str] | None = None) -> TlsSettings | None:
+def agent_tls(cafile: Path | None, certfile: Path | None, keyfile: Path | None,
+              device_ids: list[str] | None = None) -> TlsSettings | None:
     """The agent's TLS settings from its flags (None without ``--cafile``); ``ValueError`` names a
     missing file or a lone ``--certfile``/``--keyfile``. ``{device}`` in ``--certfile``/``--keyfile``
     stands for each hosted device's id (one process emulating several devices, each with its own
     certificate: ``--certfile DIR/devices/{device}/client.crt``)."""
-    if cafile is None:
-        if certfile is not None or keyfile is not None:
-            raise ValueError("--certfile/--keyfile need --cafile (the CA that signed the broker's certificate)")
-        return None
-    if (certfile is None) != (keyfile is None):
-        raise ValueError("--certfile and --keyfile go together (the device's client certificate and its key)")
-    for flag, path in (("--cafile", cafile), ("--certfile", certfile), ("--keyfile", keyfile)):
-        for dev in device_ids or [""]:
-            if path is not None and not device_path(path, dev).is_file():
-                raise ValueError(f"{flag} {device_path(path, dev)}: no such file (`harmony fleet add ID` "
-                                 "writes DIR/devices/ID/)")
-    return TlsSettings(cafile, certfile, keyfile)
+    for dev in device_ids or [""]:
+        tls_settings(cafile, None if certfile is None else device_path(certfile, dev),
+                     None if keyfile is None else device_path(keyfile, dev))
+    return None if cafile is None else TlsSettings(cafile, certfile, keyfile)
 
 
 def _log_level_arg(text: str) -> str:
@@ -90,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     configure_logging(args.log_level)
     host, port = parse_broker(args.broker)
     try:
-        tls = tls_settings(args.cafile, args.certfile, args.keyfile, args.device_id)
+        tls = agent_tls(args.cafile, args.certfile, args.keyfile, args.device_id)
     except ValueError as err:
         ap.error(str(err))
     Agent(host, port, args.device_id, topics=Topics(args.topic_prefix),

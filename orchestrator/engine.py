@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from broker.client import TlsSettings
 from broker.topics import Topics
 from harmony.config import ExperimentConfig
 from harmony.engine import Engine
@@ -28,11 +29,12 @@ class DistributedEngine(Engine):
 
     def __init__(self, cfg: ExperimentConfig, out_dir: str | Path | None = None, progress: ProgressFn | None = None,
                  *, mqtt: tuple[str, int], redis_url: str, topics: Topics | None = None,
-                 username: str | None = None, password: str | None = None, devices_timeout_s: float = 120.0,
+                 username: str | None = None, password: str | None = None, tls: TlsSettings | None = None,
+                 devices_timeout_s: float = 120.0,
                  round_timeout_s: float = ROUND_TIMEOUT_S, data_dir: str | None = None) -> None:
         experiment = Experiment.plan(cfg, data_dir)
         fleet = MqttCeleryFleet(experiment, mqtt=mqtt, redis_url=redis_url, topics=topics, username=username,
-                                password=password, devices_timeout_s=devices_timeout_s,
+                                password=password, tls=tls, devices_timeout_s=devices_timeout_s,
                                 round_timeout_s=round_timeout_s)
         super().__init__(experiment, fleet, out_dir, progress)
         self.device_ids = fleet.device_ids

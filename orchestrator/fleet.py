@@ -40,7 +40,7 @@ from typing import Any
 from celery.result import AsyncResult
 
 from broker.blobs import sha256_hex, split_blob, state_dict_to_bytes
-from broker.client import BrokerClient, PendingPublish, wait_all
+from broker.client import BrokerClient, PendingPublish, TlsSettings, wait_all
 from broker.errors import BrokerError
 from broker.schemas import Assign, Cancel, EvalReport, Evaluate, Personalise, RoundStart
 from broker.topics import Topics
@@ -80,7 +80,8 @@ class MqttCeleryFleet:
 
     def __init__(self, experiment: Experiment, *, mqtt: tuple[str, int], redis_url: str,
                  topics: Topics | None = None, username: str | None = None, password: str | None = None,
-                 devices_timeout_s: float = 120.0, round_timeout_s: float = ROUND_TIMEOUT_S) -> None:
+                 tls: TlsSettings | None = None, devices_timeout_s: float = 120.0,
+                 round_timeout_s: float = ROUND_TIMEOUT_S) -> None:
         self.experiment = experiment
         self.cfg = experiment.cfg
         self.progress: ProgressFn = lambda event, **fields: None
@@ -95,7 +96,7 @@ class MqttCeleryFleet:
                         "within a round; lower HSFL_VISIBILITY_S or raise --round-timeout", round_timeout_s,
                         redelivery_bound_s())
         self.mqtt = BrokerClient(f"orchestrator-{uuid.uuid4().hex[:8]}", mqtt[0], mqtt[1], username=username,
-                                 password=password, topics=self.topics, clean_start=True, session_expiry_s=0,
+                                 password=password, tls=tls, topics=self.topics, clean_start=True, session_expiry_s=0,
                                  reconnect_min_delay_s=0.2, reconnect_max_delay_s=5.0)
         self.mqtt.connect()
         self._connects = self.mqtt.connect_count  # a change: the broker was away (republish, _after_reconnect)

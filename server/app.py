@@ -6,6 +6,7 @@ same code at their own services::
     HSFL_REDIS_URL        redis://127.0.0.1:6379/0   broker, result backend and round state
     HSFL_MQTT             127.0.0.1:1883             the Mosquitto the session tasks talk through
     HSFL_MQTT_USER/…PASSWORD                         the server's broker credentials (optional)
+    HSFL_MQTT_CAFILE/…CERTFILE/…KEYFILE              TLS: the broker's CA, the ``server`` client certificate
     HSFL_TOPIC_PREFIX     hsfl/v1
     HSFL_VISIBILITY_S     120    how long before an unacknowledged task is redelivered
     HSFL_RESTORE_INTERVAL_S 10   how often a worker looks for such tasks (see below)

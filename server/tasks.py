@@ -32,7 +32,7 @@ import torch
 from celery import Task
 
 from broker.blobs import read_session_upload
-from broker.client import BrokerClient, Subscription
+from broker.client import BrokerClient, Subscription, TlsSettings
 from broker.codec import Envelope, check_origin, error_report
 from broker.errors import ConnectRefused, WireError
 from broker.schemas import InferReply
@@ -66,6 +66,19 @@ def mqtt_settings() -> tuple[str, int, str | None, str | None, Topics]:
             Topics(os.environ.get("HSFL_TOPIC_PREFIX", "hsfl/v1")))
 
 
+def mqtt_tls() -> TlsSettings | None:
+    """TLS of the workers' broker connections: ``HSFL_MQTT_CAFILE`` (the CA of the broker's certificate;
+    TLS is on when it is set), ``HSFL_MQTT_CERTFILE``/``HSFL_MQTT_KEYFILE`` (the ``server`` client
+    certificate the broker's service listener asks for, docs/security.md)."""
+    cafile = os.environ.get("HSFL_MQTT_CAFILE")
+    certfile, keyfile = os.environ.get("HSFL_MQTT_CERTFILE"), os.environ.get("HSFL_MQTT_KEYFILE")
+    if not cafile:
+        if certfile or keyfile:
+            raise ValueError("HSFL_MQTT_CERTFILE/HSFL_MQTT_KEYFILE need HSFL_MQTT_CAFILE (the CA of the broker)")
+        return None
+    return TlsSettings(cafile, certfile or None, keyfile or None)
+
+
 CONNECT_TRY_S = 10.0
 """How long one connection attempt of a task waits for its CONNACK before it tries again."""
 
@@ -80,8 +93,8 @@ def connect_task_client(client_id: str, deadline: float) -> BrokerClient:
     attempt = 0
     while True:
         name = client_id if attempt == 0 else f"{client_id}-r{attempt}"
-        client = BrokerClient(name, host, port, username=user, password=password, topics=topics, clean_start=True,
-                              session_expiry_s=0)
+        client = BrokerClient(name, host, port, username=user, password=password, tls=mqtt_tls(), topics=topics,
+                              clean_start=True, session_expiry_s=0)
         try:
             client.connect(timeout=CONNECT_TRY_S)
             return client

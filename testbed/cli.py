@@ -87,6 +87,22 @@ def _broker_address(broker: str) -> tuple[str, int]:
     return host or "127.0.0.1", int(port)
 
 
+def _broker_login(username: str | None, password: str | None, credentials: Path | None
+                  ) -> tuple[str | None, str | None]:
+    """(user, password) from ``--username``/``--password`` or ``--credentials FILE`` (``user:password``)."""
+    from broker.client import read_login
+
+    if credentials is not None:
+        if username is not None or password is not None:
+            raise ValueError("give --credentials FILE or --username/--password, not both")
+        if not credentials.is_file():
+            raise ValueError(f"--credentials {credentials}: no such file")
+        return read_login(credentials)
+    if password is not None and username is None:
+        raise ValueError("--password needs --username")
+    return username, password
+
+
 def _fail(err: Exception) -> None:
     console.print(f"[red]error:[/red] {err}")
     raise typer.Exit(2) from None
@@ -108,6 +124,17 @@ def run(
     redis: Annotated[str | None, typer.Option("--redis", help="Redis URL of that fleet's Celery workers, "
                                               "e.g. redis://host:6379/0")] = None,
     topic_prefix: Annotated[str, typer.Option("--topic-prefix", help="MQTT topic prefix of the fleet")] = "hsfl/v1",
+    username: Annotated[str | None, typer.Option("--username", help="broker user name (with --broker)")] = None,
+    password: Annotated[str | None, typer.Option("--password", envvar="HARMONY_MQTT_PASSWORD", show_envvar=True,
+                                                 help="broker password (with --broker; prefer the environment "
+                                                 "variable or --credentials)")] = None,
+    credentials: Annotated[Path | None, typer.Option("--credentials", help="file with the broker login as "
+                                                     "user:password (with --broker)")] = None,
+    cafile: Annotated[Path | None, typer.Option("--cafile", help="CA of the broker's certificate: TLS on "
+                                                "(with --broker)")] = None,
+    certfile: Annotated[Path | None, typer.Option("--certfile", help="client certificate the broker asks for "
+                                                  "(its service listener: DIR/services/orchestrator.crt)")] = None,
+    keyfile: Annotated[Path | None, typer.Option("--keyfile", help="the client certificate's key")] = None,
     devices_timeout: Annotated[float, typer.Option("--devices-timeout", min=1, help="seconds to wait for "
                                                    "fleet.num_clients devices to register")] = 120.0,
     round_timeout: Annotated[float, typer.Option("--round-timeout", min=1, help="deadline of one round, "
@@ -126,10 +153,17 @@ def run(
             _fail(ValueError("--broker and --redis go together: the MQTT broker and the Redis of the same fleet"))
         try:
             mqtt = _broker_address(broker)
+            login = _broker_login(username, password, credentials)
+            from broker.client import tls_settings
+
+            tls = tls_settings(cafile, certfile, keyfile)
         except ValueError as err:
             _fail(err)
-        fleet = {"mqtt": mqtt, "redis_url": redis, "topic_prefix": topic_prefix,
+        fleet = {"mqtt": mqtt, "redis_url": redis, "topic_prefix": topic_prefix, "login": login, "tls": tls,
                  "devices_timeout_s": devices_timeout, "round_timeout_s": round_timeout}
+    elif any(v is not None for v in (username, password, credentials, cafile, certfile, keyfile)):
+        _fail(ValueError("--username/--password/--credentials/--cafile/--certfile/--keyfile go with --broker "
+                         "(a `harmony up` stack's own credentials are found in --stack)"))
     cfg = _load(config, set_)
     try:
         with RoundProgress() as progress:
@@ -247,22 +281,33 @@ def _run_distributed(cfg: Any, out: Path, progress: Any, stack_dir: Path, resume
 
     from broker.topics import Topics
     from orchestrator.engine import DistributedEngine
-    from testbed.stack import LocalStack, load_stack, stack_running
+    from testbed.stack import LocalStack, load_stack, redact_url, stack_running
 
     if fleet is not None:
         import redis
 
         try:
+            user, password = fleet["login"]
             engine = DistributedEngine(cfg, out, progress, mqtt=fleet["mqtt"], redis_url=fleet["redis_url"],
-                                       topics=Topics(fleet["topic_prefix"]),
+                                       topics=Topics(fleet["topic_prefix"]), username=user, password=password,
+                                       tls=fleet["tls"],
                                        devices_timeout_s=fleet["devices_timeout_s"],
                                        round_timeout_s=fleet["round_timeout_s"])
             try:
                 return engine.run(resume=resume)
             finally:
                 engine.close()
+        except redis.exceptions.AuthenticationError as err:
+            raise RuntimeError(f"--redis {redact_url(fleet['redis_url'])}: {err}; give the Redis user and password "
+                               "in the URL, redis://harmony:PASSWORD@HOST:PORT/0") from err
+        except redis.exceptions.ResponseError as err:
+            if "NOAUTH" not in str(err) and "WRONGPASS" not in str(err):
+                raise
+            raise RuntimeError(f"--redis {redact_url(fleet['redis_url'])}: {err}; give the Redis user and password "
+                               "in the URL, redis://harmony:PASSWORD@HOST:PORT/0") from err
         except redis.exceptions.ConnectionError as err:
-            raise RuntimeError(f"--redis {fleet['redis_url']}: {err}; is the fleet's Redis running there?") from err
+            raise RuntimeError(f"--redis {redact_url(fleet['redis_url'])}: {err}; is the fleet's Redis running "
+                               "there?") from err
     own = None
     if stack_running(stack_dir):
         info = load_stack(stack_dir)
@@ -279,8 +324,9 @@ def _run_distributed(cfg: Any, out: Path, progress: Any, stack_dir: Path, resume
         info = own.start(agents=agents, devices_per_agent=4)
     try:
         user, password = info.orchestrator_login()
-        engine = DistributedEngine(cfg, out, progress, mqtt=info.mqtt, redis_url=info.redis_url, username=user,
-                                   password=password, devices_timeout_s=timeouts[0], round_timeout_s=timeouts[1])
+        engine = DistributedEngine(cfg, out, progress, mqtt=info.service_mqtt, redis_url=info.redis_url,
+                                   username=user, password=password, tls=info.service_tls("orchestrator"),
+                                   devices_timeout_s=timeouts[0], round_timeout_s=timeouts[1])
         try:
             return engine.run(resume=resume)
         finally:
@@ -354,6 +400,10 @@ def up(
                                        "RUN_DIR/credentials)")] = False,
     torch_threads: Annotated[int | None, typer.Option("--torch-threads", min=1, help="torch threads of the worker "
                                                       "and agent processes (default: one per core each)")] = None,
+    tls: Annotated[bool, typer.Option("--tls", help="TLS on the broker (MQTT v5), client certificates for the "
+                                      "devices; implies --auth (docs/security.md)")] = False,
+    profile: Annotated[str, typer.Option("--profile", help="development, or production: refuses plaintext "
+                                         "listeners (needs --tls)")] = "development",
 ) -> None:
     """Start a local stack: mosquitto, redis-server, a Celery worker, the orchestrator, N agents."""
     from testbed.stack import LocalStack, stack_running
@@ -361,14 +411,19 @@ def up(
     if stack_running(run_dir):
         _fail(RuntimeError(f"a stack already runs from {run_dir}; `harmony down --run-dir {run_dir}` first"))
     try:
+        if profile == "production" and not tls:
+            raise ValueError("--profile production refuses plaintext listeners: add --tls")
         info = LocalStack(run_dir).start(agents=agents, devices_per_agent=devices_per_agent,
-                                         worker_concurrency=concurrency, auth=auth, torch_threads=torch_threads)
-    except (RuntimeError, OSError) as err:
+                                         worker_concurrency=concurrency, auth=auth, torch_threads=torch_threads,
+                                         tls=tls, profile=profile)
+    except (RuntimeError, OSError, ValueError) as err:
         _fail(err)
-    out_console.print(f"mqtt 127.0.0.1:{info.mqtt_port}  redis {info.redis_url}  devices {len(info.devices)}")
+    out_console.print(f"mqtt 127.0.0.1:{info.mqtt_port}{' (TLS)' if info.tls else ''}  "
+                      f"redis {info.redis_url_redacted}  devices {len(info.devices)}")
     out_console.print(f"processes {info.pids}; logs in {run_dir}")
-    if auth:
-        out_console.print(f"broker authentication on; credentials in {run_dir / 'credentials'}")
+    if info.store is not None:
+        out_console.print(f"broker authentication on (services: 127.0.0.1:{info.service_port}, TLS with client "
+                          f"certificates); credentials in {info.store}")
 
 
 @app.command()
@@ -484,6 +539,8 @@ def certs(
     try:
         ca = store.ensure_ca()
         cert, key = store.broker_certificate(list(host or []))
+        for name in ("server", "orchestrator"):  # what the broker's service listener asks for
+            store.service_certificate(name)
         for d in device or []:
             store.add_device(d, tls=True)
         passwd, acl = store.write_broker_files()
@@ -500,10 +557,26 @@ def fleet_add(
     tls: Annotated[bool, typer.Option("--tls/--no-tls", help="also a client certificate signed by the store's "
                                       "CA")] = True,
     rotate: Annotated[bool, typer.Option("--rotate", help="replace the device's password and certificate")] = False,
+    stack_dir: Annotated[Path | None, typer.Option("--stack", help="add the device to this running `harmony up "
+                                                   "--auth/--tls` stack (its store; its broker reloads)")] = None,
 ) -> None:
     """Create a device's credentials (password, and a client certificate with TLS) in the store."""
-    from testbed.credentials import CredentialError, CredentialStore
+    import os
+    import signal
 
+    from testbed.credentials import CredentialError, CredentialStore
+    from testbed.stack import load_stack, stack_running
+
+    info = None
+    if stack_dir is not None:
+        try:
+            info = load_stack(stack_dir)
+        except FileNotFoundError as err:
+            _fail(err)
+        if info.store is None:
+            _fail(ValueError(f"the stack in {stack_dir} runs without authentication; start it with "
+                             "`harmony up --auth` or `--tls`"))
+        store_dir, tls = Path(info.store), info.tls
     store = CredentialStore(store_dir)
     try:
         creds = store.add_device(device_id, tls=tls, rotate=rotate)
@@ -514,6 +587,10 @@ def fleet_add(
     files = ", ".join(p.name for p in (folder / "password", creds.ca_file, creds.cert_file, creds.key_file)
                       if p is not None)
     out_console.print(f"device {device_id}: {folder} ({files}); broker files updated in {store_dir}")
+    if info is not None and stack_dir is not None and stack_running(stack_dir):
+        os.kill(info.pids["mosquitto"], signal.SIGHUP)  # mosquitto reloads its password file and ACL
+        out_console.print(f"the broker of {stack_dir} reloaded its password file: the device may connect to "
+                          f"127.0.0.1:{info.mqtt_port}")
 
 
 @fleet_app.command("plan")
@@ -619,12 +696,14 @@ def _measured_decisions(experiment: Any, broker: str | None, stack_dir: Path | N
 
     if stack_dir is not None:
         info = load_stack(stack_dir)
-        (host, port), (username, password) = info.mqtt, info.orchestrator_login()
+        (host, port), (username, password) = info.service_mqtt, info.orchestrator_login()
+        tls = info.service_tls("orchestrator")
     else:
         assert broker is not None
         host, port = _broker_address(broker)
+        tls = None
     client = BrokerClient(f"fleet-plan-{uuid.uuid4().hex[:8]}", host, port, username=username, password=password,
-                          topics=Topics(topic_prefix), clean_start=True, session_expiry_s=0)
+                          tls=tls, topics=Topics(topic_prefix), clean_start=True, session_expiry_s=0)
     client.connect()
     try:
         n = experiment.num_clients

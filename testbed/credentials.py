@@ -10,8 +10,10 @@ certificate, the service passwords, and the broker's and Redis's files generated
     DIR/devices/ID/ca.crt, client.crt, client.key (0600)   with TLS: the CA and the device's client
                                              certificate (CN = device id, clientAuth)
     DIR/services/NAME.password (0600)        ``server`` (Celery workers), ``orchestrator``, ``redis``
+    DIR/services/ca.crt, ca.key (0600)       the services CA: signs only the services' client certificates
+    DIR/services/NAME.crt, NAME.key (0600)   ``server``'s and ``orchestrator``'s client certificates, which the
+                                             broker's service listener asks for (docs/security.md)
     DIR/mosquitto.passwd (0600)              every device and the two service users (mosquitto $7$ hashes)
-    DIR/mosquitto-services.passwd (0600)     the service users only (the broker's service listener)
     DIR/mosquitto.acl (0600)                 the per-device ACL of ``broker.mosquitto.render_acl``
     DIR/redis.acl (0600)                     Redis ACL: ``default`` off, user ``harmony`` (password hashed)
 
@@ -113,12 +115,16 @@ class CredentialStore:
         return self.root / "ca.key"
 
     @property
-    def password_file(self) -> Path:
-        return self.root / "mosquitto.passwd"
+    def service_ca_file(self) -> Path:
+        return self.root / "services" / "ca.crt"
 
     @property
-    def service_password_file(self) -> Path:
-        return self.root / "mosquitto-services.passwd"
+    def service_ca_key_file(self) -> Path:
+        return self.root / "services" / "ca.key"
+
+    @property
+    def password_file(self) -> Path:
+        return self.root / "mosquitto.passwd"
 
     @property
     def acl_file(self) -> Path:
@@ -136,24 +142,35 @@ class CredentialStore:
         self.root.chmod(0o700)
 
     # ------------------------------------------------------------------------------ CA
-    def _load_ca(self) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-        self.ensure_ca()
-        cert = x509.load_pem_x509_certificate(self.ca_file.read_bytes())
-        key = serialization.load_pem_private_key(self.ca_key_file.read_bytes(), password=None)
+    def _load_ca(self, services: bool = False) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+        ca_file = self.ensure_service_ca() if services else self.ensure_ca()
+        key_file = self.service_ca_key_file if services else self.ca_key_file
+        cert = x509.load_pem_x509_certificate(ca_file.read_bytes())
+        key = serialization.load_pem_private_key(key_file.read_bytes(), password=None)
         assert isinstance(key, ec.EllipticCurvePrivateKey)
         return cert, key
 
     def ensure_ca(self) -> Path:
         """DIR/ca.crt (and DIR/ca.key, 0600), made on the first call and kept afterwards."""
-        if self.ca_file.is_file() and self.ca_key_file.is_file():
-            return self.ca_file
-        if self.ca_file.exists() != self.ca_key_file.exists():
-            raise CredentialError(f"{self.root}: one of ca.crt/ca.key is missing; restore it, or remove both "
-                                  "(and every certificate they signed) and run `harmony certs` again")
+        return self._ensure_ca(self.ca_file, self.ca_key_file, "harmony-testbed CA")
+
+    def ensure_service_ca(self) -> Path:
+        """DIR/services/ca.crt (+ ca.key): a second CA that signs only the services' client certificates,
+        so that the broker's service listener (``require_certificate``, this CA) admits no device."""
+        return self._ensure_ca(self.service_ca_file, self.service_ca_key_file, "harmony-testbed services CA")
+
+    def _ensure_ca(self, ca_file: Path, ca_key_file: Path, title: str) -> Path:
+        if ca_file.is_file() and ca_key_file.is_file():
+            return ca_file
+        if ca_file.exists() != ca_key_file.exists():
+            raise CredentialError(f"{ca_file.parent}: one of {ca_file.name}/{ca_key_file.name} is missing; restore "
+                                  "it, or remove both (and every certificate they signed) and run `harmony certs` "
+                                  "again")
         self._mkroot()
+        ca_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         key = ec.generate_private_key(ec.SECP256R1())
         name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "harmony-testbed"),
-                          x509.NameAttribute(NameOID.COMMON_NAME, f"harmony-testbed CA {secrets.token_hex(4)}")])
+                          x509.NameAttribute(NameOID.COMMON_NAME, f"{title} {secrets.token_hex(4)}")])
         now = datetime.datetime.now(datetime.timezone.utc)
         cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
                 .serial_number(x509.random_serial_number())
@@ -166,14 +183,14 @@ class CredentialStore:
                                              decipher_only=False), critical=True)
                 .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
                 .sign(key, hashes.SHA256()))
-        _write_private(self.ca_key_file, _key_pem(key))
-        _write_public(self.ca_file, cert.public_bytes(serialization.Encoding.PEM))
-        log.info("made a CA in %s", self.ca_file)
-        return self.ca_file
+        _write_private(ca_key_file, _key_pem(key))
+        _write_public(ca_file, cert.public_bytes(serialization.Encoding.PEM))
+        log.info("made a CA in %s", ca_file)
+        return ca_file
 
     def _issue(self, common_name: str, san: list[x509.GeneralName], usage: x509.ObjectIdentifier,
-               cert_path: Path, key_path: Path) -> None:
-        ca_cert, ca_key = self._load_ca()
+               cert_path: Path, key_path: Path, *, services: bool = False) -> None:
+        ca_cert, ca_key = self._load_ca(services)
         key = ec.generate_private_key(ec.SECP256R1())
         now = datetime.datetime.now(datetime.timezone.utc)
         cert = (x509.CertificateBuilder()
@@ -197,12 +214,12 @@ class CredentialStore:
         _write_private(key_path, _key_pem(key))
         _write_public(cert_path, cert.public_bytes(serialization.Encoding.PEM))
 
-    def _signed_by_ca(self, cert_path: Path) -> x509.Certificate | None:
-        """The certificate at ``cert_path`` if it exists and this store's CA issued it, else None."""
+    def _signed_by_ca(self, cert_path: Path, ca_file: Path | None = None) -> x509.Certificate | None:
+        """The certificate at ``cert_path`` if it exists and this store's CA (or ``ca_file``) issued it."""
         if not cert_path.is_file():
             return None
         cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
-        ca = x509.load_pem_x509_certificate(self.ca_file.read_bytes())
+        ca = x509.load_pem_x509_certificate((ca_file or self.ca_file).read_bytes())
         try:
             cert.verify_directly_issued_by(ca)
         except (InvalidSignature, ValueError, TypeError):
@@ -246,7 +263,8 @@ class CredentialStore:
         self._check_device_id(device_id)
         self._mkroot()
         folder = self.device_dir(device_id)
-        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        folder.parent.mkdir(exist_ok=True, mode=0o700)
+        folder.mkdir(exist_ok=True, mode=0o700)
         password_path = folder / "password"
         if rotate or not password_path.is_file():
             _write_private(password_path, (secrets.token_urlsafe(24) + "\n").encode())
@@ -293,6 +311,18 @@ class CredentialStore:
             _write_private(path, (secrets.token_urlsafe(24) + "\n").encode())
         return path.read_text().strip()
 
+    def service_certificate(self, name: str) -> tuple[Path, Path]:
+        """DIR/services/NAME.crt and NAME.key (0600): the client certificate (CN = ``name``, signed by the
+        services CA) that ``server`` or ``orchestrator`` presents on the broker's service listener."""
+        if name not in ("server", "orchestrator"):
+            raise CredentialError(f"service certificate {name!r}: expected server or orchestrator")
+        cert_path, key_path = self.root / "services" / f"{name}.crt", self.root / "services" / f"{name}.key"
+        self.ensure_service_ca()
+        if not key_path.is_file() or self._signed_by_ca(cert_path, self.service_ca_file) is None:
+            self._issue(name, [x509.UniformResourceIdentifier(f"urn:harmony-testbed:service:{name}")],
+                        ExtendedKeyUsageOID.CLIENT_AUTH, cert_path, key_path, services=True)
+        return cert_path, key_path
+
     def redis_url(self, host: str = "127.0.0.1", port: int = 6379, db: int = 0) -> str:
         """``redis://harmony:PASSWORD@host:port/db`` (a secret: never log it)."""
         return f"redis://{REDIS_USER}:{self.service_password('redis')}@{host}:{port}/{db}"
@@ -300,12 +330,11 @@ class CredentialStore:
     # ------------------------------------------------------------------------------ generated files
     def write_broker_files(self) -> tuple[Path, Path]:
         """DIR/mosquitto.passwd (every device and the ``server``/``orchestrator`` users), DIR/mosquitto.acl
-        (the per-device ACL), DIR/mosquitto-services.passwd (the service users only) and DIR/redis.acl."""
+        (the per-device ACL) and DIR/redis.acl."""
         self._mkroot()
         services = {name: self.service_password(name) for name in ("server", "orchestrator")}
         users = {**{d: self.device(d).password for d in self.devices()}, **services}
         write_password_file(self.password_file, users)
-        write_password_file(self.service_password_file, services)
         _write_private(self.acl_file, render_acl(servers=["server"], orchestrators=["orchestrator"]).encode())
         self.write_redis_acl()
         return self.password_file, self.acl_file

@@ -11,18 +11,23 @@ Mosquitto runs with persistence in ``{run_dir}/mosquitto`` (saved on SIGTERM and
 kill -9 the agents announce their ``hello`` and status again when they reconnect.
 
 With ``auth=True`` (``harmony up --auth``) the broker refuses anonymous clients and confines
-each device to its own topics: a random password per device, for the Celery worker (user
-``server``) and for the orchestrator (user ``orchestrator``), written as mosquitto's password
-file and the ACL of ``broker.mosquitto.render_acl``. Each agent reads its devices' passwords from
+each device to its own topics: the stack's credential store (``testbed.credentials``) in
+``{run_dir}/credentials`` holds a random password per device, for the Celery worker (user
+``server``) and for the orchestrator (user ``orchestrator``), mosquitto's password file and the
+ACL of ``broker.mosquitto.render_acl``. Each agent reads its devices' passwords from
 ``credentials/agent-{k}.txt`` (``--credentials``), the registry and ``harmony run --stack`` from
-``credentials/orchestrator.txt``, the worker from its environment. Files are mode 0600.
+``credentials/orchestrator.txt``, the worker from its environment. Files are mode 0600. The
+device listener ties each client id to its user name; the services connect to a second listener
+that asks for a client certificate of the services CA (``broker.mosquitto.ServiceListener``,
+docs/security.md). Redis runs with the store's ``redis.acl`` (``default`` off, user ``harmony``).
+With ``tls=True`` (``harmony up --tls``) the device listener speaks TLS too and asks each device
+for its client certificate; ``profile="production"`` refuses to start without TLS.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import secrets
 import shutil
 import signal
 import socket
@@ -32,8 +37,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from broker.client import read_login
-from broker.mosquitto import MosquittoConfig, find_mosquitto, free_port, write_acl_file, write_password_file
+from broker.client import TlsSettings, read_login
+from broker.mosquitto import PROFILES, BrokerTls, MosquittoConfig, ServiceListener, find_mosquitto, free_port
 
 STACK_FILE = "stack.json"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -50,6 +55,13 @@ class StackInfo:
     devices: list[str] = field(default_factory=list)
     credentials: dict[str, str] = field(default_factory=dict)
     """Role (``orchestrator``, ``agent-0``, …) → its credentials file, when the broker requires them."""
+    service_port: int | None = None
+    """The broker's service listener (workers, orchestrator, ``harmony run``) when auth is on."""
+    tls: bool = False
+    """Whether the device listener speaks TLS (``harmony up --tls``)."""
+    store: str | None = None
+    """The stack's credential store (``testbed.credentials``), when auth is on."""
+    profile: str = "development"
 
     def orchestrator_login(self) -> tuple[str | None, str | None]:
         """(user name, password) for the orchestrator's broker connection; (None, None) without auth."""
@@ -58,13 +70,45 @@ class StackInfo:
             return None, None
         return read_login(Path(path))
 
+    def service_tls(self, name: str = "orchestrator") -> TlsSettings | None:
+        """TLS of a service's connection to the service listener: the stack's CA and the client
+        certificate of ``name`` (``orchestrator`` or ``server``); None without auth."""
+        if self.store is None:
+            return None
+        store = Path(self.store)
+        return TlsSettings(store / "ca.crt", store / "services" / f"{name}.crt", store / "services" / f"{name}.key")
+
     @property
     def redis_url(self) -> str:
-        return f"redis://127.0.0.1:{self.redis_port}/0"
+        """The Redis URL, with the password of the ``harmony`` ACL user when auth is on (a secret:
+        print :attr:`redis_url_redacted`)."""
+        if self.store is None:
+            return f"redis://127.0.0.1:{self.redis_port}/0"
+        password = (Path(self.store) / "services" / "redis.password").read_text().strip()
+        return f"redis://harmony:{password}@127.0.0.1:{self.redis_port}/0"
+
+    @property
+    def redis_url_redacted(self) -> str:
+        return redact_url(self.redis_url)
 
     @property
     def mqtt(self) -> tuple[str, int]:
+        """The device listener."""
         return ("127.0.0.1", self.mqtt_port)
+
+    @property
+    def service_mqtt(self) -> tuple[str, int]:
+        """Where the services connect: the service listener when auth is on, else the one listener."""
+        return ("127.0.0.1", self.service_port if self.service_port is not None else self.mqtt_port)
+
+
+def redact_url(url: str) -> str:
+    """``url`` with the password of its ``user:password@`` part replaced by ``***``."""
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, host = rest.rpartition("@")
+    if not sep or not at or ":" not in userinfo:
+        return url
+    return f"{scheme}://{userinfo.split(':', 1)[0]}:***@{host}"
 
 
 def _write_private(path: Path, text: str) -> Path:
@@ -122,7 +166,8 @@ class LocalStack:
     def start(self, agents: int = 0, devices_per_agent: int = 4, worker_concurrency: int | None = None,
               registry: bool = True, visibility_timeout_s: int | None = None,
               restore_interval_s: int | None = None, auth: bool = False,
-              torch_threads: int | None = None, workers: int = 1) -> StackInfo:
+              torch_threads: int | None = None, workers: int = 1, tls: bool = False,
+              profile: str = "development") -> StackInfo:
         """Start mosquitto, redis-server, one Celery worker, the registry and ``agents`` agent processes.
 
         ``visibility_timeout_s``/``restore_interval_s``: the worker's ``HSFL_VISIBILITY_S`` and
@@ -137,13 +182,21 @@ class LocalStack:
         ``workers``: Celery worker processes (``worker``, ``worker-1``, …), each with
         ``worker_concurrency`` session threads: one process's sessions share one GIL, so past a
         hundred or so concurrent sessions a second process spreads the server side's Python over
-        the cores (``benchmarks/fleet_scale.py``)."""
+        the cores (``benchmarks/fleet_scale.py``). ``tls``: the device listener speaks TLS and asks
+        for the devices' client certificates (implies ``auth``). ``profile="production"`` refuses
+        to start without ``tls`` (no plaintext listener)."""
         from server.app import QUEUE  # here, not at import: the CLI loads this module on every command
 
+        if profile not in PROFILES:
+            raise ValueError(f"--profile {profile!r}: expected one of {', '.join(PROFILES)}")
+        if profile == "production" and not tls:
+            raise ValueError("the production profile refuses plaintext listeners: add --tls "
+                             "(or use --profile development)")
+        auth = auth or tls
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._torch_env = {} if torch_threads is None else {"OMP_NUM_THREADS": str(torch_threads),
                                                             "MKL_NUM_THREADS": str(torch_threads)}
-        self.info = StackInfo(str(self.run_dir), free_port(), free_port())
+        self.info = StackInfo(str(self.run_dir), free_port(), free_port(), tls=tls, profile=profile)
         info = self.info
         conf = self.run_dir / "mosquitto.conf"
         # persistence: sessions, their queued messages and retained messages (hello, blobs) survive a
@@ -152,33 +205,32 @@ class LocalStack:
         store.mkdir(exist_ok=True)
         mosquitto_config = MosquittoConfig(port=info.mqtt_port, persistence=True, persistence_dir=store)
         if auth:
-            planned = [f"emu-{k}" for k in range(agents * devices_per_agent)]
-            self._passwords = {name: secrets.token_urlsafe(18) for name in ("server", "orchestrator", *planned)}
-            creds = self.run_dir / "credentials"
-            creds.mkdir(mode=0o700, exist_ok=True)
-            write_password_file(creds / "mosquitto.passwd", self._passwords)
-            write_acl_file(creds / "mosquitto.acl", servers=["server"], orchestrators=["orchestrator"])
-            orchestrator = _write_private(creds / "orchestrator.txt",
-                                          f"orchestrator:{self._passwords['orchestrator']}\n")
-            info.credentials["orchestrator"] = str(orchestrator)
-            mosquitto_config = MosquittoConfig(port=info.mqtt_port, password_file=creds / "mosquitto.passwd",
-                                               acl_file=creds / "mosquitto.acl", persistence=True,
-                                               persistence_dir=store)
+            mosquitto_config = self._credentials(agents * devices_per_agent, store, profile)
         conf.write_text(mosquitto_config.render())
         mosq = self._spawn("mosquitto", [find_mosquitto(), "-c", str(conf)])
         redis_bin = shutil.which("redis-server") or "/usr/bin/redis-server"
         (self.run_dir / "redis").mkdir(exist_ok=True)
-        red = self._spawn("redis", [redis_bin, "--port", str(info.redis_port), "--bind", "127.0.0.1", "--save", "",
-                                    "--appendonly", "yes", "--dir", str(self.run_dir / "redis")])
+        redis_argv = [redis_bin, "--port", str(info.redis_port), "--bind", "127.0.0.1", "--save", "",
+                      "--appendonly", "yes", "--dir", str(self.run_dir / "redis")]
+        if info.store is not None:  # the ACL user harmony (worker, orchestrator); default off
+            redis_argv += ["--aclfile", str(Path(info.store) / "redis.acl")]
+        red = self._spawn("redis", redis_argv)
         _wait_port(info.mqtt_port, mosq, "mosquitto", self.run_dir / "mosquitto.log")
+        if info.service_port is not None:
+            _wait_port(info.service_port, mosq, "mosquitto (service listener)", self.run_dir / "mosquitto.log")
         _wait_port(info.redis_port, red, "redis-server", self.run_dir / "redis.log")
-        env = {"HSFL_REDIS_URL": info.redis_url, "HSFL_MQTT": f"127.0.0.1:{info.mqtt_port}", **self._torch_env}
+        service_host, service_port = info.service_mqtt
+        env = {"HSFL_REDIS_URL": info.redis_url, "HSFL_MQTT": f"{service_host}:{service_port}", **self._torch_env}
         if visibility_timeout_s is not None:
             env["HSFL_VISIBILITY_S"] = str(visibility_timeout_s)
         if restore_interval_s is not None:
             env["HSFL_RESTORE_INTERVAL_S"] = str(restore_interval_s)
         if self._passwords is not None:
             env.update({"HSFL_MQTT_USER": "server", "HSFL_MQTT_PASSWORD": self._passwords["server"]})
+            server_tls = info.service_tls("server")
+            assert server_tls is not None
+            env.update({"HSFL_MQTT_CAFILE": str(server_tls.ca_certs), "HSFL_MQTT_CERTFILE": str(server_tls.certfile),
+                        "HSFL_MQTT_KEYFILE": str(server_tls.keyfile)})
         if worker_concurrency is None:
             worker_concurrency = max(2, agents * devices_per_agent)
         if workers < 1:
@@ -190,14 +242,45 @@ class LocalStack:
                 "-n", f"hsfl-{info.mqtt_port}@%h" if k == 0 else f"hsfl-{info.mqtt_port}-{k}@%h",
                 "--without-gossip", "--without-mingle", "--without-heartbeat"], env)
         if registry:
-            argv = [sys.executable, "-m", "orchestrator", "--broker", f"127.0.0.1:{info.mqtt_port}", "--redis",
-                    info.redis_url]
+            # the Redis URL (with its password) in the environment, not on a command line others can read
+            argv = [sys.executable, "-m", "orchestrator", "--broker", f"{service_host}:{service_port}"]
             if "orchestrator" in info.credentials:
                 argv += ["--credentials", info.credentials["orchestrator"]]
-            self._spawn("orchestrator", argv)
+            orchestrator_tls = info.service_tls("orchestrator")
+            if orchestrator_tls is not None:
+                argv += ["--cafile", str(orchestrator_tls.ca_certs), "--certfile", str(orchestrator_tls.certfile),
+                         "--keyfile", str(orchestrator_tls.keyfile)]
+            self._spawn("orchestrator", argv, {"HSFL_REDIS_URL": info.redis_url})
         for a in range(agents):
             self.add_agent([f"emu-{a * devices_per_agent + k}" for k in range(devices_per_agent)])
         return info
+
+    def _credentials(self, devices: int, persistence_dir: Path, profile: str) -> MosquittoConfig:
+        """The stack's credential store in ``{run_dir}/credentials``: the planned devices, the service
+        users and certificates, the broker's files and redis.acl; returns the broker's configuration."""
+        from testbed.credentials import CredentialStore  # here: cryptography is not needed without auth
+
+        assert self.info is not None
+        store = CredentialStore(self.run_dir / "credentials")
+        self.info.store = str(store.root)
+        planned = [f"emu-{k}" for k in range(devices)]
+        self._passwords = {d: store.add_device(d, tls=self.info.tls).password for d in planned}
+        self._passwords.update({name: store.service_password(name) for name in ("server", "orchestrator")})
+        store.ensure_ca()
+        cert, key = store.broker_certificate([])
+        for name in ("server", "orchestrator"):
+            store.service_certificate(name)
+        passwd, acl = store.write_broker_files()
+        orchestrator = _write_private(store.root / "orchestrator.txt",
+                                      f"orchestrator:{self._passwords['orchestrator']}\n")
+        self.info.credentials["orchestrator"] = str(orchestrator)
+        self.info.service_port = free_port()
+        return MosquittoConfig(
+            port=self.info.mqtt_port, password_file=passwd, acl_file=acl, persistence=True,
+            persistence_dir=persistence_dir, use_username_as_clientid=True, profile=profile,
+            tls=BrokerTls(store.ca_file, cert, key, require_certificate=True) if self.info.tls else None,
+            service_listener=ServiceListener(self.info.service_port,
+                                             BrokerTls(store.service_ca_file, cert, key, require_certificate=True)))
 
     def add_agent(self, device_ids: list[str], extra_args: list[str] | None = None) -> None:
         """Start an agent process hosting ``device_ids`` (with auth: new devices get passwords, and
@@ -210,15 +293,23 @@ class LocalStack:
             argv += ["--device-id", d]
         argv += list(extra_args or [])
         if self._passwords is not None:
-            creds = self.run_dir / "credentials"
+            from testbed.credentials import CredentialStore
+
+            assert self.info.store is not None
+            store = CredentialStore(self.info.store)
             new = [d for d in device_ids if d not in self._passwords]
             if new:
-                self._passwords.update({d: secrets.token_urlsafe(18) for d in new})
-                write_password_file(creds / "mosquitto.passwd", self._passwords)
-                os.kill(self.pid("mosquitto"), signal.SIGHUP)
-            path = _write_private(creds / f"{name}.txt", "".join(f"{d}:{self._passwords[d]}\n" for d in device_ids))
+                for d in new:
+                    self._passwords[d] = store.add_device(d, tls=self.info.tls).password
+                store.write_broker_files()
+                os.kill(self.pid("mosquitto"), signal.SIGHUP)  # mosquitto reloads its password file and ACL
+            path = _write_private(store.root / f"{name}.txt",
+                                  "".join(f"{d}:{self._passwords[d]}\n" for d in device_ids))
             self.info.credentials[name] = str(path)
             argv += ["--credentials", str(path)]
+            if self.info.tls:
+                argv += ["--cafile", str(store.ca_file), "--certfile", str(store.root / "devices/{device}/client.crt"),
+                         "--keyfile", str(store.root / "devices/{device}/client.key")]
         self._spawn(name, argv, self._torch_env)
         self.info.devices += device_ids
         self._save()

@@ -1,6 +1,8 @@
 """``harmony up --auth``: the broker refuses anonymous and wrong logins, every device is confined to its
 own topics by the generated ACL, and a distributed run still works with each process on its own login
-(agents via ``--credentials``, the worker as ``server``, ``harmony run --stack`` as ``orchestrator``)."""
+(agents via ``--credentials``, the worker as ``server``, ``harmony run --stack`` as ``orchestrator``,
+the services on the broker's certificate-only service listener). ``harmony fleet add ID --stack``
+adds a device to the running stack (its broker reloads the password file)."""
 
 from __future__ import annotations
 
@@ -50,25 +52,31 @@ def test_up_with_auth_confines_each_device(tmp_path):
             BrokerClient("wrong-password-probe", *info.mqtt, username="emu-0", password="guess", clean_start=True,
                          session_expiry_s=0).connect(timeout=5)
 
-        device = BrokerClient("emu-0-probe", *info.mqtt, username="emu-0", password=passwords["emu-0"],
+        # a device of its own (logging in as emu-0 would take emu-0's client id: the broker ties client
+        # ids to user names), added while the stack runs
+        result = runner.invoke(app, ["fleet", "add", "probe-0", "--stack", str(stack_dir)])
+        assert result.exit_code == 0, result.output
+        probe_password = (Path(info.store) / "devices" / "probe-0" / "password").read_text().strip()
+        assert probe_password not in result.output
+        device = BrokerClient("probe-0", *info.mqtt, username="probe-0", password=probe_password,
                               clean_start=True, session_expiry_s=0)
         user, password = read_login(info.credentials["orchestrator"])
-        orchestrator = BrokerClient("orchestrator-probe", *info.mqtt, username=user, password=password,
-                                    clean_start=True, session_expiry_s=0)
+        orchestrator = BrokerClient("orchestrator-probe", *info.service_mqtt, username=user, password=password,
+                                    tls=info.service_tls("orchestrator"), clean_start=True, session_expiry_s=0)
         device.connect()
         orchestrator.connect()
         try:
-            assert device.publish_raw(topics.up("emu-0"), b"probe").reason_code < 0x80  # its own uplink
+            assert device.publish_raw(topics.up("probe-0"), b"probe").reason_code < 0x80  # its own uplink
             for topic in (topics.up("emu-1"), topics.cmd("emu-1"), topics.hello("emu-1"), topics.status("emu-1"),
-                          topics.down("emu-0"), topics.cmd("emu-0")):  # nor may it forge the server's messages
+                          topics.down("probe-0"), topics.cmd("probe-0")):  # nor may it forge the server's messages
                 with pytest.raises(PublishDenied) as denied:
                     device.publish_raw(topic, b"forged")
                 assert denied.value.reason_code == NOT_AUTHORIZED, topic
             # mosquitto grants any SUBACK but delivers only what the ACL lets the device read
-            own, other = device.subscribe(topics.down("emu-0")), device.subscribe(topics.up("emu-1"))
+            own, other = device.subscribe(topics.down("probe-0")), device.subscribe(topics.up("emu-1"))
             orchestrator.publish_raw(topics.up("emu-1"), b"another device's features")
-            orchestrator.publish_raw(topics.down("emu-0"), b"a reply for emu-0")
-            assert own.get(timeout=10).payload == b"a reply for emu-0"
+            orchestrator.publish_raw(topics.down("probe-0"), b"a reply for probe-0")
+            assert own.get(timeout=10).payload == b"a reply for probe-0"
             time.sleep(0.5)
             assert len(other) == 0, "a device read another device's uplink"
         finally:
