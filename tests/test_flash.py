@@ -1,6 +1,8 @@
 """``harmony flash`` against a real sshd: from a bare "board" (a scratch directory as its root, reached
-as root@127.0.0.1 on a free port with a throwaway key) to a registered, authenticated device on a
-real mosquitto with TLS, client certificates and the per-device ACL from the credential store.
+as root@127.0.0.1 on a free port with a throwaway key) to a registered, authenticated device of a
+real `harmony up --tls` stack (mosquitto with its TLS device listener, client certificates, the
+per-device ACL and client ids tied to user names; the orchestrator's registry process recording
+into redis-server), the device added with `harmony fleet add ID --stack DIR`.
 
 The sshd (Debian ``openssh-server``) runs in the foreground (``-D -f CONFIG``) with its own host
 key, an authorized key made here, ``PermitRootLogin prohibit-password``, ``UsePAM no`` and
@@ -15,7 +17,7 @@ installed dependencies **without** this project, Celery, Kombu or Redis, and pip
 project wheel with the ``[agent]`` extra into the venv (it finds the dependencies satisfied).
 
 One flow, in order: a fresh flash of an *older* agent (0.0.9) → its agent connects over TLS and is
-refused by the registry naming ``--upgrade``; the same flash again changes nothing; a newer agent
+refused by the orchestrator naming ``--upgrade`` (its Redis hash); the same flash again changes nothing; a newer agent
 without ``--upgrade`` is refused and changes nothing; ``--dry-run --upgrade`` prints the steps and
 changes nothing; ``--upgrade`` replaces the agent in the same venv → the restarted agent registers
 with the orchestrator's version; flashing again is idempotent.
@@ -38,16 +40,15 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from broker.client import BrokerClient
-from broker.mosquitto import BrokerTls, MosquittoConfig, MosquittoProcess, free_port
+from broker.mosquitto import free_port
 from harmony.config import validate_config
 from harmony.data.device_rows import read_device_rows
 from harmony.experiment import Experiment
 from harmony.version import installed_version
-from orchestrator.registry import Registry
+from server import state
 from testbed.cli import app
-from testbed.credentials import CredentialStore
 from testbed.flash import UNIT_NAME, build_wheel, unit_exec
+from testbed.stack import LocalStack
 
 ROOT = Path(__file__).resolve().parents[1]
 SSHD = Path("/usr/sbin/sshd")
@@ -100,24 +101,20 @@ def sshd(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory):
-    """The credential store (CA, broker certificate, device pi-01) and a mosquitto with a TLS listener
-    requiring client certificates (the devices') and a plaintext service listener for the registry."""
+    """A `harmony up --tls` stack without agents (mosquitto with its TLS device listener requiring
+    client certificates, the per-device ACL and client ids tied to user names; redis-server with its
+    ACL; a Celery worker; the orchestrator's registry process), and device pi-01 added to its
+    credential store as an operator would: `harmony fleet add pi-01 --stack DIR` (the broker reloads)."""
     d = tmp_path_factory.mktemp("fleet")
-    store = CredentialStore(d / "credentials")
-    ca = store.ensure_ca()
-    cert, key = store.broker_certificate([])
-    store.add_device(DEVICE, tls=True)
-    passwd, acl = store.write_broker_files()
-    tls_port, service_port = free_port(), free_port()
-    config = MosquittoConfig(port=tls_port, password_file=passwd, acl_file=acl,
-                             tls=BrokerTls(ca, cert, key, require_certificate=True),
-                             extra_lines=(f"listener {service_port} 127.0.0.1",))
-    broker = MosquittoProcess(d / "mosquitto", config).start()
+    stack = LocalStack(d / "stack")
+    info = stack.start(agents=0, tls=True, worker_concurrency=1)
     try:
-        yield {"store": store, "dir": d / "credentials", "tls_port": tls_port, "service_port": service_port,
-               "broker": broker}
+        added = CliRunner().invoke(app, ["fleet", "add", DEVICE, "--stack", str(d / "stack")])
+        assert added.exit_code == 0, added.output
+        yield {"dir": Path(info.store), "tls_port": info.mqtt_port, "redis": state.connect(info.redis_url),
+               "log": d / "stack" / "mosquitto.log"}
     finally:
-        broker.stop()
+        stack.stop()
 
 
 @pytest.fixture(scope="module")
@@ -165,28 +162,19 @@ def _start_as_unit(unit: Path, log: Path) -> subprocess.Popen:
                             stdout=open(log, "ab"), stderr=subprocess.STDOUT)
 
 
-def _registry(fleet) -> tuple[Registry, BrokerClient]:
-    """The orchestrator's registry, on the broker's service listener with the orchestrator's login."""
-    client = BrokerClient(f"registry-{time.monotonic_ns()}", "127.0.0.1", fleet["service_port"],
-                          username="orchestrator", password=fleet["store"].service_password("orchestrator"),
-                          clean_start=True, session_expiry_s=0)
-    client.connect()
-    return Registry(client, None), client
-
-
-def _wait_registered(fleet, version: str, proc: subprocess.Popen, log: Path, timeout: float = 120) -> Registry:
-    registry, client = _registry(fleet)
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            registry.poll(timeout=0.5)
-            profile = registry.profiles.get(DEVICE)
-            if profile is not None and profile["agent_version"] == version and registry.online.get(DEVICE):
-                return registry
-            assert proc.poll() is None, f"the agent exited ({proc.returncode}):\n{log.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, f"no hello of agent {version}:\n{log.read_text()[-3000:]}"
-    finally:
-        client.close()
+def _wait_registered(fleet, version: str, proc: subprocess.Popen, log: Path, timeout: float = 120) -> dict:
+    """The device's hash in Redis once the stack's orchestrator recorded its hello of ``version``
+    and its status (the registry process's view: profile, status, refused)."""
+    r = fleet["redis"]
+    deadline = time.monotonic() + timeout
+    while True:
+        fields = {k.decode(): v.decode() for k, v in r.hgetall(state.dev_key(DEVICE)).items()}
+        profile = json.loads(fields.get("profile", "{}"))
+        if profile.get("agent_version") == version and fields.get("status") not in (None, "offline"):
+            return fields
+        assert proc.poll() is None, f"the agent exited ({proc.returncode}):\n{log.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, f"no hello of agent {version}:\n{log.read_text()[-3000:]}"
+        time.sleep(0.2)
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -245,10 +233,11 @@ def test_flash_brings_a_bare_board_to_a_registered_tls_device_and_upgrades_it(ss
     log = tmp_path / "agent.log"
     agent = _start_as_unit(unit, log)
     try:
-        registry = _wait_registered(fleet, OLD, agent, log)
-        assert registry.available() == []
-        assert "--upgrade" in registry.refused[DEVICE] and f"runs agent {OLD}" in registry.refused[DEVICE]
-        assert f"u'{DEVICE}'" in fleet["broker"].log_tail(200)  # logged in as its own user, on the TLS port
+        device = _wait_registered(fleet, OLD, agent, log)
+        assert "--upgrade" in device.get("refused", "") and f"runs agent {OLD}" in device["refused"]
+        # logged in on the TLS device listener as its own user (its client id is its user name there)
+        broker_log = fleet["log"].read_text()
+        assert f"on port {fleet['tls_port']}." in broker_log and f"as {DEVICE} " in broker_log, broker_log[-2000:]
 
         # 2. the same flash again: nothing copied, nothing installed
         before = (home / "bundle.json").stat().st_mtime_ns
@@ -281,8 +270,9 @@ def test_flash_brings_a_bare_board_to_a_registered_tls_device_and_upgrades_it(ss
     assert json.loads((home / "bundle.json").read_text())["agent_version"] == installed_version()
     agent = _start_as_unit(unit, log)
     try:
-        registry = _wait_registered(fleet, installed_version(), agent, log)
-        assert registry.available() == [DEVICE] and DEVICE not in registry.refused
+        device = _wait_registered(fleet, installed_version(), agent, log)
+        assert "refused" not in device  # admitted: the orchestrator's own version
+        assert DEVICE.encode() in fleet["redis"].smembers(state.devices_key())
     finally:
         _stop(agent)
 
