@@ -65,6 +65,7 @@ class Hello:
     cpus: float | None = None  # CPU time it may use, in CPUs (e.g. 0.15); None from agents before this field
     rates: dict[str, float] | None = None  # measured training FLOP/s per kind of layer (conv, depthwise, attention)
     started_at: float | None = None  # when the agent process started (unix s); a new value: the device restarted
+    data_share: str | None = None  # sha256 of the client share whose rows its board data file holds (harmony flash)
 
 
 @dataclass
@@ -463,6 +464,7 @@ SCHEMAS: dict[str, Schema] = {
             _float("rtt_ms", 0, 1e7), _float("uplink_bps", 0, 1e15), _float("battery", 0, 100, optional=True),
             _float("cpus", 0.001, 65536, optional=True), FieldSpec("rates", "scalar_map", optional=True),
             _float("started_at", 0, 1e11, optional=True),
+            dataclasses.replace(_SHA, name="data_share", optional=True),
         ), frozenset({"hello"})),
         Schema("link_probe", LinkProbe, (FieldSpec("payload", "bytes", max_len=LINK_PROBE_MAX_BYTES),),
                frozenset({"up"})),

@@ -130,6 +130,42 @@ class Registry:
                                    f"start more agents (harmony up --agents N){why}")
 
 
+def devices_for_clients(online: list[str], profiles: dict[str, dict], share_digests: list[str]) -> list[str]:
+    """The device of each client ``i`` (``len(share_digests)`` clients; ``share_digests[i]`` the
+    sha256 of client ``i``'s ``ClientShare`` bytes): a device whose ``hello.data_share`` names a
+    client's share holds that client's rows on its disk (a board flashed with ``--config/--client``)
+    and gets that client; the other devices fill the remaining clients in the order given (natural
+    order). A device holding rows of no client of this run (or of a client another device took) is
+    left out. ``RuntimeError`` naming the fix when too few remain."""
+    index = {sha: i for i, sha in enumerate(share_digests)}
+    pinned: dict[int, str] = {}
+    free: list[str] = []
+    foreign: list[str] = []
+    for dev in online:
+        sha = profiles.get(dev, {}).get("data_share")
+        if sha is None:
+            free.append(dev)
+        elif sha in index and index[sha] not in pinned:
+            pinned[index[sha]] = dev
+        else:
+            foreign.append(dev)
+    spare = iter(free)
+    out = []
+    for i in range(len(share_digests)):
+        dev = pinned.get(i) or next(spare, None)
+        if dev is None:
+            why = (f"; left out: {', '.join(foreign)} hold(s) the rows of another client or partition (their board "
+                   "data file): flash them with this run's --config and --client, or give them the whole dataset "
+                   "(--board-data)") if foreign else ""
+            raise RuntimeError(f"the run needs {len(share_digests)} devices but only {len(out) + len(pinned)} of the "
+                               f"online ones can serve it{why}")
+        out.append(dev)
+    if foreign:
+        log.warning("devices %s hold the rows of no client of this run (or of a client another device serves); "
+                    "left out", foreign)
+    return out
+
+
 def online_fleet(client: BrokerClient, count: int, timeout: float) -> tuple[dict[str, dict], dict[str, str]]:
     """The ``hello`` of the first ``count`` online admitted devices (natural order, as a run picks
     them), read from the broker's retained messages (fewer if fewer are online after ``timeout``

@@ -444,7 +444,8 @@ def _stage_rows(opts: FlashOptions, staging: Path) -> Path:
     rows = cut_client_rows(cfg.data.dataset, opts.local_data_dir if opts.local_data_dir is not None
                            else cfg.data.data_dir, opts.client, share.train_indices,
                            np.concatenate([share.test.id_pool, share.test.ood_pool]),
-                           origin=f"client {opts.client} of {opts.config.name}")
+                           origin=f"client {opts.client} of {opts.config.name}",
+                           share_sha256=hashlib.sha256(share.to_bytes()).hexdigest())
     path = device_rows_path(staging, rows.dataset)
     write_device_rows(path, rows)
     path.chmod(0o600)

@@ -25,6 +25,7 @@ with the orchestrator's version; flashing again is idempotent.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -234,6 +235,8 @@ def test_flash_brings_a_bare_board_to_a_registered_tls_device_and_upgrades_it(ss
     agent = _start_as_unit(unit, log)
     try:
         device = _wait_registered(fleet, OLD, agent, log)
+        # its hello names the share its data file holds: a run gives it exactly client 1
+        assert json.loads(device["profile"])["data_share"] == hashlib.sha256(share.to_bytes()).hexdigest()
         assert "--upgrade" in device.get("refused", "") and f"runs agent {OLD}" in device["refused"]
         # logged in on the TLS device listener as its own user (its client id is its user name there)
         broker_log = fleet["log"].read_text()

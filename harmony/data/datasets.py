@@ -393,9 +393,9 @@ def load_rows(name: str, data_dir: str | os.PathLike[str] | None, train_rows: np
 
 
 def cut_client_rows(name: str, data_dir: str | os.PathLike[str] | None, client: int, train_rows: np.ndarray,
-                    test_rows: np.ndarray, origin: str = "") -> DeviceRows:
+                    test_rows: np.ndarray, origin: str = "", share_sha256: str = "") -> DeviceRows:
     """Client ``client``'s rows of dataset ``name`` (raw, with their indices), for a board's data file."""
     canonical = _canonical_name(name)
     spec = _SPECS[canonical]
     return cut_device_rows(canonical, client, spec.read(_resolve_dir(canonical, spec, data_dir)), train_rows,
-                           test_rows, origin)
+                           test_rows, origin, share_sha256)

@@ -20,8 +20,8 @@ import numpy as np
 
 from harmony.data.arrays import ImageArrays
 
-__all__ = ["DeviceRows", "MissingRowsError", "cut_device_rows", "device_rows_path", "read_device_rows",
-           "select_rows", "write_device_rows"]
+__all__ = ["DeviceRows", "MissingRowsError", "board_data_share", "cut_device_rows", "device_rows_path",
+           "read_device_rows", "select_rows", "write_device_rows"]
 
 SUFFIX = ".rows.npz"
 
@@ -44,6 +44,9 @@ class DeviceRows:
     test_labels: np.ndarray
     origin: str = ""
     """What the rows were cut for (the config file and client), for error messages."""
+    share_sha256: str = ""
+    """sha256 of the client's ``ClientShare`` bytes (its index lists under that config): the agent
+    reports it in ``hello.data_share`` and the round driver gives the device exactly that client."""
 
 
 def device_rows_path(directory: str | os.PathLike[str], dataset: str) -> Path:
@@ -57,7 +60,7 @@ def write_device_rows(path: Path, rows: DeviceRows) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
         np.savez(f, dataset=np.array(rows.dataset), client=np.array(rows.client, dtype=np.int64),
-                 origin=np.array(rows.origin),
+                 origin=np.array(rows.origin), share_sha256=np.array(rows.share_sha256),
                  train_index=rows.train_index.astype(np.int64), train_images=rows.train_images,
                  train_labels=rows.train_labels.astype(np.int64),
                  test_index=rows.test_index.astype(np.int64), test_images=rows.test_images,
@@ -69,7 +72,18 @@ def read_device_rows(path: Path) -> DeviceRows:
     with np.load(path, allow_pickle=False) as doc:
         return DeviceRows(str(doc["dataset"]), int(doc["client"]), doc["train_index"], doc["train_images"],
                           doc["train_labels"], doc["test_index"], doc["test_images"], doc["test_labels"],
-                          str(doc["origin"]))
+                          str(doc["origin"]), str(doc["share_sha256"]) if "share_sha256" in doc else "")
+
+
+def board_data_share(directory: str | os.PathLike[str] | None) -> str | None:
+    """The share digest of the (one) board data file in ``directory``, None when there is none."""
+    if directory is None:
+        return None
+    files = sorted(Path(directory).expanduser().glob(f"*{SUFFIX}"))
+    if len(files) != 1:
+        return None
+    with np.load(files[0], allow_pickle=False) as doc:
+        return (str(doc["share_sha256"]) or None) if "share_sha256" in doc else None
 
 
 def _positions(index: np.ndarray, wanted: np.ndarray, split: str, rows: DeviceRows, path: Path) -> np.ndarray:
@@ -97,10 +111,10 @@ def select_rows(path: Path, train_rows: np.ndarray, test_rows: np.ndarray
 
 
 def cut_device_rows(dataset: str, client: int, raw: ImageArrays, train_rows: np.ndarray, test_rows: np.ndarray,
-                    origin: str = "") -> DeviceRows:
+                    origin: str = "", share_sha256: str = "") -> DeviceRows:
     """Client ``client``'s rows (``train_rows``/``test_rows``: indices into the full splits) of ``raw``."""
     tr = np.unique(np.asarray(train_rows, dtype=np.int64))
     te = np.unique(np.asarray(test_rows, dtype=np.int64))
     return DeviceRows(dataset, int(client), tr, np.ascontiguousarray(raw.train_images[tr]),
                       np.ascontiguousarray(raw.train_labels[tr]), te, np.ascontiguousarray(raw.test_images[te]),
-                      np.ascontiguousarray(raw.test_labels[te]), origin)
+                      np.ascontiguousarray(raw.test_labels[te]), origin, share_sha256)
