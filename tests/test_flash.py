@@ -20,7 +20,9 @@ One flow, in order: a fresh flash of an *older* agent (0.0.9) → its agent conn
 refused by the orchestrator naming ``--upgrade`` (its Redis hash); the same flash again changes nothing; a newer agent
 without ``--upgrade`` is refused and changes nothing; ``--dry-run --upgrade`` prints the steps and
 changes nothing; ``--upgrade`` replaces the agent in the same venv → the restarted agent registers
-with the orchestrator's version; flashing again is idempotent.
+with the orchestrator's version, and a training round over TLS with an emulated second device gives
+the board the client whose rows it holds (``hello.data_share``) and the local engine's weights bit for
+bit; flashing again is idempotent.
 """
 
 from __future__ import annotations
@@ -44,22 +46,25 @@ from typer.testing import CliRunner
 from broker.mosquitto import free_port
 from harmony.config import validate_config
 from harmony.data.device_rows import read_device_rows
+from harmony.engine import LocalEngine
 from harmony.experiment import Experiment
 from harmony.version import installed_version
+from orchestrator.engine import DistributedEngine
 from server import state
 from testbed.cli import app
 from testbed.flash import UNIT_NAME, build_wheel, unit_exec
 from testbed.stack import LocalStack
+from tests.runtime_fixtures import same_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 SSHD = Path("/usr/sbin/sshd")
 DEVICE = "pi-01"
 OLD = "0.0.9"
-CONFIG = {"name": "flash", "seed": 0,
+CONFIG = {"name": "flash", "seed": 0, "threads": 1,
           "data": {"num_shards": 20, "shards_per_client": 2, "train_fraction": 0.1, "test_per_client": 20,
                    "rhos": [0.0, 0.8]},
           "model": {"family": "cnn8", "width": 0.25},
-          "fleet": {"num_clients": 4, "split_depths": [2, 3, 4, 2]},
+          "fleet": {"num_clients": 2, "split_depths": [2, 3]},
           "train": {"rounds": 1, "batch_size": 16, "local_steps": 2}}
 EXCLUDED = ("celery", "kombu", "billiard", "vine", "amqp", "redis", "hiredis", "harmony_testbed", "__editable__")
 
@@ -108,12 +113,13 @@ def fleet(tmp_path_factory):
     credential store as an operator would: `harmony fleet add pi-01 --stack DIR` (the broker reloads)."""
     d = tmp_path_factory.mktemp("fleet")
     stack = LocalStack(d / "stack")
-    info = stack.start(agents=0, tls=True, worker_concurrency=1)
+    info = stack.start(agents=0, tls=True, worker_concurrency=2)
     try:
         added = CliRunner().invoke(app, ["fleet", "add", DEVICE, "--stack", str(d / "stack")])
         assert added.exit_code == 0, added.output
+        stack.add_agent(["emu-0"])  # a second device (emulated, the whole dataset) for the training round
         yield {"dir": Path(info.store), "tls_port": info.mqtt_port, "redis": state.connect(info.redis_url),
-               "log": d / "stack" / "mosquitto.log"}
+               "log": d / "stack" / "mosquitto.log", "info": info}
     finally:
         stack.stop()
 
@@ -276,6 +282,24 @@ def test_flash_brings_a_bare_board_to_a_registered_tls_device_and_upgrades_it(ss
         device = _wait_registered(fleet, installed_version(), agent, log)
         assert "refused" not in device  # admitted: the orchestrator's own version
         assert DEVICE.encode() in fleet["redis"].smembers(state.devices_key())
+
+        # a training round over TLS: the board trains client 1 from its own rows only (its data
+        # file's share), the emulated device client 0; the weights are the local engine's bit for bit
+        info = fleet["info"]
+        cfg = validate_config(CONFIG)
+        user, password = info.orchestrator_login()
+        engine = DistributedEngine(cfg, mqtt=info.service_mqtt, redis_url=info.redis_url, username=user,
+                                   password=password, tls=info.service_tls("orchestrator"), devices_timeout_s=60,
+                                   round_timeout_s=120)
+        try:
+            assert engine.device_ids == ["emu-0", DEVICE]
+            record = engine.run_round(1)
+            assert record.participants == 2 and not record.dropouts and not record.stragglers
+            local = LocalEngine(cfg)
+            local.run_round(1)
+            assert same_weights(local.model_state(), engine.model_state())
+        finally:
+            engine.close()
     finally:
         _stop(agent)
 
