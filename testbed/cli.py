@@ -103,6 +103,19 @@ def _broker_login(username: str | None, password: str | None, credentials: Path 
     return username, password
 
 
+def _redis_with_password(url: str) -> str:
+    """``redis://USER@host…`` (a user, no password) gets its password from ``HARMONY_REDIS_PASSWORD``, so
+    that the password need not be on the command line (docker/compose.yaml's driver)."""
+    import os
+
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, host = rest.rpartition("@")
+    password = os.environ.get("HARMONY_REDIS_PASSWORD")
+    if sep and at and ":" not in userinfo and password:
+        return f"{scheme}://{userinfo}:{password}@{host}"
+    return url
+
+
 def _fail(err: Exception) -> None:
     console.print(f"[red]error:[/red] {err}")
     raise typer.Exit(2) from None
@@ -122,7 +135,9 @@ def run(
     broker: Annotated[str | None, typer.Option("--broker", help="distributed over an existing fleet: MQTT "
                                                "HOST:PORT (with --redis; instead of --stack)")] = None,
     redis: Annotated[str | None, typer.Option("--redis", help="Redis URL of that fleet's Celery workers, "
-                                              "e.g. redis://host:6379/0")] = None,
+                                              "e.g. redis://host:6379/0, redis://harmony:PASSWORD@host:6379/0 "
+                                              "(redis://harmony@host…: the password from "
+                                              "$HARMONY_REDIS_PASSWORD)")] = None,
     topic_prefix: Annotated[str, typer.Option("--topic-prefix", help="MQTT topic prefix of the fleet")] = "hsfl/v1",
     username: Annotated[str | None, typer.Option("--username", help="broker user name (with --broker)")] = None,
     password: Annotated[str | None, typer.Option("--password", envvar="HARMONY_MQTT_PASSWORD", show_envvar=True,
@@ -159,7 +174,8 @@ def run(
             tls = tls_settings(cafile, certfile, keyfile)
         except ValueError as err:
             _fail(err)
-        fleet = {"mqtt": mqtt, "redis_url": redis, "topic_prefix": topic_prefix, "login": login, "tls": tls,
+        fleet = {"mqtt": mqtt, "redis_url": _redis_with_password(redis), "topic_prefix": topic_prefix,
+                 "login": login, "tls": tls,
                  "devices_timeout_s": devices_timeout, "round_timeout_s": round_timeout}
     elif any(v is not None for v in (username, password, credentials, cafile, certfile, keyfile)):
         _fail(ValueError("--username/--password/--credentials/--cafile/--certfile/--keyfile go with --broker "
@@ -544,6 +560,7 @@ def certs(
         for d in device or []:
             store.add_device(d, tls=True)
         passwd, acl = store.write_broker_files()
+        store.write_service_env()
     except CredentialError as err:
         _fail(err)
     out_console.print(f"CA {ca}\nbroker certificate {cert} (key {key})\nbroker files {passwd}, {acl}, "
@@ -561,21 +578,11 @@ def fleet_add(
                                                    "--auth/--tls` stack (its store; its broker reloads)")] = None,
 ) -> None:
     """Create a device's credentials (password, and a client certificate with TLS) in the store."""
-    import os
-    import signal
-
     from testbed.credentials import CredentialError, CredentialStore
-    from testbed.stack import load_stack, stack_running
 
-    info = None
-    if stack_dir is not None:
-        try:
-            info = load_stack(stack_dir)
-        except FileNotFoundError as err:
-            _fail(err)
-        if info.store is None:
-            _fail(ValueError(f"the stack in {stack_dir} runs without authentication; start it with "
-                             "`harmony up --auth` or `--tls`"))
+    info = _auth_stack(stack_dir)
+    if info is not None:
+        assert info.store is not None
         store_dir, tls = Path(info.store), info.tls
     store = CredentialStore(store_dir)
     try:
@@ -587,10 +594,59 @@ def fleet_add(
     files = ", ".join(p.name for p in (folder / "password", creds.ca_file, creds.cert_file, creds.key_file)
                       if p is not None)
     out_console.print(f"device {device_id}: {folder} ({files}); broker files updated in {store_dir}")
+    _reload_broker(info, stack_dir, f"the device may connect to 127.0.0.1:{info.mqtt_port}" if info else "")
+
+
+@fleet_app.command("remove")
+def fleet_remove(
+    device_id: Annotated[str, typer.Argument(help="the device id")],
+    store_dir: StoreOpt = Path("credentials"),
+    stack_dir: Annotated[Path | None, typer.Option("--stack", help="remove it from this running `harmony up "
+                                                   "--auth/--tls` stack (its broker reloads)")] = None,
+) -> None:
+    """Withdraw a device's credentials: its password leaves the broker's password file (docs/security.md)."""
+    from testbed.credentials import CredentialError, CredentialStore
+
+    info = _auth_stack(stack_dir)
+    if info is not None:
+        assert info.store is not None
+        store_dir = Path(info.store)
+    store = CredentialStore(store_dir)
+    try:
+        store.remove_device(device_id)
+        store.write_broker_files()
+    except CredentialError as err:
+        _fail(err)
+    out_console.print(f"device {device_id} removed from {store_dir}; broker files updated")
+    _reload_broker(info, stack_dir, "its connection is refused from its next connect")
+
+
+def _auth_stack(stack_dir: Path | None) -> Any:
+    """The ``StackInfo`` of the ``harmony up --auth/--tls`` stack in ``stack_dir`` (None without one)."""
+    from testbed.stack import load_stack
+
+    if stack_dir is None:
+        return None
+    try:
+        info = load_stack(stack_dir)
+    except FileNotFoundError as err:
+        _fail(err)
+    if info.store is None:
+        _fail(ValueError(f"the stack in {stack_dir} runs without authentication; start it with "
+                         "`harmony up --auth` or `--tls`"))
+    return info
+
+
+def _reload_broker(info: Any, stack_dir: Path | None, then: str) -> None:
+    """SIGHUP the stack's mosquitto, which reloads its password file and ACL."""
+    import os
+    import signal
+
+    from testbed.stack import stack_running
+
     if info is not None and stack_dir is not None and stack_running(stack_dir):
-        os.kill(info.pids["mosquitto"], signal.SIGHUP)  # mosquitto reloads its password file and ACL
-        out_console.print(f"the broker of {stack_dir} reloaded its password file: the device may connect to "
-                          f"127.0.0.1:{info.mqtt_port}")
+        os.kill(info.pids["mosquitto"], signal.SIGHUP)
+        out_console.print(f"the broker of {stack_dir} reloaded its password file: {then}")
 
 
 @fleet_app.command("plan")

@@ -13,6 +13,8 @@ certificate, the service passwords, and the broker's and Redis's files generated
     DIR/services/ca.crt, ca.key (0600)       the services CA: signs only the services' client certificates
     DIR/services/NAME.crt, NAME.key (0600)   ``server``'s and ``orchestrator``'s client certificates, which the
                                              broker's service listener asks for (docs/security.md)
+    DIR/services/server.env, orchestrator.env, orchestrator.login (0600)
+                                             the services' secrets for docker/compose.yaml (env_file)
     DIR/mosquitto.passwd (0600)              every device and the two service users (mosquitto $7$ hashes)
     DIR/mosquitto.acl (0600)                 the per-device ACL of ``broker.mosquitto.render_acl``
     DIR/redis.acl (0600)                     Redis ACL: ``default`` off, user ``harmony`` (password hashed)
@@ -292,6 +294,12 @@ class CredentialStore:
                                  folder / "ca.crt" if (folder / "ca.crt").is_file() else None,
                                  cert if has_cert else None, folder / "client.key" if has_cert else None)
 
+    def remove_device(self, device_id: str) -> None:
+        """Delete ``device_id``'s directory (password, certificate); the next :meth:`write_broker_files`
+        leaves it out of the broker's password file. Its certificate is not revoked (no CRL)."""
+        self.device(device_id)  # CredentialError naming `harmony fleet add` if there is none
+        shutil.rmtree(self.device_dir(device_id))
+
     def devices(self) -> list[str]:
         """The ids of every device in the store, sorted."""
         base = self.root / "devices"
@@ -338,6 +346,23 @@ class CredentialStore:
         _write_private(self.acl_file, render_acl(servers=["server"], orchestrators=["orchestrator"]).encode())
         self.write_redis_acl()
         return self.password_file, self.acl_file
+
+    def write_service_env(self, redis_host: str = "redis", redis_port: int = 6379) -> list[Path]:
+        """What the containers of docker/compose.yaml read their secrets from (``env_file``; 0600):
+        DIR/services/server.env (the worker: ``HSFL_MQTT_PASSWORD``, ``HSFL_REDIS_URL``),
+        DIR/services/orchestrator.env (registry and driver: ``HSFL_REDIS_URL``,
+        ``HARMONY_MQTT_PASSWORD``, ``HARMONY_REDIS_PASSWORD``) and DIR/services/orchestrator.login
+        (``orchestrator:PASSWORD``, the registry's ``--credentials``)."""
+        redis_url = self.redis_url(redis_host, redis_port)
+        folder = self.root / "services"
+        server = _write_private(folder / "server.env", (f"HSFL_MQTT_PASSWORD={self.service_password('server')}\n"
+                                                         f"HSFL_REDIS_URL={redis_url}\n").encode())
+        orchestrator = _write_private(folder / "orchestrator.env", (
+            f"HSFL_REDIS_URL={redis_url}\nHARMONY_MQTT_PASSWORD={self.service_password('orchestrator')}\n"
+            f"HARMONY_REDIS_PASSWORD={self.service_password('redis')}\n").encode())
+        login = _write_private(folder / "orchestrator.login",
+                               f"orchestrator:{self.service_password('orchestrator')}\n".encode())
+        return [server, orchestrator, login]
 
     def write_redis_acl(self) -> Path:
         """DIR/redis.acl: the ``default`` user off, user ``harmony`` (password stored as its SHA-256) with

@@ -147,6 +147,10 @@ def test_cli_certs_and_fleet_add(tmp_path):
     assert result.exit_code == 0, result.output
     store = CredentialStore(store_dir)
     assert store.ca_file.is_file() and (store_dir / "broker.crt").is_file() and store.devices() == ["pi4-01"]
+    env = store_dir / "services" / "server.env"  # compose's env_file for the worker
+    assert _mode(env) == "0o600"
+    assert f"HSFL_REDIS_URL=redis://harmony:{store.service_password('redis')}@redis:6379/0" in env.read_text()
+    assert store.service_password("redis") not in result.output
     result = runner.invoke(app, ["fleet", "add", "jetson-1", "--dir", str(store_dir)])
     assert result.exit_code == 0, result.output
     creds = store.device("jetson-1")
@@ -155,5 +159,19 @@ def test_cli_certs_and_fleet_add(tmp_path):
     before = (store_dir / "devices" / "jetson-1" / "password").read_text()
     assert runner.invoke(app, ["fleet", "add", "jetson-1", "--dir", str(store_dir)]).exit_code == 0
     assert (store_dir / "devices" / "jetson-1" / "password").read_text() == before
+    result = runner.invoke(app, ["fleet", "remove", "jetson-1", "--dir", str(store_dir)])
+    assert result.exit_code == 0, result.output
+    assert store.devices() == ["pi4-01"] and "jetson-1:" not in store.password_file.read_text()
+    result = runner.invoke(app, ["fleet", "remove", "jetson-1", "--dir", str(store_dir)])
+    assert result.exit_code == 2 and "harmony fleet add jetson-1" in result.output
     result = runner.invoke(app, ["fleet", "add", "bad/id", "--dir", str(store_dir)])
     assert result.exit_code == 2 and "device id" in result.output
+
+
+def test_redis_password_from_the_environment(monkeypatch):
+    from testbed.cli import _redis_with_password
+
+    monkeypatch.setenv("HARMONY_REDIS_PASSWORD", "s3cret")
+    assert _redis_with_password("redis://harmony@redis:6379/0") == "redis://harmony:s3cret@redis:6379/0"
+    assert _redis_with_password("redis://harmony:given@redis:6379/0") == "redis://harmony:given@redis:6379/0"
+    assert _redis_with_password("redis://redis:6379/0") == "redis://redis:6379/0"

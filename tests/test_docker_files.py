@@ -13,17 +13,11 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
-import getpass
 import importlib
 import importlib.util
 import json
-import os
 import re
 import shlex
-import shutil
-import socket
-import subprocess
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"
 COMPOSE_FILE = DOCKER / "compose.yaml"
 MOSQUITTO_CONF = DOCKER / "mosquitto" / "mosquitto.conf"
+CREDENTIALS_SOURCE = "../credentials"  # ${HARMONY_CREDENTIALS_DIR:-../credentials}
 README = DOCKER / "README.md"
 PACKAGES = ("harmony", "broker", "edge_agent", "server", "orchestrator", "testbed")
 EXTRA_OF = {"Dockerfile.agent": "agent", "Dockerfile.server": "server"}
@@ -217,10 +212,15 @@ def mosquitto_settings() -> dict[str, str]:
     return settings
 
 
+def mosquitto_listeners() -> list[int]:
+    """The ports of the config's listeners: the devices' first, then the services' (docs/security.md)."""
+    return [int(line.split()[1]) for line in MOSQUITTO_CONF.read_text().splitlines() if line.startswith("listener ")]
+
+
 def mqtt_service_port() -> tuple[str, int]:
-    """The compose service running Mosquitto and the port its listener binds in the container."""
+    """The compose service running Mosquitto and the port its device listener binds in the container."""
     name = next(n for n, s in services().items() if str(s.get("image", "")).startswith("eclipse-mosquitto"))
-    return name, int(mosquitto_settings()["listener"].split()[0])
+    return name, mosquitto_listeners()[0]
 
 
 def redis_service() -> str:
@@ -412,6 +412,8 @@ def test_dependencies_and_volumes_exist():
                 assert "healthcheck" in doc["services"][dep], f"{name} waits for {dep} to be healthy: no healthcheck"
         for volume in service.get("volumes") or []:
             source = interpolate(volume).split(":")[0]
+            if source.startswith(CREDENTIALS_SOURCE):
+                continue  # the credential store: `harmony certs --dir credentials` makes it (docs/security.md)
             if source.startswith((".", "/")):
                 if volume.endswith(":ro") and source.startswith("."):
                     assert (DOCKER / source).exists(), f"{name}: mounted file {source} does not exist"
@@ -466,7 +468,7 @@ def test_broken_commands_are_rejected(parse_only):
                  ["harmony", "run", "c.yaml", "--runtime", "distributed", "--brokr", "m:1", "--redis", "redis://r/0"],
                  ["harmony", "run", "c.yaml", "--runtime", "distributed", "--broker", "m:1", "--redis", "redis://r/0",
                   "--devices-timeout", "0"],
-                 ["python", "-m", "orchestrator", "--broker", "mosquitto:1883"],  # --redis is required
+                 ["python", "-m", "orchestrator", "--redis", "redis://r:6379/0"],  # --broker is required
                  ["python", "-m", "no_such_module"],
                  ["celery", "-A", "server.app", "worker", "-Q", "other", "--pool", "threads"]):
         with pytest.raises((pytest.fail.Exception, AssertionError)):
@@ -524,7 +526,9 @@ def test_broken_driver_commands_are_rejected():
 
 
 def test_wiring_uses_service_names_and_ports():
-    mqtt, mqtt_port = mqtt_service_port()
+    mqtt, device_port = mqtt_service_port()
+    service_port = mosquitto_listeners()[-1]  # workers, orchestrator, driver: the certificate-only listener
+    agents = agent_services()
     redis = redis_service()
     for name, service in services().items():
         if "build" not in service:
@@ -533,14 +537,16 @@ def test_wiring_uses_service_names_and_ports():
         env = environment(service)
         brokers = option_values(argv, "--broker") + [env[k] for k in ("HSFL_MQTT",) if k in env]
         redis_urls = option_values(argv, "--redis") + [env[k] for k in ("HSFL_REDIS_URL",) if k in env]
+        port = device_port if name in agents else service_port
         for value in brokers:
-            assert value == f"{mqtt}:{mqtt_port}", f"{name}: broker {value}; the broker is {mqtt}:{mqtt_port}"
-        for value in redis_urls:
-            assert re.fullmatch(rf"redis://{redis}:6379/\d+", value), f"{name}: Redis URL {value}"
+            assert value == f"{mqtt}:{port}", f"{name}: broker {value}; its listener is {mqtt}:{port}"
+        for value in redis_urls:  # the password, if any, from env_file (DIR/services/*.env)
+            assert re.fullmatch(rf"redis://(harmony@)?{redis}:6379/\d+", value), f"{name}: Redis URL {value}"
         wiring = " ".join(argv + list(env.values()))
         assert "127.0.0.1" not in wiring and "localhost" not in wiring, f"{name}: loopback inside a container"
     worker = next(s for s in services().values() if effective_argv(s)[:1] == ["celery"])
-    assert {"HSFL_MQTT", "HSFL_REDIS_URL"} <= set(environment(worker)), "the worker's defaults are 127.0.0.1"
+    assert "HSFL_MQTT" in environment(worker), "the worker's defaults are 127.0.0.1"
+    assert "HSFL_REDIS_URL" in environment(worker) or "env_file" in worker, "the worker's defaults are 127.0.0.1"
     for agent in agent_services().values():
         assert option_values(effective_argv(agent), "--broker"), "an agent without --broker"
 
@@ -660,40 +666,7 @@ def test_mosquitto_config_matches_the_project_settings():
         "the persistence directory is not a volume: retained state would die with the container")
 
 
-@pytest.mark.skipif(not (os.path.exists("/usr/sbin/mosquitto") or shutil.which("mosquitto")),
-                    reason="mosquitto is not installed")
-def test_mosquitto_starts_with_the_config(tmp_path):
-    from broker.mosquitto import find_mosquitto, free_port
-
-    port = free_port()
-    text = MOSQUITTO_CONF.read_text()
-    text = re.sub(r"(?m)^listener \d+ \S+$", f"listener {port} 127.0.0.1", text)
-    text = re.sub(r"(?m)^persistence_location .*$", f"persistence_location {tmp_path}/", text)
-    if os.geteuid() == 0:  # as root mosquitto would switch to the user "mosquitto"
-        text = f"user {getpass.getuser()}\n" + text
-    conf = tmp_path / "mosquitto.conf"
-    conf.write_text(text)
-    log = tmp_path / "mosquitto.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([find_mosquitto(), "-c", str(conf)], stdout=out, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"mosquitto rejected docker/mosquitto/mosquitto.conf:\n{log.read_text()}")
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline, f"mosquitto did not listen within 10 s:\n{log.read_text()}"
-                time.sleep(0.05)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:  # it accepted the config; do not let a slow exit fail the test
-            proc.kill()
-            proc.wait(10)
+# test_tls_auth.py starts a real mosquitto on docker/mosquitto/mosquitto.conf (it needs a credential store)
 
 
 def test_redis_keeps_an_append_only_file_on_a_volume():

@@ -82,6 +82,21 @@ def test_up_with_auth_confines_each_device(tmp_path):
         finally:
             device.close()
             orchestrator.close()
+        online = BrokerClient("probe-0", *info.mqtt, username="probe-0", password=probe_password,
+                              clean_start=True, session_expiry_s=0)
+        online.connect()
+        result = runner.invoke(app, ["fleet", "remove", "probe-0", "--stack", str(stack_dir)])
+        assert result.exit_code == 0, result.output
+        try:  # withdrawn: the reloaded broker drops its open connection and refuses it from then on
+            deadline = time.monotonic() + 10
+            while online.is_connected:
+                assert time.monotonic() < deadline, "a removed device stayed connected"
+                time.sleep(0.05)
+        finally:
+            online.close()
+        with pytest.raises(ConnectRefused):
+            BrokerClient("probe-0", *info.mqtt, username="probe-0", password=probe_password, clean_start=True,
+                         session_expiry_s=0).connect(timeout=5)
 
         result = runner.invoke(app, ["run", str(cfg_path), "--runtime", "distributed", "--stack", str(stack_dir),
                                      "--out", str(out)])

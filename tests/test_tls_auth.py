@@ -12,7 +12,10 @@ the password, devices register over TLS and a tiny run trains through the stack 
 
 from __future__ import annotations
 
+import getpass
 import json
+import os
+import subprocess
 import time
 import uuid
 from pathlib import Path
@@ -24,7 +27,18 @@ from typer.testing import CliRunner
 
 from broker.client import BrokerClient, TlsSettings
 from broker.errors import ConnectRefused, PublishDenied
-from broker.mosquitto import BrokerTls, MosquittoConfig, MosquittoProcess, ServiceListener, free_port
+from broker.mosquitto import (
+    COMPOSE_CREDENTIALS,
+    COMPOSE_DEVICE_PORT,
+    COMPOSE_SERVICE_PORT,
+    BrokerTls,
+    MosquittoConfig,
+    MosquittoProcess,
+    ServiceListener,
+    find_mosquitto,
+    free_port,
+    render_compose_config,
+)
 from broker.topics import Topics
 from testbed.cli import app
 from testbed.credentials import CredentialStore
@@ -33,6 +47,7 @@ from tests.test_runtime_cli import TINY
 
 pytestmark = pytest.mark.timeout(180)
 
+ROOT = Path(__file__).resolve().parents[1]
 NOT_AUTHORIZED = 0x87
 BAD_LOGIN = 0x86
 T = Topics()
@@ -175,6 +190,55 @@ def test_client_id_takeover_is_refused(fleet, tmp_path):
     finally:
         unfixed.stop()
     assert kicked
+
+
+def test_compose_broker_config_is_generated_and_serves_tls(tmp_path):
+    """docker/mosquitto/mosquitto.conf is what broker.mosquitto generates, and a real mosquitto started on
+    it (paths and ports moved to this machine) serves a device over TLS and the services on their listener."""
+    text = (ROOT / "docker" / "mosquitto" / "mosquitto.conf").read_text()
+    assert text == render_compose_config(), "regenerate docker/mosquitto/mosquitto.conf (see its header)"
+    assert "allow_anonymous true" not in text and "use_username_as_clientid true" in text
+    assert [line.split()[1] for line in text.splitlines() if line.startswith("listener ")] == [
+        str(COMPOSE_DEVICE_PORT), str(COMPOSE_SERVICE_PORT)]
+    store_dir = tmp_path / "credentials"
+    result = CliRunner().invoke(app, ["certs", "--dir", str(store_dir), "--host", "mosquitto", "--device", "pi4-0"])
+    assert result.exit_code == 0, result.output
+    store = CredentialStore(store_dir)
+    device_port, service_port = free_port(), free_port()
+    text = (text.replace(COMPOSE_CREDENTIALS, str(store_dir)).replace("/mosquitto/data", str(tmp_path / "data"))
+            .replace(f"listener {COMPOSE_DEVICE_PORT} 0.0.0.0", f"listener {device_port} 127.0.0.1")
+            .replace(f"listener {COMPOSE_SERVICE_PORT} 0.0.0.0", f"listener {service_port} 127.0.0.1")
+            .replace("log_dest stdout", "log_dest stderr"))  # stdout is block-buffered into a file
+    if os.geteuid() == 0:  # as root mosquitto would switch to the user "mosquitto"
+        text = f"user {getpass.getuser()}\n" + text
+    (tmp_path / "data").mkdir()
+    broker = MosquittoProcess(tmp_path / "run", MosquittoConfig(host="127.0.0.1", port=device_port))
+    broker.run_dir.mkdir()
+    broker.config_path.write_text(text)
+    with open(broker.log_path, "ab") as log:
+        broker._process = subprocess.Popen([find_mosquitto(), "-c", str(broker.config_path)], stdout=log,
+                                           stderr=subprocess.STDOUT)
+    try:
+        broker.wait_ready()
+        creds = store.device("pi4-0")
+        device = BrokerClient("agent-pi4-0", "127.0.0.1", device_port, username="pi4-0", password=creds.password,
+                              tls=TlsSettings(creds.ca_file, creds.cert_file, creds.key_file), clean_start=True)
+        cert, key = store.service_certificate("server")
+        server = BrokerClient("session-x", "127.0.0.1", service_port, username="server",
+                              password=store.service_password("server"), tls=TlsSettings(store.ca_file, cert, key),
+                              clean_start=True)
+        device.connect()
+        server.connect()
+        try:
+            ups = server.subscribe(T.up("pi4-0"))
+            device.publish_raw(T.up("pi4-0"), b"features")
+            assert ups.get(timeout=10).payload == b"features"
+        finally:
+            device.close()
+            server.close()
+        assert "as pi4-0 (p5" in broker.log_path.read_text()  # the client id is the user name
+    finally:
+        broker.stop()
 
 
 def test_production_profile_refuses_plaintext(tmp_path):
