@@ -81,7 +81,7 @@ def proc_status(pid: int) -> dict[str, int]:
     return out
 
 
-def measure_memory(cfg_doc: dict, torch_threads: int | None) -> dict:
+def measure_memory(cfg_doc: dict, torch_threads: int | None, settle_s: float = 2.0) -> dict:
     cfg = validate_config(cfg_doc)
     with tempfile.TemporaryDirectory(prefix="hsfl-footprint-") as tmp:
         stack = LocalStack(tmp)
@@ -97,7 +97,7 @@ def measure_memory(cfg_doc: dict, torch_threads: int | None) -> dict:
                 registered_s = time.perf_counter() - t0
             finally:
                 watcher.close()
-            time.sleep(2.0)  # settled: the hello's micro-benchmarks are done
+            time.sleep(settle_s)  # settled: the hello (and its micro-benchmarks) is out
             idle = proc_status(pid)
             samples: list[int] = []
             stop = threading.Event()
@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> None:
     result: dict = {"bench": "agent_footprint", "smoke": args.smoke, "width": 0.25 if args.smoke else args.width,
                     "machine": platform.machine(), "python": platform.python_version(),
                     "torch_threads": args.torch_threads or os.cpu_count()}
-    result.update(measure_memory(config(args.smoke, args.width), args.torch_threads))
+    result.update(measure_memory(config(args.smoke, args.width), args.torch_threads, 0.5 if args.smoke else 2.0))
     if install != "none":
         result.update(measure_install(install))
     for key in ("idle_rss_mib", "peak_rss_mib", "loaded_rss_mib", "venv_mib", "torch_mib", "install_s"):
