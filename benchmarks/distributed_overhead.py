@@ -26,6 +26,7 @@
     python benchmarks/distributed_overhead.py            # 8 clients, full-width cnn8 (a few minutes)
     python benchmarks/distributed_overhead.py --clients 50   # 50 devices in every round
     python benchmarks/distributed_overhead.py --smoke    # tiny; what the test suite runs
+    python benchmarks/distributed_overhead.py --tls      # the stack of `harmony up --tls` (docs/security.md)
 
 The last line printed is one JSON object.
 """
@@ -119,6 +120,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="timed rounds per runtime, interleaved (default 3)")
     ap.add_argument("--concurrency", type=int, default=None,
                     help="session threads of the Celery worker (default: one per client, as `harmony up` sets it)")
+    ap.add_argument("--tls", action="store_true",
+                    help="the stack of `harmony up --tls`: TLS, passwords, client certificates, Redis ACL")
     ap.add_argument("--stack-threads", type=int, default=1,
                     help="torch threads of the worker and agent processes (default 1; 0: torch's, one per core)")
     args = ap.parse_args()
@@ -142,10 +145,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="hsfl-bench-") as tmp:
         stack = LocalStack(tmp)
         info = stack.start(agents=1, devices_per_agent=cfg.fleet.num_clients, registry=False,
-                           worker_concurrency=args.concurrency, torch_threads=args.stack_threads or None)
+                           worker_concurrency=args.concurrency, torch_threads=args.stack_threads or None,
+                           tls=args.tls)
         try:
-            engine = DistributedEngine(cfg, mqtt=info.mqtt, redis_url=info.redis_url)
-            monitor = BrokerClient(f"bench-{uuid.uuid4().hex[:6]}", *info.mqtt, clean_start=True)
+            user, password = info.orchestrator_login()
+            login = {"username": user, "password": password, "tls": info.service_tls("orchestrator")}
+            engine = DistributedEngine(cfg, mqtt=info.service_mqtt, redis_url=info.redis_url, **login)
+            monitor = BrokerClient(f"bench-{uuid.uuid4().hex[:6]}", *info.service_mqtt, clean_start=True, **login)
             monitor.connect()
             try:
                 local.run_round(1)  # warm-up: the agents and the worker build the experiment
@@ -182,6 +188,7 @@ def main() -> None:
     ratios = sorted(d / lo for d, lo in zip(dist_s, local_s, strict=True))
     result = {
         "bench": "distributed_overhead", "algorithm": args.algorithm, "clients": cfg.fleet.num_clients,
+        "tls": args.tls,
         "local_threads": torch.get_num_threads(), "stack_threads": args.stack_threads or None,
         "concurrency": args.concurrency or max(2, cfg.fleet.num_clients),
         "repeats": args.repeats,

@@ -16,6 +16,7 @@ import getpass
 import json
 import os
 import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -275,6 +276,10 @@ def test_up_tls_trains_over_tls_and_redis_needs_its_password(tmp_path):
             redis.Redis(port=info.redis_port, username="harmony", password="guess").ping()
         assert redis.Redis.from_url(info.redis_url).ping()
 
+        result = runner.invoke(app, ["fleet", "plan", str(cfg_path), "--stack", str(stack_dir), "--json",
+                                     "--wait", "60"])  # the stack's service listener, with its certificate
+        assert result.exit_code == 0, result.output
+        assert sorted(json.loads(line)["device"] for line in result.output.splitlines()) == info.devices
         result = runner.invoke(app, ["run", str(cfg_path), "--runtime", "distributed", "--stack", str(stack_dir),
                                      "--out", str(tmp_path / "a")])
         assert result.exit_code == 0, result.output
@@ -308,3 +313,12 @@ def test_up_tls_trains_over_tls_and_redis_needs_its_password(tmp_path):
     written.append((stack_dir / "stack.json").read_text())
     for secret in secrets:
         assert not any(secret in text for text in written), "a secret in the output, results or logs"
+
+
+def test_tls_connect_benchmark_smoke():
+    proc = subprocess.run([sys.executable, "benchmarks/tls_connect.py", "--smoke"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["bench"] == "tls_connect" and result["connections"] == 3
+    assert 0 < result["plain_ms"]["median"] and 0 < result["mtls_ms"]["median"]
