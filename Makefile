@@ -12,7 +12,9 @@ APT_STAMP := .venv-apt-checked
 setup: system-deps $(STAMP)
 
 # Install through apt-get only what is missing: the Fashion-MNIST files, mosquitto, redis-server,
-# docker-compose (validates docker/compose.yaml offline: `docker-compose config` needs no engine).
+# docker-compose (validates docker/compose.yaml offline: `docker-compose config` needs no engine),
+# iproute2 (tc, ip netns: harmony fleet emulate) and openssh-server/-client (tests/test_flash.py
+# flashes a "board" behind a real sshd with ssh and scp).
 system-deps:
 	@missing=""; \
 	[ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || missing="$$missing dataset-fashion-mnist"; \
@@ -20,6 +22,8 @@ system-deps:
 	command -v redis-server >/dev/null || [ -x /usr/bin/redis-server ] || missing="$$missing redis-server"; \
 	command -v docker-compose >/dev/null || missing="$$missing docker-compose"; \
 	command -v tc >/dev/null || [ -x /usr/sbin/tc ] || missing="$$missing iproute2"; \
+	[ -x /usr/sbin/sshd ] || missing="$$missing openssh-server"; \
+	command -v ssh >/dev/null && command -v scp >/dev/null || missing="$$missing openssh-client"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing with apt-get:$$missing"; \
 	  $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
@@ -46,6 +50,7 @@ bench: setup
 	$(BIN)/python benchmarks/engine_throughput.py --algorithm harmony
 	$(BIN)/python benchmarks/speed_options.py
 	$(BIN)/python benchmarks/distributed_overhead.py
+	$(BIN)/python benchmarks/agent_footprint.py
 	$(BIN)/python benchmarks/reproduce_fmnist.py --scale paper --project
 
 # The documented reduced-scale CPU reproduction of the paper's Table 2 (6 algorithms x 3 seeds),

@@ -66,6 +66,7 @@ class Hello:
     rates: dict[str, float] | None = None  # measured training FLOP/s per kind of layer (conv, depthwise, attention)
     started_at: float | None = None  # when the agent process started (unix s); a new value: the device restarted
     device_class: str | None = None  # the harmony/profiles.yaml class it runs as or emulates (--device-class)
+    data_share: str | None = None  # sha256 of the client share whose rows its board data file holds (harmony flash)
 
 
 @dataclass
@@ -465,6 +466,7 @@ SCHEMAS: dict[str, Schema] = {
             _float("cpus", 0.001, 65536, optional=True), FieldSpec("rates", "scalar_map", optional=True),
             _float("started_at", 0, 1e11, optional=True),
             FieldSpec("device_class", "str", True, max_len=64, pattern=_IDENT),
+            dataclasses.replace(_SHA, name="data_share", optional=True),
         ), frozenset({"hello"})),
         Schema("link_probe", LinkProbe, (FieldSpec("payload", "bytes", max_len=LINK_PROBE_MAX_BYTES),),
                frozenset({"up"})),

@@ -80,6 +80,7 @@ from broker.topics import Topics
 from edge_agent.emulation import DeviceLimits, StepPacer
 from edge_agent.probe import cpu_quota_cpus, kernel_rates, probe_hello, probe_link
 from harmony.assignment import step_needs
+from harmony.data.device_rows import board_data_share
 from harmony.evaluate import ServerPredict
 from harmony.experiment import ClientShare, DevicePlan, Experiment
 from harmony.fleet import flush_denormal
@@ -104,6 +105,8 @@ class SharedRuntime:
         self.cache = cache
         self.hosted = list(hosted)
         self.data_dir = data_dir
+        self.data_share = board_data_share(data_dir) if len(self.hosted) == 1 else None
+        """A flashed board's one device: the share digest of its data file (``hello.data_share``)."""
         self._lock = threading.Lock()
         self._manifest_sha: str | None = None
         self.devices: dict[str, DevicePlan] = {}
@@ -268,7 +271,7 @@ class Device:
             self.cmd = self.client.subscribe(self.topics.cmd(self.id))
             self.down = self.client.subscribe(self.topics.down(self.id))
             self.err = self.client.subscribe(self.topics.err(self.id))
-            hello = dataclasses.replace(self._hello(), started_at=self.started_at)
+            hello = dataclasses.replace(self._hello(), started_at=self.started_at, data_share=self.shared.data_share)
             self.client.announce(self.topics.hello(self.id), hello)  # again after every reconnect
             log.info("device %s: registered with %d core(s), %.2f CPUs, %d MiB, %.1f GFLOP/s", self.id, hello.cores,
                      hello.cpus, hello.memory_bytes >> 20, hello.gflops)

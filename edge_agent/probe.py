@@ -30,8 +30,10 @@ import psutil
 import torch
 
 from broker.schemas import Hello
+from harmony.version import installed_version
 
-AGENT_VERSION = "0.1.0"
+AGENT_VERSION = installed_version()
+"""The installed package version (``hello.agent_version``; the orchestrator admits only its own)."""
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 _V1_CPU_DIRS = ("cpu", "cpu,cpuacct", "cpuacct,cpu")
 

@@ -50,6 +50,9 @@ class DeviceProfile:
     downlink_bps: float | None = None  # server→device throughput, bits/s; None: as the uplink
     latency_ms: float = 0.0  # one-way link latency, milliseconds
     availability: Availability | None = None  # None: always on
+    agent_memory_bytes: int | None = None
+    """Optional: the memory an agent may use on this class (what the OS leaves of ``memory_bytes``);
+    unset, the whole of ``memory_bytes`` (``testbed.footprint`` compares the agent's measured peak)."""
 
     @property
     def downlink(self) -> float:
@@ -73,7 +76,7 @@ class Availability:
 _FIELDS = tuple(f.name for f in fields(DeviceProfile) if f.name != "name")
 _REQUIRED = ("compute_flops", "uplink_bps", "memory_bytes", "cores", "source")
 _FLOAT_FIELDS = ("compute_flops", "uplink_bps", "downlink_bps")
-_INT_FIELDS = ("memory_bytes", "cores")
+_INT_FIELDS = ("memory_bytes", "cores", "agent_memory_bytes")
 
 
 class ProfileError(ValueError):

@@ -51,7 +51,7 @@ from harmony.experiment import Experiment, State
 from harmony.fleet import ProgressFn, ResumePoint, SessionResult
 from harmony.rounds import RoundFailedError, RoundPlan
 from harmony.timing import PhaseClock
-from orchestrator.registry import Registry
+from orchestrator.registry import Registry, devices_for_clients
 from server import state
 from server.app import celery_app, redelivery_bound_s
 
@@ -102,7 +102,10 @@ class MqttCeleryFleet:
         self._connects = self.mqtt.connect_count  # a change: the broker was away (republish, _after_reconnect)
         self.registry = Registry(self.mqtt, self.r)
         n = experiment.num_clients
-        self.device_ids: list[str] = self.registry.wait_for(n, devices_timeout_s)[:n]
+        # a flashed board holding one client's rows gets that client; the others in natural order
+        self.device_ids: list[str] = devices_for_clients(
+            self.registry.wait_for(n, devices_timeout_s), self.registry.profiles,
+            [sha256_hex(experiment.shares[i].to_bytes()) for i in range(n)])
         if self.cfg.fleet.assignment == "measured":
             self._decide_depths()
         self._assigned_at: dict[str, float | None] = {}  # device → the agent start its assign went to

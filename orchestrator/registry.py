@@ -1,4 +1,9 @@
-"""Device registry: ``hello`` (retained) and ``status`` messages into Redis ``hsfl:dev:{id}``."""
+"""Device registry: ``hello`` (retained) and ``status`` messages into Redis ``hsfl:dev:{id}``.
+
+Admission: a device whose ``hello.agent_version`` is not this orchestrator's own installed version
+(:func:`harmony.version.installed_version`) is refused — recorded under ``refused`` in its Redis
+hash and as a ``device_refused`` event, logged, left out of :meth:`Registry.available` — with the
+fix named: ``harmony flash USER@HOST --device-id ID --upgrade``."""
 
 from __future__ import annotations
 
@@ -11,9 +16,20 @@ import time
 from broker.client import BrokerClient
 from broker.codec import check_origin
 from broker.errors import WireError
+from harmony.version import installed_version
 from server import state
 
 log = logging.getLogger(__name__)
+
+
+def version_refusal(device_id: str, agent_version: str, expected: str) -> str | None:
+    """Why a device with ``agent_version`` is refused by an orchestrator of version ``expected``
+    (None: admitted), naming the fix."""
+    if agent_version == expected:
+        return None
+    return (f"device {device_id} runs agent {agent_version} but this orchestrator is {expected}: "
+            f"upgrade the board with `harmony flash USER@HOST --device-id {device_id} --upgrade` "
+            f"(or start an agent of {expected})")
 
 
 def natural_key(device_id: str) -> list[object]:
@@ -24,8 +40,11 @@ def natural_key(device_id: str) -> list[object]:
 class Registry:
     """Collects hello/status from the broker and records them in Redis (``r``; None: only in memory)."""
 
-    def __init__(self, client: BrokerClient, r: object | None) -> None:
+    def __init__(self, client: BrokerClient, r: object | None, expected_version: str | None = None) -> None:
         self.client, self.r = client, r
+        self.expected_version = installed_version() if expected_version is None else expected_version
+        self.refused: dict[str, str] = {}
+        """Device → why it is refused (its agent version differs from ``expected_version``)."""
         self.hello = client.subscribe(client.topics.all_devices("hello"))
         self.status = client.subscribe(client.topics.all_devices("status"))
         self.online: dict[str, bool] = {}
@@ -59,11 +78,28 @@ class Registry:
                     if self.r is not None:
                         self.r.hset(state.dev_key(dev), mapping={"profile": json.dumps(profile)})  # type: ignore
                         self.r.sadd(state.devices_key(), dev)  # type: ignore[attr-defined]
+                    self._admit(dev, env.body.agent_version)
                 elif env.kind == "status":
                     self.online[dev] = env.body.state != "offline"
                     self.status_ts[dev] = max(env.ts, self.status_ts.get(dev, 0.0))
                     if self.r is not None:
                         self.r.hset(state.dev_key(dev), mapping={"status": env.body.state})  # type: ignore
+
+    def _admit(self, dev: str, agent_version: str) -> None:
+        refusal = version_refusal(dev, agent_version, self.expected_version)
+        if refusal is None:
+            if self.refused.pop(dev, None) is not None:
+                log.info("registry: device %s now runs agent %s: admitted", dev, agent_version)
+            if self.r is not None:
+                self.r.hdel(state.dev_key(dev), "refused")  # type: ignore[attr-defined]
+            return
+        if self.refused.get(dev) != refusal:
+            log.warning("registry: refused %s", refusal)
+            if self.r is not None:
+                self.r.hset(state.dev_key(dev), mapping={"refused": refusal})  # type: ignore[attr-defined]
+                state.event(self.r, "device_refused", device=dev, agent_version=agent_version,  # type: ignore
+                            expected_version=self.expected_version, reason=refusal)
+        self.refused[dev] = refusal
 
     def started_at(self, dev: str) -> float | None:
         """When the agent process of ``dev`` started, as its latest ``hello`` says (None if unknown)."""
@@ -71,8 +107,14 @@ class Registry:
         return None if value is None else float(value)
 
     def available(self) -> list[str]:
-        """Registered devices whose last status is not ``offline``, in natural order."""
-        return sorted((d for d in self.profiles if self.online.get(d, False)), key=natural_key)
+        """Registered, admitted devices whose last status is not ``offline``, in natural order."""
+        return sorted((d for d in self.profiles if self.online.get(d, False) and d not in self.refused),
+                      key=natural_key)
+
+    def refused_online(self) -> dict[str, str]:
+        """Online devices refused for their agent version → why."""
+        return {d: why for d, why in sorted(self.refused.items(), key=lambda kv: natural_key(kv[0]))
+                if self.online.get(d, False)}
 
     def wait_for(self, count: int, timeout: float) -> list[str]:
         deadline = time.monotonic() + timeout
@@ -82,16 +124,60 @@ class Registry:
             if len(devices) >= count:
                 return devices
             if time.monotonic() > deadline:
+                refused = self.refused_online()
+                why = "".join(f"; refused: {reason}" for reason in refused.values())
                 raise TimeoutError(f"{len(devices)} device(s) online ({devices}) but the config needs {count}; "
-                                   "start more agents (harmony up --agents N)")
+                                   f"start more agents (harmony up --agents N){why}")
 
 
-def online_profiles(client: BrokerClient, count: int, timeout: float) -> dict[str, dict]:
-    """The ``hello`` of the first ``count`` online devices (natural order, as a run picks them),
-    read from the broker's retained messages; fewer if fewer are online after ``timeout`` seconds."""
+def devices_for_clients(online: list[str], profiles: dict[str, dict], share_digests: list[str]) -> list[str]:
+    """The device of each client ``i`` (``len(share_digests)`` clients; ``share_digests[i]`` the
+    sha256 of client ``i``'s ``ClientShare`` bytes): a device whose ``hello.data_share`` names a
+    client's share holds that client's rows on its disk (a board flashed with ``--config/--client``)
+    and gets that client; the other devices fill the remaining clients in the order given (natural
+    order). A device holding rows of no client of this run (or of a client another device took) is
+    left out. ``RuntimeError`` naming the fix when too few remain."""
+    index = {sha: i for i, sha in enumerate(share_digests)}
+    pinned: dict[int, str] = {}
+    free: list[str] = []
+    foreign: list[str] = []
+    for dev in online:
+        sha = profiles.get(dev, {}).get("data_share")
+        if sha is None:
+            free.append(dev)
+        elif sha in index and index[sha] not in pinned:
+            pinned[index[sha]] = dev
+        else:
+            foreign.append(dev)
+    spare = iter(free)
+    out = []
+    for i in range(len(share_digests)):
+        dev = pinned.get(i) or next(spare, None)
+        if dev is None:
+            why = (f"; left out: {', '.join(foreign)} hold(s) the rows of another client or partition (their board "
+                   "data file): flash them with this run's --config and --client, or give them the whole dataset "
+                   "(--board-data)") if foreign else ""
+            raise RuntimeError(f"the run needs {len(share_digests)} devices but only {len(out) + len(pinned)} of the "
+                               f"online ones can serve it{why}")
+        out.append(dev)
+    if foreign:
+        log.warning("devices %s hold the rows of no client of this run (or of a client another device serves); "
+                    "left out", foreign)
+    return out
+
+
+def online_fleet(client: BrokerClient, count: int, timeout: float) -> tuple[dict[str, dict], dict[str, str]]:
+    """The ``hello`` of the first ``count`` online admitted devices (natural order, as a run picks
+    them), read from the broker's retained messages (fewer if fewer are online after ``timeout``
+    seconds), and the online devices refused for their agent version → why."""
     registry = Registry(client, None)
     try:
         devices = registry.wait_for(count, timeout)
     except TimeoutError:
         devices = registry.available()
-    return {dev: registry.profiles[dev] for dev in devices[:count]}
+    return {dev: registry.profiles[dev] for dev in devices[:count]}, registry.refused_online()
+
+
+def online_profiles(client: BrokerClient, count: int, timeout: float) -> dict[str, dict]:
+    """The ``hello`` of the first ``count`` online admitted devices (:func:`online_fleet`)."""
+    return online_fleet(client, count, timeout)[0]

@@ -469,6 +469,85 @@ def down(run_dir: Annotated[Path, typer.Option("--run-dir", help="the `harmony u
     out_console.print(f"stopped: {', '.join(stopped) if stopped else 'nothing was running'}")
 
 
+@app.command()
+def flash(
+    target: Annotated[str, typer.Argument(metavar="USER@HOST", help="the board, reached over SSH with a key")],
+    device_id: Annotated[str, typer.Option("--device-id", help="the device id (its credentials must exist: "
+                                           "`harmony fleet add ID`)")],
+    broker: Annotated[str, typer.Option("--broker", help="MQTT broker HOST:PORT as the board reaches it "
+                                        "(the TLS listener, e.g. 192.168.1.10:8883)")],
+    profile: Annotated[str | None, typer.Option("--profile", help="the board's device class (harmony/profiles.yaml; "
+                                                "pi4, pi-zero2, jetson-nano, ...)")] = None,
+    credentials_dir: Annotated[Path | None, typer.Option("--credentials-dir", help="the credential store "
+                                                         "(`harmony certs --dir`)")] = None,
+    tls: Annotated[bool, typer.Option("--tls/--no-tls", help="connect over TLS with the device's client "
+                                      "certificate")] = True,
+    config: Annotated[Path | None, typer.Option("--config", help="run config whose partition the device's own "
+                                                "data is cut from (with --client)")] = None,
+    client: Annotated[int | None, typer.Option("--client", help="the client index this device serves under "
+                                               "--config: only its rows are copied")] = None,
+    set_: SetOpt = None,
+    data_dir: Annotated[str | None, typer.Option("--data-dir", help="where the dataset files are here, to cut "
+                                                 "the device's rows from")] = None,
+    board_data: Annotated[str | None, typer.Option("--board-data", help="the dataset is already on the board in "
+                                                   "this directory (nothing copied)")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="print every step, change nothing")] = False,
+    upgrade: Annotated[bool, typer.Option("--upgrade", help="replace an installed agent in place")] = False,
+    root: Annotated[str, typer.Option("--root", help="place the board's files under this directory (a "
+                                      "scratch board; the service is then not enabled)")] = "/",
+    prefix: Annotated[str, typer.Option("--prefix", help="install directory on the board")] = "/opt/harmony",
+    ssh_port: Annotated[int, typer.Option("--ssh-port", min=1, max=65535)] = 22,
+    identity: Annotated[Path | None, typer.Option("--identity", help="SSH private key")] = None,
+    ssh_option: Annotated[list[str] | None, typer.Option("--ssh-option", help="extra ssh -o KEY=VALUE "
+                                                         "(repeatable)")] = None,
+    python: Annotated[str, typer.Option("--python", help="the board's Python 3.10+ interpreter")] = "python3",
+    pip_args: Annotated[str, typer.Option("--pip-args", help="extra pip arguments on the board, e.g. "
+                                          "'--find-links /media/wheels' or an --index-url")] = "",
+    system_site_packages: Annotated[bool, typer.Option(
+        "--system-site-packages", help="the agent venv also sees the board's system packages (a Jetson's NVIDIA "
+        "torch)")] = False,
+    site_packages: Annotated[list[str] | None, typer.Option("--site-packages", help="a directory of packages "
+                                                            "already on the board for the venv to use (repeatable)")]
+    = None,
+    run_as: Annotated[str | None, typer.Option("--run-as", help="the user the agent runs as (default: the SSH "
+                                               "user)")] = None,
+    service: Annotated[str, typer.Option("--service", help="auto (systemd where it runs), systemd, none")] = "auto",
+    wheel: Annotated[Path | None, typer.Option("--wheel", help="install this wheel instead of building one")] = None,
+) -> None:
+    """Flash an agent onto a board over SSH: the project wheel with its agent extra in a venv, the device's credentials,
+    its own data and a systemd unit; idempotent (docs/flashing.md)."""
+    import shlex
+    from pathlib import PurePosixPath
+
+    from testbed.flash import FlashError, FlashOptions, SshTarget
+    from testbed.flash import flash as run_flash
+
+    try:
+        opts = FlashOptions(
+            target=SshTarget.parse(target, port=ssh_port, identity=identity, options=tuple(ssh_option or ())),
+            device_id=device_id, broker=broker, credentials_dir=credentials_dir or _default_credentials_dir(),
+            tls=tls, profile=profile, config=config, overrides=list(set_ or []), client=client,
+            local_data_dir=data_dir, board_data=board_data, root=PurePosixPath(root), prefix=PurePosixPath(prefix),
+            python=python, pip_args=shlex.split(pip_args), system_site_packages=system_site_packages,
+            site_packages=list(site_packages or []), run_as=run_as, service=service, wheel=wheel, upgrade=upgrade,
+            dry_run=dry_run)
+        report = run_flash(opts, say=lambda text: out_console.print(text, markup=False, highlight=False,
+                                                                    soft_wrap=True))
+    except (FlashError, OSError, ValueError) as err:
+        _fail(err)
+    if dry_run:
+        out_console.print("dry run: nothing was changed", markup=False)
+    elif report.changed:
+        out_console.print(f"flashed {device_id} (agent {report.agent_version}): {', '.join(report.changed)}",
+                          markup=False)
+    else:
+        out_console.print(f"{device_id} is up to date (agent {report.agent_version})", markup=False)
+
+
+def _default_credentials_dir() -> Path:
+    return Path("credentials")  # as `harmony certs` and `harmony fleet add` default
+
+
 fleet_app = typer.Typer(no_args_is_help=True, help="the devices of a run: their split depths and why")
 app.add_typer(fleet_app, name="fleet")
 
@@ -606,10 +685,12 @@ def fleet_plan(
     cfg = _load(config, set_)
     if broker is not None and stack_dir is not None:
         _fail(ValueError("give --broker or --stack, not both"))
+    refused: dict[str, str] = {}
     try:
         experiment = Experiment.plan(cfg)
         if broker is not None or stack_dir is not None:
-            decisions = _measured_decisions(experiment, broker, stack_dir, username, password, topic_prefix, wait)
+            decisions, refused = _measured_decisions(experiment, broker, stack_dir, username, password,
+                                                     topic_prefix, wait)
         elif experiment.decisions is not None:
             decisions = experiment.decisions
         else:
@@ -625,9 +706,15 @@ def fleet_plan(
         _fail(err)
     if decisions is not None:
         rows = [d.as_dict() for d in decisions]
+    memory = _footprint_warnings(experiment, rows, measured=broker is not None or stack_dir is not None) \
+        if decisions is not None else []
     if as_json:
         for row in rows:
             typer.echo(json.dumps(row))
+        for dev, why in refused.items():
+            typer.echo(json.dumps({"device": dev, "refused": why}))
+        for warning in memory:
+            typer.echo(json.dumps({"warning": warning}))
         return
     table = Table(title=f"split depths for {cfg.model.family} (batch {cfg.train.batch_size}, "
                         f"step budget {cfg.fleet.step_budget_s:g} s)")
@@ -639,6 +726,30 @@ def fleet_plan(
             f"{row['uplink_bps'] / 1e6:.1f} Mbit/s ({row['source']})")
         table.add_row(row["device"], profile, str(row["depth"]), row["reason"])
     out_console.print(table)
+    for why in refused.values():
+        out_console.print(f"warning: refused {why}", markup=False, highlight=False, soft_wrap=True)
+    for warning in memory:
+        out_console.print(f"warning: {warning}", markup=False, highlight=False, soft_wrap=True)
+
+
+def _footprint_warnings(experiment: Any, rows: list[dict[str, Any]], measured: bool) -> list[str]:
+    """A line per device that cannot hold the agent's measured peak memory (testbed/footprint.py):
+    by its profile's agent budget, or by the memory its ``hello`` reported."""
+    from harmony.profiles import load_profiles
+    from testbed.footprint import budget_bytes, memory_warning
+
+    out = []
+    profiles = load_profiles()
+    for i, row in enumerate(rows):
+        if measured:
+            warning = memory_warning(row["device"], int(row["available_memory_bytes"]), "memory reported in its hello")
+        else:
+            name = experiment.profiles[i]
+            warning = memory_warning(f"{row['device']} ({name})", budget_bytes(profiles[name]),
+                                     "agent memory budget" if profiles[name].agent_memory_bytes else "memory")
+        if warning is not None:
+            out.append(warning)
+    return out
 
 
 @fleet_app.command("emulate")
@@ -752,14 +863,15 @@ def fleet_compose(
 
 
 def _measured_decisions(experiment: Any, broker: str | None, stack_dir: Path | None, username: str | None,
-                        password: str | None, topic_prefix: str, wait: float) -> list[Any]:
-    """Decisions from the ``hello`` of the devices online at ``broker`` (or the stack's broker)."""
+                        password: str | None, topic_prefix: str, wait: float) -> tuple[list[Any], dict[str, str]]:
+    """Decisions from the ``hello`` of the devices online at ``broker`` (or the stack's broker), and
+    the online devices the orchestrator would refuse (their agent version differs) → why."""
     import uuid
 
     from broker.client import BrokerClient
     from broker.topics import Topics
     from harmony.assignment import from_hello
-    from orchestrator.registry import online_profiles
+    from orchestrator.registry import online_fleet
     from testbed.stack import load_stack
 
     if stack_dir is not None:
@@ -775,14 +887,15 @@ def _measured_decisions(experiment: Any, broker: str | None, stack_dir: Path | N
     client.connect()
     try:
         n = experiment.num_clients
-        profiles = online_profiles(client, n, wait)
+        profiles, refused = online_fleet(client, n, wait)
     finally:
         client.close()
     if len(profiles) < n:
+        why = "".join(f"; refused: {reason}" for reason in refused.values())
         raise TimeoutError(f"{len(profiles)} device(s) online ({sorted(profiles)}) but fleet.num_clients = {n}; "
-                           "start more agents or lower fleet.num_clients")
+                           f"start more agents or lower fleet.num_clients{why}")
     family = experiment.cfg.model.family
-    return experiment.assign_measured([from_hello(dev, hello, family) for dev, hello in profiles.items()])
+    return experiment.assign_measured([from_hello(dev, hello, family) for dev, hello in profiles.items()]), refused
 
 
 def main() -> None:

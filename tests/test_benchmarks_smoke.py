@@ -102,3 +102,15 @@ def test_emulation_accuracy_smoke():
     (row,) = result["rows"]
     assert row["class"] == "pi4" and row["enforced_compute"] == "pacing"
     assert 0.85 < row["step_ratio"] < 1.3 and 0.85 < row["uplink_ratio"] < 1.15, row
+
+
+def test_agent_footprint_smoke():
+    """One agent, one tiny cnn8 device, a real session on a local stack; a venv with the agent extra."""
+    proc = subprocess.run([sys.executable, "benchmarks/agent_footprint.py", "--smoke"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["bench"] == "agent_footprint"
+    assert 0 < result["idle_rss_mib"] <= result["peak_rss_mib"] and result["loaded_rss_mib"] <= result["peak_rss_mib"]
+    assert result["session_s"] > 0 and 0 <= result["accuracy_rho0"] <= 100
+    assert "harmony-testbed" in result["distributions"] and result["celery_or_redis"] == []

@@ -36,6 +36,7 @@ import torch
 
 from harmony.data.arrays import ImageArrays
 from harmony.data.cifar import CIFAR10_FILES, CIFAR100_FILES, read_cifar10, read_cifar100
+from harmony.data.device_rows import DeviceRows, cut_device_rows, device_rows_path, select_rows
 from harmony.data.idx import read_idx
 from harmony.data.imagefolder import read_cinic10, read_tiny_imagenet
 
@@ -50,6 +51,7 @@ __all__ = [
     "load_dataset",
     "load_labels",
     "load_rows",
+    "cut_client_rows",
     "normalise_images",
 ]
 
@@ -373,8 +375,13 @@ def load_rows(name: str, data_dir: str | os.PathLike[str] | None, train_rows: np
     their samples. Same floats as indexing :func:`load_dataset`'s tensors."""
     canonical = _canonical_name(name)
     spec = _SPECS[canonical]
-    raw = spec.read(_resolve_dir(canonical, spec, data_dir))
     train_rows, test_rows = np.asarray(train_rows, dtype=np.int64), np.asarray(test_rows, dtype=np.int64)
+    if data_dir is not None and (rows_file := device_rows_path(data_dir, canonical)).is_file():
+        # a board's own data (harmony.data.device_rows): only its client's rows, nothing else to read
+        train_images, train_labels, test_images, test_labels = select_rows(rows_file, train_rows, test_rows)
+        return (normalise_images(train_images, spec.mean, spec.std), torch.from_numpy(train_labels),
+                normalise_images(test_images, spec.mean, spec.std), torch.from_numpy(test_labels))
+    raw = spec.read(_resolve_dir(canonical, spec, data_dir))
     out = (
         normalise_images(raw.train_images[train_rows], spec.mean, spec.std),
         torch.from_numpy(np.ascontiguousarray(raw.train_labels[train_rows])),
@@ -383,3 +390,12 @@ def load_rows(name: str, data_dir: str | os.PathLike[str] | None, train_rows: np
     )
     del raw
     return out
+
+
+def cut_client_rows(name: str, data_dir: str | os.PathLike[str] | None, client: int, train_rows: np.ndarray,
+                    test_rows: np.ndarray, origin: str = "", share_sha256: str = "") -> DeviceRows:
+    """Client ``client``'s rows of dataset ``name`` (raw, with their indices), for a board's data file."""
+    canonical = _canonical_name(name)
+    spec = _SPECS[canonical]
+    return cut_device_rows(canonical, client, spec.read(_resolve_dir(canonical, spec, data_dir)), train_rows,
+                           test_rows, origin, share_sha256)
