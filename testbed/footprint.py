@@ -1,5 +1,5 @@
 """What an edge agent needs on a board, as measured (``benchmarks/agent_footprint.py``,
-``benchmarks/RESULTS.md`` §7), and whether a device class or a registered device has room for it.
+``benchmarks/RESULTS.md`` §8), and whether a device class or a registered device has room for it.
 
 ``harmony fleet plan`` prints a warning line for every device whose memory (its profile's
 ``agent_memory_bytes``, else ``memory_bytes``; or what its ``hello`` reported) is below the agent's
@@ -29,7 +29,7 @@ AGENT_FOOTPRINT = AgentFootprint(
     peak_rss_bytes=int(700.1 * MIB),
     installed_bytes=int(1000.3 * MIB),
     torch_installed_bytes=int(760.7 * MIB),
-    measured="x86_64, torch 2.13.0+cpu, 2026-12-01 (benchmarks/agent_footprint.py; RESULTS §7)",
+    measured="x86_64, torch 2.13.0+cpu, 2026-12-01 (benchmarks/agent_footprint.py; RESULTS §8)",
 )
 
 

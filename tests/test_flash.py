@@ -11,7 +11,7 @@ the service, and the test starts the agent exactly as the unit's ``ExecStart`` s
 ``Environment`` and ``WorkingDirectory``, a bare PATH).
 
 Honest shortcut: a full ``pip install WHEEL[agent]`` into a fresh venv takes ~55 s here (torch
-alone is 760 MiB; ``benchmarks/agent_footprint.py`` measures it, RESULTS §7). The board's venv is
+alone is 760 MiB; ``benchmarks/agent_footprint.py`` measures it, RESULTS §8). The board's venv is
 therefore made with ``--site-packages BASE``: BASE is a directory of symlinks to this machine's
 installed dependencies **without** this project, Celery, Kombu or Redis, and pip still installs the
 project wheel with the ``[agent]`` extra into the venv (it finds the dependencies satisfied).
