@@ -43,6 +43,8 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from harmony.profiles import UnknownProfileError, resolve_class
+
 log = logging.getLogger(__name__)
 
 DISTRIBUTION = "harmony-testbed"
@@ -171,12 +173,10 @@ class FlashOptions:
             if not _SAFE_ARG.match(path):
                 raise FlashError(f"{path!r}: board paths may hold only A-Z a-z 0-9 _ @ + = : , . / -")
         if self.profile is not None:
-            from harmony.profiles import load_profiles
-
-            known = load_profiles()
-            if _profile_name(self.profile) not in known:
-                raise FlashError(f"--profile {self.profile!r}: unknown device class; known: "
-                                 f"{', '.join(sorted(known))}")
+            try:
+                resolve_class(self.profile)
+            except UnknownProfileError as err:
+                raise FlashError(f"--profile {self.profile!r}: {err}") from None
 
     # where things go on the board
     @property
@@ -191,16 +191,6 @@ class FlashOptions:
 
 def _under(root: PurePosixPath, path: PurePosixPath) -> PurePosixPath:
     return root / path.relative_to("/")
-
-
-def _profile_name(name: str) -> str:
-    """The profiles.yaml name of a device class, also from a hyphenated spelling (``pi-zero2``)."""
-    from harmony.profiles import load_profiles
-
-    def key(text: str) -> str:
-        return text.strip().lower().replace("-", "").replace("_", "")
-
-    return next((known for known in load_profiles() if key(known) == key(name)), name)
 
 
 # ----------------------------------------------------------------------------------- the bundle
@@ -304,7 +294,7 @@ def agent_command(opts: FlashOptions, data_dir: str | None) -> list[str]:
     if data_dir is not None:
         argv += ["--data-dir", data_dir]
     if opts.profile is not None:
-        argv += ["--device-class", _profile_name(opts.profile)]
+        argv += ["--device-class", resolve_class(opts.profile)]
     return argv
 
 
@@ -676,7 +666,7 @@ def _footprint_warning(opts: FlashOptions, say: Say) -> None:
         return
     from testbed.footprint import footprint_warning
 
-    warning = footprint_warning(_profile_name(opts.profile))
+    warning = footprint_warning(resolve_class(opts.profile))
     if warning:
         say(f"warning: {warning}")
 
