@@ -707,14 +707,12 @@ def fleet_plan(
     if decisions is not None:
         rows = [d.as_dict() for d in decisions]
     memory = _footprint_warnings(experiment, rows, measured=broker is not None or stack_dir is not None) \
-        if decisions is not None else []
-    if as_json:
-        for row in rows:
-            typer.echo(json.dumps(row))
+        if decisions is not None else [None] * len(rows)
+    if as_json:  # one object per device: its decision (with "warning" where the agent will not fit)
+        for row, warning in zip(rows, memory, strict=True):
+            typer.echo(json.dumps(row if warning is None else {**row, "warning": warning}))
         for dev, why in refused.items():
-            typer.echo(json.dumps({"device": dev, "refused": why}))
-        for warning in memory:
-            typer.echo(json.dumps({"warning": warning}))
+            typer.echo(json.dumps({"device": dev, "depth": None, "refused": why}))
         return
     table = Table(title=f"split depths for {cfg.model.family} (batch {cfg.train.batch_size}, "
                         f"step budget {cfg.fleet.step_budget_s:g} s)")
@@ -729,12 +727,14 @@ def fleet_plan(
     for why in refused.values():
         out_console.print(f"warning: refused {why}", markup=False, highlight=False, soft_wrap=True)
     for warning in memory:
-        out_console.print(f"warning: {warning}", markup=False, highlight=False, soft_wrap=True)
+        if warning is not None:
+            out_console.print(f"warning: {warning}", markup=False, highlight=False, soft_wrap=True)
 
 
-def _footprint_warnings(experiment: Any, rows: list[dict[str, Any]], measured: bool) -> list[str]:
-    """A line per device that cannot hold the agent's measured peak memory (testbed/footprint.py):
-    by its profile's agent budget, or by the memory its ``hello`` reported."""
+def _footprint_warnings(experiment: Any, rows: list[dict[str, Any]], measured: bool) -> list[str | None]:
+    """Per row, a warning when that device cannot hold the agent's measured peak memory
+    (testbed/footprint.py) — by its profile's agent budget, or by the memory its ``hello``
+    reported — else None."""
     from harmony.profiles import load_profiles
     from testbed.footprint import budget_bytes, memory_warning
 
@@ -747,8 +747,7 @@ def _footprint_warnings(experiment: Any, rows: list[dict[str, Any]], measured: b
             name = experiment.profiles[i]
             warning = memory_warning(f"{row['device']} ({name})", budget_bytes(profiles[name]),
                                      "agent memory budget" if profiles[name].agent_memory_bytes else "memory")
-        if warning is not None:
-            out.append(warning)
+        out.append(warning)
     return out
 
 

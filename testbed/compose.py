@@ -85,6 +85,8 @@ def _service_tls(name: str) -> list[str]:
 
 
 def _infrastructure(devices: int) -> dict[str, dict]:
+    from server.app import QUEUE  # here: celery is imported only when a compose file is written
+
     healthy = {"condition": "service_healthy"}
     # a QoS 1 publish over the service listener succeeds once the broker accepts clients
     publish = ("mosquitto_pub -h localhost -p 8884 --cafile /mosquitto/credentials/ca.crt "
@@ -118,7 +120,7 @@ def _infrastructure(devices: int) -> dict[str, dict]:
             "init": True,
             "restart": "unless-stopped",
             "command": ["celery", "-A", "server.app", "worker", "--pool", "threads", "--concurrency",
-                        f"${{WORKER_CONCURRENCY:-{max(2, devices)}}}", "-Q", "hsfl", "--loglevel", "INFO",
+                        f"${{WORKER_CONCURRENCY:-{max(2, devices)}}}", "-Q", QUEUE, "--loglevel", "INFO",
                         "-n", "hsfl@%h", "--without-gossip", "--without-mingle", "--without-heartbeat"],
             # HSFL_MQTT_PASSWORD and HSFL_REDIS_URL (with the Redis password) from the store's env file
             "env_file": [f"{CREDENTIALS}/services/server.env"],
