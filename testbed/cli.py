@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -472,14 +474,17 @@ def down(run_dir: Annotated[Path, typer.Option("--run-dir", help="the `harmony u
 @app.command()
 def flash(
     target: Annotated[str, typer.Argument(metavar="USER@HOST", help="the board, reached over SSH with a key")],
-    device_id: Annotated[str, typer.Option("--device-id", help="the device id (its credentials must exist: "
-                                           "`harmony fleet add ID`)")],
+    device_id: Annotated[str, typer.Option("--device-id", help="the device id (credentials from the store; "
+                                           "created there, as `harmony fleet add ID` does, when it has none)")],
     broker: Annotated[str, typer.Option("--broker", help="MQTT broker HOST:PORT as the board reaches it "
                                         "(the TLS listener, e.g. 192.168.1.10:8883)")],
     profile: Annotated[str | None, typer.Option("--profile", help="the board's device class (harmony/profiles.yaml; "
                                                 "pi4, pi-zero2, jetson-nano, ...)")] = None,
     credentials_dir: Annotated[Path | None, typer.Option("--credentials-dir", help="the credential store "
                                                          "(`harmony certs --dir`)")] = None,
+    stack_dir: Annotated[Path | None, typer.Option("--stack", help="a running `harmony up --auth/--tls` stack: "
+                                                   "its store, and its broker reloads a new device's password")]
+    = None,
     tls: Annotated[bool, typer.Option("--tls/--no-tls", help="connect over TLS with the device's client "
                                       "certificate")] = True,
     config: Annotated[Path | None, typer.Option("--config", help="run config whose partition the device's own "
@@ -522,10 +527,37 @@ def flash(
     from testbed.flash import FlashError, FlashOptions, SshTarget
     from testbed.flash import flash as run_flash
 
+    info = _auth_stack(stack_dir)
+    if info is not None:
+        if credentials_dir is not None and credentials_dir.resolve() != Path(info.store).resolve():
+            _fail(ValueError(f"--credentials-dir {credentials_dir} and --stack {stack_dir} (store {info.store}) "
+                             "disagree: give one of them"))
+        credentials_dir = Path(info.store)
+    store_dir = credentials_dir or _default_credentials_dir()
+    scratch = None
     try:
+        if not _has_credentials(store_dir, device_id):
+            if dry_run:  # show the steps with the credentials a real run would create, in a copy of the store
+                scratch = tempfile.TemporaryDirectory(prefix="harmony-flash-dry-")
+                copy = Path(scratch.name) / "store"
+                if store_dir.is_dir():
+                    shutil.copytree(store_dir, copy)
+                _add_device(copy, device_id, tls)
+                out_console.print(f"would create credentials for {device_id} in {store_dir} (harmony fleet add "
+                                  f"{device_id}) and update the broker files", markup=False)
+                store_dir = copy
+            else:
+                folder = _add_device(store_dir, device_id, tls)
+                out_console.print(f"created credentials for {device_id} in {folder}; broker files updated in "
+                                  f"{store_dir}", markup=False)
+                if info is not None:
+                    _reload_broker(info, stack_dir, f"{device_id} may connect")
+                else:
+                    out_console.print("the broker must reload its password file and ACL (SIGHUP mosquitto, or "
+                                      "restart the broker container) before the board can log in", markup=False)
         opts = FlashOptions(
             target=SshTarget.parse(target, port=ssh_port, identity=identity, options=tuple(ssh_option or ())),
-            device_id=device_id, broker=broker, credentials_dir=credentials_dir or _default_credentials_dir(),
+            device_id=device_id, broker=broker, credentials_dir=store_dir,
             tls=tls, profile=profile, config=config, overrides=list(set_ or []), client=client,
             local_data_dir=data_dir, board_data=board_data, root=PurePosixPath(root), prefix=PurePosixPath(prefix),
             python=python, pip_args=shlex.split(pip_args), system_site_packages=system_site_packages,
@@ -535,6 +567,9 @@ def flash(
                                                                     soft_wrap=True))
     except (FlashError, OSError, ValueError) as err:
         _fail(err)
+    finally:
+        if scratch is not None:
+            scratch.cleanup()
     if dry_run:
         out_console.print("dry run: nothing was changed", markup=False)
     elif report.changed:
@@ -546,6 +581,26 @@ def flash(
 
 def _default_credentials_dir() -> Path:
     return Path("credentials")  # as `harmony certs` and `harmony fleet add` default
+
+
+def _has_credentials(store_dir: Path, device_id: str) -> bool:
+    from testbed.credentials import CredentialError, CredentialStore
+
+    try:
+        CredentialStore(store_dir).device(device_id)
+    except (CredentialError, FileNotFoundError):
+        return False
+    return True
+
+
+def _add_device(store_dir: Path, device_id: str, tls: bool) -> Path:
+    """``harmony fleet add``'s work: the device's credentials and the broker's password file and ACL."""
+    from testbed.credentials import CredentialStore
+
+    store = CredentialStore(store_dir)
+    store.add_device(device_id, tls=tls)
+    store.write_broker_files()
+    return store.device_dir(device_id)
 
 
 fleet_app = typer.Typer(no_args_is_help=True, help="the devices of a run: their split depths and why")
@@ -771,8 +826,10 @@ def fleet_emulate(
                                                    "(default: until Ctrl-C)")] = None,
     tls: Annotated[bool, typer.Option("--tls", help="when this command starts the stack: start it with TLS "
                                       "(`harmony up --tls`); a running --tls stack is used over TLS anyway")] = False,
+    profiles_file: Annotated[Path | None, typer.Option("--profiles", help="a profiles YAML adding or overriding "
+                                                       "classes (e.g. one with availability periods)")] = None,
 ) -> None:
-    """Run an emulated fleet whose devices are held to their class's compute, link and memory limits."""
+    """Run an emulated fleet whose devices are held to their class's compute, link, memory and availability."""
     from testbed.emulate import (
         EmulatedFleet,
         EmulationError,
@@ -786,13 +843,17 @@ def fleet_emulate(
     )
     from testbed.stack import LocalStack, load_stack, stack_running
 
+    from harmony.profiles import ProfileError, load_profiles
+
     try:
-        requests = [parse_profile_option(p) for p in profile]
+        table = load_profiles(profiles_file)
+        requests = [parse_profile_option(p, table) for p in profile]
         mqtt = _broker_address(broker) if broker is not None else None
         credentials, agent_args = None, []
         host = detect_host()
-        plans = plan_fleet(requests, host, compute=compute, link=link, memory=memory, id_prefix=id_prefix)
-    except (EmulationError, ValueError) as err:
+        plans = plan_fleet(requests, host, compute=compute, link=link, memory=memory, id_prefix=id_prefix,
+                           profiles=table)
+    except (EmulationError, ProfileError, ValueError, OSError) as err:
         _fail(err)
     if mqtt is None:
         if not stack_running(stack_dir):
@@ -805,10 +866,11 @@ def fleet_emulate(
         credentials, agent_args = stack_login(info, [d for p in plans for d in p.devices], stack_dir / "emulate")
     table = Table(title=f"emulated fleet against {mqtt[0]}:{mqtt[1]} — host: {host.describe()}")
     rows = [p.row() for p in plans]
-    for column in ("class", "devices", "compute", "uplink", "latency", "memory"):
+    columns = ("class", "devices", "compute", "uplink", "latency", "memory", "availability")
+    for column in columns:
         table.add_column(column)
     for row in rows:
-        table.add_row(*(row[c] for c in ("class", "devices", "compute", "uplink", "latency", "memory")))
+        table.add_row(*(row[c] for c in columns))
     out_console.print(table)
     for row in rows:
         if row["note"]:
@@ -816,7 +878,8 @@ def fleet_emulate(
     warning = oversubscription(plans, os.cpu_count() or 1)
     if warning:
         console.print(f"[yellow]note:[/yellow] {warning}")
-    fleet = EmulatedFleet(plans, mqtt, stack_dir / "emulate", credentials=credentials, extra_agent_args=agent_args)
+    fleet = EmulatedFleet(plans, mqtt, stack_dir / "emulate", credentials=credentials, extra_agent_args=[
+        *agent_args, *(["--profiles", str(profiles_file.resolve())] if profiles_file is not None else [])])
     if agent_args:
         out_console.print("over TLS: each device with its own client certificate from the stack's credential store")
     out_console.print(f"devices: {', '.join(fleet.devices)}; agent logs in {stack_dir / 'emulate'}; cgroups and "

@@ -23,6 +23,11 @@ decides how each limit is enforced on this host, and says so (:func:`plan_fleet`
 - **memory**: the cgroup ``memory`` limit (and ``memsw``, so no swap softens it) where available,
   else not enforced. An agent killed by the out-of-memory killer is reported as that device's
   failure (its MQTT last will tells the orchestrator at once; :meth:`EmulatedFleet.failures`).
+- **availability**: a class with on/off periods (``availability: {on_s, off_s}``) is power-cycled:
+  each of its devices gets a process of its own, SIGKILLed when an off period begins (a board
+  losing power: no goodbye, its last will says ``offline``) and started again when the next on
+  period begins (a new process: a new ``hello.started_at``, so the round driver assigns it
+  again). Periods count from the fleet's start and are checked every poll (about a second).
 
 Agents run with one torch thread each. An agent process hosts every device of its class when all
 of the class's limits are enforced in the agent; a cgroup quota or a namespace is per process, so
@@ -183,8 +188,8 @@ class ClassPlan:
 
     @property
     def per_process(self) -> bool:
-        """One device per agent process (a quota or a namespace is per process)."""
-        return self.compute.startswith("cgroup") or self.link == "netns"
+        """One device per agent process (a quota, a namespace or a power cycle is per process)."""
+        return self.compute.startswith("cgroup") or self.link == "netns" or self.profile.availability is not None
 
     @property
     def agent_limits(self) -> list[str]:
@@ -207,10 +212,12 @@ class ClassPlan:
         link = (f"tc tbf in a netns ({p.uplink_bps / 1e6:g}/{p.downlink / 1e6:g} Mbit/s up/down)"
                 if self.link == "netns" else f"agent token bucket ({p.uplink_bps / 1e6:g}/{p.downlink / 1e6:g} "
                 "Mbit/s up/down)")
+        availability = "always on" if p.availability is None else (
+            f"power-cycled: on {p.availability.on_s:g} s, off {p.availability.off_s:g} s")
         return {"class": p.name, "devices": str(len(self.devices)), "compute": compute, "uplink": link,
                 "latency": f"in agent ({p.latency_ms:g} ms one-way)",
                 "memory": f"cgroup {p.memory_bytes / 2**20:.0f} MiB" if self.memory else "not enforced",
-                "note": self.note}
+                "availability": availability, "note": self.note}
 
 
 def plan_fleet(requests: list[tuple[str, int]], host: Host, *, compute: str = "auto", link: str = "auto",
@@ -334,6 +341,9 @@ class _Process:
     log: Path
     memory_cgroup: Path | None
     reported: bool = False
+    start: Callable[[], subprocess.Popen[bytes]] | None = None  # starts it again (a power-cycled device)
+    powered_off: bool = False
+    power_cycles: int = 0
 
 
 @dataclass
@@ -362,6 +372,7 @@ class EmulatedFleet:
     _relays: list[LinkRelay] = field(default_factory=list)
     _inner_relays: list[subprocess.Popen[str]] = field(default_factory=list)
     _failures: list[Failure] = field(default_factory=list)
+    _started: float = 0.0
 
     @property
     def devices(self) -> list[str]:
@@ -369,6 +380,7 @@ class EmulatedFleet:
 
     def start(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._started = time.monotonic()
         try:
             k = 0
             for plan in self.plans:
@@ -475,18 +487,48 @@ class EmulatedFleet:
             for g in groups:
                 (g / "cgroup.procs").write_text(str(os.getpid()))
 
-        with open(log_path, "ab") as handle:
-            proc = subprocess.Popen(argv, stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    env=env, cwd=self.run_dir, start_new_session=True, preexec_fn=join_cgroups)
-        self._procs.append(_Process(name, devices, plan, proc, log_path, mem_cg))
+        def launch() -> subprocess.Popen[bytes]:
+            with open(log_path, "ab") as handle:
+                return subprocess.Popen(argv, stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                        env=env, cwd=self.run_dir, start_new_session=True, preexec_fn=join_cgroups)
+
+        proc = launch()
+        self._procs.append(_Process(name, devices, plan, proc, log_path, mem_cg, start=launch))
         log.info("%s: %s (pid %d)", name, " ".join(argv), proc.pid)
+
+    # -- availability ------------------------------------------------------------------------
+    def power_cycle(self, now: float | None = None) -> list[tuple[str, str]]:
+        """Switch power-cycled devices off or on as their class's periods say at ``now``
+        (monotonic; default: now). Returns ``(device, "off" | "on")`` for each switch made."""
+        elapsed = (time.monotonic() if now is None else now) - self._started
+        switched = []
+        for p in self._procs:
+            availability = p.plan.profile.availability
+            if availability is None or p.reported:
+                continue
+            on = availability.is_on(elapsed)
+            if not on and not p.powered_off:
+                if p.proc.poll() is None:
+                    os.kill(p.proc.pid, signal.SIGKILL)  # power lost: no goodbye, the last will fires
+                    p.proc.wait(10)
+                p.powered_off = True
+                switched += [(d, "off") for d in p.devices]
+            elif on and p.powered_off:
+                assert p.start is not None
+                p.proc = p.start()
+                p.powered_off = False
+                p.power_cycles += 1
+                switched += [(d, "on") for d in p.devices]
+        for device, state in switched:
+            log.info("device %s: power %s (availability of its class)", device, state)
+        return switched
 
     # -- watching ----------------------------------------------------------------------------
     def failures(self) -> list[Failure]:
         """Agent processes that ended since the start, each once, with why (an out-of-memory kill
         is named as such: its devices are gone, and their last will told the orchestrator)."""
         for p in self._procs:
-            if p.reported or p.proc.poll() is None:
+            if p.reported or p.powered_off or p.proc.poll() is None:
                 continue
             p.reported = True
             code = p.proc.returncode
@@ -501,7 +543,8 @@ class EmulatedFleet:
         return list(self._failures)
 
     def alive(self) -> int:
-        return sum(p.proc.poll() is None for p in self._procs)
+        """Agent processes running or switched off for now (a power-cycled device comes back)."""
+        return sum(p.powered_off or p.proc.poll() is None for p in self._procs)
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop every agent (SIGINT, then SIGKILL), then remove relays, veths, namespaces and cgroups."""
@@ -597,6 +640,7 @@ def run_fleet(fleet: EmulatedFleet, *, duration_s: float | None = None, poll_s: 
         deadline = None if duration_s is None else time.monotonic() + duration_s
         while deadline is None or time.monotonic() < deadline:
             time.sleep(poll_s)
+            fleet.power_cycle()
             failures = fleet.failures()
             for failure in failures[seen:]:
                 if on_failure is not None:

@@ -28,7 +28,7 @@ from broker.client import BrokerClient
 from edge_agent.emulation import StepPacer, TokenBucket
 from harmony.assignment import from_hello, step_needs
 from harmony.experiment import Experiment
-from harmony.profiles import get_profile
+from harmony.profiles import Availability, get_profile
 from orchestrator.engine import DistributedEngine
 from orchestrator.registry import online_profiles
 from server import state
@@ -220,6 +220,57 @@ def test_an_out_of_memory_kill_is_a_reported_device_failure(stack, tmp_path):
     finally:
         fleet.stop()
     assert leftovers(fleet.tag) == []
+
+
+def test_a_class_with_off_periods_is_power_cycled_and_comes_back_as_a_restarted_device(stack, tmp_path):
+    """availability {on_s, off_s}: at an off period the device's process is killed (its last will
+    says offline, and it is no failure of the fleet); at the next on period it starts again and
+    announces a new started_at, which is how the round driver knows to assign it again. The
+    periods are stepped here by handing power_cycle the times, not by waiting them out."""
+    assert stack.info is not None
+    profile = replace(get_profile("pi4"), name="blinky", availability=Availability(on_s=60.0, off_s=30.0))
+    profiles_file = tmp_path / "profiles.yaml"
+    profiles_file.write_text(yaml.safe_dump({"blinky": {
+        "compute_flops": int(profile.compute_flops), "uplink_bps": int(profile.uplink_bps),
+        "memory_bytes": profile.memory_bytes, "cores": profile.cores, "source": "a test class",
+        "availability": {"on_s": 60, "off_s": 30}}}))
+    host = HOST or Host(False, False, False, False, 30e9)
+    (plan,) = plan_fleet([("blinky", 1)], host, profiles={"blinky": profile}, compute="pacing", link="agent",
+                         memory=False, id_prefix="b-")
+    assert plan.per_process and plan.row()["availability"] == "power-cycled: on 60 s, off 30 s"
+    fleet = EmulatedFleet([plan], stack.info.mqtt, tmp_path / "emulate", extra_agent_args=["--profiles",
+                                                                                         str(profiles_file)])
+    dev = "b-blinky-0"
+    monitor = BrokerClient(f"test-{uuid.uuid4().hex[:6]}", *stack.info.mqtt, clean_start=True, session_expiry_s=0)
+    monitor.connect()
+    try:
+        hellos = monitor.subscribe(monitor.topics.hello(dev))
+        statuses = monitor.subscribe(monitor.topics.status(dev))
+
+        def next_body(sub, want, timeout: float = 60.0):
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                message = sub.get(max(0.1, deadline - time.monotonic()))
+                body = message.decode(monitor.max_bytes).body
+                if want(body):
+                    return body
+            raise AssertionError(f"nothing wanted on {sub} within {timeout} s")
+
+        fleet.start()
+        first = next_body(hellos, lambda b: True)
+        assert fleet.power_cycle(fleet._started + 1.0) == []  # inside the on period: nothing changes
+        assert fleet.power_cycle(fleet._started + 61.0) == [(dev, "off")]
+        next_body(statuses, lambda b: b.state == "offline", timeout=15)  # the last will, at once
+        assert fleet.failures() == [] and fleet.alive() == 1  # switched off, not failed
+        assert fleet.power_cycle(fleet._started + 91.0) == [(dev, "on")]
+        again = next_body(hellos, lambda b: b.started_at != first.started_at)
+        assert again.started_at > first.started_at and again.device_class == "blinky"
+        next_body(statuses, lambda b: b.state == "idle")
+        assert fleet.failures() == []
+    finally:
+        monitor.close()
+        fleet.stop()
+    assert fleet.failures() == []
 
 
 @pytest.mark.slow

@@ -109,17 +109,15 @@ def sshd(tmp_path_factory):
 def fleet(tmp_path_factory):
     """A `harmony up --tls` stack without agents (mosquitto with its TLS device listener requiring
     client certificates, the per-device ACL and client ids tied to user names; redis-server with its
-    ACL; a Celery worker; the orchestrator's registry process), and device pi-01 added to its
-    credential store as an operator would: `harmony fleet add pi-01 --stack DIR` (the broker reloads)."""
+    ACL; a Celery worker; the orchestrator's registry process). Device pi-01 is not in its credential
+    store: the first `harmony flash --stack DIR` creates its credentials (the broker reloads)."""
     d = tmp_path_factory.mktemp("fleet")
     stack = LocalStack(d / "stack")
     info = stack.start(agents=0, tls=True, worker_concurrency=2)
     try:
-        added = CliRunner().invoke(app, ["fleet", "add", DEVICE, "--stack", str(d / "stack")])
-        assert added.exit_code == 0, added.output
         stack.add_agent(["emu-0"])  # a second device (emulated, the whole dataset) for the training round
         yield {"dir": Path(info.store), "tls_port": info.mqtt_port, "redis": state.connect(info.redis_url),
-               "log": d / "stack" / "mosquitto.log", "info": info}
+               "log": d / "stack" / "mosquitto.log", "info": info, "stack": d / "stack"}
     finally:
         stack.stop()
 
@@ -151,9 +149,10 @@ def wheels(tmp_path_factory):
     return {"old": build_wheel(d / "old", old_src), "new": build_wheel(d / "new")}
 
 
-def _flash(sshd, fleet, board: Path, *extra: str, device: str = DEVICE) -> tuple[int, str]:
+def _flash(sshd, fleet, board: Path, *extra: str, device: str = DEVICE, stack: bool = False) -> tuple[int, str]:
+    store = ["--stack", str(fleet["stack"])] if stack else ["--credentials-dir", str(fleet["dir"])]
     argv = ["flash", "root@127.0.0.1", "--device-id", device, "--broker", f"127.0.0.1:{fleet['tls_port']}",
-            "--credentials-dir", str(fleet["dir"]), "--root", str(board), "--ssh-port", str(sshd["port"]),
+            *store, "--root", str(board), "--ssh-port", str(sshd["port"]),
             "--identity", str(sshd["key"]), "--ssh-option", f"UserKnownHostsFile={sshd['known_hosts']}",
             "--ssh-option", "StrictHostKeyChecking=accept-new", "--python", sys._base_executable,
             "--site-packages", str(fleet["base_site"]), *extra]
@@ -205,9 +204,21 @@ def test_flash_brings_a_bare_board_to_a_registered_tls_device_and_upgrades_it(ss
     home = board / "opt" / "harmony"
     unit = board / "etc" / "systemd" / "system" / UNIT_NAME
 
-    # 1. a fresh board gets the older agent, its credentials, its own rows and the unit
-    code, out = _flash(sshd, fleet, board, "--wheel", str(wheels["old"]), *data)
+    # 0. a dry run for a device the store does not know yet shows the steps and creates nothing
+    device_dir = fleet["dir"] / "devices" / DEVICE
+    passwd_before = (fleet["dir"] / "mosquitto.passwd").read_bytes()
+    code, out = _flash(sshd, fleet, board, "--wheel", str(wheels["old"]), *data, "--dry-run", stack=True)
     assert code == 0, out
+    assert f"would create credentials for {DEVICE}" in out and "dry run: nothing was changed" in out
+    assert not device_dir.exists() and (fleet["dir"] / "mosquitto.passwd").read_bytes() == passwd_before
+    assert list(board.iterdir()) == []
+
+    # 1. one command: a fresh board gets its new credentials (the stack's broker reloads), the older
+    # agent, its own rows and the unit
+    code, out = _flash(sshd, fleet, board, "--wheel", str(wheels["old"]), *data, stack=True)
+    assert code == 0, out
+    assert f"created credentials for {DEVICE}" in out and "reloaded its password file" in out
+    assert (device_dir / "client.crt").is_file() and DEVICE.encode() in (fleet["dir"] / "mosquitto.passwd").read_bytes()
     assert "service: skipped" in out and "start the agent as the unit would" in out
     venv_python = home / "venv" / "bin" / "python"
     inode = venv_python.resolve().stat().st_ino, (home / "venv").stat().st_ino
