@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -536,6 +537,15 @@ def flash(
     store_dir = credentials_dir or _default_credentials_dir()
     scratch = None
     try:
+        opts = FlashOptions(
+            target=SshTarget.parse(target, port=ssh_port, identity=identity, options=tuple(ssh_option or ())),
+            device_id=device_id, broker=broker, credentials_dir=store_dir,
+            tls=tls, profile=profile, config=config, overrides=list(set_ or []), client=client,
+            local_data_dir=data_dir, board_data=board_data, root=PurePosixPath(root), prefix=PurePosixPath(prefix),
+            python=python, pip_args=shlex.split(pip_args), system_site_packages=system_site_packages,
+            site_packages=list(site_packages or []), run_as=run_as, service=service, wheel=wheel, upgrade=upgrade,
+            dry_run=dry_run)
+        opts.check()  # bad options fail before any credential is created
         if not _has_credentials(store_dir, device_id):
             if dry_run:  # show the steps with the credentials a real run would create, in a copy of the store
                 scratch = tempfile.TemporaryDirectory(prefix="harmony-flash-dry-")
@@ -545,7 +555,7 @@ def flash(
                 _add_device(copy, device_id, tls)
                 out_console.print(f"would create credentials for {device_id} in {store_dir} (harmony fleet add "
                                   f"{device_id}) and update the broker files", markup=False)
-                store_dir = copy
+                opts = dataclasses.replace(opts, credentials_dir=copy)
             else:
                 folder = _add_device(store_dir, device_id, tls)
                 out_console.print(f"created credentials for {device_id} in {folder}; broker files updated in "
@@ -555,14 +565,6 @@ def flash(
                 else:
                     out_console.print("the broker must reload its password file and ACL (SIGHUP mosquitto, or "
                                       "restart the broker container) before the board can log in", markup=False)
-        opts = FlashOptions(
-            target=SshTarget.parse(target, port=ssh_port, identity=identity, options=tuple(ssh_option or ())),
-            device_id=device_id, broker=broker, credentials_dir=store_dir,
-            tls=tls, profile=profile, config=config, overrides=list(set_ or []), client=client,
-            local_data_dir=data_dir, board_data=board_data, root=PurePosixPath(root), prefix=PurePosixPath(prefix),
-            python=python, pip_args=shlex.split(pip_args), system_site_packages=system_site_packages,
-            site_packages=list(site_packages or []), run_as=run_as, service=service, wheel=wheel, upgrade=upgrade,
-            dry_run=dry_run)
         report = run_flash(opts, say=lambda text: out_console.print(text, markup=False, highlight=False,
                                                                     soft_wrap=True))
     except (FlashError, OSError, ValueError) as err:
@@ -830,6 +832,7 @@ def fleet_emulate(
                                                        "classes (e.g. one with availability periods)")] = None,
 ) -> None:
     """Run an emulated fleet whose devices are held to their class's compute, link, memory and availability."""
+    from harmony.profiles import ProfileError, load_profiles
     from testbed.emulate import (
         EmulatedFleet,
         EmulationError,
@@ -842,8 +845,6 @@ def fleet_emulate(
         stack_login,
     )
     from testbed.stack import LocalStack, load_stack, stack_running
-
-    from harmony.profiles import ProfileError, load_profiles
 
     try:
         table = load_profiles(profiles_file)

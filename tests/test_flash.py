@@ -323,10 +323,12 @@ def test_bad_input_names_the_option_and_touches_nothing(sshd, fleet, base_site, 
     fleet["base_site"] = base_site
     board = tmp_path / "board"
     board.mkdir()
-    code, out = _flash(sshd, fleet, board, device="unknown-7")
-    assert code != 0 and "harmony fleet add unknown-7" in out
-    code, out = _flash(sshd, fleet, board, "--client", "1")
+    passwd = (fleet["dir"] / "mosquitto.passwd").read_bytes()
+    code, out = _flash(sshd, fleet, board, "--client", "1", device="unknown-7")
     assert code != 0 and "--config and --client go together" in out
+    # a device the store does not know gets no credentials from a command that fails on its options
+    assert not (fleet["dir"] / "devices" / "unknown-7").exists()
+    assert (fleet["dir"] / "mosquitto.passwd").read_bytes() == passwd
     code, out = _flash(sshd, fleet, board, "--service", "upstart")
     assert code != 0 and "--service 'upstart'" in out
     runner = CliRunner()
