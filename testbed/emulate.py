@@ -640,8 +640,8 @@ def run_fleet(fleet: EmulatedFleet, *, duration_s: float | None = None, poll_s: 
         deadline = None if duration_s is None else time.monotonic() + duration_s
         while deadline is None or time.monotonic() < deadline:
             time.sleep(poll_s)
+            failures = fleet.failures()  # first: a device that crashed just before its off period is a failure
             fleet.power_cycle()
-            failures = fleet.failures()
             for failure in failures[seen:]:
                 if on_failure is not None:
                     on_failure(failure)
