@@ -557,7 +557,8 @@ def flash(
                                   f"{device_id}) and update the broker files", markup=False)
                 opts = dataclasses.replace(opts, credentials_dir=copy)
             else:
-                folder = _add_device(store_dir, device_id, tls)
+                _add_device(store_dir, device_id, tls)
+                folder = _store(store_dir).device_dir(device_id)
                 out_console.print(f"created credentials for {device_id} in {folder}; broker files updated in "
                                   f"{store_dir}", markup=False)
                 if info is not None:
@@ -595,14 +596,19 @@ def _has_credentials(store_dir: Path, device_id: str) -> bool:
     return True
 
 
-def _add_device(store_dir: Path, device_id: str, tls: bool) -> Path:
-    """``harmony fleet add``'s work: the device's credentials and the broker's password file and ACL."""
+def _store(store_dir: Path) -> Any:
     from testbed.credentials import CredentialStore
 
-    store = CredentialStore(store_dir)
-    store.add_device(device_id, tls=tls)
+    return CredentialStore(store_dir)
+
+
+def _add_device(store_dir: Path, device_id: str, tls: bool, rotate: bool = False) -> Any:
+    """The device's credentials (``DeviceCredentials``) in the store, and the broker's password file
+    and ACL rewritten: the work of ``harmony fleet add`` and of ``harmony flash`` for a new device."""
+    store = _store(store_dir)
+    creds = store.add_device(device_id, tls=tls, rotate=rotate)
     store.write_broker_files()
-    return store.device_dir(device_id)
+    return creds
 
 
 fleet_app = typer.Typer(no_args_is_help=True, help="the devices of a run: their split depths and why")
@@ -649,19 +655,17 @@ def fleet_add(
                                                    "--auth/--tls` stack (its store; its broker reloads)")] = None,
 ) -> None:
     """Create a device's credentials (password, and a client certificate with TLS) in the store."""
-    from testbed.credentials import CredentialError, CredentialStore
+    from testbed.credentials import CredentialError
 
     info = _auth_stack(stack_dir)
     if info is not None:
         assert info.store is not None
         store_dir, tls = Path(info.store), info.tls
-    store = CredentialStore(store_dir)
     try:
-        creds = store.add_device(device_id, tls=tls, rotate=rotate)
-        store.write_broker_files()
+        creds = _add_device(store_dir, device_id, tls, rotate=rotate)
     except CredentialError as err:
         _fail(err)
-    folder = store.device_dir(device_id)
+    folder = _store(store_dir).device_dir(device_id)
     files = ", ".join(p.name for p in (folder / "password", creds.ca_file, creds.cert_file, creds.key_file)
                       if p is not None)
     out_console.print(f"device {device_id}: {folder} ({files}); broker files updated in {store_dir}")
