@@ -151,8 +151,11 @@ class Subscription:
         parts = topic_filter.split("/")
         # topic matching uses the filter without the "$share/{group}/" part
         self.match_filter = "/".join(parts[2:]) if topic_filter.startswith("$share/") else topic_filter
+        self.received_bytes = 0
+        """Payload bytes of every message that arrived on this subscription (monitoring)."""
 
     def _push(self, message: InboundMessage) -> None:  # called with the client's condition held
+        self.received_bytes += len(message.payload)
         if len(self._messages) >= self._max_queue:
             self._messages.popleft()
             self.dropped += 1

@@ -173,14 +173,15 @@ class Engine:
         for result in self.fleet.train(rnd, starts, self.server_global, plan):
             if result.status == "dropped":
                 dropped.append(result.client)
-                self.progress("session_dropped", round=rnd, device=result.client)
+                self.progress("session_dropped", round=rnd, device=result.client, seconds=result.seconds)
             elif result.status == "late" or (plan.deadline_s is not None and result.seconds > plan.deadline_s):
                 late.append(result.client)
                 self.progress("session_late", round=rnd, device=result.client, seconds=result.seconds)
             else:
                 done[result.client] = result
                 longest = max(longest, result.seconds)
-                self.progress("session_done", round=rnd, device=result.client)
+                self.progress("session_done", round=rnd, device=result.client, seconds=result.seconds,
+                              steps=self.experiment.steps(result.client))
         round_s = plan.deadline_s if late and plan.deadline_s is not None else longest
         order = [i for i in plan.participants if i in done]  # participant order, whatever order they finished in
         return [done[i] for i in order], sorted(late), sorted(dropped), round_s

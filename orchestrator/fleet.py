@@ -185,8 +185,9 @@ class MqttCeleryFleet:
             if keys:
                 self.r.delete(*keys)
         self.r.delete(state.run_key())
-        self.r.hset(state.run_key(), mapping={"id": uuid.uuid4().hex, "manifest": self.manifest_sha,
-                                              "last_round": 0})
+        run_id = uuid.uuid4().hex
+        self.r.hset(state.run_key(), mapping={"id": run_id, "manifest": self.manifest_sha, "last_round": 0})
+        state.event(self.r, "run_started", id=run_id, rounds=self.cfg.train.rounds, devices=self.device_ids)
 
     def _resume_point(self) -> ResumePoint | None:
         """Where the run in Redis stands: the last done round's models, the latest upload of each

@@ -80,10 +80,15 @@ class Registry:
                         self.r.sadd(state.devices_key(), dev)  # type: ignore[attr-defined]
                     self._admit(dev, env.body.agent_version)
                 elif env.kind == "status":
+                    was = self.online.get(dev)
                     self.online[dev] = env.body.state != "offline"
                     self.status_ts[dev] = max(env.ts, self.status_ts.get(dev, 0.0))
                     if self.r is not None:
-                        self.r.hset(state.dev_key(dev), mapping={"status": env.body.state})  # type: ignore
+                        self.r.hset(state.dev_key(dev), mapping={"status": env.body.state,  # type: ignore
+                                                                 "status_ts": env.ts})
+                        if was is not self.online[dev]:  # for monitors: the device came or went (last will)
+                            state.event(self.r, "device_online" if self.online[dev] else "device_offline",  # type: ignore
+                                        device=dev, state=env.body.state, detail=env.body.detail[:200])
 
     def _admit(self, dev: str, agent_version: str) -> None:
         refusal = version_refusal(dev, agent_version, self.expected_version)

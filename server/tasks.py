@@ -209,6 +209,8 @@ def _serve_session(r: Any, rnd: int, dev: str, index: int, manifest_sha: str, se
     topics = mqtt_settings()[4]
     t0 = time.perf_counter()
     client = connect_task_client(f"session-{dev}-{rnd}-{token}", time.monotonic() + timeout_s)
+    sent = [0]  # payload bytes to the device (the monitor's bytes down)
+    client.before_publish = lambda nbytes: sent.__setitem__(0, sent[0] + nbytes)
     try:
         sub = client.subscribe(topics.up(dev))
         # the orchestrator now sends round_start to the device (a redelivered session replaces the token)
@@ -243,7 +245,8 @@ def _serve_session(r: Any, rnd: int, dev: str, index: int, manifest_sha: str, se
         seconds = time.perf_counter() - t0
         split = {**clock.seconds(), "upload_store": time.perf_counter() - steps_done}
         state.event(r, "session_done", round=rnd, device=dev, seconds=seconds, split=split,
-                    compute_cpu_s=clock.cpu_seconds()["compute"])
+                    compute_cpu_s=clock.cpu_seconds()["compute"], steps=steps, bytes_up=sub.received_bytes,
+                    bytes_down=sent[0])
         log.info("session done: device %s round %d, %d steps in %.2f s (server compute %.2f, waiting for the "
                  "device %.2f, sending %.2f, upload and store %.2f)", dev, rnd, steps, seconds, split["compute"],
                  split["wait"], split["send"], split["upload_store"])

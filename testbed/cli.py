@@ -185,13 +185,23 @@ def run(
         _fail(ValueError("--username/--password/--credentials/--cafile/--certfile/--keyfile go with --broker "
                          "(a `harmony up` stack's own credentials are found in --stack)"))
     cfg = _load(config, set_)
+    from testbed.monitor.runlog import RunEventLog
+
     try:
-        with RoundProgress() as progress:
-            if runtime == "local":
-                results = LocalEngine(cfg, out, progress).run(resume=resume)
-            else:
-                results = _run_distributed(cfg, out, progress, stack_dir, resume, fleet,
-                                           (devices_timeout, round_timeout))
+        with RoundProgress() as bar:
+            events = RunEventLog(out, bar, resume=resume)  # OUT/events.jsonl, for `harmony monitor --run-dir`
+            try:
+                if runtime == "local":
+                    engine = LocalEngine(cfg, out, events)
+                    events.begin(engine, resume)
+                    results = engine.run(resume=resume)
+                else:
+                    results = _run_distributed(cfg, out, events, stack_dir, resume, fleet,
+                                               (devices_timeout, round_timeout))
+            except BaseException as err:
+                events.end("failed", f"{type(err).__name__}: {err}")
+                raise
+            events.end("done")
     except (ValueError, FileNotFoundError, RuntimeError, TimeoutError) as err:
         _fail(err)
     ev = results["evaluation"]
@@ -292,6 +302,13 @@ def show(path: Annotated[Path, typer.Argument(help="a compare.json")]) -> None:
     out_console.print(compare_table(doc, str(path)))
 
 
+def _begin(progress: Any, engine: Any, resume: bool) -> None:
+    """Record the run's plan in its event log (when ``progress`` is a ``RunEventLog``)."""
+    begin = getattr(progress, "begin", None)
+    if begin is not None:
+        begin(engine, resume)
+
+
 def _run_distributed(cfg: Any, out: Path, progress: Any, stack_dir: Path, resume: bool,
                      fleet: dict[str, Any] | None = None, timeouts: tuple[float, float] = (120.0, 900.0)
                      ) -> dict[str, Any]:
@@ -314,6 +331,7 @@ def _run_distributed(cfg: Any, out: Path, progress: Any, stack_dir: Path, resume
                                        devices_timeout_s=fleet["devices_timeout_s"],
                                        round_timeout_s=fleet["round_timeout_s"])
             try:
+                _begin(progress, engine, resume)
                 return engine.run(resume=resume)
             finally:
                 engine.close()
@@ -348,12 +366,77 @@ def _run_distributed(cfg: Any, out: Path, progress: Any, stack_dir: Path, resume
                                    username=user, password=password, tls=info.service_tls("orchestrator"),
                                    devices_timeout_s=timeouts[0], round_timeout_s=timeouts[1])
         try:
+            _begin(progress, engine, resume)
             return engine.run(resume=resume)
         finally:
             engine.close()
     finally:
         if own is not None:
             own.stop()
+
+
+@app.command()
+def monitor(
+    web: Annotated[bool, typer.Option("--web", help="serve the live dashboard and /metrics instead of the "
+                                      "terminal view")] = False,
+    port: Annotated[int, typer.Option("--port", min=0, max=65535, help="port of the dashboard (--web)")] = 8765,
+    host: Annotated[str, typer.Option("--host", help="address the dashboard listens on (--web; 0.0.0.0: every "
+                                      "interface)")] = "127.0.0.1",
+    stack_dir: Annotated[Path | None, typer.Option("--stack", help="run directory of a `harmony up` stack to "
+                                                   "watch (default runs/stack)")] = None,
+    run_dir: Annotated[Path | None, typer.Option("--run-dir", help="a `harmony run --out DIR` directory to watch "
+                                                 "(its events.jsonl)")] = None,
+    redis: Annotated[str | None, typer.Option("--redis", help="Redis URL of a fleet to watch, e.g. "
+                                              "redis://harmony:PASSWORD@host:6379/0 (redis://harmony@host…: the "
+                                              "password from $HARMONY_REDIS_PASSWORD)")] = None,
+) -> None:
+    """Watch a run live: the fleet, the current round, accuracy and loss per round, the event log."""
+    from testbed.monitor.sources import RedisSource, RunDirSource
+    from testbed.monitor.state import MonitorState
+
+    given = [name for name, value in (("--stack", stack_dir), ("--run-dir", run_dir), ("--redis", redis))
+             if value is not None]
+    if len(given) > 1:
+        _fail(ValueError(f"{' and '.join(given)}: watch one source, a stack, a run directory or a Redis URL"))
+    if run_dir is not None:
+        state = MonitorState(f"run-dir {run_dir}")
+        source: Any = RunDirSource(run_dir, state)
+    else:
+        if redis is not None:
+            url = _redis_with_password(redis)
+            name = redis
+        else:
+            from testbed.stack import load_stack, redact_url
+
+            stack_dir = stack_dir or Path("runs/stack")
+            try:
+                url = load_stack(stack_dir).redis_url
+            except (FileNotFoundError, ValueError, KeyError) as err:
+                _fail(ValueError(f"--stack {stack_dir}: no stack there ({err}); start one with `harmony up "
+                                 f"--run-dir {stack_dir}`, or give --run-dir DIR or --redis URL"))
+            name = redact_url(url)
+        state = MonitorState(f"redis {name}")
+        source = RedisSource(url, state)
+    source.start()
+    try:
+        if web:
+            try:
+                from testbed.monitor.web import DashboardServer
+            except ImportError as err:
+                _fail(RuntimeError(f"{err}: the dashboard needs the monitor extra, `pip install "
+                                   "'harmony-testbed[monitor]'`"))
+            try:
+                server = DashboardServer(state, host, port).start()
+            except RuntimeError as err:
+                _fail(err)
+            console.print(f"dashboard on {server.url} (Prometheus: {server.url}metrics); Ctrl-C stops it")
+            server.wait()
+        else:
+            from testbed.monitor.terminal import run_live
+
+            run_live(state, out_console)
+    finally:
+        source.stop()
 
 
 def _log_level_option(value: str) -> str:
