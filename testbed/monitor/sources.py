@@ -78,7 +78,7 @@ class RedisSource(Source):
         super().__init__(state, poll_s)
         self.url, self.block_ms = url, block_ms
         self.last_id: bytes | None = None
-        self._rounds_of: dict[str, int] = {}  # manifest sha → train.rounds
+        self._plans: dict[str, dict[str, Any]] = {}  # manifest sha → the run manifest (no data)
 
     def _run(self) -> None:
         import redis
@@ -136,17 +136,21 @@ class RedisSource(Source):
         if run.get("id") and self.state.run.get("id") != run["id"]:
             self.state.fold({"event": "run_started", "id": run["id"]})
         manifest = run.get("manifest")
-        if manifest and manifest not in self._rounds_of:
+        if manifest and manifest not in self._plans:
             raw = r.get(keys.config_key(manifest))
             if raw is not None:
-                self._rounds_of[manifest] = int(json.loads(raw).get("config", {}).get("train", {}).get("rounds", 0))
-        self.state.set_run(manifest=manifest, rounds=self._rounds_of.get(manifest or ""), runtime="distributed")
+                self._plans[manifest] = json.loads(raw)
+        plan = self._plans.get(manifest or "", {})
+        self.state.set_run(manifest=manifest, rounds=plan.get("config", {}).get("train", {}).get("rounds"),
+                           name=plan.get("config", {}).get("name"), runtime="distributed")
+        profiles = {dev: (plan.get("profiles") or [])[i] for dev, i in (plan.get("clients") or {}).items()
+                    if i < len(plan.get("profiles") or [])}
         devices = sorted(d.decode() for d in r.smembers(keys.devices_key()))
         pipe = r.pipeline(transaction=False)
         for dev in devices:
             pipe.hgetall(keys.dev_key(dev))
         for dev, raw in zip(devices, pipe.execute(), strict=True):
-            self._device(dev, {k.decode(): v.decode(errors="replace") for k, v in raw.items()})
+            self._device(dev, {k.decode(): v.decode(errors="replace") for k, v in raw.items()}, profiles.get(dev))
         last = int(run.get("last_round") or 0)
         if not run:
             return
@@ -169,7 +173,7 @@ class RedisSource(Source):
                 if raw is not None:
                     self.state.round_record(json.loads(raw))
 
-    def _device(self, dev: str, fields: dict[str, str]) -> None:
+    def _device(self, dev: str, fields: dict[str, str], planned_profile: str | None) -> None:
         profile: dict[str, Any] = {}
         try:
             profile = json.loads(fields.get("profile", "{}"))
@@ -182,11 +186,11 @@ class RedisSource(Source):
             except (KeyError, ValueError):
                 return None
 
-        seen = fields.get("status_ts")
+        seen = fields.get("status_ts") if fields.get("status") != "offline" else None  # (a last will is not seen)
         self.state.set_device(dev, status=fields.get("status"), client=as_int("client"),
                               split_depth=as_int("split_depth"), device_class=profile.get("device_class"),
                               agent_version=profile.get("agent_version"), refused=fields.get("refused"),
-                              last_seen=float(seen) if seen else None)
+                              profile=planned_profile, last_seen=float(seen) if seen else None)
 
 
 def _redact(url: str) -> str:

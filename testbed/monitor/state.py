@@ -51,6 +51,7 @@ class DeviceRow:
     bytes_up: int = 0
     bytes_down: int = 0
     agent_version: str | None = None
+    profile: str | None = None  # the profile the run's plan gave its client (fleet.profiles)
     refused: str | None = None
     sessions: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SESSION_OUTCOMES, 0))
     offline_since: float | None = None
@@ -188,8 +189,8 @@ class MonitorState:
             row.client = i
             if i < len(depths):
                 row.split_depth = depths[i]
-            if i < len(profiles) and row.device_class is None:
-                row.device_class = profiles[i]
+            if i < len(profiles):
+                row.profile = profiles[i]
         self.run.update({k: doc[k] for k in ("name", "algorithm", "runtime", "rounds") if doc.get(k) is not None})
         self.run["state"] = "running"
 
@@ -271,7 +272,8 @@ class MonitorState:
                 view.seconds[dev] = float(seconds)
         self.session_counts[outcome] += 1
         row.sessions[outcome] += 1
-        row.last_seen = max(row.last_seen or 0.0, t)
+        if outcome != "dropped":
+            row.last_seen = max(row.last_seen or 0.0, t)
         if outcome == "done" and isinstance(seconds, (int, float)):
             self.duration_count += 1
             self.duration_sum += float(seconds)
@@ -309,10 +311,11 @@ class MonitorState:
             key = (str(self.run.get("id", "")), view.round)
             if key not in self.rounds_completed:
                 self.rounds_completed.add(key)
-            for i in record.get("stragglers") or []:
-                view.outcomes.setdefault(self.device_name(i), "late")
-            for i in record.get("dropouts") or []:
-                view.outcomes.setdefault(self.device_name(i), "dropped")
+            # a device already offline at the round's start is dropped without a session event
+            for outcome, key in (("late", "stragglers"), ("dropped", "dropouts")):
+                for i in record.get(key) or []:
+                    if view.outcomes.get(self.device_name(i)) != outcome:
+                        self._session({"round": view.round, "device": i}, time.time(), outcome)
             if not view.sessions_total and isinstance(record.get("invited"), int):
                 view.sessions_total = record["invited"]
             self._changed()
@@ -348,7 +351,7 @@ class MonitorState:
 
     # -- devices
     def _on_device_offline(self, doc: dict[str, Any], t: float) -> None:
-        self.set_device(self.device_name(doc.get("device")), status=doc.get("state") or "offline", last_seen=t)
+        self.set_device(self.device_name(doc.get("device")), status=doc.get("state") or "offline")
 
     def _on_device_online(self, doc: dict[str, Any], t: float) -> None:
         self.set_device(self.device_name(doc.get("device")), status=doc.get("state") or "online", last_seen=t)

@@ -65,7 +65,7 @@ def render(snap: dict[str, Any]) -> RenderableType:
         fleet.add_column(col, justify="right" if col in ("depth", "step", "up", "down", "d/l/x") else "left")
     for d in snap["devices"]:
         s = d["sessions"]
-        fleet.add_row(d["device"], d["device_class"] or "–", str(d["split_depth"] or "–"),
+        fleet.add_row(d["device"], d["device_class"] or d["profile"] or "–", str(d["split_depth"] or "–"),
                       Text(d["state"], style=STATE_STYLE.get(d["state"], "")), _ago(d["last_seen"], now),
                       "–" if d["step_s"] is None else f"{1000 * d['step_s']:.0f} ms", _bytes(d["bytes_up"]),
                       _bytes(d["bytes_down"]), d["agent_version"] or "–", f"{s['done']}/{s['late']}/{s['dropped']}")

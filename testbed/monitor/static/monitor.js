@@ -81,7 +81,7 @@ function renderFleet(s) {
   $("#fleet tbody").innerHTML = s.devices.map((d) => `
     <tr data-device="${esc(d.device)}" class="${esc(d.state)}">
       <td>${esc(d.device)}${d.client !== null ? ` <span class="muted">client ${d.client}</span>` : ""}</td>
-      <td>${esc(d.device_class || "–")}</td>
+      <td>${esc(d.device_class || d.profile || "–")}</td>
       <td class="num">${d.split_depth ?? "–"}</td>
       <td class="status ${esc(d.state)}" title="${esc(d.refused || d.detail || "")}">${esc(d.state)}</td>
       <td class="seen" data-t="${d.last_seen ?? ""}">${ago(d.last_seen)}</td>
@@ -108,8 +108,8 @@ function lineChart(el, rounds, series, opts) {
   const W = 560, H = 220, L = 48, R = 12, T = 12, B = 34;
   const xs = pts.map((r) => r.round);
   const vals = pts.flatMap((r) => series.map((s) => s.value(r.record))).filter((v) => Number.isFinite(v));
-  let lo = opts.min ?? Math.min(...vals), hi = opts.max ?? Math.max(...vals);
-  if (hi - lo < 1e-9) { hi += 1; lo -= opts.min === undefined ? 1 : 0; }
+  let lo = opts.min ?? Math.min(...vals), hi = opts.max ?? 1.1 * Math.max(...vals);
+  if (hi - lo < 1e-9) hi = lo + 1;
   const x0 = Math.min(...xs), x1 = Math.max(...xs);
   const X = (x) => L + (x1 === x0 ? (W - L - R) / 2 : (x - x0) * (W - L - R) / (x1 - x0));
   const Y = (y) => T + (hi - y) * (H - T - B) / (hi - lo);
@@ -181,11 +181,11 @@ function render(s) {
   lineChart($("#accuracy-chart"), s.rounds, [
     {name: "exit head", color: "#2563eb", value: (r) => 100 * r.train_acc_exit},
     {name: "server head", color: "#d97706", value: (r) => 100 * r.train_acc_server},
-  ], {label: "train accuracy per round", digits: 0});
+  ], {label: "train accuracy per round", digits: 0, min: 0, max: 100});
   lineChart($("#loss-chart"), s.rounds, [
     {name: "exit head", color: "#2563eb", value: (r) => r.train_loss_exit},
     {name: "server head", color: "#d97706", value: (r) => r.train_loss_server},
-  ], {label: "train loss per round", digits: 2});
+  ], {label: "train loss per round", digits: 2, min: 0});
   renderTimeline(s);
   renderLog(s);
 }
