@@ -38,6 +38,8 @@ def test_run_writes_results(tmp_path):
     assert results["algorithm"] == "multi-exit"
     assert results["evaluation"]["rho"] == [0.0, 0.4]
     assert "accuracy" in proc.stdout
+    events = [json.loads(line)["event"] for line in (out / "events.jsonl").read_text().splitlines()]
+    assert events[0] == "run_start" and events[-1] == "run_done" and "round_end" in events  # harmony monitor --run-dir
 
 
 def test_compare_writes_the_documented_shape(tmp_path):

@@ -3,6 +3,7 @@ while the run goes on, the terminal view of a device gone offline, and ``/metric
 
 from __future__ import annotations
 
+import io
 import json
 import urllib.request
 from typing import Any
@@ -101,7 +102,7 @@ def test_terminal_view_marks_a_device_offline():
     state.fold({"event": "device_offline", "device": "emu-1", "state": "offline", "t": 104.0})
     state.fold({"event": "session_dropped", "round": 1, "device": "emu-1", "reason": "its status is offline",
                 "t": 104.5})
-    console = Console(record=True, width=160, color_system=None)
+    console = Console(record=True, width=160, color_system=None, file=io.StringIO())
     console.print(render(state.snapshot()))
     text = console.export_text()
     rows = {line.split("│")[1].strip(): line for line in text.splitlines() if line.startswith("│ emu-")}

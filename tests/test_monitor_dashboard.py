@@ -6,6 +6,7 @@ a Redis restart shows "stack down", and the monitor recovers when the stack is b
 
 from __future__ import annotations
 
+import io
 import signal
 import threading
 import time
@@ -108,7 +109,8 @@ def test_dashboard_follows_a_run_and_shows_a_killed_device_offline(stack, monito
         assert page.inner_text(f"{row(page, 'emu-0')} td.status") != "offline"
         page.screenshot(path=artifact_path("monitor-dashboard.png"), full_page=True)
 
-        console = Console(record=True, width=160, color_system=None)  # the terminal view of the same state
+        # the terminal view of the same state
+        console = Console(record=True, width=160, color_system=None, file=io.StringIO())
         console.print(render(state.snapshot()))
         lines = [ln for ln in console.export_text().splitlines() if ln.startswith(f"│ {KILLED} ")]
         assert lines and "offline" in lines[0]

@@ -169,10 +169,15 @@ class MonitorState:
             return
         t = doc.get("t") if isinstance(doc.get("t"), (int, float)) else time.time()
         with self._lock:
+            device = self.devices.get(self.device_name(doc.get("device")))
+            was_online = None if device is None else device.online
             handler = getattr(self, f"_on_{name}", None)
             if handler is not None:
                 handler(doc, t)
-            if name in LOGGED and name not in ("source_down", "source_up"):
+            # a device's coming and going once, though each registry (the stack's, the run's) reports it
+            repeated = name in ("device_online", "device_offline") and device is not None and (
+                was_online is self.devices[device.device].online)
+            if name in LOGGED and name not in ("source_down", "source_up") and not repeated:
                 self._log(name, t, describe(name, doc, self))
             self._changed()
 
