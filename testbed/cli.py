@@ -412,8 +412,7 @@ def monitor(
             try:
                 url = load_stack(stack_dir).redis_url
             except (FileNotFoundError, ValueError, KeyError) as err:
-                _fail(ValueError(f"--stack {stack_dir}: no stack there ({err}); start one with `harmony up "
-                                 f"--run-dir {stack_dir}`, or give --run-dir DIR or --redis URL"))
+                _fail(ValueError(f"--stack: {err}; or watch a run directory (--run-dir DIR) or a Redis (--redis URL)"))
             name = redact_url(url)
         state = MonitorState(f"redis {name}")
         source = RedisSource(url, state)

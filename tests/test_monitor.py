@@ -111,3 +111,42 @@ def test_terminal_view_marks_a_device_offline():
     assert "fleet (1 of 2 online)" in text
     assert "round 1 / 5" in text and "1 dropped" in text and "dropouts emu-1" in text
     assert "emu-1 went offline" in text
+
+
+def test_harmony_monitor_serves_a_run_dir_and_refuses_two_sources(tmp_path):
+    """``harmony monitor --web --run-dir`` as a user starts it; two sources at once exit 2 naming both."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from tests.test_cli import ROOT
+
+    (tmp_path / "events.jsonl").write_text(json.dumps({"t": 1.0, "event": "run_start", "name": "n", "rounds": 2,
+                                                       "clients": 1, "split_depths": [3]}) + "\n")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "testbed.cli", "monitor", "--web", "--port", str(port),
+                             "--run-dir", str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/state", timeout=5) as response:
+                    snap = json.loads(response.read())
+                if snap["devices"]:
+                    break
+            except OSError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, "harmony monitor --web did not serve"
+            time.sleep(0.2)
+        assert snap["run"]["name"] == "n" and snap["devices"][0]["split_depth"] == 3
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as response:
+            assert b"harmony monitor" in response.read()
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    bad = subprocess.run([sys.executable, "-m", "testbed.cli", "monitor", "--run-dir", str(tmp_path), "--redis",
+                          "redis://127.0.0.1:1/0"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--run-dir and --redis" in bad.stderr
