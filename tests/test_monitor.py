@@ -33,7 +33,7 @@ def test_run_dir_source_follows_a_local_run_and_serves_its_metrics(tmp_path):
     monitor already shows round 1's record; at the end every round, the planned dropouts and the
     split depths, and ``/metrics`` says what the run did."""
     cfg = tiny_config(**{"train.rounds": 3, "fleet.dropout_probability": 0.3, "fleet.quorum": 0.25,
-                         "data.train_fraction": 0.015})
+                         "data.train_fraction": 0.01, "threads": 1})
     state = MonitorState("run-dir")
     source = RunDirSource(tmp_path, state)
     seen_live: list[Any] = []

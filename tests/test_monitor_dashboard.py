@@ -17,6 +17,7 @@ import pytest
 from rich.console import Console
 
 from orchestrator.engine import DistributedEngine
+from server.state import connect as state_connect
 from testbed.monitor.sources import RedisSource
 from testbed.monitor.state import MonitorState
 from testbed.monitor.terminal import render
@@ -24,7 +25,7 @@ from testbed.monitor.web import DashboardServer
 from testbed.stack import LocalStack
 from tests.browser import artifact_path, browser_page, chromium  # noqa: F401
 from tests.conftest import tiny_config
-from tests.runtime_fixtures import train_only
+from tests.runtime_fixtures import train_only, when_in_flight
 from tests.test_monitor import metrics_of
 
 ROUNDS = 4
@@ -90,22 +91,28 @@ def test_dashboard_follows_a_run_and_shows_a_killed_device_offline(stack, monito
     page.goto(server.url)
     for dev in ("emu-0", "emu-1", "emu-2", KILLED):
         page.wait_for_selector(row(page, dev), timeout=30_000)
+    assert page.inner_text(f"{row(page, KILLED)} td.status") != "offline"
+    killed: dict[str, float] = {}
+
+    def kill() -> None:
+        stack.kill("agent-1", signal.SIGKILL)  # returns once the process is gone
+        killed["at"] = time.monotonic()
+
+    # agent-1 dies while its device's round-2 session is under way
+    killer = when_in_flight(state_connect(stack.info.redis_url), 2, {KILLED}, kill, timeout_s=240)
     trainer = threading.Thread(target=train, daemon=True)
     trainer.start()
+    killer.start()
     try:
         page.wait_for_function("Number(document.querySelector('#round-counter').dataset.round) >= 1",
                                timeout=60_000)
-        page.wait_for_function("Number(document.querySelector('#round-counter').dataset.round) >= 2",
-                               timeout=120_000)
+        first_round = int(page.get_attribute("#round-counter", "data-round") or 0)
         assert f"/ {ROUNDS}" in page.inner_text("#round-counter")
-        assert page.inner_text(f"{row(page, KILLED)} td.status") != "offline"
-
-        stack.kill("agent-1", signal.SIGKILL)
-        killed_at = time.monotonic()
-        page.wait_for_selector(f'{row(page, KILLED)} td.status:text-is("offline")',
-                               timeout=OFFLINE_WITHIN_S * 1000)
-        offline_after_s = time.monotonic() - killed_at
+        page.wait_for_selector(f'{row(page, KILLED)} td.status:text-is("offline")', timeout=240_000)
+        assert "at" in killed, "the device shows offline before its agent was killed"
+        offline_after_s = time.monotonic() - killed["at"]
         print(f"\n{KILLED}: offline on the dashboard {offline_after_s:.2f} s after kill -9 of its agent")
+        assert offline_after_s < OFFLINE_WITHIN_S
         assert page.inner_text(f"{row(page, 'emu-0')} td.status") != "offline"
         page.screenshot(path=artifact_path("monitor-dashboard.png"), full_page=True)
 
@@ -116,6 +123,7 @@ def test_dashboard_follows_a_run_and_shows_a_killed_device_offline(stack, monito
         assert lines and "offline" in lines[0]
     finally:
         trainer.join(timeout=300)
+        killer.join(timeout=5)
         engine.close()
     assert "error" not in run, f"the run failed: {run.get('error')!r}"
     records = run["rounds"]
@@ -124,6 +132,8 @@ def test_dashboard_follows_a_run_and_shows_a_killed_device_offline(stack, monito
 
     page.wait_for_function(f"document.querySelector('#round-counter').textContent === 'round {ROUNDS} / {ROUNDS}'",
                            timeout=20_000)
+    assert first_round < ROUNDS, "the page saw no round but the last"
+    page.screenshot(path=artifact_path("monitor-dashboard-done.png"), full_page=True)
     wait_until(lambda: state.snapshot()["counters"]["rounds_completed"] == ROUNDS, 10, "all rounds in the state")
     assert page.errors == []  # type: ignore[attr-defined]
     metrics = metrics_of(server.url + "metrics")
