@@ -75,7 +75,8 @@ def test_dashboard_follows_a_run_and_shows_a_killed_device_offline(stack, monito
     state, server = monitor
     page = browser_page
     assert stack.info is not None
-    cfg = tiny_config(**{"train.rounds": ROUNDS, "fleet.quorum": 0.5, "data.train_fraction": 0.015})
+    cfg = tiny_config(**{"train.rounds": ROUNDS, "fleet.quorum": 0.5, "data.train_fraction": 0.015,
+                         "threads": 1})
     user, password = stack.info.orchestrator_login()
     engine = DistributedEngine(cfg, None, mqtt=stack.info.service_mqtt, redis_url=stack.info.redis_url,
                                username=user, password=password, tls=stack.info.service_tls("orchestrator"),
@@ -133,8 +134,9 @@ def test_dashboard_follows_a_run_and_shows_a_killed_device_offline(stack, monito
     page.wait_for_function(f"document.querySelector('#round-counter').textContent === 'round {ROUNDS} / {ROUNDS}'",
                            timeout=20_000)
     assert first_round < ROUNDS, "the page saw no round but the last"
-    page.screenshot(path=artifact_path("monitor-dashboard-done.png"), full_page=True)
     wait_until(lambda: state.snapshot()["counters"]["rounds_completed"] == ROUNDS, 10, "all rounds in the state")
+    page.wait_for_selector(f'#log li[data-event="round_done"]:has-text("round {ROUNDS} done")', timeout=10_000)
+    page.screenshot(path=artifact_path("monitor-dashboard-done.png"), full_page=True)
     assert page.errors == []  # type: ignore[attr-defined]
     metrics = metrics_of(server.url + "metrics")
     sessions = sum(r["participants"] for r in records)

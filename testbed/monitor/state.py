@@ -316,6 +316,9 @@ class MonitorState:
             key = (str(self.run.get("id", "")), view.round)
             if key not in self.rounds_completed:
                 self.rounds_completed.add(key)
+                self._log("round_done", time.time(), _round_line(record))
+            if view.round == self.run.get("rounds") and self.run.get("state") == "running":
+                self.run["state"] = "trained"  # the last round is done; the evaluation (if any) follows
             # a device already offline at the round's start is dropped without a session event
             for outcome, key in (("late", "stragglers"), ("dropped", "dropouts")):
                 for i in record.get(key) or []:
@@ -441,6 +444,17 @@ class MonitorState:
                         "sessions": {o: sum(d.sessions[o] for d in rows) for o in SESSION_OUTCOMES},
                         "bytes_up": sum(d.bytes_up for d in rows), "bytes_down": sum(d.bytes_down for d in rows)})
         return out
+
+
+def _round_line(record: dict[str, Any]) -> str:
+    try:
+        left_out = len(record.get("stragglers") or []) + len(record.get("dropouts") or [])
+        return (f"round {record['round']} done: {record.get('participants')} sessions"
+                + (f", {left_out} left out" if left_out else "")
+                + f"; train acc {100 * record['train_acc_exit']:.1f}% / {100 * record['train_acc_server']:.1f}% "
+                f"(exit / server)")
+    except (KeyError, TypeError, ValueError):
+        return f"round {record.get('round')} done"
 
 
 def shown_state(row: DeviceRow) -> str:
