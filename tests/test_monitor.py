@@ -150,3 +150,16 @@ def test_harmony_monitor_serves_a_run_dir_and_refuses_two_sources(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "testbed.cli", "monitor", "--run-dir", str(tmp_path), "--redis",
                           "redis://127.0.0.1:1/0"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "--run-dir and --redis" in bad.stderr
+
+
+def test_state_tolerates_unknown_events_and_missing_fields():
+    """Readers of events.jsonl and hsfl:events must survive what a newer writer sends."""
+    state = MonitorState("run-dir")
+    for doc in ({"event": "something_new", "x": [1]}, {"event": "session_done"}, {"event": "round_start"},
+                {"event": "round_end", "record": "not a dict"}, {"event": "message_rejected"},
+                {"event": "session_late", "round": "2", "device": None}, {"no": "event"}, {"event": 3}):
+        state.fold(doc)
+    snap = state.snapshot()
+    assert snap["counters"]["rejected"] == {"unknown": 1}
+    assert snap["counters"]["rounds_completed"] == 0
+    json.dumps(snap)  # JSON-able as the page and /api/state need it

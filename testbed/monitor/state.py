@@ -20,7 +20,10 @@ SESSION_OUTCOMES = ("done", "late", "dropped")
 DURATION_BUCKETS = (0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 """Upper bounds (s) of ``harmony_session_duration_seconds``."""
 LOG_LINES = 300
-TIMELINE_ROUNDS = 60
+ROUNDS_KEPT = 1000
+"""Rounds whose record the state keeps (the charts)."""
+TIMELINE_ROUNDS = 30
+"""Rounds whose sessions a snapshot carries (the timeline grid)."""
 
 # event → (log level, how it reads); events not listed here do not go to the event log
 LOGGED = {
@@ -183,8 +186,9 @@ class MonitorState:
 
     # -- run
     def _on_run_start(self, doc: dict[str, Any], t: float) -> None:
-        """A ``harmony run``'s plan (run directory)."""
-        self._new_run(str(doc.get("t", t)))
+        """A ``harmony run``'s plan (run directory); ``resume``: the same run goes on."""
+        if not (doc.get("resume") and self.run.get("id")):
+            self._new_run(str(doc.get("t", t)))
         devices = doc.get("devices") or [f"client-{i}" for i in range(int(doc.get("clients") or 0))]
         depths = doc.get("split_depths") or []
         profiles = doc.get("profiles") or []
@@ -236,7 +240,7 @@ class MonitorState:
         view = self.rounds.get(rnd)
         if view is None:
             view = self.rounds[rnd] = RoundView(rnd)
-            for old in sorted(self.rounds)[:-TIMELINE_ROUNDS]:
+            for old in sorted(self.rounds)[:-ROUNDS_KEPT]:
                 del self.rounds[old]
         if self.current is None or rnd >= self.current:
             self.current = rnd
@@ -396,7 +400,8 @@ class MonitorState:
             now = time.time()
             devices = sorted(self.devices.values(), key=lambda d: _natural(d.device))
             current = self.rounds.get(self.current) if self.current is not None else None
-            history = [self._round_doc(v) for _, v in sorted(self.rounds.items())]
+            recent = sorted(self.rounds)[-TIMELINE_ROUNDS:]
+            history = [self._round_doc(v, sessions=r in recent) for r, v in sorted(self.rounds.items())]
             return {
                 "version": self.version,
                 "now": now,
@@ -416,10 +421,11 @@ class MonitorState:
                 },
             }
 
-    def _round_doc(self, view: RoundView, now: float | None = None) -> dict[str, Any]:
+    def _round_doc(self, view: RoundView, now: float | None = None, sessions: bool = True) -> dict[str, Any]:
         out = {k: v for k, v in asdict(view).items() if k not in ("outcomes", "seconds")}
         out["sessions"] = [{"device": d, "outcome": o, "seconds": view.seconds.get(d)}
-                           for d, o in sorted(view.outcomes.items(), key=lambda kv: _natural(kv[0]))]
+                           for d, o in sorted(view.outcomes.items(), key=lambda kv: _natural(kv[0]))
+                           ] if sessions else []
         counts = dict.fromkeys(SESSION_OUTCOMES, 0)
         for outcome in view.outcomes.values():
             counts[outcome] += 1
