@@ -67,6 +67,9 @@ def test_up_run_down(tmp_path):
         doc = json.loads((out / "results.json").read_text())
         assert doc["runtime"] == "distributed" and len(doc["rounds"]) == 1
         assert doc["devices"] == ["emu-0", "emu-1", "emu-2", "emu-3"]
+        events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]  # harmony monitor
+        assert events[0]["event"] == "run_start" and events[0]["devices"] == doc["devices"]
+        assert sum(e["event"] == "session_done" for e in events) == doc["rounds"][0]["participants"]
         # the same fleet addressed by its broker and Redis (as for a remote or containerised fleet)
         info = load_stack(stack_dir)
         result = runner.invoke(app, ["run", str(cfg_path), "--runtime", "distributed", "--broker",
@@ -81,6 +84,7 @@ def test_up_run_down(tmp_path):
                                      "--devices-timeout", "3", "--out", str(out / "c")])
         message = " ".join(result.output.split())
         assert result.exit_code == 2 and "0 device(s) online" in message, result.output
+        assert json.loads((out / "c" / "events.jsonl").read_text().splitlines()[-1])["event"] == "run_failed"
         assert time.monotonic() - t0 < 30
     finally:
         result = runner.invoke(app, ["down", "--run-dir", str(stack_dir)])
