@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import psutil
 import pytest
 from rich.console import Console
 
@@ -66,6 +67,12 @@ def wait_until(predicate: Any, timeout: float, what: str) -> None:
         time.sleep(0.05)
 
 
+def monitor_cpu_s() -> float:
+    """CPU seconds so far of the monitor's threads in this process (its Redis source and its web server)."""
+    ids = {t.native_id for t in threading.enumerate() if t.name.startswith("monitor-")}
+    return sum(t.user_time + t.system_time for t in psutil.Process().threads() if t.id in ids)
+
+
 def row(page: Any, device: str) -> str:
     return f'#fleet tr[data-device="{device}"]'
 
@@ -102,6 +109,7 @@ def test_dashboard_follows_a_run_and_shows_a_killed_device_offline(stack, monito
     # agent-1 dies while its device's round-2 session is under way
     killer = when_in_flight(state_connect(stack.info.redis_url), 2, {KILLED}, kill, timeout_s=240)
     trainer = threading.Thread(target=train, daemon=True)
+    cpu_before, wall_before = monitor_cpu_s(), time.monotonic()
     trainer.start()
     killer.start()
     try:
@@ -127,6 +135,8 @@ def test_dashboard_follows_a_run_and_shows_a_killed_device_offline(stack, monito
         killer.join(timeout=5)
         engine.close()
     assert "error" not in run, f"the run failed: {run.get('error')!r}"
+    print(f"monitor threads: {monitor_cpu_s() - cpu_before:.2f} CPU s over the run's "
+          f"{time.monotonic() - wall_before:.1f} s (one page open)")
     records = run["rounds"]
     assert len(records) == ROUNDS
     assert any(r["dropouts"] for r in records), "the killed device was in no round after the kill"
