@@ -184,6 +184,7 @@ def test_dashboard_shows_stack_down_and_recovers(stack, monitor, browser_page): 
     page.wait_for_selector('#source:text-is("stack down")', timeout=15_000)
     assert not state.snapshot()["source"]["up"]
     assert page.is_visible(row(page, "emu-0")), "the fleet vanished from the page while the stack was down"
+    page.screenshot(path=artifact_path("monitor-stack-down.png"))
 
     stack.restart("redis")
     stack.restart("orchestrator")  # the registry, as `harmony up` would start it again
