@@ -164,7 +164,7 @@ class Engine:
         the try's duration on the run's clock)."""
         rnd = plan.round
         self.progress("round_start", round=rnd, rounds=self.cfg.train.rounds, sessions=len(plan.participants),
-                      attempt=plan.attempt)
+                      attempt=plan.attempt, deadline_s=plan.deadline_s)
         starts = {i: self.client_start_state(i) for i in plan.participants}
         done: dict[int, SessionResult] = {}
         late: list[int] = []

@@ -33,12 +33,16 @@ def test_run_dir_source_follows_a_local_run_and_serves_its_metrics(tmp_path):
     monitor already shows round 1's record; at the end every round, the planned dropouts and the
     split depths, and ``/metrics`` says what the run did."""
     cfg = tiny_config(**{"train.rounds": 3, "fleet.dropout_probability": 0.3, "fleet.quorum": 0.25,
-                         "data.train_fraction": 0.01, "threads": 1})
+                         "data.train_fraction": 0.01, "threads": 1, "fleet.round_deadline_s": 600.0})
     state = MonitorState("run-dir")
     source = RunDirSource(tmp_path, state)
     seen_live: list[Any] = []
+    seen_deadline: dict[str, Any] = {}
 
     def watch(event: str, **fields: Any) -> None:
+        if event == "session_done" and fields["round"] == 1 and "deadline_in_s" not in seen_deadline:
+            source.poll_once()
+            seen_deadline.update(state.snapshot()["current"])
         if event == "round_end" and fields["record"].round == 1:
             source.poll_once()  # what a monitor tailing the file sees mid-run
             snap = state.snapshot()
@@ -56,6 +60,7 @@ def test_run_dir_source_follows_a_local_run_and_serves_its_metrics(tmp_path):
     done_events = [e for e in lines if e["event"] == "session_done"]
     assert done_events and all(isinstance(e["seconds"], float) and e["steps"] > 0 for e in done_events)
     assert seen_live == [(1, results["rounds"][0], "running")], "round 1 was not visible while the run went on"
+    assert 0 < seen_deadline["deadline_in_s"] <= 600 and seen_deadline["counts"]["done"] == 1  # mid-round 1
 
     source.poll_once()
     snap = state.snapshot()

@@ -261,6 +261,8 @@ class MonitorState:
             view.sessions_total = doc["sessions"]
         if isinstance(doc.get("deadline"), (int, float)):
             view.deadline = float(doc["deadline"])
+        elif isinstance(doc.get("deadline_s"), (int, float)):  # the engine's plan: seconds from the round's start
+            view.deadline = t + float(doc["deadline_s"])
         if isinstance(doc.get("rounds"), int):
             self.run["rounds"] = doc["rounds"]
         self.run["state"] = "running"
