@@ -217,8 +217,8 @@ def compare(
     seeds: Annotated[int, typer.Option("--seeds", min=1, help="seeds per algorithm")] = 1,
     set_: SetOpt = None,
     out: Annotated[Path, typer.Option("--out", help="output directory")] = Path("runs/compare"),
-    plots: Annotated[bool, typer.Option("--plots", help="also write report.html and its PNGs (harmony report)")
-                                  ] = False,
+    plots: Annotated[bool, typer.Option("--plots", help="also write report.html and its PNGs "
+                                        "(harmony report)")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="reuse finished runs in OUT, continue interrupted ones "
                                          "from their checkpoints")] = False,
     jobs: Annotated[int, typer.Option("--jobs", min=1, help="runs at once, each in its own process; each run "
