@@ -359,14 +359,16 @@ def session_timeline(events: list[dict[str, Any]]) -> tuple[list[SessionBar], li
                 continue
             attempt = _whole(e.get("attempt")) or 1
             attempt_of[rnd] = attempt
-            spans[(rnd, attempt)] = RoundSpan(rnd, attempt, t, None, None)
+            spans[(rnd, attempt)] = RoundSpan(rnd, attempt, t, None, _number(e.get("deadline_s")))
         elif name == "round_end":
             record = e.get("record") if isinstance(e.get("record"), dict) else {}
             rnd = _whole(record.get("round", e.get("round")))
             if rnd is None or (rnd, attempt_of.get(rnd, 1)) not in spans:
                 continue
             key = (rnd, attempt_of.get(rnd, 1))
-            spans[key] = RoundSpan(rnd, key[1], spans[key].start, t, _number(record.get("deadline_s")))
+            deadline = _number(record.get("deadline_s"))
+            spans[key] = RoundSpan(rnd, key[1], spans[key].start, t,
+                                   deadline if deadline is not None else spans[key].deadline_s)
         elif name in SESSION_EVENTS:
             rnd, device = _whole(e.get("round")), e.get("device")
             if rnd is None or device is None or isinstance(device, dict | list):

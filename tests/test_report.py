@@ -140,10 +140,13 @@ def test_session_timeline_from_events(tmp_path):
         {"t": t0 + 4.0, "event": "session_done", "round": 1, "device": 0, "seconds": 3.5},
         {"t": t0 + 9.0, "event": "session_late", "round": 1, "device": 2, "seconds": 9.0},
         {"t": t0 + 5.0, "event": "session_dropped", "round": 1, "device": 1},
-        {"t": t0 + 10.0, "event": "round_start", "round": 1, "rounds": 2, "sessions": 2, "attempt": 2},
+        {"t": t0 + 10.0, "event": "round_start", "round": 1, "rounds": 2, "sessions": 2, "attempt": 2,
+         "deadline_s": 5.0},
         {"t": t0 + 12.0, "event": "session_done", "round": 1, "device": 0, "seconds": 2.0},
         {"t": t0 + 13.0, "event": "session_done", "round": 1, "device": 2, "seconds": 3.0},
         {"t": t0 + 13.5, "event": "round_end", "record": {"round": 1, "deadline_s": 6.0}},
+        {"t": t0 + 14.0, "event": "round_start", "round": 2, "rounds": 2, "sessions": 1, "deadline_s": 4.0},
+        {"t": t0 + 15.0, "event": "session_done", "round": 2, "device": 0, "seconds": "1"},  # not a number
         {"t": t0 + 14.0, "event": "session_done", "device": 0},  # no round
         {"event": "session_done", "round": 1, "device": 0},  # no t
         {"t": t0 + 14.0, "event": "device_online", "device": "pi4-0"},  # unknown here
@@ -154,9 +157,10 @@ def test_session_timeline_from_events(tmp_path):
     got = [(b.round, b.attempt, b.device, b.start - t0, b.end - t0, b.outcome, b.measured) for b in bars]
     assert got == [(1, 1, "0", 0.5, 4.0, "done", True), (1, 1, "2", 0.0, 9.0, "late", True),
                    (1, 1, "1", 0.0, 5.0, "dropped", False), (1, 2, "0", 10.0, 12.0, "done", True),
-                   (1, 2, "2", 10.0, 13.0, "done", True)]
-    assert [(s.attempt, s.start - t0, s.end - t0, s.deadline_s) for s in spans] == [
-        (1, 0.0, 10.0, None), (2, 10.0, 13.5, 6.0)]
+                   (1, 2, "2", 10.0, 13.0, "done", True), (2, 1, "0", 14.0, 15.0, "done", False)]
+    # a deadline from round_end's record, else from round_start; the last round has not ended yet
+    assert [(s.round, s.attempt, s.start - t0, None if s.end is None else s.end - t0, s.deadline_s)
+            for s in spans] == [(1, 1, 0.0, 10.0, None), (1, 2, 10.0, 13.5, 6.0), (2, 1, 14.0, None, 4.0)]
     from testbed.report import plot_session_timeline
 
     out = plot_session_timeline(bars, spans, tmp_path / "timeline.png", {"0": "0 · pi4 · d3"})
