@@ -549,8 +549,8 @@ def write_run_report(run_dir: Path, rho: float = 0.8, tsne: bool = True, note: s
     name = results.get("algorithm", "run")
     sections: list[Section] = []
     written: list[Path] = []
-    rows = [{"algorithm": f"{name} (oracle τ)", "accuracy": ev["accuracy"]}]
-    if ev.get("accuracy_fixed_tau"):
+    rows = [{"algorithm": f"{name} (oracle τ)", "accuracy": ev.get("accuracy") or []}]
+    if _finite(ev.get("accuracy_fixed_tau") or []):
         rows.append({"algorithm": f"{name} (fixed τ={ev.get('fixed_tau', 0):g})",
                      "accuracy": ev["accuracy_fixed_tau"], "linestyle": "--"})
     has_eval = bool(ev.get("rho")) and _finite(ev.get("accuracy", []))
@@ -596,7 +596,7 @@ def write_run_report(run_dir: Path, rho: float = 0.8, tsne: bool = True, note: s
     cfg = results.get("config") or {}
     meta = (f"{name}, seed {results.get('seed')}, {results.get('runtime', 'local')} runtime, "
             f"{len(results.get('rounds') or [])} round(s), {len(fleet.get('split_depths') or [])} clients, "
-            f"dataset {(cfg.get('data') or {}).get('dataset', '?')}, {results.get('wall_seconds', 0):.0f} s wall"
+            f"dataset {(cfg.get('data') or {}).get('dataset', '?')}, {results.get('wall_seconds') or 0:.0f} s wall"
             f"{'; ' + note if note and tsne else ''}")
     page = run_dir / REPORT
     page.write_text(_page(f"harmony report: {results.get('name', run_dir.name)} ({name})", meta, summary, sections))

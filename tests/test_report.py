@@ -174,3 +174,17 @@ def test_cli_report_names_what_it_needs(tmp_path, run_dir):
     assert not (tmp_path / "report.html").exists()
     tsne = runner.invoke(app, ["report", str(run_dir), "--tsne", "harmony"])
     assert tsne.exit_code == 2 and "--tsne" in tsne.output
+
+
+def test_a_run_without_evaluation_or_fleet_gets_lines_not_broken_images(run_dir, tmp_path):
+    """A results.json of an older or unfinished writer: only its rounds are drawn; every other plot
+    is a line saying why, and the page references no image that is not there."""
+    results = json.loads((run_dir / "results.json").read_text())
+    (tmp_path / "results.json").write_text(json.dumps({"algorithm": results["algorithm"],
+                                                       "rounds": results["rounds"]}))
+    paths = write_report(tmp_path)
+    assert [p.name for p in paths] == ["round_accuracy.png", "report.html"]
+    text = (tmp_path / "report.html").read_text()
+    assert images_of(tmp_path / "report.html") == ["round_accuracy.png"]
+    assert text.count('class="skipped"') == 6
+    assert "results.json has no evaluation" in text and "this run has no events.jsonl" in text
