@@ -174,6 +174,9 @@ def test_cli_report_names_what_it_needs(tmp_path, run_dir):
     assert not (tmp_path / "report.html").exists()
     tsne = runner.invoke(app, ["report", str(run_dir), "--tsne", "harmony"])
     assert tsne.exit_code == 2 and "--tsne" in tsne.output
+    ok = runner.invoke(app, ["report", str(run_dir), "--rho", "0.5"])
+    assert ok.exit_code == 0, ok.output
+    assert f"wrote{run_dir / 'report.html'}" in "".join(ok.output.split())  # however the console wraps it
 
 
 def test_a_run_without_evaluation_or_fleet_gets_lines_not_broken_images(run_dir, tmp_path):
