@@ -15,7 +15,8 @@ setup: system-deps $(STAMP)
 # docker-compose (validates docker/compose.yaml offline: `docker-compose config` needs no engine),
 # iproute2 (tc, ip netns: harmony fleet emulate) and openssh-server/-client (tests/test_flash.py
 # flashes a "board" behind a real sshd with ssh and scp) and chromium (the browser tests of the dashboard and
-# report.html drive Debian's /usr/bin/chromium through playwright; no browser is downloaded).
+# report.html drive Debian's /usr/bin/chromium through playwright; no browser is downloaded) and prometheus
+# (only its promtool is used: it validates docker/prometheus.yml and the Grafana dashboard's queries).
 system-deps:
 	@missing=""; \
 	[ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || missing="$$missing dataset-fashion-mnist"; \
@@ -26,6 +27,7 @@ system-deps:
 	[ -x /usr/sbin/sshd ] || missing="$$missing openssh-server"; \
 	command -v ssh >/dev/null && command -v scp >/dev/null || missing="$$missing openssh-client"; \
 	[ -x /usr/bin/chromium ] || missing="$$missing chromium"; \
+	command -v promtool >/dev/null || missing="$$missing prometheus"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing with apt-get:$$missing"; \
 	  $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \

@@ -227,7 +227,8 @@ def compare(
     seeds: Annotated[int, typer.Option("--seeds", min=1, help="seeds per algorithm")] = 1,
     set_: SetOpt = None,
     out: Annotated[Path, typer.Option("--out", help="output directory")] = Path("runs/compare"),
-    plots: Annotated[bool, typer.Option("--plots", help="also write the PNG report (harmony report)")] = False,
+    plots: Annotated[bool, typer.Option("--plots", help="also write report.html and its PNGs "
+                                        "(harmony report)")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="reuse finished runs in OUT, continue interrupted ones "
                                          "from their checkpoints")] = False,
     jobs: Annotated[int, typer.Option("--jobs", min=1, help="runs at once, each in its own process; each run "
@@ -277,18 +278,20 @@ def compare_table(doc: dict[str, Any], title: str) -> Table:
 
 @app.command()
 def report(
-    compare_dir: Annotated[Path, typer.Argument(help="a `harmony compare --out` directory")],
-    tsne: Annotated[str | None, typer.Option("--tsne", help="algorithms for t-SNE panels (comma-separated)")] = None,
-    rho: Annotated[float, typer.Option("--rho", help="OOD ratio of the t-SNE test queries")] = 0.8,
+    run_dir: Annotated[Path, typer.Argument(help="a `harmony compare --out` directory (compare.json) or a "
+                                            "`harmony run --out` directory (results.json)")],
+    tsne: Annotated[str | None, typer.Option("--tsne", help="algorithms for t-SNE panels of a comparison "
+                                             "(comma-separated)")] = None,
+    rho: Annotated[float, typer.Option("--rho", help="OOD ratio of the t-SNE test queries and of the "
+                                       "per-device latency plot (the nearest evaluated one)")] = 0.8,
 ) -> None:
-    """Write PNG plots: accuracy vs ρ, accuracy–latency, t-SNE of the server representation."""
+    """Write RUN_DIR/report.html and its PNG plots beside it (docs/reporting.md): accuracy vs ρ,
+    accuracy–latency, t-SNE, split depths, per-device latency, per-round accuracy, session timeline."""
     from harmony.algorithms import split_algorithm_list
     from testbed.report import write_report
 
-    if not (compare_dir / "compare.json").is_file():
-        _fail(FileNotFoundError(f"{compare_dir / 'compare.json'} not found; run `harmony compare --out DIR` first"))
     try:
-        paths = write_report(compare_dir, split_algorithm_list(tsne) if tsne else None, rho)
+        paths = write_report(run_dir, split_algorithm_list(tsne) if tsne else None, rho)
     except (ValueError, FileNotFoundError) as err:
         _fail(err)
     for p in paths:

@@ -1,8 +1,9 @@
 """The compose file of an emulated fleet in containers (``harmony fleet compose``, docker/README.md).
 
 ``render_compose([("pi_zero_2", 4), ("pi4", 4), ("jetson_nano", 2)])`` is the text of a compose file
-with Mosquitto, Redis, a Celery worker, the orchestrator, the ``driver`` (profile ``driver``) and one
-agent container per emulated device; ``docker/compose.yaml`` is this output for that fleet
+with Mosquitto, Redis, a Celery worker, the orchestrator, the ``driver`` (profile ``driver``), one
+agent container per emulated device, and the ``monitoring`` profile (``harmony monitor --web``,
+Prometheus, Grafana); ``docker/compose.yaml`` is this output for that fleet
 (``tests/test_docker_files.py`` checks they are equal, and validates it with ``docker-compose config``).
 
 Per device class (harmony/profiles.yaml):
@@ -47,6 +48,9 @@ SERVICE_PORT = 8884
 CREDENTIALS = "${HARMONY_CREDENTIALS_DIR:-../credentials}"
 DATA = "${HARMONY_DATA_DIR:-/usr/share/datasets}:/data:ro"
 TOPICS = "hsfl/v1"
+MONITOR_PORT = 8765  # `harmony monitor --web`'s default port (dashboard and /metrics)
+PROMETHEUS_IMAGE = "prom/prometheus:v2.53.3"
+GRAFANA_IMAGE = "grafana/grafana:11.3.0"
 DEFAULT_FLEET = [("pi_zero_2", 4), ("pi4", 4), ("jetson_nano", 2)]
 
 HEADER = """\
@@ -63,11 +67,13 @@ HEADER = """\
 #   harmony fleet compose {args} --credentials credentials --out docker/compose.yaml
 #   docker compose -f docker/compose.yaml up -d --build
 #   docker compose -f docker/compose.yaml --profile driver run --rm driver /app/examples/quickstart.yaml --out /runs/q
+#   docker compose -f docker/compose.yaml --profile monitoring up -d     # dashboard :8765, Prometheus, Grafana :3000
 #
 # Host-side variables (all optional): HARMONY_CREDENTIALS_DIR (the credential store, default
 # ../credentials), HARMONY_DATA_DIR (datasets, default /usr/share/datasets), HARMONY_RUNS_DIR
-# (results, default ../runs), HARMONY_UID/HARMONY_GID (owner of the results), MQTT_PORT/REDIS_PORT
-# (loopback ports published on the host), WORKER_CONCURRENCY (sessions per worker).
+# (results, default ../runs), HARMONY_UID/HARMONY_GID (owner of the results), MQTT_PORT/REDIS_PORT and
+# MONITOR_PORT/PROMETHEUS_PORT/GRAFANA_PORT (loopback ports published on the host), WORKER_CONCURRENCY
+# (sessions per worker).
 """
 
 
@@ -169,6 +175,55 @@ def _infrastructure(devices: int) -> dict[str, dict]:
     }
 
 
+def _monitoring() -> dict[str, dict]:
+    """Profile ``monitoring``: ``harmony monitor --web`` on the stack's Redis (its dashboard and
+    /metrics), Prometheus scraping it (docker/prometheus.yml) and Grafana with the project's
+    dashboard (docker/grafana/); each published on a loopback port of the host."""
+    metrics = f"http://localhost:{MONITOR_PORT}/metrics"
+    return {
+        # the Redis password comes from the env file's HARMONY_REDIS_PASSWORD (like the driver's); the
+        # monitor mounts no credentials and holds no samples: it reads the hsfl:* round state only
+        "monitor": {
+            **_server_image(),
+            "profiles": ["monitoring"],
+            "init": True,
+            "restart": "unless-stopped",
+            "command": ["harmony", "monitor", "--web", "--host", "0.0.0.0", "--port", str(MONITOR_PORT),
+                        "--redis", "redis://harmony@redis:6379/0"],
+            "env_file": [f"{CREDENTIALS}/services/orchestrator.env"],
+            "ports": [f"127.0.0.1:${{MONITOR_PORT:-{MONITOR_PORT}}}:{MONITOR_PORT}"],
+            "healthcheck": {"test": ["CMD", "python", "-c",
+                                     f"import urllib.request; urllib.request.urlopen('{metrics}', timeout=3)"],
+                            "interval": "10s", "timeout": "5s", "retries": 6},
+            "depends_on": {"redis": {"condition": "service_healthy"}},
+            "networks": ["backend"],
+        },
+        "prometheus": {
+            "image": PROMETHEUS_IMAGE,
+            "profiles": ["monitoring"],
+            "restart": "unless-stopped",
+            "volumes": ["./prometheus.yml:/etc/prometheus/prometheus.yml:ro", "prometheus-data:/prometheus"],
+            "ports": ["127.0.0.1:${PROMETHEUS_PORT:-9090}:9090"],
+            "depends_on": {"monitor": {"condition": "service_started"}},
+            "networks": ["backend"],
+        },
+        "grafana": {
+            "image": GRAFANA_IMAGE,
+            "profiles": ["monitoring"],
+            "restart": "unless-stopped",
+            # anonymous viewers see the provisioned dashboard (the port is the host's loopback only);
+            # editing needs the admin login
+            "environment": {"GF_AUTH_ANONYMOUS_ENABLED": "true", "GF_AUTH_ANONYMOUS_ORG_ROLE": "Viewer",
+                            "GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH": "/etc/grafana/dashboards/harmony.json"},
+            "volumes": ["./grafana/provisioning:/etc/grafana/provisioning:ro",
+                        "./grafana/dashboards:/etc/grafana/dashboards:ro", "grafana-data:/var/lib/grafana"],
+            "ports": ["127.0.0.1:${GRAFANA_PORT:-3000}:3000"],
+            "depends_on": {"prometheus": {"condition": "service_started"}},
+            "networks": ["backend"],
+        },
+    }
+
+
 def _size(nbytes: int) -> str:
     mib = nbytes / 2**20
     return f"{int(mib // 1024)}g" if mib % 1024 == 0 else f"{math.ceil(mib)}m"
@@ -228,6 +283,9 @@ def render_compose(fleet: list[tuple[str, int]], *, profiles: Mapping[str, Devic
     out = [HEADER.format(args=args, n=len(devices), core=core_flops / 1e9), "services:\n"]
     for name, service in _infrastructure(len(devices)).items():
         out.append(_dump({name: service}, 2))
+    out.append("\n  # profile `monitoring`: the live dashboard and /metrics, Prometheus, Grafana (docker/README.md)\n")
+    for name, service in _monitoring().items():
+        out.append(_dump({name: service}, 2))
     for name, count in fleet:
         p = table[name]
         cpus = round(QUOTA_HEADROOM * p.compute_flops / core_flops, 2)
@@ -238,7 +296,7 @@ def render_compose(fleet: list[tuple[str, int]], *, profiles: Mapping[str, Devic
             if cls == name:
                 out.append(_dump({f"agent-{dev}": agent_service(dev, p, core_flops)}, 2))
     out.append("\nnetworks:\n  backend: {}\n  devices:\n    internal: true  # agents reach the broker only\n")
-    out.append("\nvolumes:\n  mosquitto-data: {}\n  redis-data: {}\n")
+    out.append("\nvolumes:\n  mosquitto-data: {}\n  redis-data: {}\n  prometheus-data: {}\n  grafana-data: {}\n")
     return "".join(out)
 
 
