@@ -251,8 +251,8 @@ def compare(
 
 
 def compare_table(doc: dict[str, Any], title: str) -> Table:
-    """Accuracy ± 95% CI and modelled latency per ρ, one row pair per algorithm; then, per τ
-    policy other than the headline one, its accuracy and offload probability (docs/design.md §14)."""
+    """Accuracy ± 95% CI, offload probability and modelled latency per ρ per algorithm; then, per
+    τ policy other than the headline one, its accuracy and offload probability (docs/design.md §14)."""
     headline = doc["rows"][0].get("tau_policy", "oracle") if doc["rows"] else "oracle"
     table = Table(title=f"Test accuracy (%, {headline} τ) and modelled latency (ms)\n{title}")
     table.add_column("algorithm", no_wrap=True)
@@ -266,6 +266,8 @@ def compare_table(doc: dict[str, Any], title: str) -> Table:
 
     for row in doc["rows"]:
         table.add_row(row["algorithm"], "acc", *cells(row["accuracy"], row["ci95"]))
+        if "offload_probability" in row:
+            table.add_row("", "offload", *(f"{v:.2f}" for v in row["offload_probability"]))
         policies = {n: p for n, p in row.get("policies", {}).items() if n != headline}
         table.add_row("", "ms", *(f"{v:.2f}" for v in row["latency_ms"]), end_section=not policies)
         for k, (name, p) in enumerate(policies.items()):
