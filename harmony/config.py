@@ -185,18 +185,20 @@ class TrainConfig(_Section):
         return v
 
 
-TAU_POLICIES = ("oracle", "fixed", "validation", "entropy_quantile")
+TAU_POLICIES = ("oracle", "fixed", "validation", "entropy_quantile", "estimated_mix")
 """How a client's exit threshold τ is chosen (docs/design.md §14); every one the data allows is reported."""
 
 
 class EvalConfig(_Section):
     taus: list[float] = Field(default_factory=lambda: list(DEFAULT_TAUS))
     fixed_tau: float = Field(0.5, gt=0)
-    tau_policy: Literal["oracle", "fixed", "validation", "entropy_quantile"] = Field(
+    tau_policy: Literal["oracle", "fixed", "validation", "entropy_quantile", "estimated_mix"] = Field(
         "oracle", description="the τ behind the headline accuracy / offload / latency: oracle (best on the test "
                               "labels, an upper bound), fixed (fixed_tau), validation (best on the client's own "
                               "validation set at that ρ), entropy_quantile (label-free: the entropy quantile of "
-                              "its ID validation queries that offloads offload_budget of them)")
+                              "its ID validation queries that offloads offload_budget of them), estimated_mix "
+                              "(best on its validation set at the OOD share it estimates from its queries' "
+                              "entropies, without labels or knowledge of ρ)")
     offload_budget: float = Field(
         0.1, ge=0, le=1, description="entropy_quantile: the fraction of the client's in-distribution validation "
                                      "queries it would offload")
@@ -231,7 +233,7 @@ class ExperimentConfig(_Section):
 
     @model_validator(mode="after")
     def _policy_needs_validation(self) -> ExperimentConfig:
-        if self.eval.tau_policy in ("validation", "entropy_quantile") and self.data.val_per_client == 0:
+        if self.eval.tau_policy not in ("oracle", "fixed") and self.data.val_per_client == 0:
             raise ValueError(f"eval.tau_policy = {self.eval.tau_policy} chooses τ on each client's validation set: "
                              "set data.val_per_client (e.g. 50)")
         return self

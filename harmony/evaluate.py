@@ -238,16 +238,47 @@ def score_client(
     return scores
 
 
+def estimated_mix(val: ClientOutputs, n_id_used: int, query_entropies: np.ndarray) -> float:
+    """The share of OOD queries among ``query_entropies`` (unlabelled), estimated from entropies
+    alone: with ``t0`` the median exit entropy of the device's ID validation queries, a fraction
+    ``b`` (≈ ½) of ID and ``p`` of OOD validation queries lie at or above it; the queries' own
+    fraction ``h`` then gives ρ̂ = (h − b) / (p − b), clipped to [0, 1] (0 when ``p ≤ b``: the exit
+    does not tell the two apart)."""
+    e_id, e_ood = val.exit_entropy[:n_id_used], val.exit_entropy[n_id_used:]
+    if e_id.size == 0 or e_ood.size == 0 or query_entropies.size == 0:
+        return 0.0
+    t0 = float(np.median(e_id))
+    b, p = float(np.mean(e_id >= t0)), float(np.mean(e_ood >= t0))
+    h = float(np.mean(query_entropies >= t0))
+    if p - b <= 1e-9:
+        return 0.0
+    return float(np.clip((h - b) / (p - b), 0.0, 1.0))
+
+
 def validation_taus(val: ClientOutputs, n_id_used: int, id_counts: list[int], ood_counts: list[int],
-                    taus: list[float], budget: float) -> list[dict[str, float]]:
+                    taus: list[float], budget: float, query_entropies: list[np.ndarray] | None = None,
+                    n_val: int | None = None) -> list[dict[str, float]]:
     """The thresholds a device chooses on its own validation outputs (``val``: its whole ID pool,
     ``n_id_used`` samples, then OOD samples), per ρ: ``validation`` — the best τ of the sweep on
     its validation set at that ρ (its own labels; the test labels are never read) — and
     ``entropy_quantile`` — label-free, one τ for every ρ from its ID validation entropies
-    (:func:`entropy_quantile_tau`)."""
+    (:func:`entropy_quantile_tau`). With ``query_entropies[k]`` (the exit entropies of its
+    queries at ρ index ``k``, no labels) also ``estimated_mix``: the best τ on its validation set
+    at the mix ρ̂ it estimates from those entropies (:func:`estimated_mix`; ``n_val`` samples per
+    validation set) — it needs no knowledge of ρ."""
     quantile = entropy_quantile_tau(val.exit_entropy[:n_id_used], budget)
-    return [{"validation": oracle_threshold(val, pool_select(n_id_used, n_id, n_ood), taus).tau,
-             "entropy_quantile": quantile} for n_id, n_ood in zip(id_counts, ood_counts, strict=True)]
+    out = []
+    for k, (n_id, n_ood) in enumerate(zip(id_counts, ood_counts, strict=True)):
+        chosen = {"validation": oracle_threshold(val, pool_select(n_id_used, n_id, n_ood), taus).tau,
+                  "entropy_quantile": quantile}
+        if query_entropies is not None:
+            size = n_id + n_ood if n_val is None else n_val
+            n_ood_hat = min(int(round(estimated_mix(val, n_id_used, query_entropies[k]) * size)),
+                            val.exit_entropy.size - n_id_used)
+            n_id_hat = min(size - n_ood_hat, n_id_used)
+            chosen["estimated_mix"] = oracle_threshold(val, pool_select(n_id_used, n_id_hat, n_ood_hat), taus).tau
+        out.append(chosen)
+    return out
 
 
 @torch.no_grad()

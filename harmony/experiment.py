@@ -39,6 +39,7 @@ from harmony.evaluate import (
     ServerPredict,
     client_outputs,
     measure_latency_s,
+    pool_select,
     score_client,
     validation_taus,
 )
@@ -505,7 +506,8 @@ class DevicePlan:
         return self.data.val_id_rows is not None
 
     def _outputs(self, model: ClientModel, server: ServerPredict, split: str, rhos: list[float],
-                 whole_id_pool: bool = False) -> tuple[ClientOutputs, torch.Tensor, int, int, list[int], list[int]]:
+                 whole_id_pool: bool = False, whole_ood_pool: bool = False
+                 ) -> tuple[ClientOutputs, torch.Tensor, int, int, list[int], list[int]]:
         """The models over the pools of ``split`` that ``rhos`` need: ``(outputs, inputs, n_id, n_ood,
         id_counts, ood_counts)``. ``test`` reads only the test pools, ``validation`` only the
         validation pools (rows of the device's train tensors, never trained on)."""
@@ -521,7 +523,7 @@ class DevicePlan:
         counts = [pools.counts(r) for r in rhos]
         id_counts, ood_counts = [c[0] for c in counts], [c[1] for c in counts]
         n_id = len(id_rows) if whole_id_pool else max(id_counts)
-        n_ood = max(ood_counts)
+        n_ood = len(ood_rows) if whole_ood_pool else max(ood_counts)
         rows = torch.as_tensor(np.concatenate([id_rows[:n_id], ood_rows[:n_ood]]), device=self.experiment.torch_device)
         x = x_all[rows]
         outputs = client_outputs(model, server, x, y_all[rows], self.algorithm.early_exit, feature_dtype(self.cfg),
@@ -562,9 +564,14 @@ class DevicePlan:
         policy_taus = None
         if split == "test" and self.has_validation:
             val, _, v_id, _, v_id_counts, v_ood_counts = self._outputs(model, server, "validation", rhos,
-                                                                       whole_id_pool=True)
-            policy_taus = validation_taus(val, v_id, v_id_counts, v_ood_counts, taus, cfg.eval.offload_budget)
+                                                                       whole_id_pool=True, whole_ood_pool=True)
         outputs, x, n_id, n_ood, id_counts, ood_counts = self._outputs(model, server, split, rhos)
+        if split == "test" and self.has_validation:
+            # the queries' exit entropies (no labels) let a device estimate the mix it faces
+            queries = [outputs.exit_entropy[pool_select(n_id, a, b)] for a, b in zip(id_counts, ood_counts,
+                                                                                       strict=True)]
+            policy_taus = validation_taus(val, v_id, v_id_counts, v_ood_counts, taus, cfg.eval.offload_budget,
+                                          queries, self.data.share.val.n_test)
         scores = score_client(outputs, n_id, n_ood, id_counts, ood_counts, rhos, taus, fixed_tau, policy_taus)
         measured = None
         if measure and cfg.eval.measure_latency_samples > 0:

@@ -20,7 +20,7 @@ from harmony.data import load_dataset
 from harmony.data.datasets import load_labels
 from harmony.data.partition import id_class_weights, ood_test_sets, validation_sets
 from harmony.engine import LocalEngine
-from harmony.evaluate import NO_EXIT_TAU, ClientOutputs, entropy_quantile_tau, validation_taus
+from harmony.evaluate import NO_EXIT_TAU, ClientOutputs, entropy_quantile_tau, estimated_mix, validation_taus
 from harmony.experiment import ClientShare, Experiment, _partition
 from tests.conftest import tiny_config
 
@@ -166,6 +166,18 @@ def test_entropy_quantile_offloads_its_budget_of_the_id_queries():
     assert taus[0]["validation"] == 0.25  # ID only: exits 0.1, 0.2 (right), offloads 0.3, 0.9 (server right)
 
 
+def test_estimated_mix_reads_the_share_of_unseen_queries_off_their_entropies():
+    rng = np.random.default_rng(0)
+    id_e, ood_e = rng.uniform(0.0, 1.0, 4000), rng.uniform(0.6, 2.0, 4000)  # OOD queries: higher exit entropy
+    val = ClientOutputs(np.concatenate([id_e, ood_e]), np.zeros(8000, bool), np.zeros(8000, bool))
+    for rho in (0.0, 0.3, 0.8):
+        n_ood = int(rho * 5000)
+        queries = np.concatenate([rng.uniform(0.0, 1.0, 5000 - n_ood), rng.uniform(0.6, 2.0, n_ood)])
+        assert abs(estimated_mix(val, 4000, queries) - rho) < 0.05, rho
+    same = ClientOutputs(np.ones(8), np.zeros(8, bool), np.zeros(8, bool))  # no exit signal: assume no OOD
+    assert estimated_mix(same, 4, np.ones(5)) == 0.0
+
+
 def test_policies_are_reported_beside_the_oracle_and_travel_on_the_wire():
     cfg = tiny_config(**{"data.val_per_client": 20, "train.rounds": 1, "train.local_steps": 3,
                          "eval.measure_latency_samples": 0, "train.algorithm": "multi-exit"})
@@ -173,7 +185,7 @@ def test_policies_are_reported_beside_the_oracle_and_travel_on_the_wire():
     engine.train()
     ev = engine.evaluate(personalise=False)
     assert ev["tau_policy"] == "oracle"
-    assert list(ev["policies"]) == ["oracle", "fixed", "validation", "entropy_quantile"]
+    assert list(ev["policies"]) == ["oracle", "fixed", "validation", "entropy_quantile", "estimated_mix"]
     assert ev["policies"]["oracle"]["accuracy"] == ev["accuracy"]
     assert ev["policies"]["fixed"]["accuracy"] == ev["accuracy_fixed_tau"]
     for name, p in ev["policies"].items():
@@ -189,7 +201,7 @@ def test_policies_are_reported_beside_the_oracle_and_travel_on_the_wire():
     # a device's evaluation with policies crosses the wire unchanged
     clients = engine.evaluate_clients(personalise=False)
     report = EvalReport.from_evaluation(clients[0], cfg.eval.fixed_tau, 80)
-    assert report.policies == "validation,entropy_quantile"
+    assert report.policies == "validation,entropy_quantile,estimated_mix"
     back = decode(encode(make_envelope(report, dev="d0", seq=1, round=2))).body.to_evaluation()
     for a, b in zip(back.scores, clients[0].scores, strict=True):
         assert a.policies == b.policies and a.oracle == b.oracle
@@ -213,7 +225,7 @@ def test_compare_tabulates_every_policy_for_a_dirichlet_fleet(tmp_path):
     doc = json.loads((out / "compare.json").read_text())
     row = doc["rows"][0]
     assert doc["rho"] == [0.0, 0.2, 0.4, 0.6, 0.8] and len(row["accuracy"]) == 5
-    assert set(row["policies"]) == {"oracle", "fixed", "validation", "entropy_quantile"}
+    assert set(row["policies"]) == {"oracle", "fixed", "validation", "entropy_quantile", "estimated_mix"}
     assert row["policies"]["oracle"]["accuracy"] == row["accuracy"]
     assert len(row["policies"]["entropy_quantile"]["offload_probability"]) == 5
     assert "acc τ=entropy_quantile" in proc.stdout and "offload τ=validation" in proc.stdout
