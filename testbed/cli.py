@@ -272,7 +272,7 @@ def compare_table(doc: dict[str, Any], title: str) -> Table:
         table.add_row("", "ms", *(f"{v:.2f}" for v in row["latency_ms"]), end_section=not policies)
         for k, (name, p) in enumerate(policies.items()):
             table.add_row("", f"acc τ={name}", *cells(p["accuracy"], p["ci95"]))
-            table.add_row("", f"offload τ={name}", *(f"{v:.2f}" for v in p["offload_probability"]),
+            table.add_row("", "offload", *(f"{v:.2f}" for v in p["offload_probability"]),
                           end_section=k == len(policies) - 1)
     return table
 

@@ -228,6 +228,6 @@ def test_compare_tabulates_every_policy_for_a_dirichlet_fleet(tmp_path):
     assert set(row["policies"]) == {"oracle", "fixed", "validation", "entropy_quantile", "estimated_mix"}
     assert row["policies"]["oracle"]["accuracy"] == row["accuracy"]
     assert len(row["policies"]["entropy_quantile"]["offload_probability"]) == 5
-    assert "acc τ=entropy_quantile" in proc.stdout and "offload τ=validation" in proc.stdout
+    assert "acc τ=entropy_quantile" in proc.stdout and "acc τ=estimated_mix" in proc.stdout
     results = json.loads((out / "multi-exit" / "seed0" / "results.json").read_text())
     assert len(results["evaluation"]["per_client"]) == 20
