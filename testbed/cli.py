@@ -199,9 +199,14 @@ def run(
     table.add_column("metric")
     for rho in ev["rho"]:
         table.add_column(f"ρ={rho:g}", justify="right")
-    table.add_row("accuracy % (oracle τ)", *(f"{a:.2f}" for a in ev["accuracy"]))
+    headline = ev.get("tau_policy", "oracle")
+    table.add_row(f"accuracy % ({headline} τ)", *(f"{a:.2f}" for a in ev["accuracy"]))
     table.add_row(f"accuracy % (τ={ev['fixed_tau']:g})", *(f"{a:.2f}" for a in ev["accuracy_fixed_tau"]))
     table.add_row("offload probability", *(f"{p:.3f}" for p in ev["offload_probability"]))
+    for name, policy in ev.get("policies", {}).items():  # the thresholds a device chose itself (design §14)
+        if name not in (headline, "fixed"):
+            table.add_row(f"accuracy % (τ={name})", *(f"{a:.2f}" for a in policy["accuracy"]))
+            table.add_row("  offload probability", *(f"{p:.3f}" for p in policy["offload_probability"]))
     table.add_row("modelled latency ms", *(f"{v:.2f}" for v in ev["latency_ms"]))
     table.add_row("measured latency ms", *(f"{v:.2f}" for v in ev["measured_latency_ms"]))
     out_console.print(table)
