@@ -2,15 +2,21 @@
 several personalisation settings, split into on-device and server-fallback accuracy.
 
 For each variant (fine-tuning steps, rate, momentum; ``none`` = the aggregated model as is) it
-prints, in %, mean over clients:
+prints, in %, mean over clients, **on each client's validation set** (``data.val_per_client``
+held-out samples, never trained on; docs/design.md §14) — a tuning tool never reads the test
+pools that the tables report:
 
 - ``exit_id``: the on-device exit's accuracy on the client's own (in-distribution) classes;
 - ``server_id`` / ``server_ood``: the server fallback's accuracy on features of the client's
   (personalised) extractor, for its own classes / for the classes it never trained on;
-- ``oracle_rho0`` / ``oracle_rho08``: the reported metric (oracle τ per client) at ρ = 0 and 0.8.
+- ``oracle_rho0`` / ``oracle_rho08``: the reported metric's validation counterpart (the best τ of
+  the sweep per client on its validation set) at the first and the last ρ of ``data.rhos``.
 
     python benchmarks/personalisation_probe.py --algorithm harmony --out runs/probe-harmony \\
         --set data.train_fraction=0.25 --set model.width=0.5 --set train.rounds=10
+
+Without ``--set data.val_per_client=N`` the probe holds out 50 samples per client
+(:data:`DEFAULT_VAL_PER_CLIENT`); periodic evaluation (which reads the test pools) is switched off.
 
 Training writes a checkpoint in ``--out``; running again with the same settings reuses it. The
 last line printed is one JSON object.
@@ -25,7 +31,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -34,11 +39,11 @@ from harmony.algorithms.base import SessionContext  # noqa: E402
 from harmony.algorithms.splitgp import finetune_on_device  # noqa: E402
 from harmony.config import load_config  # noqa: E402
 from harmony.engine import LocalEngine  # noqa: E402
-from harmony.evaluate import client_outputs, server_predictor  # noqa: E402
-from harmony.experiment import feature_dtype  # noqa: E402
+from harmony.evaluate import server_predictor  # noqa: E402
 from harmony.fleet import InProcessFleet  # noqa: E402
 
 VARIANTS = "none,5:0.001:0,5:0.01:0,1:0.01:0,5:0.01:0.9"
+DEFAULT_VAL_PER_CLIENT = 50
 
 
 def parse_variant(text: str) -> tuple[int, float, float]:
@@ -68,18 +73,25 @@ def evaluate_variant(engine: LocalEngine, steps: int, lr: float, momentum: float
         ctx = SessionContext(cfg.seed, engine.experiment.eval_round, i, train, engine.experiment.torch_device)
         if steps:
             finetune_on_device(model, device.batches(ctx, "personalise"), ctx)
-        ev = device.evaluate(model, predict, measure=False)
+        ev = device.evaluate(model, predict, measure=False, split="validation")
         cols["oracle_rho0"].append(ev.scores[0].oracle.accuracy)
         cols["oracle_rho08"].append(ev.scores[-1].oracle.accuracy)
-        d = device.data
-        n_id, n_ood = len(d.test_id_rows), len(d.test_ood_rows)
-        rows = torch.as_tensor(np.concatenate([d.test_id_rows, d.test_ood_rows]))
-        out = client_outputs(model, predict, d.test_x[rows], d.test_y[rows], True, feature_dtype(cfg),
-                             cfg.eval.batch_size, cfg.model.channels_last)
+        out, n_id, n_ood = device.pool_outputs(model, predict, "validation")
         cols["exit_id"].append(float(out.exit_correct[:n_id].mean()))
         cols["server_id"].append(float(out.server_correct[:n_id].mean()))
         cols["server_ood"].append(float(out.server_correct[n_id:n_id + n_ood].mean()))
     return {k: round(100 * float(np.mean(v)), 2) for k, v in cols.items()}
+
+
+def tuning_config(path: Path, algorithm: str, overrides: list[str]):
+    """The probe's config: ``overrides`` with a validation split (``DEFAULT_VAL_PER_CLIENT`` unless
+    they set one) and no periodic evaluation, so that nothing of it reads a test pool."""
+    cfg = load_config(path, [f"data.val_per_client={DEFAULT_VAL_PER_CLIENT}", f"train.algorithm={algorithm}",
+                             *overrides, "eval.eval_every=0"])
+    if cfg.data.val_per_client == 0:
+        raise SystemExit("personalisation_probe: data.val_per_client = 0 leaves nothing to tune on but the test "
+                         "pools; give a validation split (e.g. --set data.val_per_client=50)")
+    return cfg
 
 
 def main() -> None:
@@ -91,7 +103,7 @@ def main() -> None:
     ap.add_argument("--variants", default=VARIANTS, help=f"comma-separated (default {VARIANTS})")
     args = ap.parse_args()
     variants = [parse_variant(v) for v in args.variants.split(",") if v]
-    cfg = load_config(args.config, [f"train.algorithm={args.algorithm}", *args.set])
+    cfg = tuning_config(args.config, args.algorithm, args.set)
     engine = LocalEngine(cfg, out_dir=args.out)
     if (args.out / "checkpoint.pt").is_file():
         engine.resume()

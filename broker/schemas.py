@@ -39,6 +39,7 @@ SCALE_EXP_RANGE = (-64, 64)
 """Accepted ``FeatureGradDown.scale_exp`` (``encode_gradient`` produces −24 … 60)."""
 _INT64_MAX = 2**63 - 1
 _IDENT = re.compile(r"[a-z][a-z0-9_]{0,31}")
+_POLICY_NAMES = re.compile(r"[a-z][a-z0-9_]{0,31}(,[a-z][a-z0-9_]{0,31}){0,7}")
 _EVENT_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 _MAP_KEY = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 _FLOATS = (torch.float16, torch.float32)
@@ -150,7 +151,9 @@ class EvalReport:
 
     ``accuracy``/``offload_probability`` at the client's best threshold of the sweep (``tau``),
     and at the fixed threshold. Latencies are medians at batch 1 in seconds: the on-device
-    forward and the ``infer`` round trip, when measured.
+    forward and the ``infer`` round trip, when measured. A device with a validation split also
+    reports the τ policies it chose there: ``policies`` names them (comma-separated), and
+    ``policy_tau``/``policy_accuracy``/``policy_offload`` hold one value per (policy, ρ), policy-major.
     """
 
     rhos: list[float]
@@ -163,10 +166,21 @@ class EvalReport:
     samples: int  # test samples evaluated (the ID and OOD pools for the largest ρ)
     client_latency_s: float | None = None
     server_latency_s: float | None = None
+    policies: str | None = None
+    policy_tau: list[float] | None = None
+    policy_accuracy: list[float] | None = None
+    policy_offload: list[float] | None = None
 
     @classmethod
     def from_evaluation(cls, ev: ClientEvaluation, fixed_tau: float, samples: int) -> EvalReport:
         """A device's :class:`harmony.evaluate.ClientEvaluation` as it travels (same floats)."""
+        names = list(ev.scores[0].policies) if ev.scores else []
+        extra: dict[str, Any] = {}
+        if names:
+            extra = {"policies": ",".join(names),
+                     "policy_tau": [s.policies[n].tau for n in names for s in ev.scores],
+                     "policy_accuracy": [s.policies[n].accuracy for n in names for s in ev.scores],
+                     "policy_offload": [s.policies[n].offload_probability for n in names for s in ev.scores]}
         return cls(
             rhos=[s.rho for s in ev.scores], accuracy=[s.oracle.accuracy for s in ev.scores],
             tau=[s.oracle.tau for s in ev.scores],
@@ -175,7 +189,7 @@ class EvalReport:
             offload_probability_fixed_tau=[s.fixed.offload_probability for s in ev.scores],
             fixed_tau=fixed_tau, samples=samples,
             client_latency_s=None if ev.measured_s is None else ev.measured_s[0],
-            server_latency_s=None if ev.measured_s is None else ev.measured_s[1])
+            server_latency_s=None if ev.measured_s is None else ev.measured_s[1], **extra)
 
     def to_evaluation(self) -> ClientEvaluation:
         """Back to the :class:`~harmony.evaluate.ClientEvaluation` the engine tabulates (same floats, same order)."""
@@ -183,6 +197,13 @@ class EvalReport:
                   for rho, acc, tau, off, acc_f, off_f in zip(
                       self.rhos, self.accuracy, self.tau, self.offload_probability, self.accuracy_fixed_tau,
                       self.offload_probability_fixed_tau, strict=True)]
+        if self.policies:
+            assert self.policy_tau is not None and self.policy_accuracy is not None and self.policy_offload is not None
+            n = len(scores)
+            for j, name in enumerate(self.policies.split(",")):
+                for k, score in enumerate(scores):
+                    score.policies[name] = ThresholdScore(self.policy_tau[j * n + k], self.policy_accuracy[j * n + k],
+                                                          self.policy_offload[j * n + k])
         measured = None
         if self.client_latency_s is not None and self.server_latency_s is not None:
             measured = (self.client_latency_s, self.server_latency_s)
@@ -426,6 +447,13 @@ def _check_eval_report(m: EvalReport) -> None:
     for name in ("accuracy", "tau", "offload_probability", "accuracy_fixed_tau", "offload_probability_fixed_tau"):
         if len(getattr(m, name)) != n:
             raise _fail(name, f"expected {n} values (one per rho), got {len(getattr(m, name))}")
+    names = m.policies.split(",") if m.policies else []
+    if len(set(names)) != len(names):
+        raise _fail("policies", f"expected distinct policy names, got {m.policies!r}")
+    for name in ("policy_tau", "policy_accuracy", "policy_offload"):
+        values = getattr(m, name)
+        if len(values or []) != n * len(names):
+            raise _fail(name, f"expected {n * len(names)} values (one per policy and rho), got {len(values or [])}")
 
 
 def _check_blob_chunk(m: BlobChunk) -> None:
@@ -516,6 +544,10 @@ SCHEMAS: dict[str, Schema] = {
             FieldSpec("offload_probability_fixed_tau", "float_list", lo=0.0, hi=1.0, max_len=64),
             _float("fixed_tau", 0, 1e3), _int("samples", 0, 2**40),
             _float("client_latency_s", 0, 1e6, optional=True), _float("server_latency_s", 0, 1e6, optional=True),
+            FieldSpec("policies", "str", True, max_len=256, pattern=_POLICY_NAMES),
+            FieldSpec("policy_tau", "float_list", True, lo=0.0, hi=1e3, max_len=1024),
+            FieldSpec("policy_accuracy", "float_list", True, lo=0.0, hi=1.0, max_len=1024),
+            FieldSpec("policy_offload", "float_list", True, lo=0.0, hi=1.0, max_len=1024),
         ), frozenset({"up"}), _check_eval_report),
         Schema("stop", Stop, (_str("reason", 1024),), frozenset({"cmd"})),
         Schema("cancel", Cancel, (_int("round"), _str("reason", 1024)), frozenset({"cmd"})),

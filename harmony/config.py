@@ -37,6 +37,22 @@ class DataConfig(_Section):
     train_fraction: float = Field(1.0, gt=0, le=1, description="fraction of each client's samples kept")
     test_per_client: int = Field(200, ge=1)
     rhos: list[float] = Field(default_factory=lambda: [0.0, 0.2, 0.4, 0.6, 0.8])
+    val_per_client: int = Field(
+        0, ge=0, description="validation samples held out of each client's data (never trained on; built per ρ "
+                             "like the test set, OOD from other classes' training samples); 0: none")
+    id_rule: Literal["auto", "present", "share", "mass"] = Field(
+        "auto", description="a client's in-distribution classes: present (every class it holds), share (classes "
+                            "with ≥ id_threshold of its samples), mass (fewest classes covering id_threshold of "
+                            "them); auto: present for shard, mass for dirichlet")
+    id_threshold: float | None = Field(
+        None, ge=0, le=1, description="the id_rule's threshold (None: share 0.05, mass 0.9)")
+
+    @property
+    def id_rule_resolved(self) -> str:
+        """The ID rule in force (``auto`` resolved by the partition)."""
+        if self.id_rule != "auto":
+            return self.id_rule
+        return "present" if self.partition == "shard" else "mass"
 
     @field_validator("rhos")
     @classmethod
@@ -169,9 +185,23 @@ class TrainConfig(_Section):
         return v
 
 
+TAU_POLICIES = ("oracle", "fixed", "validation", "entropy_quantile", "estimated_mix")
+"""How a client's exit threshold τ is chosen (docs/design.md §14); every one the data allows is reported."""
+
+
 class EvalConfig(_Section):
     taus: list[float] = Field(default_factory=lambda: list(DEFAULT_TAUS))
     fixed_tau: float = Field(0.5, gt=0)
+    tau_policy: Literal["oracle", "fixed", "validation", "entropy_quantile", "estimated_mix"] = Field(
+        "oracle", description="the τ behind the headline accuracy / offload / latency: oracle (best on the test "
+                              "labels, an upper bound), fixed (fixed_tau), validation (best on the client's own "
+                              "validation set at that ρ), entropy_quantile (label-free: the entropy quantile of "
+                              "its ID validation queries that offloads offload_budget of them), estimated_mix "
+                              "(best on its validation set at the OOD share it estimates from its queries' "
+                              "entropies, without labels or knowledge of ρ)")
+    offload_budget: float = Field(
+        0.1, ge=0, le=1, description="entropy_quantile: the fraction of the client's in-distribution validation "
+                                     "queries it would offload")
     eval_every: int = Field(0, ge=0, description="full evaluation every N rounds (0: only at the end)")
     server_profile: str = "server"
     client_profiles: list[str] = Field(
@@ -201,6 +231,13 @@ class ExperimentConfig(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
 
+    @model_validator(mode="after")
+    def _policy_needs_validation(self) -> ExperimentConfig:
+        if self.eval.tau_policy not in ("oracle", "fixed") and self.data.val_per_client == 0:
+            raise ValueError(f"eval.tau_policy = {self.eval.tau_policy} chooses τ on each client's validation set: "
+                             "set data.val_per_client (e.g. 50)")
+        return self
+
     def with_overrides(self, **dotted: Any) -> ExperimentConfig:
         """A copy with dotted keys replaced, validated like a file."""
         raw = self.model_dump()
@@ -217,7 +254,7 @@ def _format_error(err: ValidationError) -> str:
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling; see examples/*.yaml for the keys)"
-        lines.append(f"{key} = {given!r}: {msg}")
+        lines.append(msg if not e["loc"] else f"{key} = {given!r}: {msg}")  # a whole-config rule names its keys
     return "invalid config:\n  " + "\n  ".join(lines)
 
 

@@ -259,8 +259,12 @@ class Engine:
         return self.fleet.evaluate(rnd, models, self.server_global, personalise)
 
     def evaluate(self, personalise: bool = True, rnd: int | None = None) -> dict[str, Any]:
-        """Accuracy (oracle τ and fixed τ), offload probability and latency per ρ."""
+        """Accuracy, offload probability and latency per ρ under the headline τ policy
+        (``eval.tau_policy``, default the oracle τ), the fixed τ, and every τ policy evaluated
+        (``policies``: the oracle and fixed τ, and with a validation split the thresholds each
+        device chose there; docs/design.md §14)."""
         cfg, ex = self.cfg, self.experiment
+        headline = cfg.eval.tau_policy
         rhos = cfg.data.rhos
         profiles = load_profiles()
         server_rate = profiles[cfg.eval.server_profile].compute_flops
@@ -278,26 +282,40 @@ class Engine:
             profile = profiles[ex.profiles[i]]
             rows = []
             for s in ev.scores:
+                chosen = s.policy(headline)
                 modelled = modelled_latency_s(
-                    ex.costs[depth], s.oracle.offload_probability if early else 1.0, profile.compute_flops,
+                    ex.costs[depth], chosen.offload_probability if early else 1.0, profile.compute_flops,
                     profile.uplink_bps, server_rate, cfg.eval.bits_per_element, has_exit_head=early,
                 )
                 t_c, t_s = ev.measured_s if ev.measured_s is not None else (float("nan"), float("nan"))
                 rows.append({
-                    "rho": s.rho, "accuracy": s.oracle.accuracy, "tau": s.oracle.tau,
-                    "offload_probability": s.oracle.offload_probability,
+                    "rho": s.rho, "accuracy": chosen.accuracy, "tau": chosen.tau,
+                    "offload_probability": chosen.offload_probability,
                     "accuracy_fixed_tau": s.fixed.accuracy,
                     "offload_probability_fixed_tau": s.fixed.offload_probability,
                     "latency_ms": 1e3 * modelled,
-                    "measured_latency_ms": 1e3 * (t_c + s.oracle.offload_probability * t_s),
+                    "measured_latency_ms": 1e3 * (t_c + chosen.offload_probability * t_s),
+                    "policies": {name: {"tau": p.tau, "accuracy": p.accuracy,
+                                        "offload_probability": p.offload_probability}
+                                 for name, p in s.all_policies().items()},
                 })
             per_client.append({"client": i, "split_depth": depth, "profile": ex.profiles[i], "rho": rows})
 
         def mean_of(key: str, scale: float = 1.0) -> list[float]:
             return [scale * float(np.mean([c["rho"][k][key] for c in per_client])) for k in range(len(rhos))]
 
+        def policy_mean(name: str, key: str, scale: float = 1.0) -> list[float]:
+            return [scale * float(np.mean([c["rho"][k]["policies"][name][key] for c in per_client]))
+                    for k in range(len(rhos))]
+
+        # the policies every evaluated client has (a device without a validation split has only two)
+        names = [n for n in per_client[0]["rho"][0]["policies"]
+                 if all(n in c["rho"][0]["policies"] for c in per_client)]
         return {
             "rho": list(rhos),
+            "tau_policy": headline,
+            "policies": {n: {"accuracy": policy_mean(n, "accuracy", 100.0),
+                             "offload_probability": policy_mean(n, "offload_probability")} for n in names},
             "accuracy": mean_of("accuracy", 100.0),
             "accuracy_fixed_tau": mean_of("accuracy_fixed_tau", 100.0),
             "fixed_tau": cfg.eval.fixed_tau,

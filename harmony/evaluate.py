@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import cast
 
 import numpy as np
@@ -162,13 +162,48 @@ def oracle_threshold(outputs: ClientOutputs, select: np.ndarray, taus: list[floa
     return best
 
 
+NO_EXIT_TAU = 1e3
+"""τ that exits every sample with a finite entropy: a policy's τ where its rule gives +∞ (an
+offload budget of 0, or an algorithm without an exit, whose entropies are all +∞)."""
+
+
+def entropy_quantile_tau(entropies: np.ndarray, budget: float) -> float:
+    """The label-free τ of ``eval.tau_policy: entropy_quantile``: offload the ``budget`` fraction
+    of these queries with the highest entropy (``round(budget · n)`` of them; ties at τ offload
+    too) — for a device's own in-distribution validation queries, its offload budget on its own
+    classes; queries from unseen classes, with higher entropy, then offload more often."""
+    e = np.sort(np.asarray(entropies, dtype=np.float64))
+    k = int(round(budget * e.size))
+    if e.size == 0 or k == 0:
+        return NO_EXIT_TAU
+    tau = float(e[e.size - k])
+    return tau if np.isfinite(tau) else NO_EXIT_TAU
+
+
 @dataclass
 class ClientScore:
-    """One client's result at one OOD ratio."""
+    """One client's result at one OOD ratio: the oracle τ, the fixed τ, and the thresholds the
+    device chose on its own validation set (``policies``: ``validation``, ``entropy_quantile``;
+    empty without one)."""
 
     rho: float
     oracle: ThresholdScore
     fixed: ThresholdScore
+    policies: dict[str, ThresholdScore] = field(default_factory=dict)
+
+    def policy(self, name: str) -> ThresholdScore:
+        """The score under τ policy ``name`` (``oracle``, ``fixed`` or one of ``policies``)."""
+        if name == "oracle":
+            return self.oracle
+        if name == "fixed":
+            return self.fixed
+        if name not in self.policies:
+            raise KeyError(f"τ policy {name!r} was not evaluated for this client (it needs a validation set: "
+                           "data.val_per_client)")
+        return self.policies[name]
+
+    def all_policies(self) -> dict[str, ThresholdScore]:
+        return {"oracle": self.oracle, "fixed": self.fixed, **self.policies}
 
 
 @dataclass
@@ -180,20 +215,70 @@ class ClientEvaluation:
     measured_s: tuple[float, float] | None = None
 
 
+def pool_select(n_id_used: int, n_id: int, n_ood: int) -> np.ndarray:
+    """Positions in outputs over ``n_id_used`` ID then OOD samples of the first ``n_id`` ID and ``n_ood`` OOD ones."""
+    return np.concatenate([np.arange(n_id), n_id_used + np.arange(n_ood)])
+
+
 def score_client(
     outputs: ClientOutputs, n_id_used: int, n_ood_used: int, id_counts: list[int], ood_counts: list[int],
-    rhos: list[float], taus: list[float], fixed_tau: float,
+    rhos: list[float], taus: list[float], fixed_tau: float, policy_taus: list[dict[str, float]] | None = None,
 ) -> list[ClientScore]:
     """Scores per ρ. ``outputs`` cover ``n_id_used`` ID samples then ``n_ood_used`` OOD
     samples (nested pools); at ρ index ``k`` the test set is the first ``id_counts[k]`` ID
-    and the first ``ood_counts[k]`` OOD samples."""
+    and the first ``ood_counts[k]`` OOD samples. ``policy_taus[k]``: thresholds chosen without
+    the test labels (policy → τ), scored as well."""
     scores = []
-    for rho, n_id, n_ood in zip(rhos, id_counts, ood_counts, strict=True):
-        select = np.concatenate([np.arange(n_id), n_id_used + np.arange(n_ood)])
-        scores.append(
-            ClientScore(rho, oracle_threshold(outputs, select, taus), score_threshold(outputs, select, fixed_tau))
-        )
+    for k, (rho, n_id, n_ood) in enumerate(zip(rhos, id_counts, ood_counts, strict=True)):
+        select = pool_select(n_id_used, n_id, n_ood)
+        policies = {name: score_threshold(outputs, select, tau)
+                    for name, tau in (policy_taus[k] if policy_taus else {}).items()}
+        scores.append(ClientScore(rho, oracle_threshold(outputs, select, taus),
+                                  score_threshold(outputs, select, fixed_tau), policies))
     return scores
+
+
+def estimated_mix(val: ClientOutputs, n_id_used: int, query_entropies: np.ndarray) -> float:
+    """The share of OOD queries among ``query_entropies`` (unlabelled), estimated from entropies
+    alone: with ``t0`` the median exit entropy of the device's ID validation queries, a fraction
+    ``b`` (≈ ½) of ID and ``p`` of OOD validation queries lie at or above it; the queries' own
+    fraction ``h`` then gives ρ̂ = (h − b) / (p − b), clipped to [0, 1] (0 when ``p ≤ b``: the exit
+    does not tell the two apart)."""
+    e_id, e_ood = val.exit_entropy[:n_id_used], val.exit_entropy[n_id_used:]
+    if e_id.size == 0 or e_ood.size == 0 or query_entropies.size == 0:
+        return 0.0
+    t0 = float(np.median(e_id))
+    b, p = float(np.mean(e_id >= t0)), float(np.mean(e_ood >= t0))
+    h = float(np.mean(query_entropies >= t0))
+    if p - b <= 1e-9:
+        return 0.0
+    return float(np.clip((h - b) / (p - b), 0.0, 1.0))
+
+
+def validation_taus(val: ClientOutputs, n_id_used: int, id_counts: list[int], ood_counts: list[int],
+                    taus: list[float], budget: float, query_entropies: list[np.ndarray] | None = None,
+                    n_val: int | None = None) -> list[dict[str, float]]:
+    """The thresholds a device chooses on its own validation outputs (``val``: its whole ID pool,
+    ``n_id_used`` samples, then OOD samples), per ρ: ``validation`` — the best τ of the sweep on
+    its validation set at that ρ (its own labels; the test labels are never read) — and
+    ``entropy_quantile`` — label-free, one τ for every ρ from its ID validation entropies
+    (:func:`entropy_quantile_tau`). With ``query_entropies[k]`` (the exit entropies of its
+    queries at ρ index ``k``, no labels) also ``estimated_mix``: the best τ on its validation set
+    at the mix ρ̂ it estimates from those entropies (:func:`estimated_mix`; ``n_val`` samples per
+    validation set) — it needs no knowledge of ρ."""
+    quantile = entropy_quantile_tau(val.exit_entropy[:n_id_used], budget)
+    out = []
+    for k, (n_id, n_ood) in enumerate(zip(id_counts, ood_counts, strict=True)):
+        chosen = {"validation": oracle_threshold(val, pool_select(n_id_used, n_id, n_ood), taus).tau,
+                  "entropy_quantile": quantile}
+        if query_entropies is not None:
+            size = n_id + n_ood if n_val is None else n_val
+            n_ood_hat = min(int(round(estimated_mix(val, n_id_used, query_entropies[k]) * size)),
+                            val.exit_entropy.size - n_id_used)
+            n_id_hat = min(size - n_ood_hat, n_id_used)
+            chosen["estimated_mix"] = oracle_threshold(val, pool_select(n_id_used, n_id_hat, n_ood_hat), taus).tau
+        out.append(chosen)
+    return out
 
 
 @torch.no_grad()

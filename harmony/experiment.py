@@ -32,8 +32,17 @@ from harmony.algorithms.base import batches_per_epoch
 from harmony.assignment import Decision, Measurement, choose_depth, from_profile, step_needs
 from harmony.config import ExperimentConfig
 from harmony.data.datasets import Dataset, load_labels, load_rows
-from harmony.data.partition import OODTestSet, dirichlet_partition, ood_test_sets, shard_partition
-from harmony.evaluate import ClientEvaluation, ServerPredict, client_outputs, measure_latency_s, score_client
+from harmony.data.partition import OODTestSet, dirichlet_partition, ood_test_sets, shard_partition, validation_sets
+from harmony.evaluate import (
+    ClientEvaluation,
+    ClientOutputs,
+    ServerPredict,
+    client_outputs,
+    measure_latency_s,
+    pool_select,
+    score_client,
+    validation_taus,
+)
 from harmony.latency import assign_profiles_by_depth, session_time_s
 from harmony.models import ClientModel, DepthCost, MultiExitNet, ServerModel, build_model, cost_table
 from harmony.profiles import load_profiles
@@ -66,14 +75,28 @@ class ClientShare:
     client: int
     train_indices: np.ndarray  # into the train split, sorted
     test: OODTestSet  # its test pools, indices into the test split
+    val: OODTestSet | None = None
+    """Its validation pools (``data.val_per_client``), indices into the train split, none of them in
+    ``train_indices``: held-out samples of its own ID classes, and other classes' training samples."""
 
     def to_bytes(self) -> bytes:
         t = self.test
-        return json.dumps({
+        doc: dict[str, Any] = {
             "client": self.client, "train": self.train_indices.tolist(), "n_test": t.n_test,
             "id_pool": t.id_pool.tolist(), "ood_pool": t.ood_pool.tolist(),
             "id_classes": t.id_classes.tolist(), "ood_classes": t.ood_classes.tolist(),
-        }, sort_keys=True).encode()
+        }
+        if self.val is not None:  # only then: without a validation split the bytes (and digests) are as before
+            v = self.val
+            doc["val"] = {"n_val": v.n_test, "id_pool": v.id_pool.tolist(), "ood_pool": v.ood_pool.tolist(),
+                          "id_classes": v.id_classes.tolist(), "ood_classes": v.ood_classes.tolist()}
+        return json.dumps(doc, sort_keys=True).encode()
+
+    def device_train_rows(self) -> np.ndarray:
+        """The train-split rows the device holds: its training samples, then its validation pools."""
+        if self.val is None:
+            return self.train_indices
+        return np.concatenate([self.train_indices, self.val.id_pool, self.val.ood_pool])
 
     @classmethod
     def from_bytes(cls, data: bytes) -> ClientShare:
@@ -85,7 +108,12 @@ class ClientShare:
         client = int(doc["client"])
         test = OODTestSet(client, int(doc["n_test"]), ints("id_pool"), ints("ood_pool"), ints("id_classes"),
                           ints("ood_classes"))
-        return cls(client, ints("train"), test)
+        val = None
+        if "val" in doc:
+            v = doc["val"]
+            val = OODTestSet(client, int(v["n_val"]), *(np.asarray(v[k], dtype=np.int64) for k in (
+                "id_pool", "ood_pool", "id_classes", "ood_classes")), split="validation")
+        return cls(client, ints("train"), test, val)
 
 
 @dataclass(eq=False)
@@ -95,7 +123,9 @@ class ClientData:
     ``train_rows`` are the rows of ``train_x``/``train_y`` that are this client's (all of them on a
     device that loaded only its share; a slice of the full tensors in the in-process fleet, which
     is every device at once). ``test_id_rows``/``test_ood_rows`` are the rows of ``test_x`` that
-    form its ID and OOD test pools, in draw order.
+    form its ID and OOD test pools, in draw order; ``val_id_rows``/``val_ood_rows`` (with
+    ``data.val_per_client``) the rows of ``train_x`` that form its validation pools, never among
+    ``train_rows``.
     """
 
     client: int
@@ -107,6 +137,8 @@ class ClientData:
     test_id_rows: np.ndarray
     test_ood_rows: np.ndarray
     share: ClientShare
+    val_id_rows: np.ndarray | None = None
+    val_ood_rows: np.ndarray | None = None
 
     @property
     def samples(self) -> int:
@@ -167,9 +199,18 @@ class Experiment:
         where = data_dir if data_dir is not None else cfg.data.data_dir
         labels = load_labels(cfg.data.dataset, where)
         parts = _partition(cfg, labels.train_y)
-        tests = ood_test_sets([labels.train_y[idx] for idx in parts], labels.test_y, cfg.data.test_per_client,
-                              cfg.data.rhos, cfg.seed)
-        shares = {i: ClientShare(i, parts[i], tests[i]) for i in range(len(parts))}
+        d = cfg.data
+        rule = d.id_rule_resolved
+        # a client's ID classes are decided on its data share: its training samples plus, with a
+        # validation split, the samples held out of them (without one: exactly its training set)
+        tests = ood_test_sets([labels.train_y[idx] for idx in parts], labels.test_y, d.test_per_client,
+                              d.rhos, cfg.seed, id_rule=rule, id_threshold=d.id_threshold)
+        vals: list[OODTestSet | None] = [None] * len(parts)
+        if d.val_per_client > 0:
+            parts, held = validation_sets(parts, labels.train_y, d.val_per_client, d.rhos, cfg.seed, id_rule=rule,
+                                          id_threshold=d.id_threshold)
+            vals = list(held)
+        shares = {i: ClientShare(i, parts[i], tests[i], vals[i]) for i in range(len(parts))}
         shape = DataShape(labels.name, labels.num_classes, tuple(labels.input_shape))  # type: ignore[arg-type]
         return cls(cfg, shape, [int(p.size) for p in parts], shares=shares, data_dir=data_dir)
 
@@ -368,23 +409,31 @@ class Experiment:
             for i in clients:
                 share = self.shares[i]
                 rows = torch.as_tensor(share.train_indices, dtype=torch.long, device=self.torch_device)
+                val = share.val
                 out[i] = DevicePlan(self, ClientData(i, train_x, train_y, rows, test_x, test_y,
-                                                     share.test.id_pool, share.test.ood_pool, share))
+                                                     share.test.id_pool, share.test.ood_pool, share,
+                                                     None if val is None else val.id_pool,
+                                                     None if val is None else val.ood_pool))
             return out
         shares = [self.shares[i] for i in clients]
-        train_rows = np.concatenate([s.train_indices for s in shares])
+        train_rows = np.concatenate([s.device_train_rows() for s in shares])
         test_rows = np.concatenate([np.concatenate([s.test.id_pool, s.test.ood_pool]) for s in shares])
         train_x, train_y, test_x, test_y = load_rows(self.cfg.data.dataset, self.data_dir, train_rows, test_rows)
         t0 = e0 = 0
         for i, share in zip(clients, shares, strict=True):
             n, n_id, n_ood = share.train_indices.size, share.test.id_pool.size, share.test.ood_pool.size
             m = n_id + n_ood
+            held = share.device_train_rows().size  # its training rows, then its validation pools
+            v_id = 0 if share.val is None else share.val.id_pool.size
             out[i] = DevicePlan(self, ClientData(
-                i, train_x[t0:t0 + n].clone().to(self.torch_device), train_y[t0:t0 + n].clone().to(self.torch_device),
+                i, train_x[t0:t0 + held].clone().to(self.torch_device),
+                train_y[t0:t0 + held].clone().to(self.torch_device),
                 torch.arange(n, device=self.torch_device),
                 test_x[e0:e0 + m].clone().to(self.torch_device), test_y[e0:e0 + m].clone().to(self.torch_device),
-                np.arange(n_id), n_id + np.arange(n_ood), share))
-            t0, e0 = t0 + n, e0 + m
+                np.arange(n_id), n_id + np.arange(n_ood), share,
+                None if share.val is None else n + np.arange(v_id),
+                None if share.val is None else n + v_id + np.arange(held - n - v_id)))
+            t0, e0 = t0 + held, e0 + m
         return out
 
 
@@ -451,32 +500,83 @@ class DevicePlan:
         ctx = self.experiment.context(self.experiment.eval_round, self.client)
         self.algorithm.personalise(model, self.batches(ctx, "personalise"), ctx)
 
+    @property
+    def has_validation(self) -> bool:
+        """Whether this device holds a validation split (``data.val_per_client`` > 0)."""
+        return self.data.val_id_rows is not None
+
+    def _outputs(self, model: ClientModel, server: ServerPredict, split: str, rhos: list[float],
+                 whole_id_pool: bool = False, whole_ood_pool: bool = False
+                 ) -> tuple[ClientOutputs, torch.Tensor, int, int, list[int], list[int]]:
+        """The models over the pools of ``split`` that ``rhos`` need: ``(outputs, inputs, n_id, n_ood,
+        id_counts, ood_counts)``. ``test`` reads only the test pools, ``validation`` only the
+        validation pools (rows of the device's train tensors, never trained on)."""
+        d = self.data
+        if split == "test":
+            pools, x_all, y_all, id_rows, ood_rows = d.share.test, d.test_x, d.test_y, d.test_id_rows, d.test_ood_rows
+        elif split == "validation":
+            if d.share.val is None or d.val_id_rows is None or d.val_ood_rows is None:
+                raise PlanError(f"client {self.client} has no validation split: set data.val_per_client (e.g. 50)")
+            pools, x_all, y_all, id_rows, ood_rows = d.share.val, d.train_x, d.train_y, d.val_id_rows, d.val_ood_rows
+        else:
+            raise ValueError(f"split {split!r}: expected 'test' or 'validation'")
+        counts = [pools.counts(r) for r in rhos]
+        id_counts, ood_counts = [c[0] for c in counts], [c[1] for c in counts]
+        n_id = len(id_rows) if whole_id_pool else max(id_counts)
+        n_ood = len(ood_rows) if whole_ood_pool else max(ood_counts)
+        rows = torch.as_tensor(np.concatenate([id_rows[:n_id], ood_rows[:n_ood]]), device=self.experiment.torch_device)
+        x = x_all[rows]
+        outputs = client_outputs(model, server, x, y_all[rows], self.algorithm.early_exit, feature_dtype(self.cfg),
+                                 self.cfg.eval.batch_size, self.cfg.model.channels_last)
+        return outputs, x, n_id, n_ood, id_counts, ood_counts
+
+    def pool_outputs(self, model: ClientModel, server: ServerPredict, split: str = "validation"
+                     ) -> tuple[ClientOutputs, int, int]:
+        """The models over the whole ID and OOD pools of ``split``: ``(outputs, n_id, n_ood)``,
+        the ID samples first (what the tuning tools break down into exit and fallback accuracy)."""
+        d = self.data
+        id_rows, ood_rows = (d.val_id_rows, d.val_ood_rows) if split == "validation" else \
+            (d.test_id_rows, d.test_ood_rows)
+        if id_rows is None or ood_rows is None:
+            raise PlanError(f"client {self.client} has no validation split: set data.val_per_client (e.g. 50)")
+        outputs, _, n_id, n_ood, _, _ = self._outputs(model, server, split, [1.0] if len(ood_rows) else [0.0],
+                                                      whole_id_pool=True)
+        return outputs, n_id, n_ood
+
     def evaluate(self, model: ClientModel, server: ServerPredict, *, rhos: list[float] | None = None,
                  taus: list[float] | None = None, fixed_tau: float | None = None,
-                 measure: bool = True) -> ClientEvaluation:
+                 measure: bool = True, split: str = "test") -> ClientEvaluation:
         """This device's side of the evaluation: its on-device model over its own test pools, the
         offloaded samples answered by ``server``, then the τ sweep per ρ (defaults: the config's).
         The same code in both runtimes: in-process ``server`` calls the server model, on an agent
         it is the ``infer`` exchange. ``measure``: also time batch-1 inference
-        (``eval.measure_latency_samples`` repeats; skipped when that is 0)."""
-        cfg, d = self.cfg, self.data
+        (``eval.measure_latency_samples`` repeats; skipped when that is 0).
+
+        With a validation split the device first runs its models over its validation pools and
+        chooses the thresholds of the ``validation`` and ``entropy_quantile`` τ policies there
+        (:func:`harmony.evaluate.validation_taus`), then scores them on the test pools beside
+        the oracle and the fixed τ. ``split="validation"``: the same sweep over the validation
+        pools instead, and nothing of the test pools is read — what every tuning tool uses."""
+        cfg = self.cfg
         rhos = list(cfg.data.rhos) if rhos is None else rhos
         taus = list(cfg.eval.taus) if taus is None else taus
         fixed_tau = cfg.eval.fixed_tau if fixed_tau is None else fixed_tau
-        early = self.algorithm.early_exit
-        counts = [d.share.test.counts(r) for r in rhos]
-        id_counts, ood_counts = [c[0] for c in counts], [c[1] for c in counts]
-        n_id, n_ood = max(id_counts), max(ood_counts)
-        rows = torch.as_tensor(np.concatenate([d.test_id_rows[:n_id], d.test_ood_rows[:n_ood]]),
-                               device=self.experiment.torch_device)
-        x = d.test_x[rows]
-        outputs = client_outputs(model, server, x, d.test_y[rows], early, feature_dtype(cfg), cfg.eval.batch_size,
-                                 cfg.model.channels_last)
-        scores = score_client(outputs, n_id, n_ood, id_counts, ood_counts, rhos, taus, fixed_tau)
+        policy_taus = None
+        if split == "test" and self.has_validation:
+            val, _, v_id, _, v_id_counts, v_ood_counts = self._outputs(model, server, "validation", rhos,
+                                                                       whole_id_pool=True, whole_ood_pool=True)
+        outputs, x, n_id, n_ood, id_counts, ood_counts = self._outputs(model, server, split, rhos)
+        if split == "test" and self.has_validation:
+            # the queries' exit entropies (no labels) let a device estimate the mix it faces
+            queries = [outputs.exit_entropy[pool_select(n_id, a, b)] for a, b in zip(id_counts, ood_counts,
+                                                                                       strict=True)]
+            policy_taus = validation_taus(val, v_id, v_id_counts, v_ood_counts, taus, cfg.eval.offload_budget,
+                                          queries, self.data.share.val.n_test)
+        scores = score_client(outputs, n_id, n_ood, id_counts, ood_counts, rhos, taus, fixed_tau, policy_taus)
         measured = None
         if measure and cfg.eval.measure_latency_samples > 0:
-            measured = measure_latency_s(model, server, x, early, cfg.eval.measure_latency_samples,
-                                         feature_dtype(cfg), cfg.model.channels_last)
+            measured = measure_latency_s(model, server, x, self.algorithm.early_exit,
+                                         cfg.eval.measure_latency_samples, feature_dtype(cfg), cfg.model.channels_last)
         return ClientEvaluation(scores, measured)
 
     def evaluated_samples(self, rhos: list[float]) -> int:

@@ -209,9 +209,14 @@ def run(
     table.add_column("metric")
     for rho in ev["rho"]:
         table.add_column(f"ρ={rho:g}", justify="right")
-    table.add_row("accuracy % (oracle τ)", *(f"{a:.2f}" for a in ev["accuracy"]))
+    headline = ev.get("tau_policy", "oracle")
+    table.add_row(f"accuracy % ({headline} τ)", *(f"{a:.2f}" for a in ev["accuracy"]))
     table.add_row(f"accuracy % (τ={ev['fixed_tau']:g})", *(f"{a:.2f}" for a in ev["accuracy_fixed_tau"]))
     table.add_row("offload probability", *(f"{p:.3f}" for p in ev["offload_probability"]))
+    for name, policy in ev.get("policies", {}).items():  # the thresholds a device chose itself (design §14)
+        if name not in (headline, "fixed"):
+            table.add_row(f"accuracy % (τ={name})", *(f"{a:.2f}" for a in policy["accuracy"]))
+            table.add_row("  offload probability", *(f"{p:.3f}" for p in policy["offload_probability"]))
     table.add_row("modelled latency ms", *(f"{v:.2f}" for v in ev["latency_ms"]))
     table.add_row("measured latency ms", *(f"{v:.2f}" for v in ev["measured_latency_ms"]))
     out_console.print(table)
@@ -262,17 +267,29 @@ def compare(
 
 
 def compare_table(doc: dict[str, Any], title: str) -> Table:
-    """Accuracy ± 95% CI and modelled latency per ρ, one row pair per algorithm."""
-    table = Table(title=f"Test accuracy (%, oracle τ) and modelled latency (ms)\n{title}")
+    """Accuracy ± 95% CI, offload probability and modelled latency per ρ per algorithm; then, per
+    τ policy other than the headline one, its accuracy and offload probability (docs/design.md §14)."""
+    headline = doc["rows"][0].get("tau_policy", "oracle") if doc["rows"] else "oracle"
+    table = Table(title=f"Test accuracy (%, {headline} τ) and modelled latency (ms)\n{title}")
     table.add_column("algorithm", no_wrap=True)
     table.add_column("", no_wrap=True)
     for rho in doc["rho"]:
         table.add_column(f"ρ={rho:g}", justify="right", no_wrap=True)
     with_ci = len(doc.get("seeds", [])) > 1
+
+    def cells(means: list[float], cis: list[float]) -> list[str]:
+        return [f"{a:.2f}±{c:.2f}" if with_ci else f"{a:.2f}" for a, c in zip(means, cis, strict=True)]
+
     for row in doc["rows"]:
-        acc = zip(row["accuracy"], row["ci95"], strict=True)
-        table.add_row(row["algorithm"], "acc", *(f"{a:.2f}±{c:.2f}" if with_ci else f"{a:.2f}" for a, c in acc))
-        table.add_row("", "ms", *(f"{v:.2f}" for v in row["latency_ms"]), end_section=True)
+        table.add_row(row["algorithm"], "acc", *cells(row["accuracy"], row["ci95"]))
+        if "offload_probability" in row:
+            table.add_row("", "offload", *(f"{v:.2f}" for v in row["offload_probability"]))
+        policies = {n: p for n, p in row.get("policies", {}).items() if n != headline}
+        table.add_row("", "ms", *(f"{v:.2f}" for v in row["latency_ms"]), end_section=not policies)
+        for k, (name, p) in enumerate(policies.items()):
+            table.add_row("", f"acc τ={name}", *cells(p["accuracy"], p["ci95"]))
+            table.add_row("", "offload", *(f"{v:.2f}" for v in p["offload_probability"]),
+                          end_section=k == len(policies) - 1)
     return table
 
 

@@ -192,7 +192,23 @@ def _row(name: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
         "accuracy_fixed_tau": fixed, "accuracy_fixed_tau_ci95": fixed_ci,
         "offload_probability": offload, "measured_latency_ms": measured,
         "accuracy_per_seed": [list(r["accuracy"]) for r in runs],  # seeds in the document's order
+        "tau_policy": runs[0].get("tau_policy", "oracle"),
+        "policies": _policies(runs),
     }
+
+
+def _policies(runs: list[dict[str, Any]]) -> dict[str, dict[str, list[float]]]:
+    """Per τ policy that every run evaluated: accuracy (mean, 95 % CI over seeds, per seed) and
+    offload probability (mean) per ρ. Runs from before τ policies existed contribute none."""
+    names = [n for n in runs[0].get("policies", {}) if all(n in r.get("policies", {}) for r in runs)]
+    out = {}
+    for n in names:
+        stats = [mean_ci95([r["policies"][n]["accuracy"][k] for r in runs]) for k in range(len(runs[0]["rho"]))]
+        offload = [mean_ci95([r["policies"][n]["offload_probability"][k] for r in runs])[0]
+                   for k in range(len(runs[0]["rho"]))]
+        out[n] = {"accuracy": [m for m, _ in stats], "ci95": [c for _, c in stats], "offload_probability": offload,
+                  "accuracy_per_seed": [list(r["policies"][n]["accuracy"]) for r in runs]}
+    return out
 
 
 def run_slug(name: str) -> str:

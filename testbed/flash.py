@@ -432,7 +432,7 @@ def _stage_rows(opts: FlashOptions, staging: Path) -> Path:
     import numpy as np
 
     rows = cut_client_rows(cfg.data.dataset, opts.local_data_dir if opts.local_data_dir is not None
-                           else cfg.data.data_dir, opts.client, share.train_indices,
+                           else cfg.data.data_dir, opts.client, share.device_train_rows(),
                            np.concatenate([share.test.id_pool, share.test.ood_pool]),
                            origin=f"client {opts.client} of {opts.config.name}",
                            share_sha256=hashlib.sha256(share.to_bytes()).hexdigest())

@@ -40,6 +40,8 @@ def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> floa
 @pytest.mark.parametrize("algorithm", ["splitgp", "harmony"])
 def test_distributed_equals_local(local_stack, algorithm, tmp_path):  # noqa: F811
     cfg = tiny_config(**{"train.algorithm": algorithm, "eval.eval_every": 1})  # also a mid-training evaluation
+    if algorithm == "harmony":  # with a validation split (splitgp: without): its τ policies come from the devices
+        cfg = cfg.with_overrides(**{"data.val_per_client": 10})
     local = LocalEngine(cfg)
     expected = local.run()
     engine = DistributedEngine(cfg, tmp_path, mqtt=local_stack.mqtt, redis_url=local_stack.redis_url,
@@ -81,8 +83,11 @@ def test_distributed_equals_local(local_stack, algorithm, tmp_path):  # noqa: F8
     assert sorted(k.decode() for k in reports) == sorted(engine.device_ids)
     for client, (mine, theirs) in enumerate(zip(got["evaluation"]["per_client"], expected["evaluation"]["per_client"],
                                                 strict=True)):
-        for key in ("accuracy", "tau", "offload_probability", "accuracy_fixed_tau", "offload_probability_fixed_tau"):
+        for key in ("accuracy", "tau", "offload_probability", "accuracy_fixed_tau", "offload_probability_fixed_tau",
+                    "policies"):
             assert [row[key] for row in mine["rho"]] == [row[key] for row in theirs["rho"]], (client, key)
+    assert got["evaluation"]["policies"] == expected["evaluation"]["policies"]
+    assert ("validation" in got["evaluation"]["policies"]) == (algorithm == "harmony")
 
 
 def _perturbed(state_dict: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:

@@ -15,15 +15,21 @@ Partitions return one int64 array of sample indices per client, sorted ascending
 Client-specific test sets, drawn from the global test set:
 
 * :func:`ood_test_sets` -- client-specific out-of-distribution (OOD) test sets with OOD
-  ratio rho. The *ID classes* of client i are the classes present in its training set; every
-  other class is an *OOD class* for client i. For a ratio rho in [0, 1] the client's test set
+  ratio rho. The *ID classes* of client i are decided on its training labels by an ID rule
+  (:func:`id_class_weights`: by default ``present``, the classes present in its training set;
+  ``share`` and ``mass`` for partitions such as Dirichlet where a client holds a few samples of
+  most classes); every other class is an *OOD class* for client i. For a ratio rho in [0, 1] the client's test set
   has ``n_test`` queries, of which ``n_ood = round(rho * n_test)`` come from its OOD classes
   and ``n_id = n_test - n_ood`` from its ID classes (``round`` is Python's built-in,
   round-half-to-even). So rho = n_ood / (n_id + n_ood) is exactly the fraction of the
-  client's test queries whose class never occurs in its training set. rho = 0 is a purely
+  client's test queries whose class is not one of its ID classes (under ``present``: never
+  occurs in its training set). rho = 0 is a purely
   in-distribution test set; rho = 0.8 means four in five queries are OOD for that client.
   The test sets for different rho are prefixes of two fixed pools, so they share samples
   and an evaluator can run its models once on the pools and slice per rho.
+* :func:`validation_sets` -- a validation split held out of each client's data, with the
+  same ID/OOD construction as the test sets (OOD samples from the train split, so disjoint
+  from every test sample).
 * :func:`out_of_client_test_sets` -- "out-of-client" drift (Jiang & Lin 2023, FedTHE):
   client i is tested on samples drawn with the label distribution of another client j != i.
 """
@@ -41,10 +47,13 @@ __all__ = [
     "IndexArray",
     "OODTestSet",
     "OutOfClientTestSet",
+    "ID_RULES",
     "dirichlet_partition",
+    "id_class_weights",
     "ood_test_sets",
     "out_of_client_test_sets",
     "shard_partition",
+    "validation_sets",
 ]
 
 logger = logging.getLogger(__name__)
@@ -257,19 +266,24 @@ class OODTestSet:
     ood_pool: IndexArray
     id_classes: IndexArray
     ood_classes: IndexArray
+    split: str = "test"
+    """``test`` (indices into the test split) or ``validation`` (indices into the train split:
+    :func:`validation_sets`)."""
 
     def counts(self, rho: float) -> tuple[int, int]:
         """``(n_id, n_ood)`` for ratio ``rho``; ValueError if a pool is too short for it."""
         n_id, n_ood = _split_counts(rho, self.n_test)
+        size = "n_test" if self.split == "test" else "data.val_per_client"
         for kind, needed, pool, classes in (
             ("in-distribution", n_id, self.id_pool, self.id_classes),
             ("OOD", n_ood, self.ood_pool, self.ood_classes),
         ):
             if needed > len(pool):
                 raise ValueError(
-                    f"client {self.client}: rho={rho} needs {needed} {kind} test samples but the test set "
-                    f"has only {len(pool)} of its {kind} classes {classes.tolist()}; lower n_test"
-                    + (" or use a more skewed partition (shard, smaller beta)" if kind == "OOD" else "")
+                    f"client {self.client}: rho={rho} needs {needed} {kind} {self.split} samples but the "
+                    f"{self.split} set has only {len(pool)} of its {kind} classes {classes.tolist()}; lower {size}"
+                    + (" or use a more skewed partition (shard, smaller beta) or another data.id_rule (share, "
+                       "mass)" if kind == "OOD" else "")
                 )
         return n_id, n_ood
 
@@ -284,13 +298,51 @@ class OODTestSet:
         return np.concatenate([np.zeros(n_id, dtype=bool), np.ones(n_ood, dtype=bool)])
 
 
-def _id_class_weights(train_labels: npt.NDArray[np.int64], min_class_fraction: float) -> dict[int, float]:
-    if train_labels.size == 0:
+ID_RULES = ("present", "share", "mass")
+"""The rules for a client's in-distribution classes (:func:`id_class_weights`)."""
+
+DEFAULT_ID_THRESHOLD = {"present": 0.0, "share": 0.05, "mass": 0.9}
+"""Each rule's threshold when none is given."""
+
+
+def id_class_weights(train_labels: npt.ArrayLike, rule: str = "present", threshold: float | None = None
+                     ) -> dict[int, float]:
+    """A client's ID classes, each with its fraction of the client's training samples.
+
+    - ``present``: every class with at least one training sample (``threshold`` unused; the
+      rule of Shard-k, where a client holds a few classes and none of the others);
+    - ``share``: the classes making up at least ``threshold`` of its samples (default 0.05);
+    - ``mass``: the fewest classes, largest first (ties: smaller class id), whose samples make
+      up at least ``threshold`` of its samples (default 0.9).
+
+    Under Dirichlet(β) a client holds a few samples of most classes, so ``present`` leaves no
+    OOD class; ``share`` and ``mass`` call the rare classes OOD (they are still trained on).
+    The weights are the fractions of the whole training set (not renormalised).
+    """
+    labels = _as_labels(train_labels)
+    if rule not in ID_RULES:
+        raise ValueError(f"id rule {rule!r}: expected one of {', '.join(ID_RULES)}")
+    if threshold is None:
+        threshold = DEFAULT_ID_THRESHOLD[rule]
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"id threshold must lie in [0, 1], got {threshold}")
+    if labels.size == 0:
         return {}
-    counts = np.bincount(train_labels)
-    fractions = counts / train_labels.size
-    keep = (counts > 0) & (fractions >= min_class_fraction)
+    counts = np.bincount(labels)
+    fractions = counts / labels.size
+    if rule == "mass":
+        order = np.argsort(-counts, kind="stable")
+        covered = np.cumsum(fractions[order])
+        k = int(np.searchsorted(covered, threshold - 1e-12)) + 1
+        keep = np.zeros(counts.size, dtype=bool)
+        keep[order[:min(k, int((counts > 0).sum()))]] = True
+    else:
+        keep = (counts > 0) & (fractions >= (threshold if rule == "share" else 0.0))
     return {int(c): float(fractions[c]) for c in np.flatnonzero(keep)}
+
+
+def _id_class_weights(train_labels: npt.NDArray[np.int64], min_class_fraction: float) -> dict[int, float]:
+    return id_class_weights(train_labels, "share", min_class_fraction)
 
 
 def ood_test_sets(
@@ -301,6 +353,8 @@ def ood_test_sets(
     seed: int,
     *,
     min_class_fraction: float = 0.0,
+    id_rule: str = "present",
+    id_threshold: float | None = None,
 ) -> list[OODTestSet]:
     """Client-specific OOD test pools, one :class:`OODTestSet` per client.
 
@@ -316,7 +370,9 @@ def ood_test_sets(
         min_class_fraction: a class is an ID class of client i only if it makes up at least
             this fraction of the client's training samples. The default 0 makes every class
             present in the training set an ID class, so OOD means "absent from training";
-            with a positive value, rare training classes count as OOD too.
+            with a positive value, rare training classes count as OOD too (the ``share`` rule).
+        id_rule, id_threshold: the rule for the ID classes (:func:`id_class_weights`), used
+            when ``min_class_fraction`` is 0.
 
     ID classes are those present in the client's training labels (subject to
     ``min_class_fraction``); OOD classes are all other classes of the test set. See the
@@ -334,9 +390,9 @@ def ood_test_sets(
     result = []
     for client, train_labels in enumerate(train_labels_per_client):
         rng = np.random.default_rng([seed, client])
-        weights = _id_class_weights(
-            _as_labels(train_labels, f"train labels of client {client}"), min_class_fraction
-        )
+        labels = _as_labels(train_labels, f"train labels of client {client}")
+        weights = _id_class_weights(labels, min_class_fraction) if min_class_fraction > 0 else \
+            id_class_weights(labels, id_rule, id_threshold)
         id_classes = np.asarray(sorted(weights), dtype=np.int64)
         key = tuple(int(c) for c in id_classes)
         if key not in ood_of:
@@ -352,6 +408,60 @@ def ood_test_sets(
             test_set.counts(rho)
         result.append(test_set)
     return result
+
+
+def validation_sets(
+    data_per_client: Sequence[npt.ArrayLike],
+    train_labels: npt.ArrayLike,
+    n_val: int,
+    rhos: Sequence[float],
+    seed: int,
+    *,
+    id_rule: str = "present",
+    id_threshold: float | None = None,
+) -> tuple[list[IndexArray], list[OODTestSet]]:
+    """Hold a validation set out of each client's data: ``(training indices, validation pools)``.
+
+    ``data_per_client[i]`` are client i's sample indices into the train split (its share of
+    the partition). Its ID classes are decided on those samples by ``id_rule``
+    (:func:`id_class_weights`), exactly as :func:`ood_test_sets` decides them when given the
+    same labels. With ``default_rng([seed, i, 1])`` (a stream of its own, so the test pools do
+    not move), ``n_val`` of its samples of ID classes are drawn uniformly (so their classes
+    follow its data's proportions, like the test ID pool) and removed from its training
+    indices: they are never trained on. The OOD pool is ``n_val`` samples of the train split
+    drawn uniformly among its OOD classes, none of them the client's own; as train-split
+    samples they are disjoint from every test pool. The validation set at ratio rho is then
+    built from the two pools as the test set is (:class:`OODTestSet`, ``split="validation"``,
+    ``n_test = n_val``). ValueError naming the client if a pool is too short for some rho
+    or nothing would be left to train on.
+    """
+    labels = _as_labels(train_labels, "train_labels")
+    _check_positive(n_val=n_val)
+    for rho in rhos:
+        _split_counts(rho, n_val)
+    all_classes = np.unique(labels)
+    training: list[IndexArray] = []
+    pools: list[OODTestSet] = []
+    for client, indices in enumerate(data_per_client):
+        own = np.asarray(indices, dtype=np.int64)
+        rng = np.random.default_rng([seed, client, 1])
+        own_labels = labels[own]
+        weights = id_class_weights(own_labels, id_rule, id_threshold)
+        id_classes = np.asarray(sorted(weights), dtype=np.int64)
+        ood_classes = np.setdiff1d(all_classes, id_classes).astype(np.int64)
+        held = rng.permutation(own[np.isin(own_labels, id_classes)])[:n_val].astype(np.int64)
+        rest = np.setdiff1d(own, held).astype(np.int64)
+        if rest.size == 0:
+            raise ValueError(f"client {client}: data.val_per_client = {n_val} holds out all of its {own.size} "
+                             "samples, leaving nothing to train on; lower data.val_per_client")
+        candidates = np.setdiff1d(np.flatnonzero(np.isin(labels, ood_classes)), own).astype(np.int64)
+        ood_pool = rng.permutation(candidates)[:n_val].copy()
+        pool = OODTestSet(client, n_val, held, ood_pool, id_classes, ood_classes, split="validation")
+        for rho in rhos:
+            pool.counts(rho)
+        training.append(rest)
+        pools.append(pool)
+    return training, pools
 
 
 @dataclass(frozen=True, eq=False)
