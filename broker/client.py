@@ -661,14 +661,17 @@ class BrokerClient:
 
     def receive_blob(self, subscription: Subscription, *, timeout: float, sha256: str | None = None,
                      accept: Callable[[Envelope], bool] | None = None, check: Callable[[], None] | None = None,
-                     check_every_s: float = 1.0) -> bytes:
+                     check_every_s: float = 1.0,
+                     screen: Callable[[InboundMessage], Envelope | None] | None = None) -> bytes:
         """Reassemble and verify the blob whose chunks arrive on ``subscription`` (the retained
         chunks of ``blob/{sha256}/+``, or a device's upload on its ``up`` topic): the blob
         ``sha256``, or the one the first accepted chunk names. Chunks ``accept`` refuses (e.g. of
         another round) and other kinds are skipped; a QoS 1 redelivery of a chunk already held is
         ignored; cleared retained chunks (empty payloads) are skipped. Each message must come
         from its topic's device (``check_origin``). ``check`` runs on every message and at least
-        every ``check_every_s`` while waiting (it may raise to abandon the transfer).
+        every ``check_every_s`` while waiting (it may raise to abandon the transfer). ``screen``
+        replaces the decoding and the origin check: it returns a message's envelope, or None to skip
+        it (a receiver that answers what it refuses, ``broker.inbound``).
         ``TimeoutError`` after ``timeout`` seconds; ``WireError`` for a malformed chunk."""
         assembler = None if sha256 is None else BlobAssembler(sha256)
         deadline = time.monotonic() + timeout
@@ -687,8 +690,14 @@ class BrokerClient:
                 check()
             if not message.payload:
                 continue  # a cleared retained chunk
-            envelope = message.decode(self.max_bytes)
-            check_origin(envelope, self.topics.parse(message.topic))
+            if screen is not None:
+                screened = screen(message)
+                if screened is None:
+                    continue
+                envelope = screened
+            else:
+                envelope = message.decode(self.max_bytes)
+                check_origin(envelope, self.topics.parse(message.topic))
             if envelope.kind != "blob_chunk" or (accept is not None and not accept(envelope)):
                 continue
             chunk = envelope.body
