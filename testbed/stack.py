@@ -193,6 +193,7 @@ class LocalStack:
             raise ValueError("the production profile refuses plaintext listeners: add --tls "
                              "(or use --profile development)")
         auth = auth or tls
+        refuse_stale(self.run_dir)  # never overwrite the record of processes that still run
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._torch_env = {} if torch_threads is None else {"OMP_NUM_THREADS": str(torch_threads),
                                                             "MKL_NUM_THREADS": str(torch_threads)}
@@ -389,13 +390,63 @@ def load_stack(run_dir: str | Path) -> StackInfo:
     return StackInfo(**json.loads(path.read_text()))
 
 
+_PROGRAMS = {"mosquitto": "mosquitto", "redis": "redis-server", "worker": "celery", "orchestrator": "orchestrator",
+             "agent": "edge_agent"}
+"""What a recorded process's command line names (``/proc/{pid}/cmdline``), by its name's first part:
+a PID the system gave to another program since is not the stack's."""
+
+
+def _runs_as(name: str, pid: int) -> bool:
+    """Whether ``pid`` is alive and still the program process ``name`` of a stack was."""
+    if not _alive(pid):
+        return False
+    program = _PROGRAMS.get(name.split("-")[0])
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True  # no /proc here: trust the PID
+    if stat.rpartition(")")[2].split()[0] == "Z":
+        return False  # a zombie of another parent
+    return program is None or program.encode() in cmdline
+
+
+def recorded_alive(run_dir: str | Path) -> dict[str, int]:
+    """The processes ``stack.json`` in ``run_dir`` records that still run (name → PID); {} without one."""
+    try:
+        info = load_stack(run_dir)
+    except FileNotFoundError:
+        return {}
+    return {name: pid for name, pid in sorted(info.pids.items()) if _runs_as(name, pid)}
+
+
+class StaleStack(RuntimeError):
+    """A run directory whose recorded processes partly still run: starting over it would overwrite
+    ``stack.json`` and leave them running, unstoppable (two redis-servers on one data directory)."""
+
+
+def refuse_stale(run_dir: str | Path) -> None:
+    """``StaleStack`` naming the recorded processes of ``run_dir`` that still run, and the fix."""
+    alive = recorded_alive(run_dir)
+    if not alive:
+        return
+    try:
+        gone = sorted(set(load_stack(run_dir).pids) - set(alive))
+    except FileNotFoundError:
+        gone = []
+    listed = ", ".join(f"{name} (pid {pid})" for name, pid in alive.items())
+    why = f" while {', '.join(gone)} {'is' if len(gone) == 1 else 'are'} gone" if gone else ""
+    raise StaleStack(f"{run_dir}/{STACK_FILE} records processes that still run: {listed}{why}; stop them with "
+                     f"`harmony down --run-dir {run_dir}` and start again (or use another --run-dir)")
+
+
 def stack_running(run_dir: str | Path) -> bool:
     """True when ``run_dir`` records a stack whose mosquitto and redis-server still run."""
     try:
         info = load_stack(run_dir)
     except FileNotFoundError:
         return False
-    return all(name in info.pids and _alive(info.pids[name]) for name in ("mosquitto", "redis"))
+    return all(name in info.pids and _runs_as(name, info.pids[name]) for name in ("mosquitto", "redis"))
 
 
 def _alive(pid: int) -> bool:
@@ -428,7 +479,7 @@ def stop_stack(run_dir: str | Path, procs: dict[str, subprocess.Popen[bytes]] | 
         proc = procs.get(name)
         if proc is not None and proc.poll() is not None:
             continue
-        if proc is None and not _alive(pid):
+        if proc is None and not _runs_as(name, pid):
             continue
         os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout
