@@ -48,6 +48,21 @@ log = logging.getLogger(__name__)
 _MAX_SUBSCRIPTION_ID = 268_435_455
 
 
+class _QuietAfterClose(logging.Filter):
+    """Drops paho's ``Client is not connected`` error: paho 2.x's network thread runs its loop once
+    more after the socket closed — after our DISCONNECT when ``close`` has not yet stopped the thread
+    (``disconnect`` comes before ``loop_stop``), or between two tries of a reconnect — and logs that
+    at ERROR, so every run printed it once. The disconnect and the reconnect are logged by this
+    module (``disconnected``, ``lost the connection``) at their true level."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Client is not connected")
+
+
+_PAHO_LOG = logging.getLogger("broker.paho")
+_PAHO_LOG.addFilter(_QuietAfterClose())
+
+
 def read_login(path: str | Path) -> tuple[str, str]:
     """(user name, password) from a credentials file: its first ``user:password`` line (``#`` comments skipped)."""
     for line in Path(path).read_text().splitlines():
@@ -274,7 +289,7 @@ class BrokerClient:
             client_id=client_id,
             protocol=paho.MQTTv5,
         )
-        client.enable_logger(logging.getLogger("broker.paho"))
+        client.enable_logger(_PAHO_LOG)
         client.reconnect_delay_set(min_delay=reconnect_min_delay_s, max_delay=reconnect_max_delay_s)  # type: ignore[arg-type]
         if username is not None:
             client.username_pw_set(username, password)

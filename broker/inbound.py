@@ -27,7 +27,7 @@ still to come.
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection
+from collections.abc import Collection, Container
 from typing import Any
 
 from broker.codec import Envelope, check_origin, decode
@@ -72,7 +72,7 @@ def _rebuild(code: str, field: str, detail: str, topic: str, dev: str | None, ki
 
 
 def screen(topic: str, payload: bytes, topics: Topics, *, max_bytes: int = MAX_MESSAGE_BYTES,
-           known: Collection[str] | None = None, kinds: Collection[str] | None = None, rnd: int | None = None,
+           known: Container[str] | None = None, kinds: Collection[str] | None = None, rnd: int | None = None,
            step: int | None = None, step_kinds: Collection[str] = ("features", "logit_grad"),
            dedup: SeqDeduplicator | None = None) -> Envelope:
     """The decoded envelope of a message received on ``topic``, or :class:`Rejected`.

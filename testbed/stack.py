@@ -34,6 +34,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Container
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -62,6 +63,17 @@ class StackInfo:
     store: str | None = None
     """The stack's credential store (``testbed.credentials``), when auth is on."""
     profile: str = "development"
+
+    def known_devices(self) -> Container[str] | None:
+        """With auth, the devices that may log in to this stack: every device of its credential store
+        (its agents', ``harmony fleet add``, ``flash``, ``fleet emulate``); the registry admits no
+        other and clears their retained announcements. None without auth: the
+        broker lets anyone in, so no list of names means anything (the run warns that it is open)."""
+        if self.store is None:
+            return None
+        from orchestrator.registry import StoreDevices
+
+        return StoreDevices(self.store)
 
     def orchestrator_login(self) -> tuple[str | None, str | None]:
         """(user name, password) for the orchestrator's broker connection; (None, None) without auth."""
@@ -247,6 +259,8 @@ class LocalStack:
             argv = [sys.executable, "-m", "orchestrator", "--broker", f"{service_host}:{service_port}"]
             if "orchestrator" in info.credentials:
                 argv += ["--credentials", info.credentials["orchestrator"]]
+            if info.store is not None:  # admit only the store's devices (docs/design.md §15)
+                argv += ["--devices-from", info.store]
             orchestrator_tls = info.service_tls("orchestrator")
             if orchestrator_tls is not None:
                 argv += ["--cafile", str(orchestrator_tls.ca_certs), "--certfile", str(orchestrator_tls.certfile),

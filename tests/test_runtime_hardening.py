@@ -149,3 +149,33 @@ def test_hostile_messages_are_refused_answered_and_change_nothing(local_stack, t
     assert TRAINING_CODES | {"replay"} <= {e["code"] for e in events}
     assert all(set(e) == {"device", "code", "field", "kind", "topic"} for e in events)
     assert {e["device"] for e in events if e["code"] == "foreign_dev"} == {"emu-0"}
+
+
+def _run_keys(r: Any) -> set[bytes]:
+    """Redis keys but Celery's task results (they expire: ``result_expires``) and its queue bindings."""
+    return {k for k in r.keys("*") if not k.startswith((b"celery-task-meta-", b"_kombu", b"unacked"))}
+
+
+@pytest.mark.slow
+def test_redis_does_not_grow_across_runs(local_stack, tmp_path):  # noqa: F811
+    """A finished run removes its per-run keys (session buffers, round sub-keys, every model but the
+    final two, task results); the ``hsfl:`` layout the monitor reads stays. Two runs of one config
+    leave the same keys, and no model but the final round's."""
+    cfg = tiny_config(**{"train.rounds": 1, "eval.measure_latency_samples": 0})
+    r = state.connect(local_stack.redis_url)
+    seen = []
+    for k in range(2):
+        engine = DistributedEngine(cfg, tmp_path / str(k), mqtt=local_stack.mqtt, redis_url=local_stack.redis_url,
+                                   devices_timeout_s=60, round_timeout_s=120)
+        try:
+            engine.run()
+        finally:
+            engine.close()
+        seen.append(_run_keys(r))
+    assert seen[0] == seen[1], f"keys differ: {sorted(seen[0] ^ seen[1])[:10]}"
+    models = {k for k in seen[1] if k.startswith(b"hsfl:model:")}
+    final = r.hgetall(state.round_key(1))
+    assert models == {b"hsfl:model:" + final[b"client_sha"], b"hsfl:model:" + final[b"server_sha"]}
+    assert not [k for k in seen[1] if k.startswith((b"hsfl:agg:", b"hsfl:round:1:"))]
+    assert {state.devices_key().encode(), state.events_key().encode(), state.run_key().encode()} <= seen[1]
+    assert not r.keys("celery-task-meta-*"), "the run's task results were kept"
