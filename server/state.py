@@ -199,15 +199,16 @@ def clean_run_keys(r: redis.Redis, *, keep_models: set[str] | frozenset[str] = f
                    keep_configs: set[str] | frozenset[str] = frozenset(), rounds: bool = False) -> int:
     """Delete the per-run keys that only a run's rounds need: every ``model:{sha}`` and
     ``config:{sha}`` but those kept and, with ``rounds``, the session buffers ``agg:*`` and the
-    rounds' sub-keys (``round:{r}:ready``/``done``/``eval``/``notify``/``alive:*``; the
-    ``round:{r}`` hashes stay). Returns how many keys went. The ``hsfl:`` layout is unchanged."""
+    rounds' working keys (``round:{r}:ready``/``done``/``notify``/``alive:*``; the ``round:{r}``
+    hashes with their records and the ``round:{r}:eval`` reports stay, until a fresh run's reset).
+    Returns how many keys went. The ``hsfl:`` layout is unchanged."""
     doomed = [k for k in r.scan_iter(f"{PREFIX}model:*", count=1000)
               if k.decode().removeprefix(f"{PREFIX}model:") not in keep_models]
     doomed += [k for k in r.scan_iter(f"{PREFIX}config:*", count=1000)
                if k.decode().removeprefix(f"{PREFIX}config:") not in keep_configs]
     if rounds:
         doomed += list(r.scan_iter(f"{PREFIX}agg:*", count=1000))
-        doomed += list(r.scan_iter(f"{PREFIX}round:*:*", count=1000))
+        doomed += [k for k in r.scan_iter(f"{PREFIX}round:*:*", count=1000) if not k.endswith(b":eval")]
     for i in range(0, len(doomed), 1000):
         r.delete(*doomed[i:i + 1000])
     return len(doomed)

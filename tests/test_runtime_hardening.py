@@ -177,5 +177,6 @@ def test_redis_does_not_grow_across_runs(local_stack, tmp_path):  # noqa: F811
     final = r.hgetall(state.round_key(1))
     assert models == {b"hsfl:model:" + final[b"client_sha"], b"hsfl:model:" + final[b"server_sha"]}
     assert not [k for k in seen[1] if k.startswith((b"hsfl:agg:", b"hsfl:round:1:"))]
+    assert state.eval_key(2).encode() in seen[1]  # the final evaluation's reports stay
     assert {state.devices_key().encode(), state.events_key().encode(), state.run_key().encode()} <= seen[1]
     assert not r.keys("celery-task-meta-*"), "the run's task results were kept"
