@@ -228,11 +228,12 @@ def summarise(fault: str, table: Table, r: Any, since: bytes, rounds: list[dict[
     equal = model is not None and same(table.reference(leave_out), model)
     aggregated = [4 - len(leave_out.get(k, set())) for k in range(1, len(rounds) + 1)]
     retried = sum(1 for e in events if e["name"] == "round_failed")
+    dropped = "".join(f"; round {k} left out clients {sorted(c)}" for k, c in sorted(leave_out.items()) if c)
     outcome = ("run failed: " + error) if error else (
-        f"rounds aggregated {'/'.join(map(str, aggregated))} of 4 devices"
-        + (f"; dropped in round 1: {sorted(leave_out.get(1, set()))}" if leave_out.get(1) else "")
+        f"rounds aggregated {'/'.join(map(str, aggregated))} of 4 devices{dropped}"
         + (f"; {retried} try failed and was retried" if retried else ""))
     return {"fault": fault, "injected": "at" in hit, "outcome": outcome, "events": counts,
+            "left_out": {k: sorted(c) for k, c in sorted(leave_out.items()) if c},
             "model_equal": bool(equal), "recovery_s": round(ends[1] - hit["at"], 1) if "at" in hit and 1 in ends
             else None}
 

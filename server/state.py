@@ -214,9 +214,24 @@ def clean_run_keys(r: redis.Redis, *, keep_models: set[str] | frozenset[str] = f
     return len(doomed)
 
 
+RECONNECT_TRIES = 40
+"""How often a command is tried again when Redis is away (exponential backoff capped at 0.5 s:
+about 15 s in all), so that a redis-server restarted mid-round (it reloads its append-only file in
+about a second) costs the round nothing instead of failing the driver and the session tasks."""
+
+
 def connect(url: str) -> redis.Redis:
-    """A redis-py client on ``url`` returning bytes (buffers are raw bytes)."""
-    return redis.Redis.from_url(url, decode_responses=False)
+    """A redis-py client on ``url`` returning bytes (buffers are raw bytes) that rides out a restart
+    of redis-server: connection errors and the loading of its append-only file are retried
+    (``RECONNECT_TRIES``). The runtime's writes are idempotent (HSET, SADD, SET of content-addressed
+    bytes) or harmless twice (a wake-up pushed, an event recorded), so a command tried again is
+    harmless."""
+    from redis.backoff import ExponentialBackoff
+    from redis.retry import Retry
+
+    return redis.Redis.from_url(url, decode_responses=False,
+                                retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), RECONNECT_TRIES),
+                                retry_on_error=[redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError])
 
 
 # --------------------------------------------------------------------------- attempts

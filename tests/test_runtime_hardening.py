@@ -1,7 +1,7 @@
 """Hostile messages on a running stack (docs/design.md §15): every inbound message is screened
 against its sender and session, every refusal is answered on ``dev/{id}/err`` and recorded as a
 ``message_rejected`` event, and nothing refused changes the run — its weights and accuracy table
-equal the clean local run bit for bit.
+equal the clean local run bit for bit; a second, clean run leaves Redis with the same keys.
 
 During a training session of device emu-0 an attacker on the (open) broker sends on emu-0's ``up``
 topic: features of the right shape naming another device (``foreign_dev``; these used to be
@@ -110,6 +110,11 @@ class Attacker:
         return count
 
 
+def _run_keys(r: Any) -> set[bytes]:
+    """Redis keys but Celery's task results (they expire: ``result_expires``) and its queue bindings."""
+    return {k for k in r.keys("*") if not k.startswith((b"celery-task-meta-", b"_kombu", b"unacked"))}
+
+
 @pytest.mark.slow
 def test_hostile_messages_are_refused_answered_and_change_nothing(local_stack, tmp_path):  # noqa: F811
     cfg = tiny_config(**{"train.rounds": 1})
@@ -150,33 +155,23 @@ def test_hostile_messages_are_refused_answered_and_change_nothing(local_stack, t
     assert all(set(e) == {"device", "code", "field", "kind", "topic"} for e in events)
     assert {e["device"] for e in events if e["code"] == "foreign_dev"} == {"emu-0"}
 
-
-def _run_keys(r: Any) -> set[bytes]:
-    """Redis keys but Celery's task results (they expire: ``result_expires``) and its queue bindings."""
-    return {k for k in r.keys("*") if not k.startswith((b"celery-task-meta-", b"_kombu", b"unacked"))}
-
-
-@pytest.mark.slow
-def test_redis_does_not_grow_across_runs(local_stack, tmp_path):  # noqa: F811
-    """A finished run removes its per-run keys (session buffers, round sub-keys, every model but the
-    final two, task results); the ``hsfl:`` layout the monitor reads stays. Two runs of one config
-    leave the same keys, and no model but the final round's."""
-    cfg = tiny_config(**{"train.rounds": 1, "eval.measure_latency_samples": 0})
-    r = state.connect(local_stack.redis_url)
-    seen = []
-    for k in range(2):
-        engine = DistributedEngine(cfg, tmp_path / str(k), mqtt=local_stack.mqtt, redis_url=local_stack.redis_url,
-                                   devices_timeout_s=60, round_timeout_s=120)
-        try:
-            engine.run()
-        finally:
-            engine.close()
-        seen.append(_run_keys(r))
-    assert seen[0] == seen[1], f"keys differ: {sorted(seen[0] ^ seen[1])[:10]}"
-    models = {k for k in seen[1] if k.startswith(b"hsfl:model:")}
+    # Redis does not grow across runs: a finished run removes its per-run keys (session buffers,
+    # round working keys, every model but the final two, task results); a clean second run of the
+    # same config leaves exactly the same keys, and its weights are the same
+    after_first = _run_keys(r)
+    again = DistributedEngine(cfg, tmp_path / "again", mqtt=local_stack.mqtt, redis_url=local_stack.redis_url,
+                              devices_timeout_s=60, round_timeout_s=120)
+    try:
+        again.run()
+    finally:
+        again.close()
+    after_second = _run_keys(r)
+    assert after_first == after_second, f"keys differ: {sorted(after_first ^ after_second)[:10]}"
+    assert same_weights(engine.model_state(), again.model_state())
     final = r.hgetall(state.round_key(1))
-    assert models == {b"hsfl:model:" + final[b"client_sha"], b"hsfl:model:" + final[b"server_sha"]}
-    assert not [k for k in seen[1] if k.startswith((b"hsfl:agg:", b"hsfl:round:1:"))]
-    assert state.eval_key(2).encode() in seen[1]  # the final evaluation's reports stay
-    assert {state.devices_key().encode(), state.events_key().encode(), state.run_key().encode()} <= seen[1]
+    assert {k for k in after_second if k.startswith(b"hsfl:model:")} == {
+        b"hsfl:model:" + final[b"client_sha"], b"hsfl:model:" + final[b"server_sha"]}
+    assert not [k for k in after_second if k.startswith((b"hsfl:agg:", b"hsfl:round:1:"))]
+    assert state.eval_key(2).encode() in after_second  # the final evaluation's reports stay
+    assert {state.devices_key().encode(), state.events_key().encode(), state.run_key().encode()} <= after_second
     assert not r.keys("celery-task-meta-*"), "the run's task results were kept"
