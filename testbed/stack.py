@@ -10,8 +10,8 @@ Mosquitto runs with persistence in ``{run_dir}/mosquitto`` (saved on SIGTERM and
 ``autosave_interval``), so a restart keeps the clients' sessions and the retained messages; after a
 kill -9 the agents announce their ``hello`` and status again when they reconnect.
 
-With ``auth=True`` (``harmony up --auth``) the broker refuses anonymous clients and confines
-each device to its own topics: the stack's credential store (``testbed.credentials``) in
+With ``auth=True`` (``harmony up``'s default; ``--insecure`` turns it off) the broker refuses
+anonymous clients and confines each device to its own topics: the stack's credential store (``testbed.credentials``) in
 ``{run_dir}/credentials`` holds a random password per device, for the Celery worker (user
 ``server``) and for the orchestrator (user ``orchestrator``), mosquitto's password file and the
 ACL of ``broker.mosquitto.render_acl``. Each agent reads its devices' passwords from
@@ -185,7 +185,9 @@ class LocalStack:
         ``visibility_timeout_s``/``restore_interval_s``: the worker's ``HSFL_VISIBILITY_S`` and
         ``HSFL_RESTORE_INTERVAL_S`` (how soon a session of a dead worker is redelivered; see
         ``server.app``), for fault tests; by default the worker's own defaults. ``auth``: password
-        authentication and the per-device ACL (module docstring). ``worker_concurrency``: session
+        authentication and the per-device ACL (module docstring); off by default in this library
+        call, for tests that talk to the broker anonymously — `harmony up`, `harmony run --stack`
+        and `fleet emulate` turn it on unless `--insecure` (docs/security.md). ``worker_concurrency``: session
         threads of the worker; by default one per emulated device (at least 2), so every device of a
         round trains at once: a session mostly waits for its device, and with fewer threads the
         round runs in waves whose set-up and tail leave cores idle. ``torch_threads``: the intra-op
