@@ -28,7 +28,7 @@ run of the same config (0 when bit for bit equal); ``unanswered`` — payloads w
 payload carries a seq of its own).
 
     python benchmarks/fuzz.py                      # 10,000 payloads (RESULTS §11)
-    python benchmarks/fuzz.py --payloads 300 --slowdown 20   # the suite's smoke size (--smoke)
+    python benchmarks/fuzz.py --smoke              # 100 payloads, 12 local steps: the suite's size
 
 The last line printed is one JSON object:
 ``{"bench": "fuzz", "payloads": N, "crashes": 0, "state_changes": 0, "unanswered": 0, ...}``.
@@ -285,12 +285,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--slowdown", type=float, default=250.0, help="agent --slowdown: how long the sessions last")
     ap.add_argument("--window", type=int, default=100, help="most payloads unanswered at a time")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--smoke", action="store_true", help="300 payloads, --slowdown 20 (the suite's size)")
+    ap.add_argument("--smoke", action="store_true", help="100 payloads, 12 local steps, --slowdown 30 (the "
+                    "suite's size)")
     args = ap.parse_args(argv)
+    raw = CONFIG
     if args.smoke:
-        args.payloads, args.slowdown = 300, 20.0
+        args.payloads, args.slowdown = 100, 30.0
+        raw = {**CONFIG, "train": {**CONFIG["train"], "local_steps": 12}}
     logging.basicConfig(level=logging.ERROR)
-    cfg = validate_config(CONFIG)
+    cfg = validate_config(raw)
     t0 = time.perf_counter()
     local = LocalEngine(cfg)
     expected = local.run()

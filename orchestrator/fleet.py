@@ -99,6 +99,7 @@ class MqttCeleryFleet:
                                  password=password, tls=tls, topics=self.topics, clean_start=True, session_expiry_s=0,
                                  reconnect_min_delay_s=0.2, reconnect_max_delay_s=5.0)
         self.mqtt.connect()
+        state.check_reachable(redis_url)  # a wrong --redis fails now, not after the reconnect tries
         self._connects = self.mqtt.connect_count  # a change: the broker was away (republish, _after_reconnect)
         if username is None:
             log.warning("the broker %s:%d let this orchestrator in without a login: the stack is OPEN — anyone who "

@@ -220,6 +220,16 @@ about 15 s in all), so that a redis-server restarted mid-round (it reloads its a
 about a second) costs the round nothing instead of failing the driver and the session tasks."""
 
 
+def check_reachable(url: str) -> None:
+    """One PING without tries again: a wrong URL or a Redis that is not running fails at once
+    (``redis.ConnectionError``, ``AuthenticationError``) rather than after ``connect``'s retries."""
+    client = redis.Redis.from_url(url, socket_connect_timeout=5)
+    try:
+        client.ping()
+    finally:
+        client.close()
+
+
 def connect(url: str) -> redis.Redis:
     """A redis-py client on ``url`` returning bytes (buffers are raw bytes) that rides out a restart
     of redis-server: connection errors and the loading of its append-only file are retried
