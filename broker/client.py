@@ -48,6 +48,21 @@ log = logging.getLogger(__name__)
 _MAX_SUBSCRIPTION_ID = 268_435_455
 
 
+class _QuietAfterClose(logging.Filter):
+    """Drops paho's ``Client is not connected`` error: paho 2.x's network thread runs its loop once
+    more after the socket closed — after our DISCONNECT when ``close`` has not yet stopped the thread
+    (``disconnect`` comes before ``loop_stop``), or between two tries of a reconnect — and logs that
+    at ERROR, so every run printed it once. The disconnect and the reconnect are logged by this
+    module (``disconnected``, ``lost the connection``) at their true level."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Client is not connected")
+
+
+_PAHO_LOG = logging.getLogger("broker.paho")
+_PAHO_LOG.addFilter(_QuietAfterClose())
+
+
 def read_login(path: str | Path) -> tuple[str, str]:
     """(user name, password) from a credentials file: its first ``user:password`` line (``#`` comments skipped)."""
     for line in Path(path).read_text().splitlines():
@@ -277,7 +292,7 @@ class BrokerClient:
             client_id=client_id,
             protocol=paho.MQTTv5,
         )
-        client.enable_logger(logging.getLogger("broker.paho"))
+        client.enable_logger(_PAHO_LOG)
         client.reconnect_delay_set(min_delay=reconnect_min_delay_s, max_delay=reconnect_max_delay_s)  # type: ignore[arg-type]
         if username is not None:
             client.username_pw_set(username, password)
@@ -664,14 +679,17 @@ class BrokerClient:
 
     def receive_blob(self, subscription: Subscription, *, timeout: float, sha256: str | None = None,
                      accept: Callable[[Envelope], bool] | None = None, check: Callable[[], None] | None = None,
-                     check_every_s: float = 1.0) -> bytes:
+                     check_every_s: float = 1.0,
+                     screen: Callable[[InboundMessage], Envelope | None] | None = None) -> bytes:
         """Reassemble and verify the blob whose chunks arrive on ``subscription`` (the retained
         chunks of ``blob/{sha256}/+``, or a device's upload on its ``up`` topic): the blob
         ``sha256``, or the one the first accepted chunk names. Chunks ``accept`` refuses (e.g. of
         another round) and other kinds are skipped; a QoS 1 redelivery of a chunk already held is
         ignored; cleared retained chunks (empty payloads) are skipped. Each message must come
         from its topic's device (``check_origin``). ``check`` runs on every message and at least
-        every ``check_every_s`` while waiting (it may raise to abandon the transfer).
+        every ``check_every_s`` while waiting (it may raise to abandon the transfer). ``screen``
+        replaces the decoding and the origin check: it returns a message's envelope, or None to skip
+        it (a receiver that answers what it refuses, ``broker.inbound``).
         ``TimeoutError`` after ``timeout`` seconds; ``WireError`` for a malformed chunk."""
         assembler = None if sha256 is None else BlobAssembler(sha256)
         deadline = time.monotonic() + timeout
@@ -690,8 +708,14 @@ class BrokerClient:
                 check()
             if not message.payload:
                 continue  # a cleared retained chunk
-            envelope = message.decode(self.max_bytes)
-            check_origin(envelope, self.topics.parse(message.topic))
+            if screen is not None:
+                screened = screen(message)
+                if screened is None:
+                    continue
+                envelope = screened
+            else:
+                envelope = message.decode(self.max_bytes)
+                check_origin(envelope, self.topics.parse(message.topic))
             if envelope.kind != "blob_chunk" or (accept is not None and not accept(envelope)):
                 continue
             chunk = envelope.body

@@ -301,6 +301,6 @@ def check_origin(envelope: Envelope, ref: TopicRef) -> None:
         raise
 
 
-def error_report(err: WireError, code: str = "schema") -> ErrorReport:
+def error_report(err: WireError, code: str = "bad_schema") -> ErrorReport:
     """The ``error`` body answering a dropped message on ``dev/{id}/err`` (field, message, the offender's seq)."""
     return ErrorReport(code=code, field=err.field[:128], message=str(err)[:2048], ref_seq=err.seq)

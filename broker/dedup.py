@@ -73,8 +73,9 @@ class SeqDeduplicator:
                 del self._windows[key]
             self._min_round.pop(dev, None)
 
-    def check(self, dev: str, kind: str, round: int, seq: int) -> DedupVerdict:
-        """Record and accept a new message, or refuse it with a reason (recording nothing)."""
+    def check(self, dev: str, kind: str, round: int, seq: int, *, record: bool = True) -> DedupVerdict:
+        """Record and accept a new message, or refuse it with a reason (recording nothing).
+        ``record=False``: only the verdict, nothing recorded (a receiver with more checks to run)."""
         key = (dev, kind)
         with self._lock:
             floor = max(self._global_min_round, self._min_round.get(dev, 0))
@@ -84,6 +85,16 @@ class SeqDeduplicator:
             if round < floor:
                 return DedupVerdict(False, STALE_ROUND, f"stale round {round} from {dev!r} ({kind}): "
                                     f"round {floor} is current")
+            if not record:
+                if state is None or round > state.round or seq > state.highest:
+                    return DedupVerdict(True, ACCEPTED, "ok")
+                if seq <= state.highest - self.window:
+                    return DedupVerdict(False, TOO_OLD, f"seq {seq} from {dev!r} ({kind}, round {round}) is older "
+                                        f"than the replay window (highest seen {state.highest}, window {self.window})")
+                if seq in state.seen:
+                    return DedupVerdict(False, REPLAY, f"replayed seq {seq} from {dev!r} ({kind}, round {round}): "
+                                        "already delivered")
+                return DedupVerdict(True, ACCEPTED, "ok")
             if state is None or round > state.round:
                 self._windows[key] = _Window(round=round, highest=seq, seen={seq})
                 self._windows.move_to_end(key)

@@ -231,7 +231,7 @@ class Cancel:
 class ErrorReport:
     """Why a message was dropped (sent on ``dev/{id}/err``; agents may send it on ``up``)."""
 
-    code: str  # e.g. "schema", "replay", "stale_round", "unknown_device"
+    code: str  # broker.inbound.REJECTION_CODES: "bad_schema", "replay", "stale_round", "unknown_device", …
     field: str  # the WireError field, or "" when none applies
     message: str
     ref_seq: int | None = None  # seq of the offending message when it was readable

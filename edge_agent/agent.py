@@ -62,9 +62,10 @@ from broker.blobs import (
     split_blob,
     state_dict_to_bytes,
 )
-from broker.client import BrokerClient, Subscription, TlsSettings
+from broker.client import BrokerClient, InboundMessage, Subscription, TlsSettings
 from broker.codec import Envelope, make_envelope
 from broker.errors import BrokerError, ConnectRefused, WireError
+from broker.inbound import Rejected, screen
 from broker.schemas import (
     LINK_PROBE_MAX_BYTES,
     Assign,
@@ -87,6 +88,10 @@ from harmony.fleet import flush_denormal
 from harmony.timing import PhaseClock
 
 log = logging.getLogger(__name__)
+
+COMMAND_KINDS = ("assign", "round_start", "personalise", "evaluate", "cancel", "stop")
+REQUEST_REFUSALS = ("bad_request", "bad_schema")
+"""Error codes that refuse a device's own request; the others answer a copy or a forgery."""
 
 
 class Restart(Exception):
@@ -303,11 +308,28 @@ class Device:
     def _next_command(self, timeout: float) -> Envelope:
         assert self.cmd is not None
         while True:
-            message = self.cmd.get(timeout)
+            command = self._screen_command(self.cmd.get(timeout))
+            if command is not None:
+                return command
+
+    def _screen_command(self, message: InboundMessage) -> Envelope | None:
+        """A command from this device's ``cmd`` topic, or None when it is refused (``broker.inbound``:
+        undecodable, another device's, a kind that is no command): dropped and answered with an
+        ``error`` on this device's ``up`` — whenever it arrives, also while a session waits for
+        the server. (Only the orchestrator account may write ``cmd`` when the broker runs with its
+        ACL, ``harmony up``'s default.)"""
+        if not message.payload:
+            return None
+        try:
+            return screen(message.topic, message.payload, self.topics, max_bytes=self.client.max_bytes,
+                          kinds=COMMAND_KINDS)
+        except Rejected as rejection:
+            log.warning("device %s: dropped a command (%s): %s", self.id, rejection.code, rejection)
             try:
-                return message.decode(self.client.max_bytes)
-            except Exception as err:  # WireError: log and drop, as the wire rules say
-                log.warning("device %s: dropped a malformed command: %s", self.id, err)
+                self.client.send(self.topics.up(self.id), rejection.report(), wait=False)
+            except (BrokerError, WireError) as err:
+                log.warning("device %s: could not answer the dropped command: %s", self.id, err)
+            return None
 
     def _handle(self, env: Envelope) -> bool:
         body = env.body
@@ -350,9 +372,12 @@ class Device:
         restart and the error topic for a refusal of ``ref_seq`` meanwhile."""
         assert self.cmd is not None and self.down is not None and self.err is not None
 
-        def wanted(e: Envelope) -> bool:
-            return e.round == rnd and (step is None or e.step == step) and (
+        def wanted(e: Envelope) -> bool:  # a reply for another device (forged: dev is not ours) is left alone
+            return e.dev == self.id and e.round == rnd and (step is None or e.step == step) and (
                 ref_seq is None or getattr(e.body, "ref_seq", None) == ref_seq)
+
+        def refuses(e: Envelope) -> bool:  # a refusal of this very request, not of a copy someone sent again
+            return e.dev == self.id and e.body.ref_seq == ref_seq and e.body.code in REQUEST_REFUSALS
 
         while True:
             try:
@@ -360,15 +385,14 @@ class Device:
             except TimeoutError:
                 pass
             nxt = self.cmd.get_nowait()
-            if nxt is not None:
-                command = nxt.decode(self.client.max_bytes)
+            command = None if nxt is None else self._screen_command(nxt)  # a malformed one is dropped here too
+            if command is not None:
                 if command.kind != "cancel" or command.body.round == rnd:
                     raise Restart(command)
                 log.info("device %s: ignoring a cancel of round %d during round %d", self.id, command.body.round, rnd)
             if ref_seq is not None:
                 try:
-                    refusal = self.client.wait_for("error", lambda e: e.body.ref_seq == ref_seq, timeout=0,
-                                                   subscription=self.err)
+                    refusal = self.client.wait_for("error", refuses, timeout=0, subscription=self.err)
                 except TimeoutError:
                     pass
                 else:

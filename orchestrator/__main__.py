@@ -1,6 +1,7 @@
 """``python -m orchestrator --broker HOST:PORT [--redis URL] [--credentials FILE] [--cafile CA.crt
-[--certfile C --keyfile K]]``: keep the device registry in Redis. ``FILE`` holds the orchestrator's
-broker login as one ``user:password`` line; ``--cafile`` turns TLS on (the broker's service listener
+[--certfile C --keyfile K]] [--devices-from STORE]``: keep the device registry in Redis (with
+``STORE``, a credential store, only of its devices). ``FILE`` holds the orchestrator's broker login
+as one ``user:password`` line; ``--cafile`` turns TLS on (the broker's service listener
 also asks for the ``orchestrator`` client certificate, docs/security.md). Without ``--redis`` the
 URL comes from ``HSFL_REDIS_URL``, so that a Redis password need not show on the command line."""
 
@@ -15,7 +16,7 @@ from pathlib import Path
 
 from broker.client import BrokerClient, read_login, tls_settings
 from broker.topics import Topics
-from orchestrator.registry import Registry
+from orchestrator.registry import Registry, StoreDevices
 from server import state
 
 
@@ -29,6 +30,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--cafile", type=Path, default=None, help="CA certificate of the broker: turns TLS on")
     ap.add_argument("--certfile", type=Path, default=None, help="the orchestrator's client certificate")
     ap.add_argument("--keyfile", type=Path, default=None, help="its key")
+    ap.add_argument("--devices-from", type=Path, default=None, help="a credential store (`harmony up`'s "
+                    "RUN_DIR/credentials): admit only its devices, clear the retained messages of others")
     args = ap.parse_args(argv)
     if not args.redis:
         ap.error("--redis URL (or HSFL_REDIS_URL) is required")
@@ -45,7 +48,8 @@ def main(argv: list[str] | None = None) -> None:
                           username=user, password=password, tls=tls, topics=Topics(args.topic_prefix), clean_start=True,
                           session_expiry_s=0)
     client.connect()
-    registry = Registry(client, state.connect(args.redis))
+    known = None if args.devices_from is None else StoreDevices(args.devices_from)
+    registry = Registry(client, state.connect(args.redis), known=known)
     try:
         while True:
             registry.poll(timeout=1.0)

@@ -9,6 +9,7 @@ without any (``harmony.experiment``).
 
 from __future__ import annotations
 
+from collections.abc import Container
 from pathlib import Path
 
 from broker.client import TlsSettings
@@ -25,16 +26,18 @@ __all__ = ["DistributedEngine", "RoundFailedError"]
 
 class DistributedEngine(Engine):
     """Runs an experiment over a running stack (Mosquitto, Redis, Celery workers, agents).
-    ``data_dir``: where the dataset's label files are on this host (over ``data.data_dir``)."""
+    ``data_dir``: where the dataset's label files are on this host (over ``data.data_dir``);
+    ``known_devices``: the only devices the registry admits (a stack's own; None: any)."""
 
     def __init__(self, cfg: ExperimentConfig, out_dir: str | Path | None = None, progress: ProgressFn | None = None,
                  *, mqtt: tuple[str, int], redis_url: str, topics: Topics | None = None,
                  username: str | None = None, password: str | None = None, tls: TlsSettings | None = None,
                  devices_timeout_s: float = 120.0,
-                 round_timeout_s: float = ROUND_TIMEOUT_S, data_dir: str | None = None) -> None:
+                 round_timeout_s: float = ROUND_TIMEOUT_S, data_dir: str | None = None,
+                 known_devices: Container[str] | None = None) -> None:
         experiment = Experiment.plan(cfg, data_dir)
         fleet = MqttCeleryFleet(experiment, mqtt=mqtt, redis_url=redis_url, topics=topics, username=username,
                                 password=password, tls=tls, devices_timeout_s=devices_timeout_s,
-                                round_timeout_s=round_timeout_s)
+                                round_timeout_s=round_timeout_s, known_devices=known_devices)
         super().__init__(experiment, fleet, out_dir, progress)
         self.device_ids = fleet.device_ids

@@ -34,7 +34,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Container, Iterable, Iterator
 from typing import Any
 
 from celery.result import AsyncResult
@@ -81,7 +81,7 @@ class MqttCeleryFleet:
     def __init__(self, experiment: Experiment, *, mqtt: tuple[str, int], redis_url: str,
                  topics: Topics | None = None, username: str | None = None, password: str | None = None,
                  tls: TlsSettings | None = None, devices_timeout_s: float = 120.0,
-                 round_timeout_s: float = ROUND_TIMEOUT_S) -> None:
+                 round_timeout_s: float = ROUND_TIMEOUT_S, known_devices: Container[str] | None = None) -> None:
         self.experiment = experiment
         self.cfg = experiment.cfg
         self.progress: ProgressFn = lambda event, **fields: None
@@ -99,8 +99,13 @@ class MqttCeleryFleet:
                                  password=password, tls=tls, topics=self.topics, clean_start=True, session_expiry_s=0,
                                  reconnect_min_delay_s=0.2, reconnect_max_delay_s=5.0)
         self.mqtt.connect()
+        state.check_reachable(redis_url)  # a wrong --redis fails now, not after the reconnect tries
         self._connects = self.mqtt.connect_count  # a change: the broker was away (republish, _after_reconnect)
-        self.registry = Registry(self.mqtt, self.r)
+        if username is None:
+            log.warning("the broker %s:%d let this orchestrator in without a login: the stack is OPEN — anyone who "
+                        "reaches it can publish as any device (hello, status, features, eval_report) or stop one; "
+                        "start it with authentication (`harmony up` without --insecure, docs/security.md)", *mqtt)
+        self.registry = Registry(self.mqtt, self.r, known=known_devices)
         n = experiment.num_clients
         # a flashed board holding one client's rows gets that client; the others in natural order
         self.device_ids: list[str] = devices_for_clients(
@@ -112,7 +117,15 @@ class MqttCeleryFleet:
         self.published: dict[str, int] = {}
         self._stale: set[str] = set()  # published before the broker was lost (_after_reconnect)
         self._round: dict[str, Any] = {}  # what the round in progress published (its shas, its clock)
+        self._sent: list[AsyncResult] = []  # every task sent (their results are forgotten at the run's end)
+        self._finished = False  # the final evaluation is done: close() cleans the run's keys
         self._assign()
+
+    def _send_task(self, name: str, *, kwargs: dict[str, Any]) -> AsyncResult:
+        """Send a Celery task, keeping its result handle so that a finished run forgets its result."""
+        result = self.celery.send_task(name, kwargs=kwargs)
+        self._sent.append(result)
+        return result
 
     # ------------------------------------------------------------------------------ set-up
     def _decide_depths(self) -> None:
@@ -184,6 +197,7 @@ class MqttCeleryFleet:
             keys = list(self.r.scan_iter(pattern))
             if keys:
                 self.r.delete(*keys)
+        state.clean_run_keys(self.r, keep_configs={self.manifest_sha})  # weights of runs before this one
         self.r.delete(state.run_key())
         run_id = uuid.uuid4().hex
         self.r.hset(state.run_key(), mapping={"id": run_id, "manifest": self.manifest_sha, "last_round": 0})
@@ -250,7 +264,26 @@ class MqttCeleryFleet:
                 self.mqtt.clear_blob(sha, count, pending=pending)
                 del self.published[sha]
 
+    def _clean_finished_run(self) -> None:
+        """The run's end: delete what only its rounds needed (docs/design.md §15) — session buffers,
+        the rounds' ready/done/eval/notify/alive keys, every model but the last round's two, other
+        manifests — and forget its Celery task results, so Redis does not grow from run to run. Kept:
+        ``hsfl:run``, the ``hsfl:round:{r}`` hashes (records), the devices and the events."""
+        last = int(self.r.hget(state.run_key(), "last_round") or 0)
+        final = self.r.hgetall(state.round_key(last)) if last else {}
+        keep = {final[k].decode() for k in (b"client_sha", b"server_sha") if k in final}
+        removed = state.clean_run_keys(self.r, keep_models=keep, keep_configs={self.manifest_sha}, rounds=True)
+        for result in self._sent:
+            result.forget()
+        log.info("run finished: removed %d round key(s) from Redis and %d task result(s)", removed, len(self._sent))
+        self._sent.clear()
+
     def close(self) -> None:
+        if self._finished:
+            try:
+                self._clean_finished_run()
+            except Exception as err:  # noqa: BLE001 — the results are written; a later run cleans up again
+                log.warning("could not clean the finished run's keys from Redis: %s", err)
         self._keep = set()
         pending: list[PendingPublish] = []
         self._unpublish(set(), pending)
@@ -295,7 +328,7 @@ class MqttCeleryFleet:
                           "server_sha": server_sha, "steps": self.experiment.steps(i),
                           "timeout_s": self.round_timeout_s, "attempt": attempt}
                     for i, dev in zip(chosen, devs, strict=True)}
-            tasks = {dev: self.celery.send_task("hsfl.session", kwargs=job) for dev, job in jobs.items()}
+            tasks = {dev: self._send_task("hsfl.session", kwargs=job) for dev, job in jobs.items()}
             self.r.hset(state.round_key(rnd), "state", "running")
             state.event(self.r, "round_running", round=rnd, sessions=len(devs))
         self._round = {"rnd": rnd, "clock": clock, "server": (server_start, server_sha)}
@@ -351,7 +384,7 @@ class MqttCeleryFleet:
                     state.drop_alive(self.r, rnd, attempt, dev)
                     commanded.pop(dev, None)
                     state.event(self.r, "session_replayed", round=rnd, device=dev)
-                    tasks[dev] = self.celery.send_task("hsfl.session", kwargs=jobs[dev])
+                    tasks[dev] = self._send_task("hsfl.session", kwargs=jobs[dev])
             for dev in sorted(waiting, key=devs.index):
                 if self.registry.online.get(dev) is False:
                     outcome, why = "dropped", "its status is offline"
@@ -373,7 +406,7 @@ class MqttCeleryFleet:
                     log.warning("round %d: the session of device %s stopped renewing its heartbeat (worker lost?); "
                                 "sending it again", rnd, dev)
                     state.event(self.r, "session_resent", round=rnd, device=dev)
-                    tasks[dev] = self.celery.send_task("hsfl.session", kwargs=jobs[dev])
+                    tasks[dev] = self._send_task("hsfl.session", kwargs=jobs[dev])
             if not waiting:
                 return
             if time.monotonic() - t0 > limit:
@@ -417,7 +450,7 @@ class MqttCeleryFleet:
             server_prev_sha = sha if start is server_prev else state.put_model(self.r, server_prev)[0]
             client_prev_sha, _ = state.put_model(self.r, client_prev)
             devs = [self.device_ids[res.client] for res in results]
-            result = self.celery.send_task("hsfl.aggregate", kwargs={
+            result = self._send_task("hsfl.aggregate", kwargs={
                 "rnd": rnd, "devices": devs, "client_prev_sha": client_prev_sha, "server_prev_sha": server_prev_sha,
             }).get(timeout=self.round_timeout_s)
         with clock("load"):
@@ -468,7 +501,7 @@ class MqttCeleryFleet:
         pipe.hset(state.round_key(rnd), "eval_attempt", attempt)
         pipe.execute()
         for dev in devs:
-            self.celery.send_task("hsfl.infer", kwargs={
+            self._send_task("hsfl.infer", kwargs={
                 "dev": dev, "manifest_sha": self.manifest_sha, "server_sha": server_sha,
                 "idle_s": self.round_timeout_s, "rnd": rnd, "attempt": attempt})
         command = {i: Evaluate(model_sha256=shas[i], rhos=list(cfg.data.rhos), entropy_thresholds=list(cfg.eval.taus),
@@ -483,6 +516,8 @@ class MqttCeleryFleet:
                 raise ValueError(f"device {self.device_ids[i]}: eval_report.rhos {report.rhos} differ from data.rhos "
                                  f"{list(cfg.data.rhos)} (is the agent running another config?)")
             evaluations[i] = report.to_evaluation()
+        if rnd > self.cfg.train.rounds:  # the final evaluation: the run is done
+            self._finished = True
         return evaluations
 
     def _gone(self, rnd: int, client: int) -> bool:

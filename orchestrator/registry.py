@@ -12,10 +12,13 @@ import json
 import logging
 import re
 import time
+from collections.abc import Container
+from pathlib import Path
 
-from broker.client import BrokerClient
-from broker.codec import check_origin
-from broker.errors import WireError
+from broker.client import BrokerClient, InboundMessage
+from broker.errors import BrokerError
+from broker.inbound import Rejected, answer, screen
+from broker.topics import DEVICE_ID_PATTERN
 from harmony.version import installed_version
 from server import state
 
@@ -37,11 +40,26 @@ def natural_key(device_id: str) -> list[object]:
     return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", device_id)]
 
 
+class StoreDevices:
+    """The devices of a credential store (``testbed.credentials``: ``devices/{id}/password``), looked
+    up at each question, so a device added while the registry runs (``harmony fleet add``) is known."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    def __contains__(self, dev: object) -> bool:
+        return (isinstance(dev, str) and DEVICE_ID_PATTERN.fullmatch(dev) is not None
+                and (self.root / "devices" / dev / "password").is_file())
+
+
 class Registry:
     """Collects hello/status from the broker and records them in Redis (``r``; None: only in memory)."""
 
-    def __init__(self, client: BrokerClient, r: object | None, expected_version: str | None = None) -> None:
+    def __init__(self, client: BrokerClient, r: object | None, expected_version: str | None = None,
+                 known: Container[str] | None = None) -> None:
         self.client, self.r = client, r
+        self.known = known
+        """The devices this registry may admit (a stack's credential store and agents); None: any."""
         self.expected_version = installed_version() if expected_version is None else expected_version
         self.refused: dict[str, str] = {}
         """Device → why it is refused (its agent version differs from ``expected_version``)."""
@@ -63,13 +81,8 @@ class Registry:
                         break
                     time.sleep(0.02)
                     continue
-                if not message.payload:
-                    continue
-                try:
-                    env = message.decode()
-                    check_origin(env, self.client.topics.parse(message.topic))
-                except WireError as err:
-                    log.warning("registry: dropped %s: %s", message.topic, err)
+                env = self._screen(message, "hello" if sub is self.hello else "status")
+                if env is None:
                     continue
                 dev = env.dev
                 if env.kind == "hello":
@@ -89,6 +102,24 @@ class Registry:
                         if was is not self.online[dev]:  # for monitors: the device came or went (last will)
                             state.event(self.r, "device_online" if self.online[dev] else "device_offline",  # type: ignore
                                         device=dev, state=env.body.state, detail=env.body.detail[:200])
+
+    def _screen(self, message: InboundMessage, kind: str) -> object | None:
+        """A ``hello``/``status`` from the device it names (``broker.inbound``), else None: refused,
+        answered and recorded; a refused *retained* message (e.g. the announcement of a device no
+        longer in the credential store) is also cleared from the broker, so no later run sees it."""
+        if not message.payload:
+            return None
+        try:
+            return screen(message.topic, message.payload, self.client.topics, max_bytes=self.client.max_bytes,
+                          known=self.known, kinds=(kind,))
+        except Rejected as rejection:
+            answer(self.client, self.client.topics, rejection, self.r, receiver="registry")
+            if message.retain:
+                try:
+                    self.client.publish_raw(message.topic, b"", retain=True, wait=False)
+                except BrokerError as err:
+                    log.warning("registry: could not clear the retained message on %s: %s", message.topic, err)
+            return None
 
     def _admit(self, dev: str, agent_version: str) -> None:
         refusal = version_refusal(dev, agent_version, self.expected_version)

@@ -195,9 +195,53 @@ def events_key() -> str:
     return f"{PREFIX}events"
 
 
+def clean_run_keys(r: redis.Redis, *, keep_models: set[str] | frozenset[str] = frozenset(),
+                   keep_configs: set[str] | frozenset[str] = frozenset(), rounds: bool = False) -> int:
+    """Delete the per-run keys that only a run's rounds need: every ``model:{sha}`` and
+    ``config:{sha}`` but those kept and, with ``rounds``, the session buffers ``agg:*`` and the
+    rounds' working keys (``round:{r}:ready``/``done``/``notify``/``alive:*``; the ``round:{r}``
+    hashes with their records and the ``round:{r}:eval`` reports stay, until a fresh run's reset).
+    Returns how many keys went. The ``hsfl:`` layout is unchanged."""
+    doomed = [k for k in r.scan_iter(f"{PREFIX}model:*", count=1000)
+              if k.decode().removeprefix(f"{PREFIX}model:") not in keep_models]
+    doomed += [k for k in r.scan_iter(f"{PREFIX}config:*", count=1000)
+               if k.decode().removeprefix(f"{PREFIX}config:") not in keep_configs]
+    if rounds:
+        doomed += list(r.scan_iter(f"{PREFIX}agg:*", count=1000))
+        doomed += [k for k in r.scan_iter(f"{PREFIX}round:*:*", count=1000) if not k.endswith(b":eval")]
+    for i in range(0, len(doomed), 1000):
+        r.delete(*doomed[i:i + 1000])
+    return len(doomed)
+
+
+RECONNECT_TRIES = 40
+"""How often a command is tried again when Redis is away (exponential backoff capped at 0.5 s:
+about 15 s in all), so that a redis-server restarted mid-round (it reloads its append-only file in
+about a second) costs the round nothing instead of failing the driver and the session tasks."""
+
+
+def check_reachable(url: str) -> None:
+    """One PING without tries again: a wrong URL or a Redis that is not running fails at once
+    (``redis.ConnectionError``, ``AuthenticationError``) rather than after ``connect``'s retries."""
+    client = redis.Redis.from_url(url, socket_connect_timeout=5)
+    try:
+        client.ping()
+    finally:
+        client.close()
+
+
 def connect(url: str) -> redis.Redis:
-    """A redis-py client on ``url`` returning bytes (buffers are raw bytes)."""
-    return redis.Redis.from_url(url, decode_responses=False)
+    """A redis-py client on ``url`` returning bytes (buffers are raw bytes) that rides out a restart
+    of redis-server: connection errors and the loading of its append-only file are retried
+    (``RECONNECT_TRIES``). The runtime's writes are idempotent (HSET, SADD, SET of content-addressed
+    bytes) or harmless twice (a wake-up pushed, an event recorded), so a command tried again is
+    harmless."""
+    from redis.backoff import ExponentialBackoff
+    from redis.retry import Retry
+
+    return redis.Redis.from_url(url, decode_responses=False,
+                                retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), RECONNECT_TRIES),
+                                retry_on_error=[redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError])
 
 
 # --------------------------------------------------------------------------- attempts

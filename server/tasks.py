@@ -32,9 +32,11 @@ import torch
 from celery import Task
 
 from broker.blobs import read_session_upload
-from broker.client import BrokerClient, Subscription, TlsSettings
-from broker.codec import Envelope, check_origin, error_report
+from broker.client import BrokerClient, InboundMessage, Subscription, TlsSettings
+from broker.codec import Envelope, error_report
+from broker.dedup import SeqDeduplicator
 from broker.errors import ConnectRefused, WireError
+from broker.inbound import Rejected, answer, screen
 from broker.schemas import InferReply
 from broker.topics import Topics
 from harmony.experiment import Experiment, ServerPlan
@@ -137,26 +139,66 @@ GUARD_POLL_S = 1.0
 """How often a waiting task checks that it has not been superseded (``state.TaskGuard``)."""
 
 
-def _await(client: BrokerClient, sub: Subscription, kind: str, rnd: int, deadline: float, guard: state.TaskGuard,
-           step: int | None = None) -> Envelope:
-    """The next ``kind`` message of round ``rnd`` (and ``step``) on the device's up topic.
+def known_devices(r: Any, manifest_sha: str) -> frozenset[str]:
+    """The device ids of the run (the manifest's device → client map), cached with its plan."""
+    with _plans_lock:
+        if manifest_sha not in _known:
+            raw = r.get(state.config_key(manifest_sha))
+            if raw is None:
+                raise KeyError(f"no run manifest under {state.config_key(manifest_sha)}")
+            _known.clear()
+            _known[manifest_sha] = frozenset(json.loads(raw)["clients"])
+        return _known[manifest_sha]
 
-    Checks ``guard`` on every message and at least every ``GUARD_POLL_S`` while waiting, so a
-    superseded session never answers a device that now talks to its successor."""
-    def wanted(env: Envelope) -> bool:
-        return env.round == rnd and (step is None or env.step == step)
 
-    while True:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise SessionAborted(f"no {kind!r} (round {rnd}, step {step}) before the session deadline")
+_known: dict[str, frozenset[str]] = {}
+SILENT_KINDS = ("link_probe", "error")
+"""Kinds a device may put on its ``up`` topic that no server task consumes: skipped, not refused."""
+
+
+class Inbox:
+    """A server task's view of its device's ``up`` topic: every message screened
+    (``broker.inbound.screen``: schema, known device, ``dev`` = the topic's device, kind, round,
+    ``seq`` new, step), every refusal answered on ``dev/{id}/err`` and recorded as a
+    ``message_rejected`` event; what is refused changes nothing."""
+
+    def __init__(self, client: BrokerClient, sub: Subscription, r: Any, rnd: int, known: frozenset[str],
+                 receiver: str) -> None:
+        self.client, self.sub, self.r, self.rnd, self.known, self.receiver = client, sub, r, rnd, known, receiver
+        self.topics = client.topics
+        self.dedup = SeqDeduplicator()
+        self.rejected = 0
+
+    def screen(self, message: InboundMessage, kinds: tuple[str, ...], step: int | None = None) -> Envelope | None:
+        """The message's envelope if it passes (None: refused and answered, or a silent kind)."""
+        if not message.payload:
+            return None  # a cleared retained message
         try:
-            env = client.wait_for(kind, wanted, timeout=min(GUARD_POLL_S, remaining), subscription=sub)
-        except TimeoutError:
+            env = screen(message.topic, message.payload, self.topics, max_bytes=self.client.max_bytes,
+                         known=self.known, kinds=(*kinds, *SILENT_KINDS), rnd=self.rnd, step=step, dedup=self.dedup)
+        except Rejected as rejection:
+            self.rejected += 1
+            answer(self.client, self.topics, rejection, self.r, rnd=self.rnd, receiver=self.receiver)
+            return None
+        return None if env.kind in SILENT_KINDS else env
+
+    def next(self, kind: str, deadline: float, guard: state.TaskGuard, step: int | None = None) -> Envelope:
+        """The next accepted ``kind`` message (of ``step``). Checks ``guard`` on every message and
+        at least every ``GUARD_POLL_S`` while waiting, so a superseded session never answers a
+        device that now talks to its successor."""
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise SessionAborted(f"no {kind!r} (round {self.rnd}, step {step}) before the session deadline")
+            try:
+                message = self.sub.get(timeout=min(GUARD_POLL_S, remaining))
+            except TimeoutError:
+                guard.check()
+                continue
             guard.check()
-            continue
-        guard.check()
-        return env
+            env = self.screen(message, (kind,), step)  # features/logit_grad of another point: wrong_step
+            if env is not None:
+                return env
 
 
 class WakesTheDriver(Task):
@@ -213,6 +255,7 @@ def _serve_session(r: Any, rnd: int, dev: str, index: int, manifest_sha: str, se
     client.before_publish = lambda nbytes: sent.__setitem__(0, sent[0] + nbytes)
     try:
         sub = client.subscribe(topics.up(dev))
+        inbox = Inbox(client, sub, r, rnd, known_devices(r, manifest_sha), f"session {dev} round {rnd}")
         # the orchestrator now sends round_start to the device (a redelivered session replaces the token)
         if not state.claim_ready(r, rnd, dev, token, "attempt", attempt):
             return {"device": dev, "round": rnd, "skipped": "superseded"}
@@ -221,20 +264,21 @@ def _serve_session(r: Any, rnd: int, dev: str, index: int, manifest_sha: str, se
         clock = PhaseClock()
         for step in range(steps):
             with clock("wait"):
-                up = _await(client, sub, "features", rnd, deadline, guard, step)
+                up = inbox.next("features", deadline, guard, step)
             with clock("compute"):
                 down = server.on_features(restore_layout(up.body, cfg.model.channels_last))
             with clock("send"):
                 client.send(topics.down(dev), down, round=rnd)
             with clock("wait"):
-                grad_up = _await(client, sub, "logit_grad", rnd, deadline, guard, step)
+                grad_up = inbox.next("logit_grad", deadline, guard, step)
             with clock("compute"):
                 reply = server.on_logit_grad(grad_up.body)
             with clock("send"):
                 client.send(topics.down(dev), reply, round=rnd)
         steps_done = time.perf_counter()
-        data = client.receive_blob(sub, timeout=max(0.0, deadline - time.monotonic()),
-                                   accept=lambda e: e.round == rnd, check=guard.check, check_every_s=GUARD_POLL_S)
+        data = client.receive_blob(sub, timeout=max(0.0, deadline - time.monotonic()), check=guard.check,
+                                   check_every_s=GUARD_POLL_S,
+                                   screen=lambda message: inbox.screen(message, ("blob_chunk",)))
         uploaded, stats, device_compute_s = read_session_upload(data)
         client_sha, _ = state.put_model(r, uploaded)
         n_i = plan.samples[index]
@@ -254,7 +298,7 @@ def _serve_session(r: Any, rnd: int, dev: str, index: int, manifest_sha: str, se
     except state.Superseded as err:
         log.info("session of device %s round %d stops: %s", dev, rnd, err)
         return {"device": dev, "round": rnd, "skipped": "superseded"}
-    except WireError as err:
+    except WireError as err:  # e.g. an upload that does not reassemble
         client.send(topics.err(dev), error_report(err), round=rnd, wait=False)
         raise
     finally:
@@ -306,6 +350,7 @@ def infer(dev: str, manifest_sha: str, server_sha: str, idle_s: float = 30.0, rn
     served, reported = 0, False
     try:
         sub = client.subscribe(topics.up(dev))
+        inbox = Inbox(client, sub, r, rnd, known_devices(r, manifest_sha), f"infer {dev} round {rnd}")
         if not state.claim_ready(r, rnd, field, token, "eval_attempt", attempt):
             return {"device": dev, "round": rnd, "served": 0, "skipped": "superseded"}
         guard = state.TaskGuard(r, rnd, field, token, "eval_attempt", attempt)
@@ -318,18 +363,10 @@ def infer(dev: str, manifest_sha: str, server_sha: str, idle_s: float = 30.0, rn
                 if time.monotonic() - last > idle_s:
                     break
                 continue
-            if not message.payload:
-                continue
-            try:
-                env = message.decode(client.max_bytes)
-                check_origin(env, topics.parse(message.topic))
-            except WireError as err:
-                log.warning("infer %s: dropped a malformed message: %s", dev, err)
-                client.send(topics.err(dev), error_report(err), wait=False)
-                continue
-            if env.round != rnd or env.kind not in ("infer", "eval_report"):
-                continue
             guard.check()
+            env = inbox.screen(message, ("infer", "eval_report"))  # a replayed infer is refused, not answered
+            if env is None:
+                continue
             last = time.monotonic()
             if env.kind == "eval_report":
                 with r.pipeline(transaction=True) as pipe:
@@ -347,7 +384,8 @@ def infer(dev: str, manifest_sha: str, server_sha: str, idle_s: float = 30.0, rn
                 log.warning("infer %s: request seq %d failed: %s", dev, env.seq, err)
                 wire_err = WireError("body.features", f"the server model cannot run these features at depth "
                                      f"{req.depth}: {err}"[:1500], dev=dev, kind=env.kind, seq=env.seq)
-                client.send(topics.err(dev), error_report(wire_err, "bad_request"), round=rnd, wait=False)
+                answer(client, topics, Rejected.wrap(wire_err, "bad_request", message.topic), r, rnd=rnd,
+                       receiver=f"infer {dev} round {rnd}")
                 continue
             reply = InferReply(ref_seq=env.seq, predictions=logits.argmax(1).to(torch.int64),
                                logits=logits.float() if req.want_logits else None)

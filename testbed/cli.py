@@ -379,12 +379,15 @@ def _run_distributed(cfg: Any, out: Path, progress: Any, stack_dir: Path, resume
         own = LocalStack(stack_dir)
         agents = math.ceil(cfg.fleet.num_clients / 4)
         console.print(f"starting a local stack in {stack_dir} ({agents} agent process(es))")
-        info = own.start(agents=agents, devices_per_agent=4)
+        info = own.start(agents=agents, devices_per_agent=4, auth=True)
+    if info.store is None:
+        _warn_open(stack_dir, info)
     try:
         user, password = info.orchestrator_login()
         engine = DistributedEngine(cfg, out, progress, mqtt=info.service_mqtt, redis_url=info.redis_url,
                                    username=user, password=password, tls=info.service_tls("orchestrator"),
-                                   devices_timeout_s=timeouts[0], round_timeout_s=timeouts[1])
+                                   devices_timeout_s=timeouts[0], round_timeout_s=timeouts[1],
+                                   known_devices=info.known_devices())
         try:
             _begin(progress, engine, resume)
             return engine.run(resume=resume)
@@ -531,26 +534,31 @@ def up(
         "--concurrency", min=1, help="sessions per Celery worker (default: one per emulated device, at least 2; "
         "for real boards, the number of boards in a round)")] = None,
     run_dir: Annotated[Path, typer.Option("--run-dir", help="where PIDs and logs go")] = Path("runs/stack"),
-    auth: Annotated[bool, typer.Option("--auth", help="broker passwords and a per-device ACL (credentials in "
-                                       "RUN_DIR/credentials)")] = False,
+    auth: Annotated[bool, typer.Option("--auth", help="broker passwords and a per-device ACL (the default; "
+                                       "credentials in RUN_DIR/credentials)")] = False,
+    insecure: Annotated[bool, typer.Option("--insecure", help="an open broker: anonymous clients, no ACL — anyone "
+                                           "on it can speak for any device (docs/security.md)")] = False,
     torch_threads: Annotated[int | None, typer.Option("--torch-threads", min=1, help="torch threads of the worker "
                                                       "and agent processes (default: one per core each)")] = None,
     tls: Annotated[bool, typer.Option("--tls", help="TLS on the broker (MQTT v5), client certificates for the "
-                                      "devices; implies --auth (docs/security.md)")] = False,
+                                      "devices (docs/security.md)")] = False,
     profile: Annotated[str, typer.Option("--profile", help="development, or production: refuses plaintext "
                                          "listeners (needs --tls)")] = "development",
 ) -> None:
-    """Start a local stack: mosquitto, redis-server, a Celery worker, the orchestrator, N agents."""
+    """Start a local stack: mosquitto, redis-server, a Celery worker, the orchestrator, N agents.
+    Per-device authentication and ACLs are on unless --insecure."""
     from testbed.stack import LocalStack, stack_running
 
     if stack_running(run_dir):
         _fail(RuntimeError(f"a stack already runs from {run_dir}; `harmony down --run-dir {run_dir}` first"))
     try:
+        if insecure and (auth or tls):
+            raise ValueError("--insecure turns authentication off; it does not go with --auth or --tls")
         if profile == "production" and not tls:
             raise ValueError("--profile production refuses plaintext listeners: add --tls")
         info = LocalStack(run_dir).start(agents=agents, devices_per_agent=devices_per_agent,
-                                         worker_concurrency=concurrency, auth=auth, torch_threads=torch_threads,
-                                         tls=tls, profile=profile)
+                                         worker_concurrency=concurrency, auth=not insecure,
+                                         torch_threads=torch_threads, tls=tls, profile=profile)
     except (RuntimeError, OSError, ValueError) as err:
         _fail(err)
     out_console.print(f"mqtt 127.0.0.1:{info.mqtt_port}{' (TLS)' if info.tls else ''}  "
@@ -559,6 +567,15 @@ def up(
     if info.store is not None:
         out_console.print(f"broker authentication on (services: 127.0.0.1:{info.service_port}, TLS with client "
                           f"certificates); credentials in {info.store}")
+    else:
+        _warn_open(run_dir, info)
+
+
+def _warn_open(run_dir: Path, info: Any) -> None:
+    """The warning every command prints over a stack started with ``--insecure``."""
+    console.print(f"[yellow]warning:[/yellow] the stack in {run_dir} is open (started with --insecure): anyone who "
+                  f"reaches 127.0.0.1:{info.mqtt_port} can publish as any device or stop one; restart it without "
+                  "--insecure for per-device authentication", soft_wrap=True)
 
 
 @app.command()
@@ -966,7 +983,7 @@ def fleet_emulate(
         if not stack_running(stack_dir):
             console.print(f"starting a local stack in {stack_dir} (stop it with `harmony down --run-dir {stack_dir}`)")
             LocalStack(stack_dir).start(agents=0, worker_concurrency=max(2, sum(len(p.devices) for p in plans)),
-                                        tls=tls)
+                                        tls=tls, auth=True)
         info = load_stack(stack_dir)
         mqtt = info.mqtt
         # a stack with --auth/--tls: the devices get their credentials in its store (and TLS flags)

@@ -10,8 +10,8 @@ Mosquitto runs with persistence in ``{run_dir}/mosquitto`` (saved on SIGTERM and
 ``autosave_interval``), so a restart keeps the clients' sessions and the retained messages; after a
 kill -9 the agents announce their ``hello`` and status again when they reconnect.
 
-With ``auth=True`` (``harmony up --auth``) the broker refuses anonymous clients and confines
-each device to its own topics: the stack's credential store (``testbed.credentials``) in
+With ``auth=True`` (``harmony up``'s default; ``--insecure`` turns it off) the broker refuses
+anonymous clients and confines each device to its own topics: the stack's credential store (``testbed.credentials``) in
 ``{run_dir}/credentials`` holds a random password per device, for the Celery worker (user
 ``server``) and for the orchestrator (user ``orchestrator``), mosquitto's password file and the
 ACL of ``broker.mosquitto.render_acl``. Each agent reads its devices' passwords from
@@ -34,6 +34,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Container
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -62,6 +63,17 @@ class StackInfo:
     store: str | None = None
     """The stack's credential store (``testbed.credentials``), when auth is on."""
     profile: str = "development"
+
+    def known_devices(self) -> Container[str] | None:
+        """With auth, the devices that may log in to this stack: every device of its credential store
+        (its agents', ``harmony fleet add``, ``flash``, ``fleet emulate``); the registry admits no
+        other and clears their retained announcements. None without auth: the
+        broker lets anyone in, so no list of names means anything (the run warns that it is open)."""
+        if self.store is None:
+            return None
+        from orchestrator.registry import StoreDevices
+
+        return StoreDevices(self.store)
 
     def orchestrator_login(self) -> tuple[str | None, str | None]:
         """(user name, password) for the orchestrator's broker connection; (None, None) without auth."""
@@ -173,7 +185,9 @@ class LocalStack:
         ``visibility_timeout_s``/``restore_interval_s``: the worker's ``HSFL_VISIBILITY_S`` and
         ``HSFL_RESTORE_INTERVAL_S`` (how soon a session of a dead worker is redelivered; see
         ``server.app``), for fault tests; by default the worker's own defaults. ``auth``: password
-        authentication and the per-device ACL (module docstring). ``worker_concurrency``: session
+        authentication and the per-device ACL (module docstring); off by default in this library
+        call, for tests that talk to the broker anonymously — `harmony up`, `harmony run --stack`
+        and `fleet emulate` turn it on unless `--insecure` (docs/security.md). ``worker_concurrency``: session
         threads of the worker; by default one per emulated device (at least 2), so every device of a
         round trains at once: a session mostly waits for its device, and with fewer threads the
         round runs in waves whose set-up and tail leave cores idle. ``torch_threads``: the intra-op
@@ -193,6 +207,7 @@ class LocalStack:
             raise ValueError("the production profile refuses plaintext listeners: add --tls "
                              "(or use --profile development)")
         auth = auth or tls
+        refuse_stale(self.run_dir)  # never overwrite the record of processes that still run
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._torch_env = {} if torch_threads is None else {"OMP_NUM_THREADS": str(torch_threads),
                                                             "MKL_NUM_THREADS": str(torch_threads)}
@@ -246,6 +261,8 @@ class LocalStack:
             argv = [sys.executable, "-m", "orchestrator", "--broker", f"{service_host}:{service_port}"]
             if "orchestrator" in info.credentials:
                 argv += ["--credentials", info.credentials["orchestrator"]]
+            if info.store is not None:  # admit only the store's devices (docs/design.md §15)
+                argv += ["--devices-from", info.store]
             orchestrator_tls = info.service_tls("orchestrator")
             if orchestrator_tls is not None:
                 argv += ["--cafile", str(orchestrator_tls.ca_certs), "--certfile", str(orchestrator_tls.certfile),
@@ -389,13 +406,63 @@ def load_stack(run_dir: str | Path) -> StackInfo:
     return StackInfo(**json.loads(path.read_text()))
 
 
+_PROGRAMS = {"mosquitto": "mosquitto", "redis": "redis-server", "worker": "celery", "orchestrator": "orchestrator",
+             "agent": "edge_agent"}
+"""What a recorded process's command line names (``/proc/{pid}/cmdline``), by its name's first part:
+a PID the system gave to another program since is not the stack's."""
+
+
+def _runs_as(name: str, pid: int) -> bool:
+    """Whether ``pid`` is alive and still the program process ``name`` of a stack was."""
+    if not _alive(pid):
+        return False
+    program = _PROGRAMS.get(name.split("-")[0])
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True  # no /proc here: trust the PID
+    if stat.rpartition(")")[2].split()[0] == "Z":
+        return False  # a zombie of another parent
+    return program is None or program.encode() in cmdline
+
+
+def recorded_alive(run_dir: str | Path) -> dict[str, int]:
+    """The processes ``stack.json`` in ``run_dir`` records that still run (name → PID); {} without one."""
+    try:
+        info = load_stack(run_dir)
+    except FileNotFoundError:
+        return {}
+    return {name: pid for name, pid in sorted(info.pids.items()) if _runs_as(name, pid)}
+
+
+class StaleStack(RuntimeError):
+    """A run directory whose recorded processes partly still run: starting over it would overwrite
+    ``stack.json`` and leave them running, unstoppable (two redis-servers on one data directory)."""
+
+
+def refuse_stale(run_dir: str | Path) -> None:
+    """``StaleStack`` naming the recorded processes of ``run_dir`` that still run, and the fix."""
+    alive = recorded_alive(run_dir)
+    if not alive:
+        return
+    try:
+        gone = sorted(set(load_stack(run_dir).pids) - set(alive))
+    except FileNotFoundError:
+        gone = []
+    listed = ", ".join(f"{name} (pid {pid})" for name, pid in alive.items())
+    why = f" while {', '.join(gone)} {'is' if len(gone) == 1 else 'are'} gone" if gone else ""
+    raise StaleStack(f"{run_dir}/{STACK_FILE} records processes that still run: {listed}{why}; stop them with "
+                     f"`harmony down --run-dir {run_dir}` and start again (or use another --run-dir)")
+
+
 def stack_running(run_dir: str | Path) -> bool:
     """True when ``run_dir`` records a stack whose mosquitto and redis-server still run."""
     try:
         info = load_stack(run_dir)
     except FileNotFoundError:
         return False
-    return all(name in info.pids and _alive(info.pids[name]) for name in ("mosquitto", "redis"))
+    return all(name in info.pids and _runs_as(name, info.pids[name]) for name in ("mosquitto", "redis"))
 
 
 def _alive(pid: int) -> bool:
@@ -428,7 +495,7 @@ def stop_stack(run_dir: str | Path, procs: dict[str, subprocess.Popen[bytes]] | 
         proc = procs.get(name)
         if proc is not None and proc.poll() is not None:
             continue
-        if proc is None and not _alive(pid):
+        if proc is None and not _runs_as(name, pid):
             continue
         os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout

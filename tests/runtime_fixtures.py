@@ -22,7 +22,8 @@ from testbed.stack import LocalStack, StackInfo
 @pytest.fixture(scope="module")
 def local_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackInfo]:
     stack = LocalStack(tmp_path_factory.mktemp("stack"))
-    info = stack.start(agents=1, devices_per_agent=4, worker_concurrency=2, registry=False)
+    # an open broker (`harmony up --insecure`): the tests talk to it anonymously
+    info = stack.start(agents=1, devices_per_agent=4, worker_concurrency=2, registry=False, auth=False)
     try:
         yield info
     finally:

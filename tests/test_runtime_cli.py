@@ -43,7 +43,8 @@ def test_up_run_down(tmp_path):
     stack_dir, cfg_path, out = tmp_path / "stack", tmp_path / "tiny.yaml", tmp_path / "out"
     cfg_path.write_text(yaml.safe_dump(TINY))
     result = runner.invoke(app, ["up", "--agents", "1", "--devices-per-agent", "4", "--torch-threads", "1",
-                                 "--run-dir", str(stack_dir)])
+                                 "--insecure", "--run-dir", str(stack_dir)])  # an open broker: --broker below
+    assert "is open (started with --insecure)" in " ".join(result.output.split())
     assert result.exit_code == 0, result.output
     pids = load_stack(stack_dir).pids
     assert set(pids) == {"mosquitto", "redis", "worker", "orchestrator", "agent-0"}
@@ -64,6 +65,7 @@ def test_up_run_down(tmp_path):
         result = runner.invoke(app, ["run", str(cfg_path), "--runtime", "distributed", "--stack", str(stack_dir),
                                      "--out", str(out)])
         assert result.exit_code == 0, result.output
+        assert "is open (started with --insecure)" in " ".join(result.output.split())  # on every run over it
         doc = json.loads((out / "results.json").read_text())
         assert doc["runtime"] == "distributed" and len(doc["rounds"]) == 1
         assert doc["devices"] == ["emu-0", "emu-1", "emu-2", "emu-3"]

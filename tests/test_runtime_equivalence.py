@@ -121,7 +121,8 @@ def test_fallback_inference_answers_with_the_server_model(local_stack):  # noqa:
     assert len(torch.unique(requests[0][2])) >= 3, "the probe server predicts too few classes to tell anything"
 
     r = state.connect(local_stack.redis_url)
-    manifest = json.dumps({**experiment.manifest(), "clients": {}, "shares": {}}, sort_keys=True).encode()
+    # the task serves only a device of the run (broker.inbound: unknown_device otherwise)
+    manifest = json.dumps({**experiment.manifest(), "clients": {"probe-0": 0}, "shares": {}}, sort_keys=True).encode()
     manifest_sha = sha256_hex(manifest)
     r.set(state.config_key(manifest_sha), manifest)
     server_sha, _ = state.put_model(r, server_state)

@@ -269,7 +269,7 @@ def test_empty_negative_pairs_and_error_reports() -> None:
     with pytest.raises(WireError) as err:
         decode(corrupt_body(same_label=ext(torch.tensor([0, 1, 2, 1], dtype=torch.uint8))))
     report = error_report(err.value)
-    assert (report.code, report.field, report.ref_seq) == ("schema", "body.same_label", 1)
+    assert (report.code, report.field, report.ref_seq) == ("bad_schema", "body.same_label", 1)
     assert decode(encode(make_envelope(report, dev="a", seq=2))).body == report
 
 
