@@ -90,7 +90,9 @@ class RedisSource(Source):
         while not self._stop.is_set():
             try:
                 if r is None:
-                    r = keys.connect(self.url)
+                    # not keys.connect: the runtime's client rides out a restart by retrying for
+                    # seconds, while a monitor must say "stack down" at once and retry on its own
+                    r = redis.Redis.from_url(self.url, decode_responses=False)
                     r.ping()
                     self._catch_up(r, keys)
                     self.state.set_source(True)
