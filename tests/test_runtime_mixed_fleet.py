@@ -77,9 +77,12 @@ def test_a_killed_and_a_slow_device_leave_every_round_on_quorum(stack, tmp_path)
     finally:
         engine.close()
     rounds = results["rounds"]
-    # the evaluation leaves out the dead device at once and the slow one at the timeout
-    assert results["evaluation"]["unevaluated"] == [10, 11]
-    assert [c["client"] for c in results["evaluation"]["per_client"]] == list(range(10))
+    # the evaluation leaves out the dead device; the slow one is left out at the timeout, or reports
+    # when its agent reaches the command in time (--slowdown paces training steps, not evaluation,
+    # and how long its last cancelled step sleeps on decides which: seen both ways in the suite)
+    unevaluated = results["evaluation"]["unevaluated"]
+    assert unevaluated in ([10], [10, 11]), unevaluated
+    assert [c["client"] for c in results["evaluation"]["per_client"]] == [i for i in range(12) if i not in unevaluated]
     assert time.monotonic() - spans[3][1] < DEADLINE_S + 10 + 30
     killer.join(timeout=5)
     assert "at" in killed, "emu-10's round-2 session was never seen in flight"
