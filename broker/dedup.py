@@ -85,36 +85,30 @@ class SeqDeduplicator:
             if round < floor:
                 return DedupVerdict(False, STALE_ROUND, f"stale round {round} from {dev!r} ({kind}): "
                                     f"round {floor} is current")
-            if not record:
-                if state is None or round > state.round or seq > state.highest:
-                    return DedupVerdict(True, ACCEPTED, "ok")
-                if seq <= state.highest - self.window:
+            window = state if state is not None and round <= state.round else None  # None: a new round
+            if window is not None and record:
+                self._windows.move_to_end(key)
+            if window is not None and seq <= window.highest:
+                if seq <= window.highest - self.window:
                     return DedupVerdict(False, TOO_OLD, f"seq {seq} from {dev!r} ({kind}, round {round}) is older "
-                                        f"than the replay window (highest seen {state.highest}, window {self.window})")
-                if seq in state.seen:
+                                        f"than the replay window (highest seen {window.highest}, window {self.window})")
+                if seq in window.seen:
                     return DedupVerdict(False, REPLAY, f"replayed seq {seq} from {dev!r} ({kind}, round {round}): "
                                         "already delivered")
+            if not record:
                 return DedupVerdict(True, ACCEPTED, "ok")
-            if state is None or round > state.round:
+            if window is None:
                 self._windows[key] = _Window(round=round, highest=seq, seen={seq})
                 self._windows.move_to_end(key)
                 self._evict()
-                return DedupVerdict(True, ACCEPTED, "ok")
-            self._windows.move_to_end(key)
-            if seq > state.highest:
-                state.highest = seq
-                state.seen.add(seq)
+            elif seq > window.highest:
+                window.highest = seq
+                window.seen.add(seq)
                 low = seq - self.window
-                if len(state.seen) > self.window:
-                    state.seen = {s for s in state.seen if s > low}
-                return DedupVerdict(True, ACCEPTED, "ok")
-            if seq <= state.highest - self.window:
-                return DedupVerdict(False, TOO_OLD, f"seq {seq} from {dev!r} ({kind}, round {round}) is older "
-                                    f"than the replay window (highest seen {state.highest}, window {self.window})")
-            if seq in state.seen:
-                return DedupVerdict(False, REPLAY, f"replayed seq {seq} from {dev!r} ({kind}, round {round}): "
-                                    "already delivered")
-            state.seen.add(seq)
+                if len(window.seen) > self.window:
+                    window.seen = {s for s in window.seen if s > low}
+            else:
+                window.seen.add(seq)
             return DedupVerdict(True, ACCEPTED, "ok")
 
     def check_envelope(self, envelope: Any) -> DedupVerdict:
