@@ -255,6 +255,54 @@ def estimated_mix(val: ClientOutputs, n_id_used: int, query_entropies: np.ndarra
     return float(np.clip((h - b) / (p - b), 0.0, 1.0))
 
 
+def expected_accuracy_threshold(val: ClientOutputs, n_id_used: int, rho: float, taus: list[float]) -> float:
+    """The best τ of the sweep for a query mix with OOD share ``rho``, scored on the device's whole
+    validation pools (``n_id_used`` ID samples, then the OOD ones): the expected accuracy
+    ``(1 − ρ)·acc_ID(τ) + ρ·acc_OOD(τ)``, so that every validation sample counts at every ρ rather
+    than a ρ-sized subset of them (ties: the larger τ, as :func:`oracle_threshold`)."""
+    e, ok_exit, ok_server = val.exit_entropy, val.exit_correct, val.server_correct
+    pools = [(slice(0, n_id_used), 1.0 - rho), (slice(n_id_used, e.size), rho)]
+    best_tau, best = None, -1.0
+    for tau in sorted(taus):
+        acc = 0.0
+        for sl, weight in pools:
+            if weight > 0 and e[sl].size:
+                acc += weight * float(np.where(e[sl] < tau, ok_exit[sl], ok_server[sl]).mean())
+        if acc >= best:
+            best_tau, best = tau, acc
+    assert best_tau is not None
+    return best_tau
+
+
+MIN_BANDWIDTH_NATS = 0.05
+"""Floor of the kernel width in :func:`mixture_share`: confident exits put many entropies at ≈ 0."""
+
+
+def _kde(sample: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """Gaussian kernel density of ``sample`` at ``points`` (Silverman's width, floored)."""
+    n = sample.size
+    spread = min(float(np.std(sample)), float(np.subtract(*np.percentile(sample, [75, 25]))) / 1.34)
+    h = max(MIN_BANDWIDTH_NATS, 0.9 * spread * n ** -0.2)
+    z = (points[:, None] - sample[None, :]) / h
+    return np.exp(-0.5 * z * z).sum(axis=1) / (n * h * np.sqrt(2 * np.pi))
+
+
+def mixture_share(val: ClientOutputs, n_id_used: int, query_entropies: np.ndarray, grid: int = 201) -> float:
+    """The share of OOD queries among ``query_entropies`` (unlabelled), by maximum likelihood: the
+    queries' entropies modelled as the mixture ``(1 − ρ)·f_ID + ρ·f_OOD``, with ``f_ID`` / ``f_OOD``
+    kernel densities of the device's ID / OOD validation entropies; ρ̂ the best of ``grid`` values
+    in [0, 1] (0 when a pool or the queries have no finite entropy: no exit to read)."""
+    e_id, e_ood = val.exit_entropy[:n_id_used], val.exit_entropy[n_id_used:]
+    q = np.asarray(query_entropies, dtype=np.float64)
+    e_id, e_ood, q = e_id[np.isfinite(e_id)], e_ood[np.isfinite(e_ood)], q[np.isfinite(q)]
+    if e_id.size < 2 or e_ood.size < 2 or q.size == 0:
+        return 0.0
+    f_id, f_ood = _kde(e_id, q), _kde(e_ood, q)
+    rhos = np.linspace(0.0, 1.0, grid)
+    loglik = np.log((1 - rhos[:, None]) * f_id[None, :] + rhos[:, None] * f_ood[None, :] + 1e-300).sum(axis=1)
+    return float(rhos[int(np.argmax(loglik))])
+
+
 def validation_taus(val: ClientOutputs, n_id_used: int, id_counts: list[int], ood_counts: list[int],
                     taus: list[float], budget: float, query_entropies: list[np.ndarray] | None = None,
                     n_val: int | None = None) -> list[dict[str, float]]:
@@ -277,6 +325,11 @@ def validation_taus(val: ClientOutputs, n_id_used: int, id_counts: list[int], oo
                             val.exit_entropy.size - n_id_used)
             n_id_hat = min(size - n_ood_hat, n_id_used)
             chosen["estimated_mix"] = oracle_threshold(val, pool_select(n_id_used, n_id_hat, n_ood_hat), taus).tau
+            rho_ml = mixture_share(val, n_id_used, query_entropies[k])
+            chosen["mixture"] = expected_accuracy_threshold(val, n_id_used, rho_ml, taus)
+            chosen["xmix_median_w"] = expected_accuracy_threshold(
+                val, n_id_used, estimated_mix(val, n_id_used, query_entropies[k]), taus)
+            chosen["xval_w"] = expected_accuracy_threshold(val, n_id_used, n_ood / max(1, n_id + n_ood), taus)
         out.append(chosen)
     return out
 

@@ -20,7 +20,15 @@ from harmony.data import load_dataset
 from harmony.data.datasets import load_labels
 from harmony.data.partition import id_class_weights, ood_test_sets, validation_sets
 from harmony.engine import LocalEngine
-from harmony.evaluate import NO_EXIT_TAU, ClientOutputs, entropy_quantile_tau, estimated_mix, validation_taus
+from harmony.evaluate import (
+    NO_EXIT_TAU,
+    ClientOutputs,
+    entropy_quantile_tau,
+    estimated_mix,
+    expected_accuracy_threshold,
+    mixture_share,
+    validation_taus,
+)
 from harmony.experiment import ClientShare, Experiment, _partition
 from tests.conftest import tiny_config
 
@@ -177,6 +185,37 @@ def test_estimated_mix_reads_the_share_of_unseen_queries_off_their_entropies():
     same = ClientOutputs(np.ones(8), np.zeros(8, bool), np.zeros(8, bool))  # no exit signal: assume no OOD
     assert estimated_mix(same, 4, np.ones(5)) == 0.0
 
+
+
+def test_mixture_share_estimates_the_mix_from_a_device_sized_validation_set():
+    """50 ID and 40 OOD validation entropies (what a device holds) and 200 unlabelled queries: the
+    likelihood estimate lands near ρ, and nearer on average than the one-threshold estimate."""
+    rng = np.random.default_rng(0)
+    err_ml, err_median = [], []
+    for trial in range(40):
+        val = ClientOutputs(np.concatenate([rng.gamma(1.0, 0.25, 50), rng.uniform(0.4, 2.0, 40)]),
+                            np.zeros(90, bool), np.zeros(90, bool))
+        rho = (0.0, 0.2, 0.4, 0.6, 0.8)[trial % 5]
+        n_ood = int(rho * 200)
+        queries = np.concatenate([rng.gamma(1.0, 0.25, 200 - n_ood), rng.uniform(0.4, 2.0, n_ood)])
+        err_ml.append(abs(mixture_share(val, 50, queries) - rho))
+        err_median.append(abs(estimated_mix(val, 50, queries) - rho))
+    assert max(err_ml) < 0.2 and np.mean(err_ml) < 0.08
+    assert np.mean(err_ml) < np.mean(err_median)
+    no_exit = ClientOutputs(np.full(6, np.inf), np.zeros(6, bool), np.zeros(6, bool))
+    assert mixture_share(no_exit, 3, np.full(4, np.inf)) == 0.0  # no exit head: nothing to read
+
+
+def test_expected_accuracy_threshold_weighs_the_whole_validation_pools():
+    # ID: the exit is right below entropy 0.5; OOD: one confident wrong exit, the server always right
+    val = ClientOutputs(exit_entropy=np.array([0.1, 0.2, 0.3, 0.8, 0.2, 0.6, 1.5]),
+                        exit_correct=np.array([True, True, True, False, False, False, False]),
+                        server_correct=np.array([False, False, False, True, True, True, True]))
+    taus = [0.05, 0.35, 0.9, 2.0]
+    assert expected_accuracy_threshold(val, 4, 0.0, taus) == 0.35  # ID only: exit the three confident ones
+    assert expected_accuracy_threshold(val, 4, 1.0, taus) == 0.05  # OOD only: offload everything
+    # at ρ = 0.5: τ = 0.35 gives ½·1 + ½·⅔, τ = 0.05 gives ½·¼ + ½·1 — the first wins
+    assert expected_accuracy_threshold(val, 4, 0.5, taus) == 0.35
 
 def test_policies_are_reported_beside_the_oracle_and_travel_on_the_wire():
     cfg = tiny_config(**{"data.val_per_client": 20, "train.rounds": 1, "train.local_steps": 3,
