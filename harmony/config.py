@@ -194,11 +194,12 @@ class EvalConfig(_Section):
     fixed_tau: float = Field(0.5, gt=0)
     tau_policy: Literal["oracle", "fixed", "validation", "entropy_quantile", "estimated_mix"] = Field(
         "oracle", description="the τ behind the headline accuracy / offload / latency: oracle (best on the test "
-                              "labels, an upper bound), fixed (fixed_tau), validation (best on the client's own "
-                              "validation set at that ρ), entropy_quantile (label-free: the entropy quantile of "
-                              "its ID validation queries that offloads offload_budget of them), estimated_mix "
-                              "(best on its validation set at the OOD share it estimates from its queries' "
-                              "entropies, without labels or knowledge of ρ)")
+                              "labels, an upper bound), fixed (fixed_tau), validation (best for the expected "
+                              "accuracy on the client's own validation pools at that ρ), entropy_quantile "
+                              "(label-free: the entropy quantile of its ID validation queries that offloads "
+                              "offload_budget of them), estimated_mix "
+                              "(the same at the OOD share it estimates from its queries' exit entropies, "
+                              "without labels or knowledge of ρ)")
     offload_budget: float = Field(
         0.1, ge=0, le=1, description="entropy_quantile: the fraction of the client's in-distribution validation "
                                      "queries it would offload")

@@ -238,23 +238,6 @@ def score_client(
     return scores
 
 
-def estimated_mix(val: ClientOutputs, n_id_used: int, query_entropies: np.ndarray) -> float:
-    """The share of OOD queries among ``query_entropies`` (unlabelled), estimated from entropies
-    alone: with ``t0`` the median exit entropy of the device's ID validation queries, a fraction
-    ``b`` (≈ ½) of ID and ``p`` of OOD validation queries lie at or above it; the queries' own
-    fraction ``h`` then gives ρ̂ = (h − b) / (p − b), clipped to [0, 1] (0 when ``p ≤ b``: the exit
-    does not tell the two apart)."""
-    e_id, e_ood = val.exit_entropy[:n_id_used], val.exit_entropy[n_id_used:]
-    if e_id.size == 0 or e_ood.size == 0 or query_entropies.size == 0:
-        return 0.0
-    t0 = float(np.median(e_id))
-    b, p = float(np.mean(e_id >= t0)), float(np.mean(e_ood >= t0))
-    h = float(np.mean(query_entropies >= t0))
-    if p - b <= 1e-9:
-        return 0.0
-    return float(np.clip((h - b) / (p - b), 0.0, 1.0))
-
-
 def expected_accuracy_threshold(val: ClientOutputs, n_id_used: int, rho: float, taus: list[float]) -> float:
     """The best τ of the sweep for a query mix with OOD share ``rho``, scored on the device's whole
     validation pools (``n_id_used`` ID samples, then the OOD ones): the expected accuracy
@@ -304,32 +287,27 @@ def mixture_share(val: ClientOutputs, n_id_used: int, query_entropies: np.ndarra
 
 
 def validation_taus(val: ClientOutputs, n_id_used: int, id_counts: list[int], ood_counts: list[int],
-                    taus: list[float], budget: float, query_entropies: list[np.ndarray] | None = None,
-                    n_val: int | None = None) -> list[dict[str, float]]:
+                    taus: list[float], budget: float, query_entropies: list[np.ndarray] | None = None
+                    ) -> list[dict[str, float]]:
     """The thresholds a device chooses on its own validation outputs (``val``: its whole ID pool,
-    ``n_id_used`` samples, then OOD samples), per ρ: ``validation`` — the best τ of the sweep on
-    its validation set at that ρ (its own labels; the test labels are never read) — and
-    ``entropy_quantile`` — label-free, one τ for every ρ from its ID validation entropies
-    (:func:`entropy_quantile_tau`). With ``query_entropies[k]`` (the exit entropies of its
-    queries at ρ index ``k``, no labels) also ``estimated_mix``: the best τ on its validation set
-    at the mix ρ̂ it estimates from those entropies (:func:`estimated_mix`; ``n_val`` samples per
-    validation set) — it needs no knowledge of ρ."""
+    ``n_id_used`` samples, then its whole OOD pool), per ρ index ``k`` (the test mix of
+    ``id_counts[k]`` ID and ``ood_counts[k]`` OOD queries):
+
+    - ``validation`` — the best τ of the sweep for the expected validation accuracy at the true
+      share ρ (:func:`expected_accuracy_threshold`; its own labels, never the test labels);
+    - ``entropy_quantile`` — label-free, one τ for every ρ from its ID validation entropies
+      (:func:`entropy_quantile_tau`);
+    - with ``query_entropies[k]`` (the exit entropies of its queries at ρ index ``k``, no labels)
+      ``estimated_mix`` — the same search at the share ρ̂ it estimates from those entropies
+      (:func:`mixture_share`): it needs no knowledge of ρ."""
     quantile = entropy_quantile_tau(val.exit_entropy[:n_id_used], budget)
     out = []
     for k, (n_id, n_ood) in enumerate(zip(id_counts, ood_counts, strict=True)):
-        chosen = {"validation": oracle_threshold(val, pool_select(n_id_used, n_id, n_ood), taus).tau,
+        chosen = {"validation": expected_accuracy_threshold(val, n_id_used, n_ood / max(1, n_id + n_ood), taus),
                   "entropy_quantile": quantile}
         if query_entropies is not None:
-            size = n_id + n_ood if n_val is None else n_val
-            n_ood_hat = min(int(round(estimated_mix(val, n_id_used, query_entropies[k]) * size)),
-                            val.exit_entropy.size - n_id_used)
-            n_id_hat = min(size - n_ood_hat, n_id_used)
-            chosen["estimated_mix"] = oracle_threshold(val, pool_select(n_id_used, n_id_hat, n_ood_hat), taus).tau
-            rho_ml = mixture_share(val, n_id_used, query_entropies[k])
-            chosen["mixture"] = expected_accuracy_threshold(val, n_id_used, rho_ml, taus)
-            chosen["xmix_median_w"] = expected_accuracy_threshold(
-                val, n_id_used, estimated_mix(val, n_id_used, query_entropies[k]), taus)
-            chosen["xval_w"] = expected_accuracy_threshold(val, n_id_used, n_ood / max(1, n_id + n_ood), taus)
+            rho_hat = mixture_share(val, n_id_used, query_entropies[k])
+            chosen["estimated_mix"] = expected_accuracy_threshold(val, n_id_used, rho_hat, taus)
         out.append(chosen)
     return out
 

@@ -571,7 +571,7 @@ class DevicePlan:
             queries = [outputs.exit_entropy[pool_select(n_id, a, b)] for a, b in zip(id_counts, ood_counts,
                                                                                        strict=True)]
             policy_taus = validation_taus(val, v_id, v_id_counts, v_ood_counts, taus, cfg.eval.offload_budget,
-                                          queries, self.data.share.val.n_test)
+                                          queries)
         scores = score_client(outputs, n_id, n_ood, id_counts, ood_counts, rhos, taus, fixed_tau, policy_taus)
         measured = None
         if measure and cfg.eval.measure_latency_samples > 0:
