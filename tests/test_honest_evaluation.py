@@ -126,9 +126,8 @@ class _Poisoned:
         raise AssertionError("a tuning path read a test pool")
 
 
-def _load_probe():
-    spec = importlib.util.spec_from_file_location("personalisation_probe",
-                                                  ROOT / "benchmarks" / "personalisation_probe.py")
+def _load_probe(name: str = "personalisation_probe"):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -260,3 +259,24 @@ def test_compare_tabulates_every_policy_for_a_dirichlet_fleet(tmp_path):
     assert "acc τ=entropy_quantile" in proc.stdout and "acc τ=estimated_mix" in proc.stdout
     results = json.loads((out / "multi-exit" / "seed0" / "results.json").read_text())
     assert len(results["evaluation"]["per_client"]) == 20
+
+
+def test_tau_policy_analysis_re_evaluates_the_run_and_measures_the_oracles_optimism(tmp_path):
+    """benchmarks/tau_policies.py at smoke size: it rebuilds the run's evaluation from its
+    checkpoint (refusing when the oracle row differs) and adds the cross-fitted oracle."""
+    analysis = _load_probe("tau_policies")
+    cfg = tiny_config(**{"data.val_per_client": 20, "train.rounds": 1, "train.local_steps": 2,
+                         "eval.measure_latency_samples": 0, "train.algorithm": "multi-exit"})
+    LocalEngine(cfg, out_dir=tmp_path / "run").run()
+    doc = analysis.analyse(tmp_path / "run", folds=3)
+    acc = doc["accuracy"]
+    assert set(acc) == {"oracle", "fixed", "validation", "entropy_quantile", "estimated_mix", "oracle_crossfit",
+                        "pooled_depth"}
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert acc["estimated_mix"] == results["evaluation"]["policies"]["estimated_mix"]["accuracy"]
+    assert all(0.0 <= a <= 100.0 for row in acc.values() for a in row)
+    # a run whose reported oracle is not what its checkpoint gives is refused, not analysed
+    results["evaluation"]["policies"]["oracle"]["accuracy"][0] += 1.0
+    (tmp_path / "run" / "results.json").write_text(json.dumps(results))
+    with pytest.raises(SystemExit, match="not the run's model or code"):
+        analysis.analyse(tmp_path / "run", folds=3)
