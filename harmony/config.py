@@ -259,6 +259,33 @@ def _format_error(err: ValidationError) -> str:
     return "invalid config:\n  " + "\n  ".join(lines)
 
 
+EVALUATION_ONLY_KEYS = ("eval", "train.finetune_lr", "train.finetune_steps", "train.finetune_momentum")
+"""Config keys that only the final evaluation reads (the τ sweep and policies, latency, the
+post-training personalisation): a finished run resumed with other values of them is evaluated
+again under the new ones, without retraining — its training is the same."""
+
+
+def training_view(doc: dict[str, Any]) -> dict[str, Any]:
+    """A config dump without :data:`EVALUATION_ONLY_KEYS`: two runs with equal views train alike."""
+    out = copy.deepcopy(doc)
+    for key in EVALUATION_ONLY_KEYS:
+        *parents, last = key.split(".")
+        node = out
+        for part in parents:
+            node = node.get(part, {})
+        node.pop(last, None)
+    return out
+
+
+def evaluation_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """The evaluation-only keys whose values differ between two config dumps."""
+    def get(doc: dict[str, Any], key: str) -> Any:
+        for part in key.split("."):
+            doc = doc.get(part, {}) if isinstance(doc, dict) else {}
+        return doc
+
+    return [k for k in EVALUATION_ONLY_KEYS if get(old, k) != get(new, k)]
+
 def validate_config(raw: dict[str, Any]) -> ExperimentConfig:
     """Validate a raw dict into an :class:`ExperimentConfig` or raise :class:`ConfigError`."""
     if not isinstance(raw, dict):

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from harmony.aggregation import personalise_mix
-from harmony.config import ExperimentConfig
+from harmony.config import ExperimentConfig, evaluation_changes, training_view
 from harmony.evaluate import ClientEvaluation
 from harmony.experiment import Experiment, State
 from harmony.fleet import Fleet, InProcessFleet, ProgressFn, ResumePoint, SessionResult, machine_info
@@ -349,13 +349,22 @@ class Engine:
         os.replace(tmp, path)
 
     def resume(self) -> int:
-        """Load the last checkpoint in the output directory; returns the next round to run."""
+        """Load the last checkpoint in the output directory; returns the next round to run. The
+        config must be the checkpoint's, but for the evaluation-only keys of a finished run
+        (:data:`harmony.config.EVALUATION_ONLY_KEYS`), which then only evaluate again."""
         path = self.checkpoint_path()
         if path is None or not path.is_file():
             raise FileNotFoundError(f"--resume: no checkpoint at {path}; run without --resume first")
         payload = torch.load(path, weights_only=True, map_location=self.experiment.torch_device)
         if payload["config"] != json.dumps(self.cfg.model_dump(), sort_keys=True):
-            raise ValueError(f"--resume: {path} was written by a different config; use a fresh --out directory")
+            old, new = json.loads(payload["config"]), self.cfg.model_dump()
+            same_training = training_view(old) == training_view(new)
+            if not (same_training and int(payload["round"]) >= self.cfg.train.rounds):
+                hint = " (evaluation settings may change only once training has finished)" if same_training else ""
+                raise ValueError(f"--resume: {path} was written by a different config; use a fresh --out "
+                                 f"directory{hint}")
+            log.info("--resume: training finished; evaluating again with other %s",
+                     ", ".join(evaluation_changes(old, new)))
         self._restore(ResumePoint(int(payload["round"]), payload["client_global"], payload["server_global"],
                                   {int(k): v for k, v in payload["local_states"].items()},
                                   json.loads(payload["history"])))

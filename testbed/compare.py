@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_agent.probe import host_cores
-from harmony.config import ExperimentConfig
+from harmony.config import ExperimentConfig, training_view
 from harmony.engine import LocalEngine
 from harmony.stats import mean_ci95
 
@@ -167,12 +167,16 @@ def _execute_parallel(runs: list[_Run], resume: bool, jobs: int, emit: ProgressF
 
 
 def _finished_run(run_dir: Path, cfg: ExperimentConfig) -> dict[str, Any] | None:
-    """The evaluation in ``run_dir/results.json`` if that run is finished with exactly ``cfg``."""
+    """The evaluation in ``run_dir/results.json`` if that run is finished with exactly ``cfg``
+    (``None`` when only evaluation-only keys differ: the run is then evaluated again)."""
     path = run_dir / "results.json"
     if not path.is_file():
         return None
     doc = json.loads(path.read_text())
-    if doc.get("config") != json.loads(json.dumps(cfg.model_dump())):
+    wanted = json.loads(json.dumps(cfg.model_dump()))
+    if doc.get("config") != wanted:
+        if training_view(doc.get("config") or {}) == training_view(wanted):
+            return None  # only evaluation settings changed: its checkpoint is evaluated again
         raise ValueError(f"--resume: {path} was written by a different config; use a fresh --out directory")
     return doc["evaluation"]
 

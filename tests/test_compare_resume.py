@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from harmony.engine import LocalEngine
 from testbed.compare import compare
 from tests.conftest import tiny_config
 
@@ -54,3 +55,30 @@ def test_resume_refuses_a_directory_written_by_another_config(tmp_path):
         compare(cfg.with_overrides(**{"train.lr": 0.02}), ["splitfed"], 1, tmp_path, resume=True)
     with pytest.raises(ValueError, match="needs an output directory"):
         compare(cfg, ["splitfed"], 1, None, resume=True)
+
+
+def test_resume_evaluates_a_finished_sweep_again_under_other_evaluation_settings(tmp_path):
+    """Personalisation steps and τ settings are read only by the final evaluation: a finished sweep
+    resumed with other values is evaluated again from its checkpoints, not retrained; the same
+    change halfway through training is refused."""
+    cfg = tiny_config(**{"train.rounds": 2, "eval.measure_latency_samples": 0, "train.finetune_lr": 0.05})
+    first = compare(cfg, ["splitgp+ft"], 1, tmp_path)
+    run = tmp_path / "splitgp+ft" / "seed7" / "results.json"
+    rounds = json.loads(run.read_text())["rounds"]
+    other = cfg.with_overrides(**{"train.finetune_steps": 0, "eval.fixed_tau": 0.3})
+    events: list[tuple[str, dict]] = []
+    again = compare(other, ["splitgp+ft"], 1, tmp_path, lambda e, **f: events.append((e, f)), resume=True)
+    assert not [e for e, _ in events if e == "round_start"]  # nothing trained
+    doc = json.loads(run.read_text())
+    assert doc["rounds"] == rounds  # the same training records, seconds included
+    assert doc["config"]["train"]["finetune_steps"] == 0 and doc["evaluation"]["fixed_tau"] == 0.3
+    assert again["rows"][0]["accuracy"] != first["rows"][0]["accuracy"]  # un-personalised: another table
+    fresh = compare(other, ["splitgp+ft"], 1, tmp_path / "fresh")  # what a run with those settings gives
+    assert again["rows"][0]["accuracy"] == fresh["rows"][0]["accuracy"]
+    # halfway through training the evaluation settings are part of the run: refused
+    half = cfg.with_overrides(**{"train.rounds": 3})
+    part = LocalEngine(half, tmp_path / "part")
+    part.history.append(part.run_round(1))
+    part._save_checkpoint(1)
+    with pytest.raises(ValueError, match="only once training has finished"):
+        LocalEngine(half.with_overrides(**{"train.finetune_steps": 0}), tmp_path / "part").resume()
