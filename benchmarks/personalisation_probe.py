@@ -10,7 +10,8 @@ pools that the tables report:
 - ``server_id`` / ``server_ood``: the server fallback's accuracy on features of the client's
   (personalised) extractor, for its own classes / for the classes it never trained on;
 - ``oracle_rho0`` / ``oracle_rho08``: the reported metric's validation counterpart (the best τ of
-  the sweep per client on its validation set) at the first and the last ρ of ``data.rhos``.
+  the sweep per client on its validation set) at the first and the last ρ of ``data.rhos``;
+  ``oracle_mean`` its mean over every ρ of ``data.rhos`` (the one number to choose a knob by).
 
     python benchmarks/personalisation_probe.py --algorithm harmony --out runs/probe-harmony \\
         --set data.train_fraction=0.25 --set model.width=0.5 --set train.rounds=10
@@ -65,7 +66,7 @@ def evaluate_variant(engine: LocalEngine, steps: int, lr: float, momentum: float
     fleet.server_model.load_state_dict(engine.server_global)
     predict = server_predictor(fleet.server_model)
     cols: dict[str, list[float]] = {k: [] for k in ("exit_id", "server_id", "server_ood", "oracle_rho0",
-                                                    "oracle_rho08")}
+                                                    "oracle_rho08", "oracle_mean")}
     for i in range(cfg.fleet.num_clients):
         device = fleet.devices[i]
         model = fleet.client_models[device.depth]
@@ -76,6 +77,7 @@ def evaluate_variant(engine: LocalEngine, steps: int, lr: float, momentum: float
         ev = device.evaluate(model, predict, measure=False, split="validation")
         cols["oracle_rho0"].append(ev.scores[0].oracle.accuracy)
         cols["oracle_rho08"].append(ev.scores[-1].oracle.accuracy)
+        cols["oracle_mean"].append(float(np.mean([s.oracle.accuracy for s in ev.scores])))
         out, n_id, n_ood = device.pool_outputs(model, predict, "validation")
         cols["exit_id"].append(float(out.exit_correct[:n_id].mean()))
         cols["server_id"].append(float(out.server_correct[:n_id].mean()))

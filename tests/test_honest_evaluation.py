@@ -147,7 +147,7 @@ def test_tuning_reads_no_test_pool(tmp_path):
         device.data.test_x = device.data.test_y = _Poisoned()
     engine.train()
     row = probe.evaluate_variant(engine, 2, 0.01, 0.0)
-    assert set(row) == {"exit_id", "server_id", "server_ood", "oracle_rho0", "oracle_rho08"}
+    assert set(row) == {"exit_id", "server_id", "server_ood", "oracle_rho0", "oracle_rho08", "oracle_mean"}
     assert all(0.0 <= v <= 100.0 for v in row.values())
     with pytest.raises(AssertionError, match="read a test pool"):
         engine.evaluate()
