@@ -144,7 +144,11 @@ class HarmonyConfig(_Section):
                     "better than 0.01, benchmarks/RESULTS.md §2)",
     )
     inner_steps: int = Field(1, ge=0, description="m, inner-loop SGD steps per branch")
-    csa_weight: float = Field(1.0, ge=0, description="weight of L_CSA in the server replica's loss")
+    csa_weight: float = Field(
+        5.0, ge=0,
+        description="weight of L_CSA in the server replica's loss (chosen on validation from 0, 1, 2, 3, 5, 10: "
+                    "benchmarks/RESULTS.md §10)",
+    )
     csa_margin: float = Field(1.0, gt=0, description="m_c, the CCSA margin")
     negatives: int = Field(32, ge=0, description="sampled different-class pairs per step, beside the within-step pairs")
     stochastic_depth: bool = Field(True, description="sample z¹'s exit depth e ≤ d_i (False: e = d_i)")
