@@ -37,7 +37,7 @@ from engine_throughput import DispatchFlopCounter  # noqa: E402
 from harmony.config import load_config  # noqa: E402
 from harmony.engine import LocalEngine  # noqa: E402
 from harmony.stats import paired_difference  # noqa: E402
-from testbed.compare import compare, run_slug  # noqa: E402
+from testbed.compare import _row, compare, run_slug  # noqa: E402
 
 ALGORITHMS = ["splitfed", "multi-exit", "splitgp(lambda=1)", "splitgp(lambda=0.2)", "splitgp+ft", "harmony"]
 SCALES: dict[str, list[str]] = {
@@ -94,6 +94,40 @@ def paired_vs(doc: dict, reference: str = "harmony") -> dict[str, dict[str, list
     return out
 
 
+
+def _flat(doc: dict, prefix: str = "") -> dict[str, object]:
+    out: dict[str, object] = {}
+    for k, v in doc.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def keep_rows(doc: dict, cfg, names: list[str], source: Path) -> dict[str, dict]:
+    """Add to ``doc`` the rows of ``names`` from the finished runs of an earlier sweep in ``source``
+    (``source/<algorithm>/seed<s>/results.json`` for the document's seeds), unchanged — for the
+    algorithms that a change of defaults does not touch. Returns, per kept algorithm, where its
+    runs came from and every config key whose value differs from what this sweep would run
+    (keys the earlier code did not have included), so that the table says what it mixes."""
+    kept = {}
+    for name in names:
+        evaluations, differences = [], set()
+        wanted = _flat(json.loads(json.dumps(cfg.with_overrides(**{"train.algorithm": name}).model_dump())))
+        for seed in doc["seeds"]:
+            path = source / run_slug(name) / f"seed{seed}" / "results.json"
+            if not path.is_file():
+                raise SystemExit(f"--keep-from: {path} is missing (seeds {doc['seeds']} of {name!r} are needed)")
+            run = json.loads(path.read_text())
+            evaluations.append(run["evaluation"])
+            old = _flat(run["config"])
+            differences |= {k for k in set(old) | set(wanted) if k != "seed" and old.get(k, "<absent>")
+                            != wanted.get(k, "<absent>")}
+        doc["rows"].append(_row(name, evaluations))
+        kept[name] = {"source": str(source), "config_differences": sorted(differences)}
+    return kept
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--scale", choices=sorted(SCALES), default="smoke")
@@ -107,6 +141,11 @@ def main() -> None:
                         help="runs at once, each in its own process (threads per run: the scale's, else cores / jobs)")
     parser.add_argument("--resume", action="store_true",
                         help="reuse the finished runs in --out and continue an interrupted one from its checkpoint")
+    parser.add_argument("--keep-from", type=Path, default=None,
+                        help="an earlier sweep's directory: the rows of --keep are taken from its runs, not re-run")
+    parser.add_argument("--keep", default="",
+                        help="comma-separated algorithms whose rows come from --keep-from (their config differences "
+                             "are listed in compare.json under kept)")
     args = parser.parse_args()
     if args.jobs < 1:
         parser.error(f"--jobs {args.jobs}: expected 1 or more runs at once")
@@ -136,6 +175,15 @@ def main() -> None:
     run_dirs = [out / run_slug(name) / f"seed{seed}" for name in names for seed in doc["seeds"]]
     doc["train_seconds"] = round(sum(r["seconds"] for d in run_dirs
                                      for r in json.loads((d / "results.json").read_text())["rounds"]), 1)
+    if args.keep:
+        if args.keep_from is None:
+            parser.error("--keep needs --keep-from DIR")
+        if set(args.keep.split(",")) & set(names):
+            parser.error(f"--keep {args.keep}: an algorithm is either run (--algorithms) or kept, not both")
+        doc["kept"] = keep_rows(doc, cfg, [a for a in args.keep.split(",") if a], args.keep_from)
+        for name, k in doc["kept"].items():
+            print(f"{name}: kept from {k['source']}; config keys that differ: "
+                  f"{', '.join(k['config_differences']) or 'none'}", file=sys.stderr)
     doc["paired_vs_harmony"] = paired_vs(doc)
     (out / "compare.json").write_text(json.dumps(doc, indent=2))
     width = max(len(r["algorithm"]) for r in doc["rows"])

@@ -3,13 +3,17 @@ table an uninterrupted sweep gives."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 
 from harmony.engine import LocalEngine
 from testbed.compare import compare
 from tests.conftest import tiny_config
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 class Interrupted(Exception):
@@ -82,3 +86,22 @@ def test_resume_evaluates_a_finished_sweep_again_under_other_evaluation_settings
     part._save_checkpoint(1)
     with pytest.raises(ValueError, match="only once training has finished"):
         LocalEngine(half.with_overrides(**{"train.finetune_steps": 0}), tmp_path / "part").resume()
+
+
+def test_a_table_can_keep_rows_of_an_earlier_sweep_and_says_what_differs(tmp_path, monkeypatch):
+    """reproduce_fmnist.py --keep-from: rows of algorithms a default change does not touch come from
+    an earlier sweep unchanged, with every differing config key listed."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # its sibling imports, as when run as a script
+    spec = importlib.util.spec_from_file_location("reproduce_fmnist", ROOT / "benchmarks" / "reproduce_fmnist.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cfg = tiny_config(**{"train.rounds": 1, "eval.measure_latency_samples": 0})
+    earlier = compare(cfg, ["splitfed"], 2, tmp_path / "earlier")
+    now = cfg.with_overrides(**{"train.harmony.csa_weight": 2.0})
+    doc = compare(now, ["multi-exit"], 2, tmp_path / "now")
+    kept = module.keep_rows(doc, now, ["splitfed"], tmp_path / "earlier")
+    assert [r["algorithm"] for r in doc["rows"]] == ["multi-exit", "splitfed"]
+    assert doc["rows"][1]["accuracy"] == earlier["rows"][0]["accuracy"]
+    assert kept["splitfed"]["config_differences"] == ["train.harmony.csa_weight"]
+    with pytest.raises(SystemExit, match="seed7/results.json is missing"):
+        module.keep_rows(doc, now, ["harmony"], tmp_path / "earlier")
