@@ -39,30 +39,14 @@ from harmony.config import validate_config  # noqa: E402
 from harmony.engine import LocalEngine  # noqa: E402
 from harmony.evaluate import (  # noqa: E402
     ClientOutputs,
+    best_tau,
+    expected_accuracy_curve,
     oracle_threshold,
     pool_select,
     score_threshold,
     server_predictor,
 )
 from harmony.fleet import InProcessFleet  # noqa: E402
-
-
-def curve(val: ClientOutputs, n_id: int, rho: float, taus: list[float]) -> np.ndarray:
-    """Expected validation accuracy per τ at OOD share ``rho`` over the whole pools."""
-    e, ok_exit, ok_server = val.exit_entropy, val.exit_correct, val.server_correct
-    out = np.zeros(len(taus))
-    for j, tau in enumerate(taus):
-        for sl, w in ((slice(0, n_id), 1.0 - rho), (slice(n_id, e.size), rho)):
-            if w > 0 and e[sl].size:
-                out[j] += w * float(np.where(e[sl] < tau, ok_exit[sl], ok_server[sl]).mean())
-    return out
-
-
-def best_tau(values: np.ndarray, taus: list[float]) -> float:
-    """The τ of the highest value (ties: the larger τ, as the oracle)."""
-    order = np.argsort(taus)
-    best = max(range(len(order)), key=lambda j: (values[order[j]], j))
-    return taus[order[best]]
 
 
 def crossfit(outputs: ClientOutputs, select: np.ndarray, taus: list[float], folds: int, seed: int) -> float:
@@ -108,7 +92,8 @@ def analyse(run_dir: Path, folds: int) -> dict:
         for k, select in enumerate(selects):
             per.setdefault("oracle_crossfit", [[] for _ in rhos])[k].append(
                 crossfit(test, select, taus, folds, cfg.seed * 1000 + i))
-        own = [curve(val, v_id, b / max(1, a + b), taus) for a, b in zip(id_counts, ood_counts, strict=True)]
+        own = [expected_accuracy_curve(val, v_id, b / max(1, a + b), taus)
+               for a, b in zip(id_counts, ood_counts, strict=True)]
         curves.setdefault(device.depth, []).append((i, own, test, selects, n_id,
                                                     id_counts, ood_counts))
     for members in curves.values():

@@ -238,24 +238,34 @@ def score_client(
     return scores
 
 
-def expected_accuracy_threshold(val: ClientOutputs, n_id_used: int, rho: float, taus: list[float]) -> float:
-    """The best τ of the sweep for a query mix with OOD share ``rho``, scored on the device's whole
-    validation pools (``n_id_used`` ID samples, then the OOD ones): the expected accuracy
-    ``(1 − ρ)·acc_ID(τ) + ρ·acc_OOD(τ)``, so that every validation sample counts at every ρ rather
-    than a ρ-sized subset of them (ties: the larger τ, as :func:`oracle_threshold`)."""
+def expected_accuracy_curve(val: ClientOutputs, n_id_used: int, rho: float, taus: list[float]) -> np.ndarray:
+    """Per τ of ``taus`` (in their order), the expected accuracy ``(1 − ρ)·acc_ID(τ) + ρ·acc_OOD(τ)``
+    for a query mix with OOD share ``rho``, over the device's whole validation pools
+    (``n_id_used`` ID samples, then the OOD ones): every validation sample counts at every ρ."""
     e, ok_exit, ok_server = val.exit_entropy, val.exit_correct, val.server_correct
     pools = [(slice(0, n_id_used), 1.0 - rho), (slice(n_id_used, e.size), rho)]
-    best_tau, best = None, -1.0
-    for tau in sorted(taus):
-        acc = 0.0
+    out = np.zeros(len(taus))
+    for j, tau in enumerate(taus):
         for sl, weight in pools:
             if weight > 0 and e[sl].size:
-                acc += weight * float(np.where(e[sl] < tau, ok_exit[sl], ok_server[sl]).mean())
-        if acc >= best:
-            best_tau, best = tau, acc
-    assert best_tau is not None
-    return best_tau
+                out[j] += weight * float(np.where(e[sl] < tau, ok_exit[sl], ok_server[sl]).mean())
+    return out
 
+
+def best_tau(values: np.ndarray, taus: list[float]) -> float:
+    """The τ of the highest of ``values`` (one per τ of ``taus``; ties: the larger τ, as :func:`oracle_threshold`)."""
+    best_tau_, best = None, -1.0
+    for j in sorted(range(len(taus)), key=lambda j: taus[j]):
+        if values[j] >= best:
+            best_tau_, best = taus[j], values[j]
+    assert best_tau_ is not None
+    return best_tau_
+
+
+def expected_accuracy_threshold(val: ClientOutputs, n_id_used: int, rho: float, taus: list[float]) -> float:
+    """The best τ of the sweep for the expected accuracy at OOD share ``rho``
+    (:func:`expected_accuracy_curve`) rather than on a ρ-sized subset of the validation pools."""
+    return best_tau(expected_accuracy_curve(val, n_id_used, rho, taus), taus)
 
 MIN_BANDWIDTH_NATS = 0.05
 """Floor of the kernel width in :func:`mixture_share`: confident exits put many entropies at ≈ 0."""
