@@ -131,24 +131,30 @@ def main() -> None:
     engine.train()
     engine_s = time.perf_counter() - t0
 
+    def floor_loop() -> None:
+        for _ in range(args.rounds):
+            for i in range(args.clients):
+                step = floor_step_fn(engine, engine.experiment.depths[i], gamma)
+                for x, y in batches[i]:
+                    step(x, y)
+
+    # the floor on the engine's torch thread: the same thread pool and floating-point state
     t0 = time.perf_counter()
-    for _ in range(args.rounds):
-        for i in range(args.clients):
-            step = floor_step_fn(engine, engine.experiment.depths[i], gamma)
-            for x, y in batches[i]:
-                step(x, y)
+    engine.fleet.torch.call(floor_loop)
     floor_s = time.perf_counter() - t0
+
+    def counted(fn, *fn_args) -> int:
+        with DispatchFlopCounter() as counter:  # a dispatch mode counts its own thread's ops
+            fn(*fn_args)
+        return counter.total
 
     floor_flops, engine_flops = 0, 0
     one_step = LocalEngine(cfg.with_overrides(**{"train.local_steps": 1}))
     for i in range(args.clients):
         step = floor_step_fn(engine, engine.experiment.depths[i], gamma)
-        with DispatchFlopCounter() as counter:
-            step(*batches[i][0])
-        floor_flops += counter.total * args.steps * args.rounds
-        with DispatchFlopCounter() as counter:  # the engine's own work for one step
-            one_step.run_session(i, 1)
-        engine_flops += counter.total * args.steps * args.rounds
+        floor_flops += counted(step, *batches[i][0]) * args.steps * args.rounds
+        # the engine's own work for one step, counted on the thread that does it
+        engine_flops += one_step.fleet.torch.call(counted, one_step.run_session, i, 1) * args.steps * args.rounds
 
     mm = matmul_gflops()
     gflops, floor_gflops = engine_flops / engine_s / 1e9, floor_flops / floor_s / 1e9

@@ -59,8 +59,13 @@ def parse_variant(text: str) -> tuple[int, float, float]:
 
 
 def evaluate_variant(engine: LocalEngine, steps: int, lr: float, momentum: float) -> dict[str, float]:
+    """The variant's validation scores, computed on the fleet's torch thread (the run's arithmetic)."""
+    assert isinstance(engine.fleet, InProcessFleet)
+    return engine.fleet.torch.call(_evaluate_variant, engine, steps, lr, momentum)
+
+
+def _evaluate_variant(engine: LocalEngine, steps: int, lr: float, momentum: float) -> dict[str, float]:
     cfg, fleet = engine.cfg, engine.fleet
-    assert isinstance(fleet, InProcessFleet)
     train = cfg.train.model_copy(update={"finetune_steps": steps, "finetune_lr": lr or cfg.train.finetune_lr,
                                         "finetune_momentum": momentum})
     fleet.server_model.load_state_dict(engine.server_global)

@@ -35,7 +35,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from harmony.config import validate_config  # noqa: E402
+from harmony.config import ExperimentConfig, validate_config  # noqa: E402
 from harmony.engine import LocalEngine  # noqa: E402
 from harmony.evaluate import (  # noqa: E402
     ClientOutputs,
@@ -69,8 +69,20 @@ def analyse(run_dir: Path, folds: int) -> dict:
         raise SystemExit(f"{run_dir}: no validation split (data.val_per_client = 0): nothing but the oracle to compare")
     engine = LocalEngine(cfg, out_dir=run_dir)
     engine.resume()
+    assert isinstance(engine.fleet, InProcessFleet)
+    # on the fleet's torch thread, as the run's own evaluation was (the same arithmetic)
+    table = engine.fleet.torch.call(_policy_table, engine, cfg, folds)
+    reported = results["evaluation"]["policies"]["oracle"]["accuracy"]
+    if not np.allclose(table["oracle"], reported, atol=1e-9):
+        raise SystemExit(f"{run_dir}: re-evaluation gives oracle {table['oracle']} but the run reported {reported}: "
+                         "not the run's model or code")
+    return {"run": str(run_dir), "algorithm": cfg.train.algorithm, "seed": cfg.seed, "rho": list(cfg.data.rhos),
+            "accuracy": table}
+
+
+def _policy_table(engine: LocalEngine, cfg: ExperimentConfig, folds: int) -> dict[str, list[float]]:
+    """Every policy's mean accuracy per ρ, re-evaluated from the engine's trained models."""
     fleet = engine.fleet
-    assert isinstance(fleet, InProcessFleet)
     fleet.server_model.load_state_dict(engine.server_global)
     predict = server_predictor(fleet.server_model)
     rhos, taus = list(cfg.data.rhos), list(cfg.eval.taus)
@@ -103,13 +115,7 @@ def analyse(run_dir: Path, folds: int) -> dict:
                 tau = best_tau(0.5 * own[k] + 0.5 * mean[k], taus)
                 per.setdefault("pooled_depth", [[] for _ in rhos])[k].append(
                     score_threshold(test, selects[k], tau).accuracy)
-    table = {name: [100.0 * float(np.mean(v)) for v in cols] for name, cols in per.items()}
-    reported = results["evaluation"]["policies"]["oracle"]["accuracy"]
-    if not np.allclose(table["oracle"], reported, atol=1e-9):
-        raise SystemExit(f"{run_dir}: re-evaluation gives oracle {table['oracle']} but the run reported {reported}: "
-                         "not the run's model or code")
-    return {"run": str(run_dir), "algorithm": cfg.train.algorithm, "seed": cfg.seed, "rho": rhos,
-            "accuracy": table}
+    return {name: [100.0 * float(np.mean(v)) for v in cols] for name, cols in per.items()}
 
 
 def main() -> None:

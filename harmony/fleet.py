@@ -17,8 +17,10 @@ Celery tasks with Redis buffers. Nothing here knows MQTT, Celery or Redis.
 from __future__ import annotations
 
 import platform
+import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -125,8 +127,40 @@ class Fleet(Protocol):
 
 def flush_denormal() -> None:
     """Flush-to-zero is per-thread CPU state: every thread that runs a session's torch work sets
-    it, so all processes of a run compute on the same arithmetic."""
+    it, so all processes of a run compute on the same arithmetic.
+
+    Set it before the thread's first torch operation: torch's intra-op worker threads are started
+    by the first parallel operation of the thread that runs it and inherit its floating-point
+    state then; a later call changes the calling thread only, and the chunks its workers compute
+    keep their denormals (measured: half of a two-thread product stayed denormal)."""
     torch.set_flush_denormal(True)
+
+
+class TorchThread:
+    """One thread for a process's in-process torch work, flushing denormals from its first
+    operation on — so its intra-op workers flush too, whatever this process computed before
+    (a test suite, a notebook, a benchmark that loaded data first). The agents' device threads
+    and the worker's task threads start the same way; a run computed here therefore has their
+    arithmetic. The thread takes torch's thread count when it first computes: make it after
+    ``torch.set_num_threads``."""
+
+    def __init__(self) -> None:
+        self._ident: int | None = None
+        self._pool = ThreadPoolExecutor(max_workers=1, initializer=self._start, thread_name_prefix="harmony-torch")
+
+    def _start(self) -> None:
+        flush_denormal()
+        self._ident = threading.get_ident()
+
+    def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``fn(*args, **kwargs)`` on the thread (directly when called from it); its result, or its
+        exception raised here."""
+        if threading.get_ident() == self._ident:
+            return fn(*args, **kwargs)
+        return self._pool.submit(fn, *args, **kwargs).result()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
 
 
 class InProcessFleet:
@@ -139,6 +173,9 @@ class InProcessFleet:
     def __init__(self, experiment: Experiment) -> None:
         self.experiment = experiment
         cfg = experiment.cfg
+        self.torch = TorchThread()
+        """Sessions, aggregation, personalisation and evaluation run here (:class:`TorchThread`);
+        a tool that computes with this fleet's devices and models should too (``fleet.torch.call``)."""
         dataset = load_dataset(cfg.data.dataset, experiment.data_dir)
         self.devices: dict[int, DevicePlan] = experiment.devices(range(experiment.num_clients), dataset)
         self.server = experiment.server()
@@ -167,20 +204,28 @@ class InProcessFleet:
                 yield SessionResult.missing(i, "late", estimate)
                 continue
             t0 = time.perf_counter()
-            device = self.devices[i]
-            client_model = self.client_models[device.depth]
-            client_model.load_state_dict(start)
-            self.server_model.load_state_dict(server_start)
-            client = device.session(rnd, client_model)
-            server = self.server.session(rnd, i, self.server_model)
-            run_session(client, server, self.experiment.steps(i))
-            # the models are reused by the next session: hand over copies
-            seconds = estimate if estimate is not None else time.perf_counter() - t0
-            yield SessionResult(i, _clone(client.state()), device.data.samples, client.stats,
-                                server_state=_clone(server.state()), seconds=seconds)
+            result = self.torch.call(self._session, i, rnd, start, server_start)
+            result.seconds = estimate if estimate is not None else time.perf_counter() - t0
+            yield result
+
+    def _session(self, i: int, rnd: int, start: State, server_start: State) -> SessionResult:
+        device = self.devices[i]
+        client_model = self.client_models[device.depth]
+        client_model.load_state_dict(start)
+        self.server_model.load_state_dict(server_start)
+        client = device.session(rnd, client_model)
+        server = self.server.session(rnd, i, self.server_model)
+        run_session(client, server, self.experiment.steps(i))
+        # the models are reused by the next session: hand over copies
+        return SessionResult(i, _clone(client.state()), device.data.samples, client.stats,
+                             server_state=_clone(server.state()))
 
     def aggregate(self, rnd: int, results: list[SessionResult], client_prev: State, server_prev: State
                   ) -> tuple[State, State]:
+        return self.torch.call(self._aggregate, results, client_prev, server_prev)
+
+    def _aggregate(self, results: list[SessionResult], client_prev: State, server_prev: State
+                   ) -> tuple[State, State]:
         client_sum, server_sum = WeightedSum(), WeightedSum()
         for result in results:
             assert result.server_state is not None
@@ -191,6 +236,9 @@ class InProcessFleet:
     def evaluate(self, rnd: int, models: dict[int, State], server: State, personalise: bool
                  ) -> dict[int, ClientEvaluation]:
         """Batch-1 latency is measured once per split depth and shared by its clients."""
+        return self.torch.call(self._evaluate, models, server, personalise)
+
+    def _evaluate(self, models: dict[int, State], server: State, personalise: bool) -> dict[int, ClientEvaluation]:
         self.server_model.load_state_dict(server)
         predict = server_predictor(self.server_model)
         measured: dict[int, tuple[float, float]] = {}
@@ -222,7 +270,7 @@ class InProcessFleet:
         return {"machine": machine_info(self.experiment.torch_device)}
 
     def close(self) -> None:
-        pass
+        self.torch.close()
 
 
 def _clone(state: State) -> State:

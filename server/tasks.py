@@ -308,6 +308,7 @@ def _serve_session(r: Any, rnd: int, dev: str, index: int, manifest_sha: str, se
 @app.task(name="hsfl.aggregate", acks_late=True)
 def aggregate(rnd: int, devices: list[str], client_prev_sha: str, server_prev_sha: str) -> dict[str, Any]:
     """FedAvg of the replicas and depth-aware averaging of the client sides, merged in ``devices`` order."""
+    flush_denormal()  # per-thread: a thread whose first task is this one would otherwise keep denormal means
     r = state.connect(redis_url())
     client_sum, server_sum, metas = state.merge_partial_sums(r, rnd, devices)
     client_global = client_sum.average(state.get_model(r, client_prev_sha))

@@ -113,7 +113,6 @@ def plot_accuracy_latency(doc: dict[str, Any], path: Path) -> Path:
     return _save(fig, path, [first])
 
 
-@torch.no_grad()
 def server_embeddings(run_dir: Path, rho: float, max_points: int) -> tuple[np.ndarray, np.ndarray]:
     """``φ_{d_i}(f_i(x))`` for every client's test queries at ``rho``, from a finished run."""
     from harmony.config import validate_config
@@ -124,8 +123,18 @@ def server_embeddings(run_dir: Path, rho: float, max_points: int) -> tuple[np.nd
     cfg = validate_config(results["config"])
     engine = LocalEngine(cfg, run_dir)
     engine.resume()
+    assert isinstance(engine.fleet, InProcessFleet)
+    # on the fleet's torch thread: personalised exactly as the run's own evaluation was
+    x_all, y_all = engine.fleet.torch.call(_embeddings, engine, cfg, rho)
+    if len(x_all) > max_points:
+        keep = np.random.default_rng(0).choice(len(x_all), max_points, replace=False)
+        x_all, y_all = x_all[keep], y_all[keep]
+    return x_all, y_all
+
+
+@torch.no_grad()
+def _embeddings(engine: Any, cfg: Any, rho: float) -> tuple[np.ndarray, np.ndarray]:
     fleet = engine.fleet
-    assert isinstance(fleet, InProcessFleet)
     server = fleet.server_model
     server.load_state_dict(engine.server_global)
     server.eval()
@@ -145,11 +154,7 @@ def server_embeddings(run_dir: Path, rho: float, max_points: int) -> tuple[np.nd
         z = model.features(x).half().float()
         feats.append(server.embed(z, model.depth).flatten(1).cpu())
         labels.append(d.test_y[rows].cpu())
-    x_all, y_all = torch.cat(feats).numpy(), torch.cat(labels).numpy()
-    if len(x_all) > max_points:
-        keep = np.random.default_rng(0).choice(len(x_all), max_points, replace=False)
-        x_all, y_all = x_all[keep], y_all[keep]
-    return x_all, y_all
+    return torch.cat(feats).numpy(), torch.cat(labels).numpy()
 
 
 def plot_tsne(panels: list[tuple[str, Path]], path: Path, rho: float = 0.8, max_points: int = 1500) -> Path:

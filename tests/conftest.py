@@ -12,6 +12,15 @@ from harmony.config import ExperimentConfig, validate_config
 FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
 
 
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit for bit: dtype, shape and every byte. ``torch.equal`` compares values, and in a thread
+    that flushes denormals (every engine thread does) it reads a denormal as 0 — two runs that
+    differ there would pass it."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    return torch.equal(a.detach().reshape(-1).view(torch.uint8), b.detach().reshape(-1).view(torch.uint8))
+
+
 def tiny_config(**overrides) -> ExperimentConfig:
     """4 clients at depths 2,3,4,2 on 3% of their Shard-2 data, quarter-width cnn8, 2 rounds."""
     raw = {

@@ -12,11 +12,11 @@ from dataclasses import asdict
 from typing import Any
 
 import pytest
-import torch
 
 from harmony.engine import LocalEngine
 from server import state
 from testbed.stack import LocalStack, StackInfo
+from tests.conftest import same_bits
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +32,7 @@ def local_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackInfo]
 
 def same_weights(a: dict, b: dict) -> bool:
     """Client and server weights bit for bit equal."""
-    return all(torch.equal(a[s][k], b[s][k]) for s in a for k in a[s])
+    return all(same_bits(a[s][k], b[s][k]) for s in a for k in a[s])
 
 
 def left_out(rounds: list[dict[str, Any]]) -> dict[int, set[int]]:

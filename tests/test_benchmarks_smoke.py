@@ -58,13 +58,18 @@ def test_personalisation_probe_smoke(tmp_path):
     engine = LocalEngine(load_config(ROOT / "examples" / "fmnist-shard2-50.yaml", ["train.algorithm=multi-exit",
                                                                                    "data.val_per_client=50", *tiny]))
     engine.train()
-    engine.fleet.server_model.load_state_dict(engine.server_global)
-    predict = server_predictor(engine.fleet.server_model)
-    scores = []
-    for i, device in engine.fleet.devices.items():
-        model = engine.fleet.client_models[device.depth]
-        model.load_state_dict(engine.client_start_state(i))
-        scores.append(device.evaluate(model, predict, measure=False, split="validation").scores)
+
+    def validation_scores():
+        engine.fleet.server_model.load_state_dict(engine.server_global)
+        predict = server_predictor(engine.fleet.server_model)
+        out = []
+        for i, device in engine.fleet.devices.items():
+            model = engine.fleet.client_models[device.depth]
+            model.load_state_dict(engine.client_start_state(i))
+            out.append(device.evaluate(model, predict, measure=False, split="validation").scores)
+        return out
+
+    scores = engine.fleet.torch.call(validation_scores)
     for k, key in ((0, "oracle_rho0"), (-1, "oracle_rho08")):
         expected = 100 * sum(s[k].oracle.accuracy for s in scores) / len(scores)
         assert abs(expected - rows["none"][key]) < 0.01

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 
 import pytest
 import torch
@@ -10,11 +11,12 @@ import torch
 from harmony.algorithms import ALGORITHM_NAMES, parse_algorithm
 from harmony.algorithms.messages import FeaturesUp, LogitGradUp
 from harmony.engine import LocalEngine
-from tests.conftest import tiny_config
+from harmony.fleet import InProcessFleet
+from tests.conftest import same_bits, tiny_config
 
 
 def _states_equal(a: dict, b: dict) -> bool:
-    return all(torch.equal(a[side][k], b[side][k]) for side in a for k in a[side])
+    return all(same_bits(a[side][k], b[side][k]) for side in a for k in a[side])
 
 
 @pytest.mark.parametrize("algorithm", ["splitgp", "splitfed"])
@@ -27,6 +29,26 @@ def test_same_seed_gives_bit_identical_weights(algorithm):
     other = LocalEngine(cfg.with_overrides(seed=8))
     other.train()
     assert not _states_equal(first.model_state(), other.model_state())
+
+
+def test_in_process_work_flushes_denormals_in_every_intra_op_thread():
+    """The local engine computes on a thread that flushes denormals from its first operation, so
+    the workers of its parallel kernels flush too — whatever this process computed before (this
+    test suite has run parallel kernels in its main thread long before). A thread that flushed
+    only itself would leave the workers' chunks denormal, and a local run's bits would depend on
+    the process's history and differ from the agents' and the worker's."""
+    torch.set_num_threads(2)
+    x = torch.full((1 << 20,), 1e-30)
+    (x * 2.0).sum()  # this thread's intra-op pool exists (a parallel kernel ran)
+    engine = LocalEngine(tiny_config())
+    try:
+        assert isinstance(engine.fleet, InProcessFleet)
+        survivors = engine.fleet.torch.call(lambda: int(((x * 1e-10) != 0).sum()))  # 1e-40: a float32 denormal
+        on_it = engine.fleet.torch.call(threading.current_thread)
+    finally:
+        engine.close()
+    assert survivors == 0
+    assert on_it is not threading.current_thread()
 
 
 def test_client_order_does_not_change_the_result():

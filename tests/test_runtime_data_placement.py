@@ -20,7 +20,7 @@ from harmony.engine import LocalEngine
 from harmony.experiment import Experiment
 from orchestrator.engine import DistributedEngine
 from testbed.stack import LocalStack
-from tests.conftest import FMNIST, tiny_config
+from tests.conftest import FMNIST, same_bits, tiny_config
 
 DATA = str(FMNIST.parent)
 
@@ -78,5 +78,5 @@ def test_worker_without_dataset_and_agents_with_only_their_devices(tmp_path, mon
     expected = local.run()
     for side in ("client", "server"):
         a, b = local.model_state()[side], engine.model_state()[side]
-        assert all(torch.equal(a[k], b[k]) for k in a), f"{side} weights differ from the local run"
+        assert all(same_bits(a[k], b[k]) for k in a), f"{side} weights differ from the local run"
     assert got["evaluation"]["accuracy"] == expected["evaluation"]["accuracy"]

@@ -35,7 +35,7 @@ from orchestrator.engine import DistributedEngine
 from server import state
 from server.app import redelivery_bound_s
 from testbed.stack import LocalStack
-from tests.conftest import tiny_config
+from tests.conftest import same_bits, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,7 +60,7 @@ def reference() -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
 def assert_same_weights(expected: dict[str, dict[str, torch.Tensor]], got: dict[str, dict[str, torch.Tensor]]) -> None:
     for side in ("client", "server"):
         assert expected[side].keys() == got[side].keys()
-        differ = [k for k in expected[side] if not torch.equal(expected[side][k], got[side][k])]
+        differ = [k for k in expected[side] if not same_bits(expected[side][k], got[side][k])]
         assert not differ, f"{side} weights differ from the local run in {differ[:5]}"
 
 

@@ -13,14 +13,13 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import torch
 
 from harmony.engine import LocalEngine
 from harmony.rounds import RoundFailedError
 from orchestrator.engine import DistributedEngine
 from server import state
 from testbed.stack import LocalStack
-from tests.conftest import tiny_config
+from tests.conftest import same_bits, tiny_config
 from tests.runtime_fixtures import when_in_flight
 
 DEADLINE_S = 40.0
@@ -104,7 +103,7 @@ def test_a_killed_and_a_slow_device_leave_every_round_on_quorum(stack, tmp_path)
                                           if i not in left_out.get(rnd, set())]
     local.train()
     a, b = local.model_state(), engine.model_state()
-    assert all(torch.equal(a[s][k], b[s][k]) for s in a for k in a[s])
+    assert all(same_bits(a[s][k], b[s][k]) for s in a for k in a[s])
 
 
 @pytest.mark.slow

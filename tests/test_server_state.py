@@ -64,6 +64,44 @@ def test_merged_contributions_equal_the_local_weighted_sum(redis_client):
     assert redis_client.scard(state.done_key(1)) == 3
 
 
+def test_the_aggregate_task_flushes_denormal_means_as_the_local_engine_does(redis_client, monkeypatch):
+    """Two sessions' 2e-38 and 0 average to 1e-38, a float32 denormal: the local engine (its torch
+    thread flushes) stores 0, and so must the worker's aggregate task in a thread that ran nothing
+    before it — flush-to-zero is per-thread state, and a worker thread's first task may be this one."""
+    import threading
+
+    from harmony.algorithms import StepStats
+    from harmony.engine import LocalEngine
+    from harmony.fleet import SessionResult
+    from server import tasks
+    from tests.conftest import tiny_config
+
+    rnd, devices = 5, ["emu-0", "emu-1"]
+    prev = {"w": torch.ones(3)}
+    tiny = [{"w": torch.full((3,), 2e-38)}, {"w": torch.zeros(3)}]
+    for dev, w in zip(devices, tiny, strict=True):
+        state.store_session_result(redis_client, rnd, dev, w, w, 10, {"stats": [10, 0, 0, 0, 0], "client_sha": dev})
+    prev_sha, _ = state.put_model(redis_client, prev)
+    monkeypatch.setenv("HSFL_REDIS_URL", f"redis://127.0.0.1:{redis_client.connection_pool.connection_kwargs['port']}/0")
+    got: dict = {}
+    worker = threading.Thread(target=lambda: got.update(tasks.aggregate.run(rnd, devices, prev_sha, prev_sha)))
+    worker.start()
+    worker.join()
+    assert "client_sha" in got, "the aggregate task failed (its traceback is above)"
+    remote = state.get_model(redis_client, got["client_sha"])["w"]
+
+    engine = LocalEngine(tiny_config())
+    try:
+        results = [SessionResult(i, w, 10, StepStats(), server_state=w) for i, w in enumerate(tiny)]
+        local, _ = engine.fleet.aggregate(rnd, results, prev, prev)
+    finally:
+        engine.close()
+    print("DBG", local["w"], remote)
+    # bit patterns: a float comparison in a flushing thread reads a denormal as 0 (denormals-are-zero)
+    assert local["w"].view(torch.int32).tolist() == [0, 0, 0]
+    assert remote.view(torch.int32).tolist() == local["w"].view(torch.int32).tolist()
+
+
 def test_a_session_stores_its_tensors_at_their_own_width(redis_client):
     client, server = _states(5)
     state.store_session_result(redis_client, 2, "emu-9", client, server, 10, {})
