@@ -224,6 +224,7 @@ def session(self: Any, rnd: int, dev: str, index: int, manifest_sha: str, server
     while another session of this attempt and device is alive (``state.Heartbeat``) stands down.
     Any exception (e.g. features the server model cannot run) fails the task, and the round
     driver drops the device from the round at once."""
+    flush_denormal()  # per-thread, before this thread's first torch operation (its intra-op workers inherit it)
     r = state.connect(redis_url())
     if r.sismember(state.done_key(rnd), dev):
         return {"device": dev, "round": rnd, "skipped": "already done"}
@@ -243,7 +244,6 @@ def _serve_session(r: Any, rnd: int, dev: str, index: int, manifest_sha: str, se
                    timeout_s: float, attempt: str | None, token: str) -> dict[str, Any]:
     """The body of :func:`session`: its own server back end, round-start weights loaded."""
     plan = plan_for(r, manifest_sha)
-    flush_denormal()  # per-thread CPU state, as every process of a run sets it
     cfg = plan.cfg
     model = plan.new_model()
     model.load_state_dict(server_weights(r, server_sha))
@@ -331,9 +331,9 @@ def infer(dev: str, manifest_sha: str, server_sha: str, idle_s: float = 30.0, rn
     A request that fails its schema, or that the server model cannot run (wrong depth or
     feature shape), is answered with an ``error`` on ``dev/{id}/err`` naming its seq.
     """
+    flush_denormal()  # per-thread, before this thread's first torch operation (its intra-op workers inherit it)
     r = state.connect(redis_url())
     plan = plan_for(r, manifest_sha)
-    flush_denormal()  # per-thread CPU state, as every process of a run sets it
     model = plan.new_model()
     model.load_state_dict(server_weights(r, server_sha))
     model.eval()
