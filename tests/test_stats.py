@@ -35,3 +35,36 @@ def test_paired_difference_cancels_the_shared_seed_spread():
 def test_paired_difference_refuses_unpaired_rows():
     with pytest.raises(ValueError, match="same seeds"):
         paired_difference([[1.0]], [[1.0], [2.0]])
+
+
+def test_paired_table_pairs_by_seed_and_names_a_missing_policy(tmp_path):
+    """``benchmarks/paired_table.py``: the reference minus each row by seed, under each policy; a
+    baseline without the policy is compared under its oracle and the table says so."""
+    import importlib.util
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("paired_table", root / "benchmarks" / "paired_table.py")
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    harmony = {"algorithm": "harmony", "accuracy_per_seed": [[80.0, 70.0], [82.0, 72.0], [81.0, 74.0]],
+               "policies": {"estimated_mix": {"accuracy_per_seed": [[79.0, 69.0], [80.0, 70.0], [78.0, 71.0]]}}}
+    base = {"algorithm": "multi-exit", "accuracy_per_seed": [[78.0, 60.0], [79.0, 61.0], [80.0, 62.0]]}
+    doc = {"rho": [0.0, 0.8], "seeds": [0, 1, 2], "rows": [harmony, base]}
+    entries = table.paired_rows(doc, "harmony", ["oracle", "estimated_mix"])
+    assert [(e["policy"], e["against_policy"]) for e in entries] == [("oracle", "oracle"), ("estimated_mix", "oracle")]
+    assert entries[0]["cells"] == paired_difference(harmony["accuracy_per_seed"], base["accuracy_per_seed"])
+    assert entries[0]["cells"][0][0] == pytest.approx(2.0) and entries[1]["cells"][1][0] == pytest.approx(9.0)
+    path = tmp_path / "compare.json"
+    path.write_text(json.dumps(doc))
+    out = subprocess.run([sys.executable, str(root / "benchmarks" / "paired_table.py"), str(path), "--policies",
+                          "oracle,estimated_mix"], capture_output=True, text=True, check=True).stdout
+    assert "| estimated_mix | multi-exit (oracle) | +0.0 ± " in out
+    path.write_text(json.dumps({**doc, "seeds": [0], "rows": [{**r, "accuracy_per_seed": r["accuracy_per_seed"][:1]}
+                                                              for r in (harmony, base)]}))
+    one = subprocess.run([sys.executable, str(root / "benchmarks" / "paired_table.py"), str(path)],
+                         capture_output=True, text=True)
+    assert one.returncode != 0 and "one seed" in one.stderr
