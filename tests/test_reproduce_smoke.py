@@ -3,8 +3,8 @@
 The paper's qualitative claim: HARMONY's accuracy at ρ = 0.8 beats SplitGP with max
 personalisation (λ = 1), and at ρ = 0 it stays within a few points of it. Margins come from
 our own 3-seed smoke runs (benchmarks/RESULTS.md §2): HARMONY − SplitGP(λ=1) at ρ = 0.8 was
-+27.2 / +29.3 / +23.4 points (seeds 0/1/2) with CSA weight 1 and +27.1 / +25.9 / +22.3 with
-the default 5, at ρ = 0 it was −1.6 / −0.4 / −2.9 and −1.5 / −0.9 / −2.6 points, and HARMONY's
++27.2 / +29.3 / +23.4 points (seeds 0/1/2) with the default CSA weight 1 and +27.1 / +25.9 / +22.3
+with weight 5, at ρ = 0 it was −1.6 / −0.4 / −2.9 and −1.5 / −0.9 / −2.6 points, and HARMONY's
 ρ = 0 accuracy was 94.1–95.8 %. The test asks for under half the smallest ρ = 0.8
 gain, allows a 6-point ρ = 0 gap, and wants HARMONY above 90 % at ρ = 0.
 """
