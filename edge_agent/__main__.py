@@ -10,7 +10,9 @@ docs/emulation.md."""
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import os
+import signal
 from pathlib import Path
 
 from broker.client import TlsSettings, tls_settings
@@ -98,6 +100,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--log-level", type=_log_level_arg, default="INFO", help=f"one of {', '.join(LOG_LEVELS)}")
     args = ap.parse_args(argv)
     configure_logging(args.log_level)
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 PID`: every thread's stack to the log
     host, port = parse_broker(args.broker)
     try:
         tls = agent_tls(args.cafile, args.certfile, args.keyfile, args.device_id)

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import faulthandler
 import json
 import logging
 import threading
@@ -88,6 +89,8 @@ from harmony.fleet import flush_denormal
 from harmony.timing import PhaseClock
 
 log = logging.getLogger(__name__)
+STOP_DUMP_S = 15.0
+"""After SIGINT, dump every thread's stack to stderr if the agent has not exited by then."""
 
 COMMAND_KINDS = ("assign", "round_start", "personalise", "evaluate", "cancel", "stop")
 REQUEST_REFUSALS = ("bad_request", "bad_schema")
@@ -526,6 +529,9 @@ class Agent:
             while any(d.thread.is_alive() for d in self.devices):
                 time.sleep(0.5)
         except KeyboardInterrupt:
+            # a clean stop takes a second or two: if this process is still here in STOP_DUMP_S, every
+            # thread's stack goes to stderr (the agent's log), which says where it hangs
+            faulthandler.dump_traceback_later(STOP_DUMP_S, exit=False)
             self.stop()
 
     def stop(self) -> None:

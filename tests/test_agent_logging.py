@@ -111,3 +111,28 @@ def test_harmony_agent_log_level_warning_silences_info(broker: MosquittoProcess,
         watcher.close()
     assert proc.returncode == 0, log_path.read_text(errors="replace")
     assert " INFO " not in log_path.read_text(errors="replace")  # not even the "disconnected" on the way out
+
+
+def test_sigusr1_writes_every_threads_stack_to_the_log_and_the_agent_runs_on(broker: MosquittoProcess,
+                                                                             tmp_path: Path) -> None:
+    """`kill -USR1 PID` is how an engineer sees where a stuck agent is: every thread's stack, in its log."""
+    log_path = tmp_path / "agent.log"
+    proc = _start_agent(broker, "log-usr1-0", log_path)
+    try:
+        deadline = time.monotonic() + 180
+        while "device log-usr1-0: registered with" not in log_path.read_text(errors="replace"):
+            assert proc.poll() is None, f"the agent exited:\n{log_path.read_text(errors='replace')}"
+            assert time.monotonic() < deadline, f"no registration:\n{log_path.read_text(errors='replace')}"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGUSR1)
+        deadline = time.monotonic() + 10
+        while "in _main" not in log_path.read_text(errors="replace") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        text = log_path.read_text(errors="replace")
+        assert "most recent call first" in text and 'File "' in text, text[-2000:]
+        assert "in _main" in text  # the device thread's own frames are in it
+        time.sleep(1.0)
+        assert proc.poll() is None, "SIGUSR1 stopped the agent"
+    finally:
+        _stop_agent(proc)
+    assert proc.returncode == 0
