@@ -17,7 +17,7 @@ from pathlib import Path
 
 from broker.client import TlsSettings, tls_settings
 from broker.topics import Topics
-from edge_agent.agent import Agent, Credentials, device_path
+from edge_agent.agent import STOP_DUMP_S, Agent, Credentials, device_path
 from edge_agent.emulation import LIMITS, DeviceLimits
 from edge_agent.logs import LOG_LEVELS, configure_logging, parse_log_level
 
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
     Agent(host, port, args.device_id, topics=Topics(args.topic_prefix),
           credentials=read_credentials(args.credentials, args.device_id), tls=tls, cache_dir=args.cache_dir,
           data_dir=args.data_dir, slowdown=args.slowdown, corrupt_features=args.corrupt_features,
-          device_class=device_class, limits=limits).run()
+          device_class=device_class, limits=limits).run(dump_after_stop_s=STOP_DUMP_S)
 
 
 def device_limits(device_class: str | None, emulate: bool, enforce: str, profiles: Path | None = None

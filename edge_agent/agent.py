@@ -90,7 +90,7 @@ from harmony.timing import PhaseClock
 
 log = logging.getLogger(__name__)
 STOP_DUMP_S = 15.0
-"""After SIGINT, dump every thread's stack to stderr if the agent has not exited by then."""
+"""After SIGINT, the agent process dumps every thread's stack to stderr if it has not exited by then."""
 
 COMMAND_KINDS = ("assign", "round_start", "personalise", "evaluate", "cancel", "stop")
 REQUEST_REFUSALS = ("bad_request", "bad_schema")
@@ -522,16 +522,18 @@ class Agent:
                                started_at=started_at, device_class=device_class, limits=limits)
                         for d in device_ids]
 
-    def run(self) -> None:
+    def run(self, dump_after_stop_s: float | None = None) -> None:
+        """Run the devices until they end or SIGINT stops them. ``dump_after_stop_s`` (the agent
+        process passes :data:`STOP_DUMP_S`): a clean stop takes a second or two; if the process is
+        still here that long after SIGINT, every thread's stack goes to stderr (the agent's log)."""
         for device in self.devices:
             device.start()
         try:
             while any(d.thread.is_alive() for d in self.devices):
                 time.sleep(0.5)
         except KeyboardInterrupt:
-            # a clean stop takes a second or two: if this process is still here in STOP_DUMP_S, every
-            # thread's stack goes to stderr (the agent's log), which says where it hangs
-            faulthandler.dump_traceback_later(STOP_DUMP_S, exit=False)
+            if dump_after_stop_s is not None:
+                faulthandler.dump_traceback_later(dump_after_stop_s, exit=False)
             self.stop()
 
     def stop(self) -> None:
