@@ -101,6 +101,10 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     configure_logging(args.log_level)
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 PID`: every thread's stack to the log
+    # SIGINT is the clean stop. A process started in the background of a non-interactive shell (`cmd &`
+    # in a script, a CI job, `harmony fleet emulate` started so) inherits SIGINT ignored, and Python
+    # then leaves it ignored: the agent could only be killed. Take the default handler back.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     host, port = parse_broker(args.broker)
     try:
         tls = agent_tls(args.cafile, args.certfile, args.keyfile, args.device_id)

@@ -634,6 +634,8 @@ def run_fleet(fleet: EmulatedFleet, *, duration_s: float | None = None, poll_s: 
         raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGTERM, terminate)
+    # an inherited "SIGINT ignored" (started in the background of a script) would make SIGINT a no-op
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     seen = 0
     try:
         fleet.start()
@@ -653,6 +655,7 @@ def run_fleet(fleet: EmulatedFleet, *, duration_s: float | None = None, poll_s: 
     finally:
         fleet.stop()
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
     return fleet.failures()
 
 

@@ -57,11 +57,18 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MosquittoProces
         yield process
 
 
-def _start_agent(broker: MosquittoProcess, device_id: str, log_path: Path, *extra: str) -> subprocess.Popen[bytes]:
+def _start_agent(broker: MosquittoProcess, device_id: str, log_path: Path, *extra: str,
+                 sigint_ignored: bool = False) -> subprocess.Popen[bytes]:
+    """``sigint_ignored``: started as from the background of a script (``agent &``), which
+    starts it with SIGINT ignored."""
+    def ignore_sigint() -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
     with open(log_path, "wb") as log_file:
         return subprocess.Popen(
             [sys.executable, "-m", "testbed.cli", "agent", "--broker", f"127.0.0.1:{broker.port}",
-             "--device-id", device_id, *extra], cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT)
+             "--device-id", device_id, *extra], cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT,
+            preexec_fn=ignore_sigint if sigint_ignored else None)
 
 
 def _stop_agent(proc: subprocess.Popen[bytes]) -> None:
@@ -136,3 +143,20 @@ def test_sigusr1_writes_every_threads_stack_to_the_log_and_the_agent_runs_on(bro
     finally:
         _stop_agent(proc)
     assert proc.returncode == 0
+
+
+def test_sigint_stops_an_agent_started_with_sigint_ignored(broker: MosquittoProcess, tmp_path: Path) -> None:
+    """A shell script's `harmony agent … &` (or a CI job's background step) starts the agent with
+    SIGINT ignored, and Python keeps it so: before the agent took the default handler back, SIGINT
+    did nothing and only SIGKILL stopped it (seen as 30-s hangs in background test runs)."""
+    log_path = tmp_path / "agent.log"
+    proc = _start_agent(broker, "log-bg-0", log_path, sigint_ignored=True)
+    try:
+        deadline = time.monotonic() + 180
+        while "device log-bg-0: registered with" not in log_path.read_text(errors="replace"):
+            assert proc.poll() is None, f"the agent exited:\n{log_path.read_text(errors='replace')}"
+            assert time.monotonic() < deadline, f"no registration:\n{log_path.read_text(errors='replace')}"
+            time.sleep(0.2)
+    finally:
+        _stop_agent(proc)
+    assert proc.returncode == 0, log_path.read_text(errors="replace")
