@@ -82,15 +82,20 @@ def _stop_agent(proc: subprocess.Popen[bytes]) -> None:
             proc.wait(10)
 
 
+def _wait_registered(proc: subprocess.Popen[bytes], log_path: Path, device_id: str) -> None:
+    """Until the agent logs its INFO registration line (past connect and probe); fails if it exits first."""
+    deadline = time.monotonic() + 180
+    while f"device {device_id}: registered with" not in log_path.read_text(errors="replace"):
+        assert proc.poll() is None, f"the agent exited:\n{log_path.read_text(errors='replace')}"
+        assert time.monotonic() < deadline, f"no INFO registration line:\n{log_path.read_text(errors='replace')}"
+        time.sleep(0.2)
+
+
 def test_harmony_agent_logs_info_by_default(broker: MosquittoProcess, tmp_path: Path) -> None:
     log_path = tmp_path / "agent.log"
     proc = _start_agent(broker, "log-info-0", log_path)
     try:
-        deadline = time.monotonic() + 180
-        while "device log-info-0: registered with" not in log_path.read_text(errors="replace"):
-            assert proc.poll() is None, f"the agent exited:\n{log_path.read_text(errors='replace')}"
-            assert time.monotonic() < deadline, f"no INFO registration line:\n{log_path.read_text(errors='replace')}"
-            time.sleep(0.2)
+        _wait_registered(proc, log_path, "log-info-0")
     finally:
         _stop_agent(proc)
     text = log_path.read_text(errors="replace")
@@ -126,11 +131,7 @@ def test_sigusr1_writes_every_threads_stack_to_the_log_and_the_agent_runs_on(bro
     log_path = tmp_path / "agent.log"
     proc = _start_agent(broker, "log-usr1-0", log_path)
     try:
-        deadline = time.monotonic() + 180
-        while "device log-usr1-0: registered with" not in log_path.read_text(errors="replace"):
-            assert proc.poll() is None, f"the agent exited:\n{log_path.read_text(errors='replace')}"
-            assert time.monotonic() < deadline, f"no registration:\n{log_path.read_text(errors='replace')}"
-            time.sleep(0.2)
+        _wait_registered(proc, log_path, "log-usr1-0")
         proc.send_signal(signal.SIGUSR1)
         deadline = time.monotonic() + 10
         while "in _main" not in log_path.read_text(errors="replace") and time.monotonic() < deadline:
@@ -152,11 +153,7 @@ def test_sigint_stops_an_agent_started_with_sigint_ignored(broker: MosquittoProc
     log_path = tmp_path / "agent.log"
     proc = _start_agent(broker, "log-bg-0", log_path, sigint_ignored=True)
     try:
-        deadline = time.monotonic() + 180
-        while "device log-bg-0: registered with" not in log_path.read_text(errors="replace"):
-            assert proc.poll() is None, f"the agent exited:\n{log_path.read_text(errors='replace')}"
-            assert time.monotonic() < deadline, f"no registration:\n{log_path.read_text(errors='replace')}"
-            time.sleep(0.2)
+        _wait_registered(proc, log_path, "log-bg-0")
     finally:
         _stop_agent(proc)
     assert proc.returncode == 0, log_path.read_text(errors="replace")
