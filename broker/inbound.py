@@ -13,6 +13,11 @@ Codes (``REJECTION_CODES``), in the order the checks run:
 - ``unknown_device``  the envelope's ``dev`` is no device of this run
 - ``foreign_dev``     the envelope's ``dev`` is another device than the topic's
 - ``wrong_channel``   the kind may not travel on that channel (e.g. a command on ``up``)
+- ``clock_skew``      (receivers that bound it) a ``ts`` more than ``max_skew_s`` from the
+                      receiver's clock — ahead, or behind for a message sent now; a retained
+                      message may be older, up to ``MAX_RETAINED_AGE_S``. A device's clock decides
+                      nothing (liveness and replay use the receiver's clock); the bound only keeps
+                      absurd times (year 2099, 1970, 1e300) out of the records.
 - ``unexpected_kind`` a valid kind that this receiver does not take now
 - ``stale_round``     another round than the current one
 - ``replay``          a ``seq`` already taken (or older than the replay window)
@@ -27,6 +32,7 @@ still to come.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Collection, Container
 from typing import Any
 
@@ -39,9 +45,16 @@ from broker.topics import Topics
 
 log = logging.getLogger(__name__)
 
-REJECTION_CODES = ("bad_schema", "unknown_device", "foreign_dev", "wrong_channel", "unexpected_kind", "stale_round",
-                   "replay", "wrong_step", "bad_request")
+REJECTION_CODES = ("bad_schema", "unknown_device", "foreign_dev", "wrong_channel", "clock_skew", "unexpected_kind",
+                   "stale_round", "replay", "wrong_step", "bad_request")
 REJECTED_EVENT = "message_rejected"
+
+MAX_CLOCK_SKEW_S = 7 * 86400.0
+"""How far a device's ``ts`` may be from the receiving service's clock: a board without a
+real-time clock or NTP yet may be hours or days off, which is accepted (nothing is decided on
+it); further off, the message is refused (``clock_skew``) and answered, naming the fix."""
+MAX_RETAINED_AGE_S = 10 * 365 * 86400.0
+"""How old a retained message may be (an agent's ``hello`` stays retained while it runs)."""
 
 
 class Rejected(WireError):
@@ -74,14 +87,17 @@ def _rebuild(code: str, field: str, detail: str, topic: str, dev: str | None, ki
 def screen(topic: str, payload: bytes, topics: Topics, *, max_bytes: int = MAX_MESSAGE_BYTES,
            known: Container[str] | None = None, kinds: Collection[str] | None = None, rnd: int | None = None,
            step: int | None = None, step_kinds: Collection[str] = ("features", "logit_grad"),
-           dedup: SeqDeduplicator | None = None) -> Envelope:
+           dedup: SeqDeduplicator | None = None, max_skew_s: float | None = None, retained: bool = False,
+           now: float | None = None) -> Envelope:
     """The decoded envelope of a message received on ``topic``, or :class:`Rejected`.
 
     ``known``: the device ids of the run (None: any); ``kinds``: the kinds taken now (None: any the
     channel allows); ``rnd``: the current round (None: any); ``step``: the step a message of
     ``step_kinds`` must carry (None: any; a message of ``step_kinds`` that is not the kind awaited
     is a ``wrong_step`` too: it belongs to another point of the exchange); ``dedup``: refuse a
-    (device, kind, round, seq) taken before, and record it once accepted."""
+    (device, kind, round, seq) taken before, and record it once accepted; ``max_skew_s``: refuse a
+    ``ts`` that far from ``now`` (default: this host's clock; a ``retained`` message may be older,
+    up to ``MAX_RETAINED_AGE_S``; None: no bound, as on a device, whose own clock may be wrong)."""
     try:
         ref = topics.parse(topic)
         env = decode(payload, max_bytes)
@@ -94,6 +110,8 @@ def screen(topic: str, payload: bytes, topics: Topics, *, max_bytes: int = MAX_M
         check_origin(env, ref)
     except WireError as err:
         raise Rejected.wrap(err, "foreign_dev" if err.field == "dev" else "wrong_channel", topic) from None
+    if max_skew_s is not None:
+        _check_clock(env.ts, time.time() if now is None else now, max_skew_s, retained, header)
     in_exchange = step is not None and env.kind in step_kinds  # checked below, once the seq is known new
     if kinds is not None and env.kind not in kinds and not in_exchange:
         raise Rejected("unexpected_kind", "kind", f"{env.kind!r} is not taken here now (expected "
@@ -112,6 +130,15 @@ def screen(topic: str, payload: bytes, topics: Topics, *, max_bytes: int = MAX_M
     if dedup is not None:
         dedup.check(env.dev, env.kind, env.round, env.seq)
     return env
+
+
+def _check_clock(ts: float, now: float, max_skew_s: float, retained: bool, header: dict[str, Any]) -> None:
+    behind, ahead = now - (MAX_RETAINED_AGE_S if retained else max_skew_s), now + max_skew_s
+    if behind <= ts <= ahead:
+        return
+    off = f"{ts - now:+.0f} s" if abs(ts - now) < 1e12 else f"at ts {ts:.3g}"
+    raise Rejected("clock_skew", "ts", f"the sender's clock is {off} off this receiver's (at most {max_skew_s:.0f} s "
+                   "accepted): set the device's clock (NTP, or `date -s`) and restart its agent", **header)
 
 
 def answer(client: Any, topics: Topics, rejection: Rejected, r: Any = None, *, rnd: int = 0,

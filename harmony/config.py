@@ -92,14 +92,25 @@ class FleetConfig(_Section):
     # -- rounds that never hang (the engine's rules; both runtimes apply them alike)
     round_deadline_s: float | None = Field(
         None, gt=0,
-        description="a session that takes longer is a straggler, left out of the aggregate (None: no deadline)")
+        description="a session that takes longer is a straggler, left out of the aggregate (None: deadline_slack, "
+                    "else on a stack one derived from the try, quorum_slack)")
     deadline_slack: float | None = Field(
         None, gt=0, description="without round_deadline_s: deadline = slack × the slowest participant's estimated "
                                 "session time (from its profile)")
+    quorum_slack: float | None = Field(
+        3.0, gt=0,
+        description="without round_deadline_s and deadline_slack, on a stack (sessions side by side in real time): "
+                    "once a try has its quorum, the sessions still running may take this × the time the quorum "
+                    "took (at least 10 s) before they are stragglers (None: wait up to --round-timeout)")
     quorum: float = Field(
-        1.0, gt=0,
-        description="sessions a round needs to complete: a fraction of its participants (≤ 1) or a count (> 1)")
+        0.5, gt=0,
+        description="sessions a round needs to complete: a fraction of its participants (≤ 1, rounded up) or a count "
+                    "(> 1). The default 0.5 accepts failures as long as half the participants complete, as Flower's "
+                    "accept_failures with a minimum does; 1.0: every participant")
     round_retries: int = Field(2, ge=0, description="tries of a round that fell below quorum before the run fails")
+    retry_grace_s: float = Field(
+        15.0, ge=0, description="before a retry, wait up to this long for the devices the failed try lost to come "
+                                "back (an agent restarting); 0: retry at once")
     clock: Literal["wall", "simulated"] = Field(
         "wall", description="local engine: session times measured (wall) or modelled from the device profiles "
                             "(simulated: FLOPs ÷ compute rate + cut-layer bytes ÷ uplink)")

@@ -113,19 +113,28 @@ class Engine:
         let the fleet run it, keep the sessions that completed in time, and fold them; below
         quorum the round is tried again (``fleet.round_retries``) with the devices then available."""
         t0 = time.perf_counter()
-        tries = self.cfg.fleet.round_retries + 1
+        fleet_cfg = self.cfg.fleet
+        tries = fleet_cfg.round_retries + 1
         failures: list[str] = []
+        lost: list[int] = []
         for attempt in range(tries):
-            plan = plan_round(self.experiment, rnd, attempt, self.clock_s, draw=self.participants)
+            if lost and fleet_cfg.retry_grace_s > 0:  # devices restarting may be back in a few seconds
+                self.fleet.wait_back(lost, fleet_cfg.retry_grace_s)
+            plan = plan_round(self.experiment, rnd, attempt, self.clock_s, draw=self.participants,
+                              unreachable=self.fleet.unreachable(), derive_deadline=self.fleet.concurrent)
             results, late, dropped, round_s = self._run_try(plan)
             if len(results) >= plan.quorum:
                 break
             self.clock_s += round_s if plan.deadline_s is None else plan.deadline_s
-            reason = (f"round {rnd} try {attempt + 1}: {len(results)} of {len(plan.participants)} sessions "
-                      f"completed, quorum {plan.quorum}")
+            lost = sorted(set(dropped) | set(plan.offline))
+            reason = (f"round {rnd} try {attempt + 1} of {tries}: {len(results)} of {len(plan.participants)} "
+                      f"invited sessions completed, quorum {plan.quorum}"
+                      + (f" (offline: {plan.offline})" if plan.offline else ""))
             failures.append(reason)
-            log.warning("%s; %s", reason, "trying again" if attempt + 1 < tries else "giving up")
-            self.progress("round_retry", round=rnd, attempt=attempt, reason=reason)
+            message = f"{reason}; {'trying again' if attempt + 1 < tries else 'giving up'}"
+            log.warning("%s", message)
+            self.progress("round_retry", round=rnd, attempt=attempt, reason=reason, message=message,
+                          retrying=attempt + 1 < tries)
             self.fleet.round_failed(rnd, reason)
         else:
             raise RoundFailedError(f"round {rnd} fell below quorum in all {tries} tries: " + "; ".join(failures)
@@ -163,14 +172,19 @@ class Engine:
         """One try of a round: (the completed sessions in participant order, stragglers, dropouts,
         the try's duration on the run's clock)."""
         rnd = plan.round
-        self.progress("round_start", round=rnd, rounds=self.cfg.train.rounds, sessions=len(plan.participants),
-                      attempt=plan.attempt, deadline_s=plan.deadline_s)
-        starts = {i: self.client_start_state(i) for i in plan.participants}
         done: dict[int, SessionResult] = {}
         late: list[int] = []
         dropped: list[int] = []
         longest = 0.0
-        for result in self.fleet.train(rnd, starts, self.server_global, plan):
+        if plan.hopeless(0, 0):  # too few devices reachable: no session is started
+            log.info("round %d try %d: %d device(s) reachable, quorum %d: no session started", rnd, plan.attempt + 1,
+                     len(plan.participants), plan.quorum)
+            return [], [], [], 0.0
+        self.progress("round_start", round=rnd, rounds=self.cfg.train.rounds, sessions=len(plan.participants),
+                      attempt=plan.attempt, deadline_s=plan.deadline_s)
+        starts = {i: self.client_start_state(i) for i in plan.participants}
+        sessions = self.fleet.train(rnd, starts, self.server_global, plan)
+        for result in sessions:
             if result.status == "dropped":
                 dropped.append(result.client)
                 self.progress("session_dropped", round=rnd, device=result.client, seconds=result.seconds)
@@ -182,6 +196,14 @@ class Engine:
                 longest = max(longest, result.seconds)
                 self.progress("session_done", round=rnd, device=result.client, seconds=result.seconds,
                               steps=self.experiment.steps(result.client))
+            if plan.hopeless(len(done), len(late) + len(dropped)):
+                # the quorum is out of reach: end the try now (the fleet stops the sessions still running)
+                log.info("round %d try %d: %d left out, quorum %d out of reach; ending the try", rnd,
+                         plan.attempt + 1, len(late) + len(dropped), plan.quorum)
+                break
+        close = getattr(sessions, "close", None)  # a generator: its fleet stops what still runs
+        if close is not None:
+            close()
         round_s = plan.deadline_s if late and plan.deadline_s is not None else longest
         order = [i for i in plan.participants if i in done]  # participant order, whatever order they finished in
         return [done[i] for i in order], sorted(late), sorted(dropped), round_s

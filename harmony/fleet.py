@@ -79,6 +79,18 @@ class Fleet(Protocol):
     resumes_itself: bool
     """True when the fleet keeps the run's progress itself (:meth:`begin_run` returns it)."""
     progress: ProgressFn
+    concurrent: bool
+    """True when sessions run side by side in real time (a stack), so a deadline can be derived from
+    the try itself (:func:`harmony.rounds.derived_deadline_s`); False in one process."""
+
+    def unreachable(self) -> set[int]:
+        """Clients whose devices the fleet knows to be gone now (not invited to the next try)."""
+        ...
+
+    def wait_back(self, clients: list[int], timeout_s: float) -> None:
+        """Before a retry: wait up to ``timeout_s`` for the devices of ``clients`` that are gone to
+        come back (returns at once when none is gone)."""
+        ...
 
     def begin_run(self, resume: bool) -> ResumePoint | None:
         """A run starts (``resume``: continues); a fleet that keeps progress returns where it stands."""
@@ -169,6 +181,13 @@ class InProcessFleet:
 
     runtime = "local"
     resumes_itself = False
+    concurrent = False
+
+    def unreachable(self) -> set[int]:
+        return set()
+
+    def wait_back(self, clients: list[int], timeout_s: float) -> None:
+        return None
 
     def __init__(self, experiment: Experiment) -> None:
         self.experiment = experiment

@@ -13,15 +13,24 @@ reports what happened.
   (or when a trace interval begins before its session would end); its partial work is discarded.
 - **Deadline**: ``fleet.round_deadline_s``, or ``fleet.deadline_slack`` × the slowest
   participant's estimated session time. A session that takes longer is a straggler, left out.
-- **Quorum**: ``fleet.quorum`` (≤ 1 a fraction of the participants, > 1 a count); below it the
-  round is tried again (``fleet.round_retries``) with the devices then available.
+  Without either, a fleet whose sessions run side by side in real time derives one from the try
+  itself (:func:`derived_deadline_s`): once the quorum is in, the sessions still running get
+  ``fleet.quorum_slack`` × the time the quorum took; a slow device is a straggler, not a
+  failed run.
+- **Unreachable devices**: participants the fleet knows to be gone (e.g. their MQTT last will
+  arrived) are not invited; they count against the quorum, which is taken over the participants
+  drawn, and are recorded as offline.
+- **Quorum**: ``fleet.quorum`` (≤ 1 a fraction of the participants, > 1 a count; default 0.5:
+  failures are accepted as long as half the participants complete); a try that can no longer
+  reach it ends at once, and the round is tried again (``fleet.round_retries``) with the devices
+  then available, after a grace of ``fleet.retry_grace_s`` for devices that are restarting.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -49,6 +58,26 @@ class RoundPlan:
     quorum: int = 1
     start_s: float = 0.0  # the round's start on the run's simulated clock (0 on the wall clock)
     estimates: dict[int, float] = field(default_factory=dict)  # participant → modelled session time, s
+    quorum_slack: float | None = None  # without deadline_s: derived_deadline_s's factor (None: none derived)
+
+    def hopeless(self, completed: int, left_out: int) -> bool:
+        """Whether the try can no longer reach its quorum with ``completed`` sessions done and
+        ``left_out`` participants dropped or late: it ends at once."""
+        return completed + (len(self.participants) - completed - left_out) < self.quorum
+
+
+DERIVED_DEADLINE_FLOOR_S = 10.0
+"""The least time :func:`derived_deadline_s` gives a try: a quorum that came in within a second
+does not make every device a second slower a straggler."""
+
+
+def derived_deadline_s(plan: RoundPlan, quorum_in_s: float) -> float | None:
+    """The deadline of a try without a configured one, once its quorum came in ``quorum_in_s``
+    seconds after its start: ``plan.quorum_slack`` × that, at least
+    :data:`DERIVED_DEADLINE_FLOOR_S` (None when the plan has a deadline or derives none)."""
+    if plan.deadline_s is not None or plan.quorum_slack is None:
+        return None
+    return max(DERIVED_DEADLINE_FLOOR_S, plan.quorum_slack * quorum_in_s)
 
 
 def quorum_count(quorum: float, participants: int) -> int:
@@ -88,9 +117,13 @@ def _next_off(trace: dict[int, list[tuple[float, float]]], client: int, t: float
 
 
 def plan_round(experiment: Experiment, rnd: int, attempt: int = 0, start_s: float = 0.0,
-               draw: Callable[[int, list[int], int], list[int]] | None = None) -> RoundPlan:
+               draw: Callable[[int, list[int], int], list[int]] | None = None,
+               unreachable: Collection[int] = (), derive_deadline: bool = False) -> RoundPlan:
     """The decisions of try ``attempt`` of round ``rnd`` starting at ``start_s`` (simulated clock);
-    ``draw(rnd, available, attempt)`` picks the participants (default: the plan's own draw)."""
+    ``draw(rnd, available, attempt)`` picks the participants (default: the plan's own draw).
+    ``unreachable``: devices the fleet knows to be gone; drawn as usual, then not invited (offline),
+    the quorum still counted over the draw. ``derive_deadline``: the fleet runs sessions side by
+    side in real time, so without a configured deadline one is derived (:func:`derived_deadline_s`)."""
     cfg = experiment.cfg
     fleet, seed, n = cfg.fleet, cfg.seed, experiment.num_clients
     trace = experiment.trace
@@ -103,7 +136,9 @@ def plan_round(experiment: Experiment, rnd: int, attempt: int = 0, start_s: floa
             offline.append(i)
     gone = set(offline)
     available = [i for i in range(n) if i not in gone]
-    participants = (draw or experiment.participants)(rnd, available, attempt)
+    drawn = (draw or experiment.participants)(rnd, available, attempt)
+    participants = [i for i in drawn if i not in unreachable]
+    offline = sorted(set(offline) | (set(drawn) - set(participants)))
     estimates = {i: experiment.session_estimate_s(i) for i in participants}
     drops: dict[int, float] = {}
     for i in participants:
@@ -119,5 +154,6 @@ def plan_round(experiment: Experiment, rnd: int, attempt: int = 0, start_s: floa
     deadline = fleet.round_deadline_s
     if deadline is None and fleet.deadline_slack is not None and participants:
         deadline = fleet.deadline_slack * max(estimates.values())
+    slack = fleet.quorum_slack if derive_deadline and deadline is None else None
     return RoundPlan(rnd, attempt, participants, offline, drops, deadline,
-                     quorum_count(fleet.quorum, len(participants)), start_s, estimates)
+                     quorum_count(fleet.quorum, len(drawn)), start_s, estimates, slack)

@@ -38,6 +38,7 @@ class DistributedEngine(Engine):
         experiment = Experiment.plan(cfg, data_dir)
         fleet = MqttCeleryFleet(experiment, mqtt=mqtt, redis_url=redis_url, topics=topics, username=username,
                                 password=password, tls=tls, devices_timeout_s=devices_timeout_s,
-                                round_timeout_s=round_timeout_s, known_devices=known_devices)
+                                round_timeout_s=round_timeout_s, known_devices=known_devices,
+                                run_label={"out": str(Path(out_dir).resolve()) if out_dir is not None else None})
         super().__init__(experiment, fleet, out_dir, progress)
         self.device_ids = fleet.device_ids

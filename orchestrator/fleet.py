@@ -32,9 +32,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import socket
 import time
 import uuid
-from collections.abc import Container, Iterable, Iterator
+from collections.abc import Container, Iterable, Iterator, Mapping
 from typing import Any
 
 from celery.result import AsyncResult
@@ -49,7 +51,7 @@ from harmony.assignment import from_hello
 from harmony.evaluate import ClientEvaluation
 from harmony.experiment import Experiment, State
 from harmony.fleet import ProgressFn, ResumePoint, SessionResult
-from harmony.rounds import RoundFailedError, RoundPlan
+from harmony.rounds import RoundFailedError, RoundPlan, derived_deadline_s
 from harmony.timing import PhaseClock
 from orchestrator.registry import Registry, devices_for_clients
 from server import state
@@ -77,11 +79,13 @@ class MqttCeleryFleet:
 
     runtime = "distributed"
     resumes_itself = True
+    concurrent = True
 
     def __init__(self, experiment: Experiment, *, mqtt: tuple[str, int], redis_url: str,
                  topics: Topics | None = None, username: str | None = None, password: str | None = None,
                  tls: TlsSettings | None = None, devices_timeout_s: float = 120.0,
-                 round_timeout_s: float = ROUND_TIMEOUT_S, known_devices: Container[str] | None = None) -> None:
+                 round_timeout_s: float = ROUND_TIMEOUT_S, known_devices: Container[str] | None = None,
+                 run_label: Mapping[str, Any] | None = None) -> None:
         self.experiment = experiment
         self.cfg = experiment.cfg
         self.progress: ProgressFn = lambda event, **fields: None
@@ -111,6 +115,16 @@ class MqttCeleryFleet:
         self.device_ids: list[str] = devices_for_clients(
             self.registry.wait_for(n, devices_timeout_s), self.registry.profiles,
             [sha256_hex(experiment.shares[i].to_bytes()) for i in range(n)])
+        # one experiment per stack: the lease before anything of this run is written (run_label: what
+        # names this run to a second one, which is refused; e.g. its output directory)
+        self.lease = state.StackLease(self.r, {"id": uuid.uuid4().hex[:12], "pid": os.getpid(),
+                                               "host": socket.gethostname(), "config": self.cfg.name,
+                                               "started": round(time.time(), 3), **(run_label or {})})
+        try:
+            self.lease.acquire()
+        except BaseException:
+            self.mqtt.close()
+            raise
         if self.cfg.fleet.assignment == "measured":
             self._decide_depths()
         self._assigned_at: dict[str, float | None] = {}  # device → the agent start its assign went to
@@ -119,7 +133,11 @@ class MqttCeleryFleet:
         self._round: dict[str, Any] = {}  # what the round in progress published (its shas, its clock)
         self._sent: list[AsyncResult] = []  # every task sent (their results are forgotten at the run's end)
         self._finished = False  # the final evaluation is done: close() cleans the run's keys
-        self._assign()
+        try:
+            self._assign()
+        except BaseException:
+            self.lease.release()
+            raise
 
     def _send_task(self, name: str, *, kwargs: dict[str, Any]) -> AsyncResult:
         """Send a Celery task, keeping its result handle so that a finished run forgets its result."""
@@ -167,18 +185,42 @@ class MqttCeleryFleet:
         return self.mqtt.send(self.topics.cmd(dev), Assign(split_depth=self.experiment.depths[i],
                                                            config_digest=self.manifest_sha), wait=False)
 
-    def _reassign_restarted(self, clients: list[int]) -> None:
+    def _reassign_restarted(self, clients: list[int]) -> list[int]:
         """Send ``assign`` again to devices whose agent restarted since their last one (a new
         ``hello.started_at``): a restarted agent has forgotten its assignment, and its clean MQTT
         session dropped what was queued for it. The ``cmd`` topic is ordered, so the device has it
-        before any later command."""
+        before any later command. Returns the clients re-assigned; one whose new agent has not said
+        ``hello`` yet is not (``Registry.ready``): its assign goes once it has."""
+        again = []
         for i in clients:
             dev = self.device_ids[i]
-            if self.registry.started_at(dev) != self._assigned_at.get(dev):
+            if self.registry.ready(dev) and self.registry.started_at(dev) != self._assigned_at.get(dev):
+                again.append(i)
                 log.info("device %s restarted (agent started at %s); sending its assign again", dev,
                          self.registry.started_at(dev))
                 state.event(self.r, "device_reassigned", device=dev)
                 self._send_assign(i, dev).wait(10)
+        return again
+
+    def unreachable(self) -> set[int]:
+        """Clients whose devices are not :meth:`~orchestrator.registry.Registry.ready` now: offline
+        (their last will), or back online without the ``hello`` of their new agent yet."""
+        self.registry.poll(0)
+        return {i for i, dev in enumerate(self.device_ids) if not self.registry.ready(dev)}
+
+    def wait_back(self, clients: list[int], timeout_s: float) -> None:
+        """Wait up to ``timeout_s`` for the devices of ``clients`` that are not ready to be back
+        (a restarting agent connects and says ``hello`` within seconds)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            self.registry.poll(0)
+            away = [self.device_ids[i] for i in clients if not self.registry.ready(self.device_ids[i])]
+            if not away:
+                return
+            if time.monotonic() >= deadline:
+                log.info("retrying without %s: not back within %g s", away, timeout_s)
+                return
+            self.registry.poll(min(0.5, max(0.0, deadline - time.monotonic())))
 
     def begin_run(self, resume: bool) -> ResumePoint | None:
         if resume:
@@ -287,8 +329,11 @@ class MqttCeleryFleet:
         self._keep = set()
         pending: list[PendingPublish] = []
         self._unpublish(set(), pending)
-        wait_all(pending)
-        self.mqtt.close()
+        try:
+            wait_all(pending)
+            self.mqtt.close()
+        finally:
+            self.lease.release()
 
     def describe(self) -> dict[str, Any]:
         # the training ran on the workers and devices, not in this process: no machine record
@@ -304,7 +349,7 @@ class MqttCeleryFleet:
         self._ensure_run()
         self._after_reconnect()
         self.registry.poll(0)
-        gone = [i for i in starts if i in plan.drops or self.registry.online.get(self.device_ids[i]) is False]
+        gone = [i for i in starts if i in plan.drops or not self.registry.ready(self.device_ids[i])]
         for i in gone:
             yield SessionResult.missing(i, "dropped")
         chosen = [i for i in starts if i not in gone]
@@ -333,11 +378,17 @@ class MqttCeleryFleet:
             state.event(self.r, "round_running", round=rnd, sessions=len(devs))
         self._round = {"rnd": rnd, "clock": clock, "server": (server_start, server_sha)}
         with clock("sessions"):
-            yield from self._await_sessions(rnd, chosen, devs, client_shas, plan.deadline_s, jobs, tasks, attempt)
+            waiting = set(devs)  # the sessions still running (_await_sessions keeps it)
+            try:
+                yield from self._await_sessions(rnd, chosen, devs, client_shas, plan, jobs, tasks, attempt, waiting)
+            except GeneratorExit:  # the engine ended the try: its quorum is out of reach
+                for dev in sorted(waiting, key=devs.index):
+                    self._stop_session(rnd, dev, "abandoned", "the try can no longer reach its quorum")
+                raise
 
     def _await_sessions(self, rnd: int, chosen: list[int], devs: list[str], client_shas: dict[int, str],
-                        deadline_s: float | None, jobs: dict[str, dict[str, Any]], tasks: dict[str, AsyncResult],
-                        attempt: str) -> Iterator[SessionResult]:
+                        plan: RoundPlan, jobs: dict[str, dict[str, Any]], tasks: dict[str, AsyncResult],
+                        attempt: str, waiting: set[str]) -> Iterator[SessionResult]:
         """Command each device once its session is subscribed; yield each session's result once
         done; drop a device at once when its status says ``offline``, when its agent restarted
         (a new ``hello.started_at``: the session it ran is gone) or when its session task failed
@@ -345,15 +396,18 @@ class MqttCeleryFleet:
         again when its worker died (its ``alive`` key expired, ``server.state.Heartbeat``); replay
         every unfinished session once its device is back after this driver lost the broker (the
         broker restarted: messages in flight are gone); and yield each straggler at the deadline
-        (without one, a round that outlasts ``round_timeout_s`` fails). Every device left out is
-        told to abandon its session (``cancel``)."""
+        (``plan.deadline_s``; without one, :func:`harmony.rounds.derived_deadline_s` once the quorum is
+        in, and ``round_timeout_s`` at the latest). Every device left out is told to abandon its
+        session (``cancel``), also those still running when the engine ends the try (it closes
+        this generator: the quorum is out of reach)."""
         commanded: dict[str, bytes] = {}
         resent: set[bytes] = set()  # session tokens whose lost session was sent again
         replay: set[str] = set()  # devices whose sessions to replay once they are back on the broker
         lost_at = 0.0
-        waiting = set(devs)
         t0 = time.monotonic()
+        deadline_s = plan.deadline_s
         limit = self.round_timeout_s if deadline_s is None else min(deadline_s, self.round_timeout_s)
+        completed = 0
         index = dict(zip(devs, chosen, strict=True))
         started_at = {dev: self.registry.started_at(dev) for dev in devs}
         while True:
@@ -375,6 +429,12 @@ class MqttCeleryFleet:
                 waiting.discard(dev)
                 result = self._session_result(rnd, dev, index[dev])
                 result.seconds = time.monotonic() - t0
+                completed += 1
+                derived = derived_deadline_s(plan, result.seconds) if completed == plan.quorum else None
+                if derived is not None and derived < limit:  # the quorum is in: the others get a deadline
+                    limit = derived
+                    log.info("round %d: quorum in after %.1f s; the sessions still running have until %.1f s",
+                             rnd, result.seconds, limit)
                 yield result
             self.registry.poll(0)
             for dev in sorted(replay & waiting, key=devs.index):
@@ -409,12 +469,9 @@ class MqttCeleryFleet:
                     tasks[dev] = self._send_task("hsfl.session", kwargs=jobs[dev])
             if not waiting:
                 return
-            if time.monotonic() - t0 > limit:
-                if deadline_s is None:
-                    self.r.hset(state.round_key(rnd), "state", "failed")
-                    raise RoundFailedError(f"round {rnd}: sessions of {sorted(waiting)} did not finish within "
-                                           f"{self.round_timeout_s} s (see the worker and agent logs)")
+            if time.monotonic() - t0 > limit:  # the ones still running are stragglers (none fails the run)
                 for dev in sorted(waiting, key=devs.index):
+                    waiting.discard(dev)
                     self._stop_session(rnd, dev, "late", f"past the deadline of {limit:g} s")
                     yield SessionResult.missing(index[dev], "late", time.monotonic() - t0)
                 return
@@ -424,7 +481,7 @@ class MqttCeleryFleet:
         """Supersede device ``dev``'s session of round ``rnd`` (its task stops within a second and
         frees its worker thread; ``server.state.TaskGuard``), tell the device to abandon it
         (``cancel``; a device that is gone gets it, if ever, when it reconnects, and ignores it
-        then) and record the ``outcome`` (``dropped``, ``failed``, ``late``) and why."""
+        then) and record the ``outcome`` (``dropped``, ``failed``, ``late``, ``abandoned``) and why."""
         self.r.hset(state.ready_key(rnd), dev, f"stopped:{outcome}")
         state.event(self.r, f"session_{outcome}", round=rnd, device=dev, reason=why[:500])
         try:
@@ -460,6 +517,7 @@ class MqttCeleryFleet:
         return client_global, server_global
 
     def round_done(self, rnd: int, record: dict[str, Any], results: list[SessionResult]) -> None:
+        self.lease.check()  # never record a round of a stack another run took over
         client_sha, server_sha = self._round["shas"]
         self.r.hset(state.round_key(rnd), mapping={
             "state": "done", "client_sha": client_sha, "server_sha": server_sha,
@@ -500,13 +558,13 @@ class MqttCeleryFleet:
         pipe.delete(state.eval_key(rnd))
         pipe.hset(state.round_key(rnd), "eval_attempt", attempt)
         pipe.execute()
+        jobs = {dev: {"dev": dev, "manifest_sha": self.manifest_sha, "server_sha": server_sha,
+                      "idle_s": self.round_timeout_s, "rnd": rnd, "attempt": attempt} for dev in devs}
         for dev in devs:
-            self._send_task("hsfl.infer", kwargs={
-                "dev": dev, "manifest_sha": self.manifest_sha, "server_sha": server_sha,
-                "idle_s": self.round_timeout_s, "rnd": rnd, "attempt": attempt})
+            self._send_task("hsfl.infer", kwargs=jobs[dev])
         command = {i: Evaluate(model_sha256=shas[i], rhos=list(cfg.data.rhos), entropy_thresholds=list(cfg.eval.taus),
                                fixed_tau=cfg.eval.fixed_tau) for i in clients}
-        reports = self._await_reports(rnd, attempt, dict(zip(devs, clients, strict=True)), command)
+        reports = self._await_reports(rnd, attempt, dict(zip(devs, clients, strict=True)), command, jobs)
         evaluations: dict[int, ClientEvaluation] = {}
         for i in clients:
             report = reports.get(self.device_ids[i])
@@ -516,6 +574,7 @@ class MqttCeleryFleet:
                 raise ValueError(f"device {self.device_ids[i]}: eval_report.rhos {report.rhos} differ from data.rhos "
                                  f"{list(cfg.data.rhos)} (is the agent running another config?)")
             evaluations[i] = report.to_evaluation()
+        self.lease.check()  # results of a stack another run took over are not reported
         if rnd > self.cfg.train.rounds:  # the final evaluation: the run is done
             self._finished = True
         return evaluations
@@ -535,8 +594,8 @@ class MqttCeleryFleet:
         subs = {i: self.mqtt.subscribe(self.topics.up(self.device_ids[i])) for i in models}
         out: dict[int, bytes] = {}
         try:
-            for i, model in models.items():
-                sha = self._publish(state_dict_to_bytes(model))
+            shas = {i: self._publish(state_dict_to_bytes(model)) for i, model in models.items()}
+            for i, sha in shas.items():
                 self.mqtt.send(self.topics.cmd(self.device_ids[i]), Personalise(model_sha256=sha), round=rnd)
             deadline = time.monotonic() + self.round_timeout_s
             for i in models:
@@ -544,6 +603,9 @@ class MqttCeleryFleet:
                     self.registry.poll(0)
                     if self._gone(rnd, i):
                         raise _DeviceGone
+                    if self._reassign_restarted([i]):  # its new agent said hello: it personalises after all
+                        self.mqtt.send(self.topics.cmd(self.device_ids[i]), Personalise(model_sha256=shas[i]),
+                                       round=rnd)
                 try:
                     out[i] = self.mqtt.receive_blob(subs[i], timeout=max(0.0, deadline - time.monotonic()),
                                                     accept=lambda e: e.round == rnd, check=gone, check_every_s=0.5)
@@ -558,17 +620,20 @@ class MqttCeleryFleet:
                 self.mqtt.unsubscribe(sub)
         return out
 
-    def _await_reports(self, rnd: int, attempt: str, index: dict[str, int], command: dict[int, Evaluate]
-                       ) -> dict[str, EvalReport]:
+    def _await_reports(self, rnd: int, attempt: str, index: dict[str, int], command: dict[int, Evaluate],
+                       jobs: dict[str, dict[str, Any]]) -> dict[str, EvalReport]:
         """Command each device once its ``hsfl.infer`` task is subscribed (again, if that task was
-        redelivered); return when every device's report is in Redis."""
+        redelivered); return when every device's report is in Redis. A device whose agent restarted
+        meanwhile gets its ``assign`` once its new agent said ``hello``, and a fresh ``hsfl.infer``
+        task (``jobs[dev]``: the new agent numbers its messages from 1 again), then the command."""
         commanded: dict[str, bytes] = {}
         reports: dict[str, EvalReport] = {}
         deadline = time.monotonic() + self.round_timeout_s
         while True:
             for field, token in self.r.hgetall(state.ready_key(rnd)).items():
                 dev = field.decode().removeprefix("infer:")
-                if field.startswith(b"infer:") and dev in index and dev not in reports and commanded.get(dev) != token:
+                if (field.startswith(b"infer:") and dev in index and dev not in reports
+                        and commanded.get(dev) != token and not token.startswith(b"stopped:")):
                     commanded[dev] = token
                     self.mqtt.send(self.topics.cmd(dev), command[index[dev]], round=rnd)
             for dev_b, raw in self.r.hgetall(state.eval_key(rnd)).items():
@@ -580,6 +645,12 @@ class MqttCeleryFleet:
             self.registry.poll(0)
             for dev in [d for d in index if d not in reports and self._gone(rnd, index[d])]:
                 del index[dev]
+            for i in self._reassign_restarted([index[d] for d in index if d not in reports]):
+                dev = self.device_ids[i]  # its new agent said hello: a fresh infer task, then the command
+                self.r.hset(state.ready_key(rnd), f"infer:{dev}", "stopped:restarted")
+                state.drop_alive(self.r, rnd, attempt, f"infer:{dev}")
+                commanded.pop(dev, None)
+                self._send_task("hsfl.infer", kwargs=jobs[dev])
             if len(reports) == len(index):
                 return reports
             if time.monotonic() > deadline:  # the late ones are left out, as vanished devices are

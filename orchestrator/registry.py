@@ -17,7 +17,7 @@ from pathlib import Path
 
 from broker.client import BrokerClient, InboundMessage
 from broker.errors import BrokerError
-from broker.inbound import Rejected, answer, screen
+from broker.inbound import MAX_CLOCK_SKEW_S, Rejected, answer, screen
 from broker.topics import DEVICE_ID_PATTERN
 from harmony.version import installed_version
 from server import state
@@ -67,41 +67,51 @@ class Registry:
         self.status = client.subscribe(client.topics.all_devices("status"))
         self.online: dict[str, bool] = {}
         self.status_ts: dict[str, float] = {}
-        """Device → the send time of its latest status (an agent announces one on every connect)."""
+        """Device → when this registry received its latest live (not retained) status, on this host's
+        clock: an agent announces one on every connect. A device's own clock (``ts``) decides nothing."""
         self.profiles: dict[str, dict] = {}
+        self._hello_at: dict[str, float] = {}  # device → receipt of its latest hello (this host's clock)
+        self._offline_at: dict[str, float] = {}  # device → receipt of its latest offline status
 
     def poll(self, timeout: float = 0.2) -> None:
-        """Drain what arrived (waiting up to ``timeout`` for the first message)."""
+        """Drain what arrived (waiting up to ``timeout`` for the first message), hellos and statuses
+        in the order they were received."""
         deadline = time.monotonic() + timeout
-        for sub in (self.hello, self.status):
-            while True:
-                message = sub.get_nowait()
-                if message is None:
-                    if time.monotonic() >= deadline:
-                        break
-                    time.sleep(0.02)
-                    continue
-                env = self._screen(message, "hello" if sub is self.hello else "status")
-                if env is None:
-                    continue
-                dev = env.dev
-                if env.kind == "hello":
-                    profile = dataclasses.asdict(env.body)
-                    self.profiles[dev] = profile
-                    if self.r is not None:
-                        self.r.hset(state.dev_key(dev), mapping={"profile": json.dumps(profile)})  # type: ignore
-                        self.r.sadd(state.devices_key(), dev)  # type: ignore[attr-defined]
-                    self._admit(dev, env.body.agent_version)
-                elif env.kind == "status":
-                    was = self.online.get(dev)
-                    self.online[dev] = env.body.state != "offline"
-                    self.status_ts[dev] = max(env.ts, self.status_ts.get(dev, 0.0))
-                    if self.r is not None:
-                        self.r.hset(state.dev_key(dev), mapping={"status": env.body.state,  # type: ignore
-                                                                 "status_ts": env.ts})
-                        if was is not self.online[dev]:  # for monitors: the device came or went (last will)
-                            state.event(self.r, "device_online" if self.online[dev] else "device_offline",  # type: ignore
-                                        device=dev, state=env.body.state, detail=env.body.detail[:200])
+        messages: list[tuple[InboundMessage, str]] = []
+        while True:
+            for sub, kind in ((self.hello, "hello"), (self.status, "status")):
+                while (message := sub.get_nowait()) is not None:
+                    messages.append((message, kind))
+            if messages or time.monotonic() >= deadline:
+                break
+            time.sleep(0.02)
+        messages.sort(key=lambda m: m[0].received_at)  # stable: a hello before the status of its connect
+        for message, kind in messages:
+            env = self._screen(message, kind)
+            if env is None:
+                continue
+            dev = env.dev
+            if env.kind == "hello":
+                profile = dataclasses.asdict(env.body)
+                self.profiles[dev] = profile
+                self._hello_at[dev] = message.received_at
+                if self.r is not None:
+                    self.r.hset(state.dev_key(dev), mapping={"profile": json.dumps(profile)})  # type: ignore
+                    self.r.sadd(state.devices_key(), dev)  # type: ignore[attr-defined]
+                self._admit(dev, env.body.agent_version)
+            elif env.kind == "status":
+                was = self.online.get(dev)
+                self.online[dev] = env.body.state != "offline"
+                if not self.online[dev]:
+                    self._offline_at[dev] = message.received_at
+                if not message.retain:  # sent now, not a copy the broker kept
+                    self.status_ts[dev] = message.received_at
+                if self.r is not None:
+                    self.r.hset(state.dev_key(dev), mapping={"status": env.body.state,  # type: ignore
+                                                             "status_ts": message.received_at})
+                    if was is not self.online[dev]:  # for monitors: the device came or went (last will)
+                        state.event(self.r, "device_online" if self.online[dev] else "device_offline",  # type: ignore
+                                    device=dev, state=env.body.state, detail=env.body.detail[:200])
 
     def _screen(self, message: InboundMessage, kind: str) -> object | None:
         """A ``hello``/``status`` from the device it names (``broker.inbound``), else None: refused,
@@ -111,7 +121,8 @@ class Registry:
             return None
         try:
             return screen(message.topic, message.payload, self.client.topics, max_bytes=self.client.max_bytes,
-                          known=self.known, kinds=(kind,))
+                          known=self.known, kinds=(kind,), max_skew_s=MAX_CLOCK_SKEW_S, retained=message.retain,
+                          now=message.received_at)
         except Rejected as rejection:
             answer(self.client, self.client.topics, rejection, self.r, receiver="registry")
             if message.retain:
@@ -142,10 +153,16 @@ class Registry:
         value = self.profiles.get(dev, {}).get("started_at")
         return None if value is None else float(value)
 
+    def ready(self, dev: str) -> bool:
+        """Whether ``dev`` is online with a ``hello`` received since it last went offline: an agent
+        that restarted announces ``online`` on connecting and its ``hello`` only after measuring
+        itself, and until then the hello the broker kept is its previous process's."""
+        return (self.online.get(dev, False) and dev in self._hello_at
+                and self._hello_at[dev] >= self._offline_at.get(dev, 0.0))
+
     def available(self) -> list[str]:
-        """Registered, admitted devices whose last status is not ``offline``, in natural order."""
-        return sorted((d for d in self.profiles if self.online.get(d, False) and d not in self.refused),
-                      key=natural_key)
+        """Registered, admitted devices that are :meth:`ready`, in natural order."""
+        return sorted((d for d in self.profiles if self.ready(d) and d not in self.refused), key=natural_key)
 
     def refused_online(self) -> dict[str, str]:
         """Online devices refused for their agent version → why."""

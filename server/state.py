@@ -22,6 +22,8 @@ Key layout under the ``hsfl:`` prefix::
                                   (``client:{name}``/``server:{name}``)
                                   and ``meta`` (JSON: weight, shapes, stats, uploaded client sha)
     hsfl:run                      hash: the current run (id, manifest sha, last finished round)
+    hsfl:lease                    the run that holds the stack (JSON: id, pid, host, out, config,
+                                  started), expiring LEASE_TTL_S after its holder stops renewing it
     hsfl:events                   stream for monitors
 
 Superseded work stops itself: every try of a round (and of an evaluation) gets a fresh
@@ -56,6 +58,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -177,6 +180,126 @@ def drop_alive(r: redis.Redis, rnd: int, attempt: str | None, field: str) -> Non
     """Free ``field``'s ``alive`` key for a successor: its holder, already superseded, cannot renew it
     any more (it renews only its own token) and stops at its next guard check."""
     r.delete(alive_key(rnd, attempt, field))
+
+
+LEASE_TTL_S = 30
+"""Seconds a stack's lease outlives its holder's last renewal (a run killed with SIGKILL frees
+the stack this long after)."""
+LEASE_RENEW_S = 5.0
+
+_DELETE_IF_MINE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+
+def lease_key() -> str:
+    return f"{PREFIX}lease"
+
+
+class StackBusyError(RuntimeError):
+    """Another run holds the stack's lease: one experiment per stack (their round keys are shared)."""
+
+
+class StackLease:
+    """One experiment per stack: the run that takes ``hsfl:lease`` (SET NX with an expiry) owns the
+    stack's round keys until it releases it, renewing it from a daemon thread every
+    ``LEASE_RENEW_S``. :meth:`check` raises when the lease was lost (expired while Redis or this
+    process stalled, or taken over): the run stops rather than report results another run changed."""
+
+    def __init__(self, r: redis.Redis, owner: Mapping[str, Any], ttl_s: int = LEASE_TTL_S) -> None:
+        self.r, self.ttl_s = r, ttl_s
+        self.owner = dict(owner)
+        self.value = json.dumps(self.owner, sort_keys=True)
+        self.lost: str | None = None
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._renew, name="stack-lease", daemon=True)
+
+    def acquire(self) -> None:
+        """Take the lease, or raise :class:`StackBusyError` naming the run that holds it. A lease
+        whose holder was a process of this host that no longer exists (killed, e.g. to ``--resume``)
+        is taken over at once rather than when it expires."""
+        if not self.r.set(lease_key(), self.value, nx=True, ex=self.ttl_s):
+            holder = self.r.get(lease_key())
+            if not (holder is not None and _holder_gone(holder) and self.r.register_script(_SWAP_IF)(
+                    keys=[lease_key()], args=[holder, self.value, self.ttl_s])):
+                raise StackBusyError(busy_message(holder, self.ttl_s))
+            log.info("took over the stack's lease from a run whose process is gone: %s", holder.decode())
+        self._thread.start()
+
+    def _renew(self) -> None:
+        renew = self.r.register_script(_RENEW_IF_MINE)
+        while not self._stopped.wait(LEASE_RENEW_S):
+            try:
+                if not renew(keys=[lease_key()], args=[self.value, self.ttl_s]):
+                    holder = self.r.get(lease_key())
+                    self.lost = ("the stack's lease expired" if holder is None else
+                                 "another run took the stack's lease: " + busy_message(holder, self.ttl_s))
+                    log.error("run %s: %s", self.owner.get("id"), self.lost)
+                    return
+            except redis.RedisError as err:  # e.g. Redis restarting: the next renewal retries
+                log.warning("stack lease: %s", err)
+
+    def check(self) -> None:
+        """Raise :class:`StackBusyError` if the lease was lost."""
+        if self.lost is not None:
+            raise StackBusyError(f"this run lost the stack: {self.lost}; its results cannot be trusted")
+
+    def release(self) -> None:
+        self._stopped.set()
+        try:
+            self.r.register_script(_DELETE_IF_MINE)(keys=[lease_key()], args=[self.value])
+        except redis.RedisError as err:  # it expires by itself
+            log.warning("could not release the stack's lease: %s", err)
+
+
+_SWAP_IF = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
+end
+return false
+"""
+
+
+def _holder_gone(holder: bytes) -> bool:
+    """Whether the lease ``holder`` names a process of this host that does not exist any more."""
+    import os
+    import socket
+
+    try:
+        doc = json.loads(holder)
+        pid, host = int(doc["pid"]), doc["host"]
+    except (ValueError, KeyError, TypeError):
+        return False
+    if host != socket.gethostname() or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # another user's live process
+        return False
+    return False
+
+
+def busy_message(holder: bytes | None, ttl_s: int = LEASE_TTL_S) -> str:
+    """Why a second run is refused, naming the run holding the lease and how to stop it."""
+    if holder is None:
+        return "the stack's lease was held a moment ago; try again"
+    try:
+        doc = json.loads(holder)
+    except ValueError:
+        doc = {}
+    started = doc.get("started")
+    since = "" if not isinstance(started, int | float) else \
+        f", started {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(started))}"
+    pid, host = doc.get("pid", "PID"), doc.get("host", "its host")
+    return (f"the stack is busy with run {doc.get('id', '?')} ({doc.get('config', '?')}, writing "
+            f"{doc.get('out', '?')}) of process {pid} on {host}{since}: one experiment per stack; wait for it to "
+            f"finish, or stop it (Ctrl-C in its terminal, or `kill -INT {pid}` on {host}; a run killed otherwise "
+            f"frees the stack {ttl_s} s later), or run on another stack (`harmony up --run-dir OTHER_DIR`)")
 
 
 def eval_key(rnd: int) -> str:

@@ -36,7 +36,7 @@ from broker.client import BrokerClient, InboundMessage, Subscription, TlsSetting
 from broker.codec import Envelope, error_report
 from broker.dedup import SeqDeduplicator
 from broker.errors import ConnectRefused, WireError
-from broker.inbound import Rejected, answer, screen
+from broker.inbound import MAX_CLOCK_SKEW_S, Rejected, answer, screen
 from broker.schemas import InferReply
 from broker.topics import Topics
 from harmony.experiment import Experiment, ServerPlan
@@ -175,7 +175,8 @@ class Inbox:
             return None  # a cleared retained message
         try:
             env = screen(message.topic, message.payload, self.topics, max_bytes=self.client.max_bytes,
-                         known=self.known, kinds=(*kinds, *SILENT_KINDS), rnd=self.rnd, step=step, dedup=self.dedup)
+                         known=self.known, kinds=(*kinds, *SILENT_KINDS), rnd=self.rnd, step=step, dedup=self.dedup,
+                         max_skew_s=MAX_CLOCK_SKEW_S, retained=message.retain, now=message.received_at)
         except Rejected as rejection:
             self.rejected += 1
             answer(self.client, self.topics, rejection, self.r, rnd=self.rnd, receiver=self.receiver)

@@ -58,12 +58,16 @@ class RoundProgress:
             console.print(f"[red]{key} failed:[/red] {f['error']}")
         elif event == "round_start":
             if task is None:
-                task = self.tasks[key] = self.bar.add_task(label, total=f["rounds"] * f["sessions"], metrics="")
-            self.bar.update(task, description=f"{label}round {f['round']}/{f['rounds']}")
+                task = self.tasks[key] = self.bar.add_task(label, total=0, metrics="")
+            # sessions: those counted so far, this try's, and as many for each round still to come
+            # (a retry or a round with fewer devices changes the total, never below what was counted)
+            counted = next(t.completed for t in self.bar.tasks if t.id == task)
+            self.bar.update(task, total=counted + f["sessions"] * (1 + f["rounds"] - f["round"]),
+                            description=f"{label}round {f['round']}/{f['rounds']}"
+                                        + (f" try {f['attempt'] + 1}" if f.get("attempt") else ""))
         elif event in ("session_done", "session_late", "session_dropped") and task is not None:
             self.bar.advance(task)
-        elif event == "round_retry":
-            console.print(f"[yellow]{label}{f['reason']}; trying again[/yellow]")
+        # round_retry: the engine's warning says it (once, through logging)
         elif event == "round_end" and task is not None:
             r = f["record"]
             left_out = len(r.stragglers) + len(r.dropouts)
