@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -69,3 +70,30 @@ def test_bad_config_exits_2_naming_the_key(tmp_path):
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
     proc = _harmony("run", str(_tiny_yaml(tmp_path)), "--out", str(tmp_path / "fresh"), "--resume")
     assert proc.returncode == 2 and "no checkpoint" in proc.stderr
+
+
+def test_a_retried_round_is_told_once_in_the_same_words_and_the_bar_counts_every_session(tmp_path):
+    """A round below quorum: one line per failed try, saying what the engine does next ("trying
+    again", then "giving up" on the last), never twice; the progress bar's count never passes its
+    total (a retry adds its sessions to both)."""
+    out = tmp_path / "out"
+    retried = _harmony("run", str(_tiny_yaml(tmp_path)), "--out", str(out), "--set", "train.rounds=2",
+                       "--set", "fleet.quorum=3", "--set", "fleet.dropout_probability=0.3",
+                       "--set", "fleet.round_retries=30")
+    assert retried.returncode == 0, retried.stderr
+    rounds = json.loads((out / "results.json").read_text())["rounds"]
+    failed_tries = sum(r["attempts"] - 1 for r in rounds)
+    assert failed_tries > 0, "the seed retries nothing; the test would show nothing"
+    assert retried.stderr.count("trying again") == failed_tries, retried.stderr
+    assert "giving up" not in retried.stderr
+    bar = re.findall(r"evaluating\W*(\d+)/(\d+)", retried.stderr)  # the bar as the run ends
+    sessions = sum(3 * r["attempts"] for r in rounds)  # (an upper bound: a lost try may end early)
+    assert bar and bar[-1][0] == bar[-1][1] and int(bar[-1][0]) <= sessions, retried.stderr
+    stuck = _harmony("run", str(_tiny_yaml(tmp_path)), "--out", str(tmp_path / "stuck"), "--set",
+                     "fleet.quorum=3", "--set", "fleet.dropout_probability=0.9", "--set", "fleet.round_retries=1")
+    assert stuck.returncode == 2
+    warnings = [line for line in stuck.stderr.splitlines() if line.startswith("WARNING")]
+    assert len(warnings) == 2, stuck.stderr  # (the error that follows lists the tries again, as the reason)
+    assert warnings[0].endswith("; trying again") and warnings[1].endswith("; giving up"), warnings
+    assert stuck.stderr.count("trying again") == 1 and stuck.stderr.count("giving up") == 1
+    assert "fell below quorum in all 2 tries" in stuck.stderr

@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from harmony.config import ConfigError
-from harmony.engine import LocalEngine
+from harmony.engine import Engine, LocalEngine
 from harmony.experiment import Experiment
-from harmony.rounds import RoundFailedError, plan_round, quorum_count
+from harmony.fleet import InProcessFleet
+from harmony.rounds import DERIVED_DEADLINE_FLOOR_S, RoundFailedError, derived_deadline_s, plan_round, quorum_count
 from tests.conftest import tiny_config
 
 MIXED = {"fleet.split_depths": None, "fleet.profiles": ["pi_zero_2", "laptop"], "fleet.clock": "simulated",
@@ -135,3 +136,90 @@ def test_a_device_that_comes_back_is_recorded_as_rejoined():
         gone = (gone - completed) | set(r.dropouts) | set(r.offline)
     assert rejoins > 0, "the seed brings nobody back; the test would show nothing"
     assert sum(1 for e, _ in events if e == "rejoined") == rejoins
+
+
+def test_failures_are_accepted_by_default():
+    """With the default ``fleet.quorum`` (0.5, Flower's accept_failures with a minimum) a round with
+    dropouts completes with the sessions that finished; 1.0 asks for every participant again."""
+    cfg = tiny_config(**{"fleet.dropout_probability": 0.3, "train.rounds": 3})
+    assert cfg.fleet.quorum == 0.5
+    records = LocalEngine(cfg).run()["rounds"]
+    assert any(r["dropouts"] for r in records), "the seed drops nobody; the test would show nothing"
+    assert all(r["attempts"] == 1 and r["participants"] == 4 - len(r["dropouts"]) >= 2 for r in records), records
+
+
+def test_plan_leaves_unreachable_devices_uninvited_and_counts_them_against_the_quorum():
+    ex = Experiment.plan(tiny_config(**{"fleet.quorum": 0.75}))
+    plan = plan_round(ex, 1, unreachable={1})
+    assert plan.participants == [0, 2, 3] and plan.offline == [1]
+    assert plan.quorum == 3  # 0.75 of the 4 drawn, not of the 3 invited
+    assert not plan.hopeless(0, 0) and plan.hopeless(2, 1) and not plan.hopeless(3, 0)
+    assert plan_round(ex, 1, unreachable={1, 2}).hopeless(0, 0)  # 2 reachable, quorum 3: no session starts
+
+
+def test_derived_deadline_needs_a_stack_and_no_configured_deadline():
+    ex = Experiment.plan(tiny_config())
+    assert plan_round(ex, 1).quorum_slack is None  # one process: sessions one after another, nothing derived
+    plan = plan_round(ex, 1, derive_deadline=True)
+    assert plan.deadline_s is None and plan.quorum_slack == 3.0
+    assert derived_deadline_s(plan, 1.0) == DERIVED_DEADLINE_FLOOR_S
+    assert derived_deadline_s(plan, 20.0) == 60.0
+    fixed = plan_round(Experiment.plan(tiny_config(**{"fleet.round_deadline_s": 5.0})), 1, derive_deadline=True)
+    assert fixed.deadline_s == 5.0 and derived_deadline_s(fixed, 20.0) is None
+
+
+class _GoneFleet(InProcessFleet):
+    """Every device in this process, but the fleet says client ``gone`` is unreachable and records
+    every session it starts and every wait for lost devices."""
+
+    def __init__(self, experiment: Experiment, gone: set[int]) -> None:
+        super().__init__(experiment)
+        self.gone = gone
+        self.started: list[tuple[int, list[int]]] = []
+        self.waits: list[tuple[list[int], float]] = []
+
+    def unreachable(self) -> set[int]:
+        return set(self.gone)
+
+    def wait_back(self, clients: list[int], timeout_s: float) -> None:
+        self.waits.append((clients, timeout_s))
+        self.gone.clear()  # it came back during the grace
+
+    def train(self, rnd, starts, server_start, plan):
+        self.started.append((rnd, sorted(starts)))
+        return super().train(rnd, starts, server_start, plan)
+
+
+def test_a_device_known_gone_is_not_invited_and_a_retry_waits_for_it_then_readmits_it():
+    cfg = tiny_config(**{"fleet.quorum": 4, "train.rounds": 1})
+    ex = Experiment.plan(cfg)
+    fleet = _GoneFleet(ex, {2})
+    events: list[str] = []
+    engine = Engine(ex, fleet, progress=lambda e, **f: events.append(e))
+    record = engine.run_round(1)
+    # try 1: client 2 is gone, so quorum 4 is out of reach: no session starts at all; the retry waits
+    # up to fleet.retry_grace_s for it, it is back, and try 2 runs every device
+    assert fleet.started == [(1, [0, 1, 2, 3])]
+    assert fleet.waits == [([2], cfg.fleet.retry_grace_s)]
+    assert record.attempts == 2 and record.participants == 4 and record.offline == []
+    assert events.count("round_retry") == 1
+
+
+def test_a_try_that_can_no_longer_reach_its_quorum_ends_at_once():
+    """Quorum 4 of 4: the first dropout makes the try hopeless, and no further session of that try
+    runs (today every session of a lost try runs to its end before the next try)."""
+    cfg = tiny_config(**{"fleet.quorum": 4, "fleet.dropout_probability": 0.3, "fleet.round_retries": 20,
+                         "train.rounds": 1})
+    events: list[tuple[str, dict]] = []
+    engine = LocalEngine(cfg, progress=lambda e, **f: events.append((e, f)))
+    record = engine.run()["rounds"][0]
+    assert record["attempts"] > 1
+    tries: list[list[str]] = []
+    for name, _ in events:
+        if name == "round_start":
+            tries.append([])
+        elif name.startswith("session_"):
+            tries[-1].append(name)
+    for failed in tries[:-1]:  # each failed try stopped at its first dropout
+        assert failed[-1] == "session_dropped" and failed.count("session_dropped") == 1, tries
+    assert tries[-1] == ["session_done"] * 4
