@@ -429,6 +429,7 @@ def monitor(
         state = MonitorState(f"run-dir {run_dir}")
         source: Any = RunDirSource(run_dir, state)
     else:
+        broker: tuple[str, int] | None = None
         if redis is not None:
             url = _redis_with_password(redis)
             name = redis
@@ -437,12 +438,13 @@ def monitor(
 
             stack_dir = stack_dir or Path("runs/stack")
             try:
-                url = load_stack(stack_dir).redis_url
+                info = load_stack(stack_dir)
+                url, broker = info.redis_url_for("monitor"), info.mqtt  # the read-only Redis user
             except (FileNotFoundError, ValueError, KeyError) as err:
                 _fail(ValueError(f"--stack: {err}; or watch a run directory (--run-dir DIR) or a Redis (--redis URL)"))
             name = redact_url(url)
         state = MonitorState(f"redis {name}")
-        source = RedisSource(url, state)
+        source = RedisSource(url, state, broker=broker)
     source.start()
     try:
         if web:

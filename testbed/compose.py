@@ -189,8 +189,8 @@ def _monitoring() -> dict[str, dict]:
             "init": True,
             "restart": "unless-stopped",
             "command": ["harmony", "monitor", "--web", "--host", "0.0.0.0", "--port", str(MONITOR_PORT),
-                        "--redis", "redis://harmony@redis:6379/0"],
-            "env_file": [f"{CREDENTIALS}/services/orchestrator.env"],
+                        "--redis", "redis://harmony-monitor@redis:6379/0"],
+            "env_file": [f"{CREDENTIALS}/services/monitor.env"],  # the read-only Redis user's password
             "ports": [f"127.0.0.1:${{MONITOR_PORT:-{MONITOR_PORT}}}:{MONITOR_PORT}"],
             "healthcheck": {"test": ["CMD", "python", "-c",
                                      f"import urllib.request; urllib.request.urlopen('{metrics}', timeout=3)"],

@@ -9,15 +9,18 @@ certificate, the service passwords, and the broker's and Redis's files generated
     DIR/devices/ID/password (0600)           the device's broker password (user name = device id)
     DIR/devices/ID/ca.crt, client.crt, client.key (0600)   with TLS: the CA and the device's client
                                              certificate (CN = device id, clientAuth)
-    DIR/services/NAME.password (0600)        ``server`` (Celery workers), ``orchestrator``, ``redis``
+    DIR/services/NAME.password (0600)        ``server`` (Celery workers), ``orchestrator``, ``redis`` (the
+                                             Redis user ``harmony``), ``redis-worker``, ``redis-registry``,
+                                             ``redis-monitor`` (one Redis user per service role)
     DIR/services/ca.crt, ca.key (0600)       the services CA: signs only the services' client certificates
     DIR/services/NAME.crt, NAME.key (0600)   ``server``'s and ``orchestrator``'s client certificates, which the
                                              broker's service listener asks for (docs/security.md)
-    DIR/services/server.env, orchestrator.env, orchestrator.login (0600)
+    DIR/services/server.env, orchestrator.env, orchestrator.login, monitor.env (0600)
                                              the services' secrets for docker/compose.yaml (env_file)
     DIR/mosquitto.passwd (0600)              every device and the two service users (mosquitto $7$ hashes)
     DIR/mosquitto.acl (0600)                 the per-device ACL of ``broker.mosquitto.render_acl``
-    DIR/redis.acl (0600)                     Redis ACL: ``default`` off, user ``harmony`` (password hashed)
+    DIR/redis.acl (0600)                     Redis ACL: ``default`` off, one user per service role
+                                             (``REDIS_ROLES``; passwords hashed)
 
 A device's directory is all a board needs (``harmony flash`` copies it). Everything is created once
 and kept: running a command again changes nothing unless ``rotate`` asks for a new password and
@@ -48,10 +51,24 @@ from broker.topics import validate_device_id
 
 log = logging.getLogger(__name__)
 
-SERVICES = ("server", "orchestrator", "redis")
+SERVICES = ("server", "orchestrator", "redis", "redis-worker", "redis-registry", "redis-monitor")
 """Service names of :meth:`CredentialStore.service_password`: the broker users of the Celery workers and
-the orchestrator, and the Redis user ``harmony`` (whose password is ``redis``'s)."""
+the orchestrator, and the Redis users of :data:`REDIS_ROLES` (``harmony``'s password is ``redis``'s)."""
 REDIS_USER = "harmony"
+_NOT_ADMIN = "-@admin -@dangerous"
+REDIS_ROLES: dict[str, tuple[str, str, str]] = {
+    # role: (Redis user, its password's service name, its ACL rules)
+    "driver": (REDIS_USER, "redis", f"~* &* +@all {_NOT_ADMIN}"),
+    "worker": ("harmony-worker", "redis-worker", f"~* &* +@all {_NOT_ADMIN}"),
+    "registry": ("harmony-registry", "redis-registry",
+                 f"resetchannels ~hsfl:dev:* ~hsfl:devices ~hsfl:events +@connection +@read +@write +@stream "
+                 f"{_NOT_ADMIN}"),
+    "monitor": ("harmony-monitor", "redis-monitor", f"resetchannels ~hsfl:* +@connection +@read {_NOT_ADMIN}"),
+}
+"""Least privilege in Redis: the driver (``harmony run``: round state, models, Celery tasks) and the
+Celery workers may use every key but no administrative or dangerous command (``CONFIG``,
+``FLUSHALL``, ``KEYS``, ``DEBUG``, ``SHUTDOWN``, ``ACL``, …); the registry writes only the devices'
+hashes, the device set and the event stream; the monitor only reads the ``hsfl:`` keys."""
 CA_DAYS = 3650
 CERT_DAYS = 825
 DEFAULT_HOSTS = ("127.0.0.1", "localhost")
@@ -331,9 +348,13 @@ class CredentialStore:
                         ExtendedKeyUsageOID.CLIENT_AUTH, cert_path, key_path, services=True)
         return cert_path, key_path
 
-    def redis_url(self, host: str = "127.0.0.1", port: int = 6379, db: int = 0) -> str:
-        """``redis://harmony:PASSWORD@host:port/db`` (a secret: never log it)."""
-        return f"redis://{REDIS_USER}:{self.service_password('redis')}@{host}:{port}/{db}"
+    def redis_url(self, host: str = "127.0.0.1", port: int = 6379, db: int = 0, role: str = "driver") -> str:
+        """``redis://USER:PASSWORD@host:port/db`` of service ``role`` (:data:`REDIS_ROLES`; the
+        driver's user is ``harmony``). A secret: never log it."""
+        if role not in REDIS_ROLES:
+            raise CredentialError(f"Redis role {role!r}: expected one of {', '.join(REDIS_ROLES)}")
+        user, service, _ = REDIS_ROLES[role]
+        return f"redis://{user}:{self.service_password(service)}@{host}:{port}/{db}"
 
     # ------------------------------------------------------------------------------ generated files
     def write_broker_files(self) -> tuple[Path, Path]:
@@ -350,23 +371,29 @@ class CredentialStore:
     def write_service_env(self, redis_host: str = "redis", redis_port: int = 6379) -> list[Path]:
         """What the containers of docker/compose.yaml read their secrets from (``env_file``; 0600):
         DIR/services/server.env (the worker: ``HSFL_MQTT_PASSWORD``, ``HSFL_REDIS_URL``),
-        DIR/services/orchestrator.env (registry and driver: ``HSFL_REDIS_URL``,
-        ``HARMONY_MQTT_PASSWORD``, ``HARMONY_REDIS_PASSWORD``) and DIR/services/orchestrator.login
-        (``orchestrator:PASSWORD``, the registry's ``--credentials``)."""
-        redis_url = self.redis_url(redis_host, redis_port)
+        DIR/services/orchestrator.env (registry and driver: ``HSFL_REDIS_URL`` of the registry's Redis
+        user, ``HARMONY_MQTT_PASSWORD``, ``HARMONY_REDIS_PASSWORD`` of the driver's), DIR/services/
+        orchestrator.login (``orchestrator:PASSWORD``, the registry's ``--credentials``) and
+        DIR/services/monitor.env (``HARMONY_REDIS_PASSWORD`` of the read-only monitor user)."""
         folder = self.root / "services"
+        worker_url = self.redis_url(redis_host, redis_port, role="worker")
         server = _write_private(folder / "server.env", (f"HSFL_MQTT_PASSWORD={self.service_password('server')}\n"
-                                                         f"HSFL_REDIS_URL={redis_url}\n").encode())
+                                                         f"HSFL_REDIS_URL={worker_url}\n").encode())
+        registry_url = self.redis_url(redis_host, redis_port, role="registry")
         orchestrator = _write_private(folder / "orchestrator.env", (
-            f"HSFL_REDIS_URL={redis_url}\nHARMONY_MQTT_PASSWORD={self.service_password('orchestrator')}\n"
+            f"HSFL_REDIS_URL={registry_url}\nHARMONY_MQTT_PASSWORD={self.service_password('orchestrator')}\n"
             f"HARMONY_REDIS_PASSWORD={self.service_password('redis')}\n").encode())
         login = _write_private(folder / "orchestrator.login",
                                f"orchestrator:{self.service_password('orchestrator')}\n".encode())
-        return [server, orchestrator, login]
+        monitor = _write_private(folder / "monitor.env",
+                                 f"HARMONY_REDIS_PASSWORD={self.service_password('redis-monitor')}\n".encode())
+        return [server, orchestrator, login, monitor]
 
     def write_redis_acl(self) -> Path:
-        """DIR/redis.acl: the ``default`` user off, user ``harmony`` (password stored as its SHA-256) with
-        every key, channel and command (the worker and the orchestrator share it)."""
-        digest = hashlib.sha256(self.service_password("redis").encode()).hexdigest()
-        text = f"user default off\nuser {REDIS_USER} on #{digest} ~* &* +@all\n"
-        return _write_private(self.redis_acl_file, text.encode())
+        """DIR/redis.acl: the ``default`` user off, one user per service role of :data:`REDIS_ROLES`
+        (passwords stored as their SHA-256)."""
+        lines = ["user default off"]
+        for user, service, rules in REDIS_ROLES.values():
+            digest = hashlib.sha256(self.service_password(service).encode()).hexdigest()
+            lines.append(f"user {user} on #{digest} {rules}")
+        return _write_private(self.redis_acl_file, ("\n".join(lines) + "\n").encode())

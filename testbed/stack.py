@@ -19,7 +19,8 @@ ACL of ``broker.mosquitto.render_acl``. Each agent reads its devices' passwords 
 ``credentials/orchestrator.txt``, the worker from its environment. Files are mode 0600. The
 device listener ties each client id to its user name; the services connect to a second listener
 that asks for a client certificate of the services CA (``broker.mosquitto.ServiceListener``,
-docs/security.md). Redis runs with the store's ``redis.acl`` (``default`` off, user ``harmony``).
+docs/security.md). Redis runs with the store's ``redis.acl`` (``default`` off, one user per service
+role: the driver ``harmony``, the workers, the registry, the read-only monitor).
 With ``tls=True`` (``harmony up --tls``) the device listener speaks TLS too and asks each device
 for its client certificate; ``profile="production"`` refuses to start without TLS.
 """
@@ -98,6 +99,15 @@ class StackInfo:
             return f"redis://127.0.0.1:{self.redis_port}/0"
         password = (Path(self.store) / "services" / "redis.password").read_text().strip()
         return f"redis://harmony:{password}@127.0.0.1:{self.redis_port}/0"
+
+    def redis_url_for(self, role: str) -> str:
+        """The Redis URL of service ``role`` (``driver``, ``worker``, ``registry``, ``monitor``:
+        ``testbed.credentials.REDIS_ROLES``, each its own Redis user when auth is on). A secret."""
+        if self.store is None:
+            return self.redis_url
+        from testbed.credentials import CredentialStore
+
+        return CredentialStore(self.store).redis_url(port=self.redis_port, role=role)
 
     @property
     def redis_url_redacted(self) -> str:
@@ -227,7 +237,7 @@ class LocalStack:
         (self.run_dir / "redis").mkdir(exist_ok=True)
         redis_argv = [redis_bin, "--port", str(info.redis_port), "--bind", "127.0.0.1", "--save", "",
                       "--appendonly", "yes", "--dir", str(self.run_dir / "redis")]
-        if info.store is not None:  # the ACL user harmony (worker, orchestrator); default off
+        if info.store is not None:  # a Redis user per service role (testbed.credentials.REDIS_ROLES); default off
             redis_argv += ["--aclfile", str(Path(info.store) / "redis.acl")]
         red = self._spawn("redis", redis_argv)
         _wait_port(info.mqtt_port, mosq, "mosquitto", self.run_dir / "mosquitto.log")
@@ -235,7 +245,8 @@ class LocalStack:
             _wait_port(info.service_port, mosq, "mosquitto (service listener)", self.run_dir / "mosquitto.log")
         _wait_port(info.redis_port, red, "redis-server", self.run_dir / "redis.log")
         service_host, service_port = info.service_mqtt
-        env = {"HSFL_REDIS_URL": info.redis_url, "HSFL_MQTT": f"{service_host}:{service_port}", **self._torch_env}
+        env = {"HSFL_REDIS_URL": info.redis_url_for("worker"), "HSFL_MQTT": f"{service_host}:{service_port}",
+               **self._torch_env}
         if visibility_timeout_s is not None:
             env["HSFL_VISIBILITY_S"] = str(visibility_timeout_s)
         if restore_interval_s is not None:
@@ -267,7 +278,7 @@ class LocalStack:
             if orchestrator_tls is not None:
                 argv += ["--cafile", str(orchestrator_tls.ca_certs), "--certfile", str(orchestrator_tls.certfile),
                          "--keyfile", str(orchestrator_tls.keyfile)]
-            self._spawn("orchestrator", argv, {"HSFL_REDIS_URL": info.redis_url})
+            self._spawn("orchestrator", argv, {"HSFL_REDIS_URL": info.redis_url_for("registry")})
         for a in range(agents):
             self.add_agent([f"emu-{a * devices_per_agent + k}" for k in range(devices_per_agent)])
         return info

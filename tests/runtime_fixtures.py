@@ -36,8 +36,8 @@ def same_weights(a: dict, b: dict) -> bool:
 
 
 def left_out(rounds: list[dict[str, Any]]) -> dict[int, set[int]]:
-    """Round → the clients its record says were dropped or late."""
-    return {r["round"]: set(r["dropouts"]) | set(r["stragglers"]) for r in rounds}
+    """Round → the clients its record says were dropped, late or offline (known gone at its start)."""
+    return {r["round"]: set(r["dropouts"]) | set(r["stragglers"]) | set(r["offline"]) for r in rounds}
 
 
 def local_without(cfg: Any, leave_out: dict[int, set[int]]) -> LocalEngine:

@@ -71,6 +71,11 @@ class StateCollector(Collector):
                                 value=snap["run"].get("rounds") or 0)
         yield GaugeMetricFamily("harmony_devices_online", "Devices whose status is not offline",
                                 value=snap["devices_online"])
+        up = GaugeMetricFamily("harmony_stack_up", "1 when the stack's service is reachable from the monitor "
+                               "(redis; broker when the monitor knows it: --stack)", labels=["component"])
+        for component, reachable in sorted(snap["components"].items()):
+            up.add_metric([component], 1.0 if reachable else 0.0)
+        yield up
         yield from self._device_gauges(snap["devices"])
         yield from self._round_gauges(snap["rounds"])
 

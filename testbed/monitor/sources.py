@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import threading
 import time
 from pathlib import Path
@@ -23,6 +24,7 @@ from testbed.monitor.state import MonitorState
 log = logging.getLogger(__name__)
 
 RETRY_S = 1.0
+BROKER_PROBE_S = 5.0
 
 
 class Source:
@@ -74,9 +76,13 @@ class RedisSource(Source):
 
     name = "redis"
 
-    def __init__(self, url: str, state: MonitorState, poll_s: float = 0.5, block_ms: int = 250) -> None:
+    def __init__(self, url: str, state: MonitorState, poll_s: float = 0.5, block_ms: int = 250,
+                 broker: tuple[str, int] | None = None) -> None:
         super().__init__(state, poll_s)
         self.url, self.block_ms = url, block_ms
+        self.broker = broker
+        """The stack's MQTT broker (host, port), when known: its reachability is checked too."""
+        self._next_probe = 0.0
         self.last_id: bytes | None = None
         self._plans: dict[str, dict[str, Any]] = {}  # manifest sha → the run manifest (no data)
 
@@ -88,6 +94,7 @@ class RedisSource(Source):
         r = None
         next_poll = 0.0
         while not self._stop.is_set():
+            self._probe_broker()
             try:
                 if r is None:
                     # not keys.connect: the runtime's client rides out a restart by retrying for
@@ -113,6 +120,18 @@ class RedisSource(Source):
             except Exception:  # a bug must not end the monitor; log it and go on
                 log.exception("monitor: Redis source")
                 self._stop.wait(RETRY_S)
+
+    def _probe_broker(self) -> None:
+        """Every ``BROKER_PROBE_S``: whether the broker accepts a TCP connection."""
+        if self.broker is None or time.monotonic() < self._next_probe:
+            return
+        self._next_probe = time.monotonic() + BROKER_PROBE_S
+        try:
+            with socket.create_connection(self.broker, timeout=2.0):
+                up = True
+        except OSError:
+            up = False
+        self.state.set_component("broker", up)
 
     def _catch_up(self, r: Any, keys: Any) -> None:
         """On (re)connect: the first time, fold the stream from the latest ``run_started`` on; after

@@ -83,6 +83,8 @@ class MonitorState:
         self.version = 0
         """Bumped on every change (the web page's stream sends a snapshot when it moves)."""
         self.source = {"name": source, "up": False, "error": None, "since": time.time()}
+        self.components: dict[str, bool] = {}
+        """The stack's services this monitor checks (``redis``, ``broker``) → reachable."""
         self.devices: dict[str, DeviceRow] = {}
         self.clients: dict[int, str] = {}  # client index → device id
         self.run: dict[str, Any] = {}
@@ -126,9 +128,20 @@ class MonitorState:
             if self.source["up"] == up and (up or self.source["error"] == error):
                 return
             self.source.update(up=up, error=error, since=time.time())
+            if self.source["name"].startswith("redis"):
+                self.components["redis"] = up
             self._log("source_up" if up else "source_down", time.time(),
                       f"{self.source['name']}: connected" if up else f"{self.source['name']}: {error}")
             self._changed()
+
+    def set_component(self, name: str, up: bool) -> None:
+        """Whether the stack's service ``name`` (e.g. ``broker``) is reachable now."""
+        with self._lock:
+            if self.components.get(name) != up:
+                self.components[name] = up
+                self._log(f"{name}_up" if up else f"{name}_down", time.time(),
+                          f"{name}: {'reachable' if up else 'unreachable'}")
+                self._changed()
 
     def set_run(self, **fields: Any) -> None:
         with self._lock:
@@ -408,6 +421,7 @@ class MonitorState:
                 "version": self.version,
                 "now": now,
                 "source": dict(self.source),
+                "components": dict(self.components),
                 "run": dict(self.run),
                 "devices": [{**asdict(d), "state": shown_state(d)} for d in devices],
                 "devices_online": sum(1 for d in devices if d.online),
