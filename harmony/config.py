@@ -98,7 +98,7 @@ class FleetConfig(_Section):
         None, gt=0, description="without round_deadline_s: deadline = slack × the slowest participant's estimated "
                                 "session time (from its profile)")
     quorum_slack: float | None = Field(
-        3.0, gt=0,
+        5.0, gt=0,
         description="without round_deadline_s and deadline_slack, on a stack (sessions side by side in real time): "
                     "once a try has its quorum, the sessions still running may take this × the time the quorum "
                     "took (at least 10 s) before they are stragglers (None: wait up to --round-timeout)")

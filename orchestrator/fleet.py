@@ -25,7 +25,9 @@ workers; each device also gets a share blob with only its own index lists. Resta
 a round gets an ``attempt`` id in ``hsfl:round:{r}``; session tasks of an older attempt skip or
 stop (``server.state.TaskGuard``), so an orchestrator killed mid-round and started with ``resume``
 re-runs that round from the last finished round's models (read back from Redis). Round keys are
-not namespaced by run, so a stack serves one experiment at a time (a new run clears them).
+not namespaced by run, so a stack serves one experiment at a time: a run holds the stack's lease
+(``server.state.StackLease``, ``hsfl:lease``) from before it writes anything until it closes, and a
+second run is refused (``StackBusyError``) naming the first and how to stop it.
 """
 
 from __future__ import annotations

@@ -168,3 +168,35 @@ def test_state_tolerates_unknown_events_and_missing_fields():
     assert snap["counters"]["rejected"] == {"unknown": 1}
     assert snap["counters"]["rounds_completed"] == 0
     json.dumps(snap)  # JSON-able as the page and /api/state need it
+
+
+def test_metrics_gauge_the_stacks_health():
+    """``harmony_stack_up{component}``: Redis from the monitor's source, the broker from its probe;
+    0 while a service is unreachable (``harmony_devices_online`` alone keeps its last value then)."""
+    import socket
+
+    from prometheus_client import generate_latest
+
+    from testbed.monitor.metrics import registry_for
+    from testbed.monitor.sources import RedisSource
+
+    def gauges(state: MonitorState) -> dict[str, float]:
+        text = generate_latest(registry_for(state)).decode()
+        return {s.labels["component"]: s.value for f in text_string_to_metric_families(text)
+                for s in f.samples if s.name == "harmony_stack_up"}
+
+    with socket.socket() as listener:  # a port nothing listens on once closed
+        listener.bind(("127.0.0.1", 0))
+        closed = listener.getsockname()
+    state = MonitorState("redis redis://127.0.0.1:1/0")
+    source = RedisSource("redis://127.0.0.1:1/0", state, broker=closed)
+    source._probe_broker()
+    state.set_source(False, "stack down: Redis refused")
+    assert gauges(state) == {"broker": 0.0, "redis": 0.0}
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        source.broker, source._next_probe = listener.getsockname(), 0.0
+        source._probe_broker()
+    state.set_source(True)
+    assert gauges(state) == {"broker": 1.0, "redis": 1.0}

@@ -49,6 +49,7 @@ METRICS: dict[str, set[str]] = {
     "harmony_current_round": set(),
     "harmony_rounds_total_planned": set(),
     "harmony_devices_online": set(),
+    "harmony_stack_up": {"component"},
     "harmony_device_split_depth": {"device"},
     "harmony_device_step_seconds": {"device"},
     "harmony_device_online": {"device"},
