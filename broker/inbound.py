@@ -15,7 +15,8 @@ Codes (``REJECTION_CODES``), in the order the checks run:
 - ``wrong_channel``   the kind may not travel on that channel (e.g. a command on ``up``)
 - ``clock_skew``      (receivers that bound it) a ``ts`` more than ``max_skew_s`` from the
                       receiver's clock — ahead, or behind for a message sent now; a retained
-                      message may be older, up to ``MAX_RETAINED_AGE_S``. A device's clock decides
+                      message (or a last will, written when its agent connected) may be older,
+                      up to ``MAX_RETAINED_AGE_S``. A device's clock decides
                       nothing (liveness and replay use the receiver's clock); the bound only keeps
                       absurd times (year 2099, 1970, 1e300) out of the records.
 - ``unexpected_kind`` a valid kind that this receiver does not take now

@@ -101,7 +101,7 @@ class FleetConfig(_Section):
         5.0, gt=0,
         description="without round_deadline_s and deadline_slack, on a stack (sessions side by side in real time): "
                     "once a try has its quorum, the sessions still running may take this × the time the quorum "
-                    "took (at least 10 s) before they are stragglers (None: wait up to --round-timeout)")
+                    "took (at least 30 s) before they are stragglers (None: wait up to --round-timeout)")
     quorum: float = Field(
         0.5, gt=0,
         description="sessions a round needs to complete: a fraction of its participants (≤ 1, rounded up) or a count "

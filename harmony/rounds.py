@@ -66,9 +66,10 @@ class RoundPlan:
         return completed + (len(self.participants) - completed - left_out) < self.quorum
 
 
-DERIVED_DEADLINE_FLOOR_S = 10.0
-"""The least time :func:`derived_deadline_s` gives a try: a quorum that came in within a second
-does not make every device a second slower a straggler."""
+DERIVED_DEADLINE_FLOOR_S = 30.0
+"""The least time :func:`derived_deadline_s` gives a try: a quorum that came in within seconds
+does not make a device a few seconds slower a straggler, and a session recovering from a lost
+worker or broker (seconds to notice, seconds to start again) is not cut off as late."""
 
 
 def derived_deadline_s(plan: RoundPlan, quorum_in_s: float) -> float | None:

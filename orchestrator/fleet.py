@@ -410,6 +410,7 @@ class MqttCeleryFleet:
         deadline_s = plan.deadline_s
         limit = self.round_timeout_s if deadline_s is None else min(deadline_s, self.round_timeout_s)
         completed = 0
+        window = 0.0  # a derived deadline's length: a session sent again gets that long from then on
         index = dict(zip(devs, chosen, strict=True))
         started_at = {dev: self.registry.started_at(dev) for dev in devs}
         while True:
@@ -434,7 +435,7 @@ class MqttCeleryFleet:
                 completed += 1
                 derived = derived_deadline_s(plan, result.seconds) if completed == plan.quorum else None
                 if derived is not None and derived < limit:  # the quorum is in: the others get a deadline
-                    limit = derived
+                    limit, window = derived, derived
                     log.info("round %d: quorum in after %.1f s; the sessions still running have until %.1f s",
                              rnd, result.seconds, limit)
                 yield result
@@ -447,6 +448,8 @@ class MqttCeleryFleet:
                     commanded.pop(dev, None)
                     state.event(self.r, "session_replayed", round=rnd, device=dev)
                     tasks[dev] = self._send_task("hsfl.session", kwargs=jobs[dev])
+                    if window:  # a derived deadline counts again from the recovery
+                        limit = max(limit, min(time.monotonic() - t0 + window, self.round_timeout_s))
             for dev in sorted(waiting, key=devs.index):
                 if self.registry.online.get(dev) is False:
                     outcome, why = "dropped", "its status is offline"
@@ -469,6 +472,8 @@ class MqttCeleryFleet:
                                 "sending it again", rnd, dev)
                     state.event(self.r, "session_resent", round=rnd, device=dev)
                     tasks[dev] = self._send_task("hsfl.session", kwargs=jobs[dev])
+                    if window:  # a derived deadline counts again from the recovery
+                        limit = max(limit, min(time.monotonic() - t0 + window, self.round_timeout_s))
             if not waiting:
                 return
             if time.monotonic() - t0 > limit:  # the ones still running are stragglers (none fails the run)

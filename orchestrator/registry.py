@@ -67,11 +67,13 @@ class Registry:
         self.status = client.subscribe(client.topics.all_devices("status"))
         self.online: dict[str, bool] = {}
         self.status_ts: dict[str, float] = {}
-        """Device → when this registry received its latest live (not retained) status, on this host's
-        clock: an agent announces one on every connect. A device's own clock (``ts``) decides nothing."""
+        """Device → when this registry received its latest new status, on this host's clock: one sent
+        while it listened, or a retained one of a higher ``seq`` than it saw before (an agent announces
+        one on every connect). A device's own clock (``ts``) decides nothing."""
         self.profiles: dict[str, dict] = {}
         self._hello_at: dict[str, float] = {}  # device → receipt of its latest hello (this host's clock)
         self._offline_at: dict[str, float] = {}  # device → receipt of its latest offline status
+        self._status_seq: dict[str, int] = {}  # device → seq of its latest status
 
     def poll(self, timeout: float = 0.2) -> None:
         """Drain what arrived (waiting up to ``timeout`` for the first message), hellos and statuses
@@ -104,8 +106,11 @@ class Registry:
                 self.online[dev] = env.body.state != "offline"
                 if not self.online[dev]:
                     self._offline_at[dev] = message.received_at
-                if not message.retain:  # sent now, not a copy the broker kept
+                # sent now, or a retained copy of a later one than seen before (the agent reconnected
+                # while this registry was away from the broker): not an old copy the broker kept
+                if not message.retain or env.seq > self._status_seq.get(dev, -1):
                     self.status_ts[dev] = message.received_at
+                self._status_seq[dev] = env.seq
                 if self.r is not None:
                     self.r.hset(state.dev_key(dev), mapping={"status": env.body.state,  # type: ignore
                                                              "status_ts": message.received_at})
@@ -121,8 +126,9 @@ class Registry:
             return None
         try:
             return screen(message.topic, message.payload, self.client.topics, max_bytes=self.client.max_bytes,
-                          known=self.known, kinds=(kind,), max_skew_s=MAX_CLOCK_SKEW_S, retained=message.retain,
-                          now=message.received_at)
+                          known=self.known, kinds=(kind,), max_skew_s=MAX_CLOCK_SKEW_S,
+                          # a status may be old: a last will is written when its agent connected
+                          retained=message.retain or kind == "status", now=message.received_at)
         except Rejected as rejection:
             answer(self.client, self.client.topics, rejection, self.r, receiver="registry")
             if message.retain:

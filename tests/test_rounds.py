@@ -163,7 +163,7 @@ def test_derived_deadline_needs_a_stack_and_no_configured_deadline():
     plan = plan_round(ex, 1, derive_deadline=True)
     assert plan.deadline_s is None and plan.quorum_slack == 5.0
     assert derived_deadline_s(plan, 1.0) == DERIVED_DEADLINE_FLOOR_S
-    assert derived_deadline_s(plan, 20.0) == 100.0
+    assert derived_deadline_s(plan, 20.0) == 100.0 and derived_deadline_s(plan, 2.0) == 30.0
     fixed = plan_round(Experiment.plan(tiny_config(**{"fleet.round_deadline_s": 5.0})), 1, derive_deadline=True)
     assert fixed.deadline_s == 5.0 and derived_deadline_s(fixed, 20.0) is None
 

@@ -111,6 +111,6 @@ def test_an_agent_killed_mid_session_is_dropped_within_seconds(stack, tmp_path):
     assert "at" in killed, "the sessions of emu-2/emu-3 were never seen in flight"
     assert ends[1] - killed["at"] < 15, f"round 1 ended {ends[1] - killed['at']:.1f} s after the kill"
     assert rounds[0]["dropouts"] == [2, 3] and rounds[0]["participants"] == 2
-    assert rounds[1]["dropouts"] == [2, 3]
+    assert rounds[1]["offline"] == [2, 3] and rounds[1]["invited"] == 2  # known gone: not invited again
     reference = local_without(cfg, left_out(rounds))
     assert same_weights(reference.model_state(), engine.model_state())

@@ -81,6 +81,12 @@ def test_the_registry_records_its_own_clock_and_refuses_absurd_timestamps(mosqui
     assert registry.online["emu-7"] is True
     assert registry.status_ts["emu-7"] >= sent  # when it arrived here, not the board's ts
     assert float(r.hget(state.dev_key("emu-7"), "status_ts")) >= sent
+    # a last will is written when its agent connects: one of an agent up for a month still counts
+    device.publish_raw(TOPICS.status("emu-7"), _status("emu-7", time.time() - 30 * 86400, "offline", seq=5))
+    deadline = time.monotonic() + 10
+    while registry.online["emu-7"] and time.monotonic() < deadline:
+        registry.poll(0.2)
+    assert registry.online["emu-7"] is False
 
 
 @pytest.mark.slow
