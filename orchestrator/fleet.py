@@ -128,7 +128,12 @@ class MqttCeleryFleet:
             self.mqtt.close()
             raise
         if self.cfg.fleet.assignment == "measured":
-            self._decide_depths()
+            try:
+                self._decide_depths()
+            except BaseException:
+                self.lease.release()
+                self.mqtt.close()
+                raise
         self._assigned_at: dict[str, float | None] = {}  # device → the agent start its assign went to
         self.published: dict[str, int] = {}
         self._stale: set[str] = set()  # published before the broker was lost (_after_reconnect)
@@ -139,6 +144,7 @@ class MqttCeleryFleet:
             self._assign()
         except BaseException:
             self.lease.release()
+            self.mqtt.close()
             raise
 
     def _send_task(self, name: str, *, kwargs: dict[str, Any]) -> AsyncResult:
