@@ -104,9 +104,9 @@ def test_the_profile_holds_monitor_prometheus_and_grafana():
     argv = effective_argv(monitor)
     assert argv[:3] == ["harmony", "monitor", "--web"]
     assert option_values(argv, "--host") == ["0.0.0.0"] and option_values(argv, "--port") == ["8765"]
-    # the stack's Redis with its ACL user; the password from the env file's HARMONY_REDIS_PASSWORD
-    assert option_values(argv, "--redis") == [f"redis://harmony@{redis_service()}:6379/0"]
-    assert any(interpolate(f).endswith("/services/orchestrator.env") for f in monitor["env_file"])
+    # the stack's Redis with its read-only ACL user; the password from the env file's HARMONY_REDIS_PASSWORD
+    assert option_values(argv, "--redis") == [f"redis://harmony-monitor@{redis_service()}:6379/0"]
+    assert any(interpolate(f).endswith("/services/monitor.env") for f in monitor["env_file"])
     # the server image installs the monitor extra (starlette, uvicorn, prometheus-client)
     installs = [i.args for i in parse_dockerfile(DOCKER / dockerfile_of(monitor)) if i.keyword == "RUN"]
     assert any(re.search(r"""\.\[[\w,-]*\bmonitor\b[\w,-]*\]""", r) for r in installs)

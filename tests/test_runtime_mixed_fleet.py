@@ -86,7 +86,8 @@ def test_a_killed_and_a_slow_device_leave_every_round_on_quorum(stack, tmp_path)
     killer.join(timeout=5)
     assert "at" in killed, "emu-10's round-2 session was never seen in flight"
     assert [r_["stragglers"] for r_ in rounds] == [[11], [11], [11]]
-    assert [r_["dropouts"] for r_ in rounds] == [[], [10], [10]]
+    assert [r_["dropouts"] for r_ in rounds] == [[], [10], []]
+    assert [r_["offline"] for r_ in rounds] == [[], [], [10]]  # known gone: round 3 does not invite it
     assert [r_["participants"] for r_ in rounds] == [11, 10, 10]
     # rounds end at the deadline (the slow device is stopped there), never waiting it out
     for rnd, (start, end) in spans.items():
@@ -97,7 +98,7 @@ def test_a_killed_and_a_slow_device_leave_every_round_on_quorum(stack, tmp_path)
              and json.loads(f[b"round"]) == 2]
     assert drops and drops[0] - killed["at"] < 10, (drops, killed)
     # the model is the local run's with those devices left out of those rounds
-    left_out = {r_["round"]: set(r_["dropouts"]) | set(r_["stragglers"]) for r_ in rounds}
+    left_out = {r_["round"]: set(r_["dropouts"]) | set(r_["stragglers"]) | set(r_["offline"]) for r_ in rounds}
     local = LocalEngine(cfg.with_overrides(**{"fleet.round_deadline_s": None}))
     local.participants = lambda rnd, *_: [i for i in range(12)  # type: ignore[method-assign]
                                           if i not in left_out.get(rnd, set())]
