@@ -149,7 +149,10 @@ def test_cli_certs_and_fleet_add(tmp_path):
     assert store.ca_file.is_file() and (store_dir / "broker.crt").is_file() and store.devices() == ["pi4-01"]
     env = store_dir / "services" / "server.env"  # compose's env_file for the worker
     assert _mode(env) == "0o600"
-    assert f"HSFL_REDIS_URL=redis://harmony:{store.service_password('redis')}@redis:6379/0" in env.read_text()
+    assert f"HSFL_REDIS_URL=redis://harmony-worker:{store.service_password('redis-worker')}@redis:6379/0" in \
+        env.read_text()  # the workers' own Redis user (testbed.credentials.REDIS_ROLES)
+    monitor_env = (store_dir / "services" / "monitor.env").read_text()
+    assert monitor_env == f"HARMONY_REDIS_PASSWORD={store.service_password('redis-monitor')}\n"
     assert store.service_password("redis") not in result.output
     result = runner.invoke(app, ["fleet", "add", "jetson-1", "--dir", str(store_dir)])
     assert result.exit_code == 0, result.output

@@ -594,7 +594,8 @@ def test_wiring_uses_service_names_and_ports():
         for value in brokers:
             assert value == f"{mqtt}:{port}", f"{name}: broker {value}; its listener is {mqtt}:{port}"
         for value in redis_urls:  # the password in the URL from env_file, or from HARMONY_REDIS_PASSWORD (driver)
-            assert re.fullmatch(rf"redis://harmony(:[^@:]+)?@{redis}:6379/\d+", value), f"{name}: Redis URL {value}"
+            assert re.fullmatch(rf"redis://harmony(-worker|-registry|-monitor)?(:[^@:]+)?@{redis}:6379/\d+", value), \
+                f"{name}: Redis URL {value}"
         wiring = " ".join(argv + list(env.values()))
         assert "127.0.0.1" not in wiring and "localhost" not in wiring, f"{name}: loopback inside a container"
         mounts = [interpolate(v) for v in service.get("volumes") or []]
