@@ -226,7 +226,7 @@ class StackLease:
             if not (holder is not None and _holder_gone(holder) and self.r.register_script(_SWAP_IF)(
                     keys=[lease_key()], args=[holder, self.value, self.ttl_s])):
                 raise StackBusyError(busy_message(holder, self.ttl_s))
-            log.info("took over the stack's lease from a run whose process is gone: %s", holder.decode())
+            log.info("took over the stack's lease from a run whose process is gone: %r", holder)
         self._thread.start()
 
     def _renew(self) -> None:
@@ -263,7 +263,7 @@ return false
 """
 
 
-def _holder_gone(holder: bytes) -> bool:
+def _holder_gone(holder: bytes | str) -> bool:
     """Whether the lease ``holder`` names a process of this host that does not exist any more."""
     import os
     import socket
@@ -284,7 +284,7 @@ def _holder_gone(holder: bytes) -> bool:
     return False
 
 
-def busy_message(holder: bytes | None, ttl_s: int = LEASE_TTL_S) -> str:
+def busy_message(holder: bytes | str | None, ttl_s: int = LEASE_TTL_S) -> str:
     """Why a second run is refused, naming the run holding the lease and how to stop it."""
     if holder is None:
         return "the stack's lease was held a moment ago; try again"
