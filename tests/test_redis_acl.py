@@ -81,3 +81,34 @@ def test_the_acl_file_names_every_role_and_no_password(tmp_path):
     for user, service, _ in REDIS_ROLES.values():
         assert f"user {user} on #" in text and store.service_password(service) not in text
     assert store.redis_url(port=7000, role="monitor").startswith("redis://harmony-monitor:")
+
+
+@pytest.mark.slow
+def test_the_monitor_watches_a_stack_as_its_read_only_user(acl_redis):
+    """`harmony monitor --stack` reads as ``harmony-monitor``: its Redis source (catch-up, XREAD,
+    the poll of the run, devices and rounds, pipelined) works within that user's rights."""
+    import json
+    import time
+
+    from server import state as keys
+    from testbed.monitor.sources import RedisSource
+    from testbed.monitor.state import MonitorState
+
+    driver = _as(acl_redis, "driver")
+    driver.hset(keys.run_key(), mapping={"id": "r1", "manifest": "m1", "last_round": 1})
+    driver.set(keys.config_key("m1"), json.dumps({"config": {"name": "tiny", "train": {"rounds": 2}}}))
+    driver.hset(keys.round_key(1), mapping={"state": "done", "record": json.dumps({"round": 1, "participants": 1})})
+    keys.event(driver, "run_started", id="r1", rounds=2, devices=["emu-0"])
+    store, port = acl_redis
+    monitor_state = MonitorState("redis")
+    source = RedisSource(store.redis_url(port=port, role="monitor"), monitor_state).start()
+    try:
+        deadline = time.monotonic() + 20
+        while not (monitor_state.source["up"] and monitor_state.run.get("name") == "tiny") \
+                and time.monotonic() < deadline:
+            time.sleep(0.1)
+        snap = monitor_state.snapshot()
+        assert snap["source"]["up"] and snap["source"]["error"] is None, snap["source"]
+        assert snap["run"]["name"] == "tiny" and snap["components"] == {"redis": True}
+    finally:
+        source.stop()
