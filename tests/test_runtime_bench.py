@@ -160,12 +160,14 @@ def test_a_second_run_on_the_stack_is_refused_and_the_first_is_undisturbed(bench
 
 
 @pytest.mark.slow
-def test_an_agent_restarted_just_before_the_final_evaluation_is_assigned_again_on_its_hello(bench, tmp_path):
+@pytest.mark.parametrize("algorithm", ["splitgp", "splitgp+ft"])  # evaluation alone; personalisation first
+def test_an_agent_restarted_just_before_the_final_evaluation_is_assigned_again_on_its_hello(bench, tmp_path,
+                                                                                           algorithm):
     """emu-6's agent is killed and started again as the final evaluation begins, and the evaluation
     starts once its new agent is connected (``online``) — before or after its ``hello``: the driver
-    sends it ``assign`` again when the hello comes, and it is evaluated within seconds, not after
-    the round timeout."""
-    cfg = tiny_config(**{**SEVEN, "train.rounds": 1})
+    sends it ``assign`` again when the hello comes (and the command it missed, ``personalise`` or
+    ``evaluate``), and it is evaluated within seconds, not after the round timeout."""
+    cfg = tiny_config(**{**SEVEN, "train.rounds": 1, "train.algorithm": algorithm})
     seen: dict[str, float] = {}
 
     def progress(event: str, **fields: Any) -> None:
