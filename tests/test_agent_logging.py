@@ -91,6 +91,7 @@ def _wait_registered(proc: subprocess.Popen[bytes], log_path: Path, device_id: s
         time.sleep(0.2)
 
 
+@pytest.mark.slow
 def test_harmony_agent_logs_info_by_default(broker: MosquittoProcess, tmp_path: Path) -> None:
     log_path = tmp_path / "agent.log"
     proc = _start_agent(broker, "log-info-0", log_path)
@@ -102,6 +103,7 @@ def test_harmony_agent_logs_info_by_default(broker: MosquittoProcess, tmp_path: 
     assert " INFO broker.client: connected to 127.0.0.1:" in text  # the agent's format, with timestamps
 
 
+@pytest.mark.slow
 def test_harmony_agent_log_level_warning_silences_info(broker: MosquittoProcess, tmp_path: Path) -> None:
     log_path = tmp_path / "agent.log"
     watcher = BrokerClient("log-level-watcher", port=broker.port, clean_start=True, session_expiry_s=0)
@@ -125,6 +127,7 @@ def test_harmony_agent_log_level_warning_silences_info(broker: MosquittoProcess,
     assert " INFO " not in log_path.read_text(errors="replace")  # not even the "disconnected" on the way out
 
 
+@pytest.mark.slow
 def test_sigusr1_writes_every_threads_stack_to_the_log_and_the_agent_runs_on(broker: MosquittoProcess,
                                                                              tmp_path: Path) -> None:
     """`kill -USR1 PID` is how an engineer sees where a stuck agent is: every thread's stack, in its log."""
@@ -146,6 +149,7 @@ def test_sigusr1_writes_every_threads_stack_to_the_log_and_the_agent_runs_on(bro
     assert proc.returncode == 0
 
 
+@pytest.mark.slow
 def test_sigint_stops_an_agent_started_with_sigint_ignored(broker: MosquittoProcess, tmp_path: Path) -> None:
     """A shell script's `harmony agent … &` (or a CI job's background step) starts the agent with
     SIGINT ignored, and Python keeps it so: before the agent took the default handler back, SIGINT

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,6 +31,7 @@ def _tiny_yaml(tmp_path: Path) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_run_writes_results(tmp_path):
     out = tmp_path / "out"
     proc = _harmony("run", str(_tiny_yaml(tmp_path)), "--set", "train.algorithm=multi-exit", "--out", str(out))
@@ -42,6 +44,7 @@ def test_run_writes_results(tmp_path):
     assert events[0] == "run_start" and events[-1] == "run_done" and "round_end" in events  # harmony monitor --run-dir
 
 
+@pytest.mark.slow
 def test_compare_writes_the_documented_shape(tmp_path):
     out = tmp_path / "cmp"
     proc = _harmony("compare", str(_tiny_yaml(tmp_path)), "--algorithms", "splitfed,splitgp(lambda=1)",
@@ -57,6 +60,7 @@ def test_compare_writes_the_documented_shape(tmp_path):
     assert (out / "splitfed" / "seed2" / "results.json").is_file()
 
 
+@pytest.mark.slow
 def test_bad_config_exits_2_naming_the_key(tmp_path):
     proc = _harmony("run", str(_tiny_yaml(tmp_path)), "--set", "train.rounds=0", "--out", str(tmp_path / "x"))
     assert proc.returncode == 2
@@ -66,6 +70,7 @@ def test_bad_config_exits_2_naming_the_key(tmp_path):
     assert proc.returncode == 2 and "unknown algorithm 'fedsgd'" in proc.stderr
 
 
+@pytest.mark.slow
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
     proc = _harmony("run", str(_tiny_yaml(tmp_path)), "--out", str(tmp_path / "fresh"), "--resume")
     assert proc.returncode == 2 and "no checkpoint" in proc.stderr

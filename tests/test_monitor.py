@@ -8,6 +8,7 @@ import json
 import urllib.request
 from typing import Any
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 
@@ -118,6 +119,7 @@ def test_terminal_view_marks_a_device_offline():
     assert "emu-1 went offline" in text
 
 
+@pytest.mark.slow
 def test_harmony_monitor_serves_a_run_dir_and_refuses_two_sources(tmp_path):
     """``harmony monitor --web --run-dir`` as a user starts it; two sources at once exit 2 naming both."""
     import socket
