@@ -66,7 +66,7 @@ _current: list[str] = []
 def _service_program(args: object) -> str | None:
     """The word of :data:`SERVICE_PROGRAMS` that ``args`` (Popen's first argument) names, if any."""
     words = [str(a) for a in args] if isinstance(args, (list, tuple)) else str(args).split()
-    for word in words:
+    for word in (w for w in words if not any(c.isspace() for c in w)):  # not a `python -c CODE`
         for program in SERVICE_PROGRAMS:
             if program in Path(word).name or (program == "playwright" and program in word):
                 return program
