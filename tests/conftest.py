@@ -67,8 +67,8 @@ def _service_program(args: object) -> str | None:
     """The word of :data:`SERVICE_PROGRAMS` that ``args`` (Popen's first argument) names, if any."""
     words = [str(a) for a in args] if isinstance(args, (list, tuple)) else str(args).split()
     for word in (w for w in words if not any(c.isspace() for c in w)):  # not a `python -c CODE`
-        for program in SERVICE_PROGRAMS:
-            if program in Path(word).name or (program == "playwright" and program in word):
+        for program in SERVICE_PROGRAMS:  # the program itself (mosquitto, not mosquitto_passwd), or its module
+            if Path(word).name == program or (program == "playwright" and program in word):
                 return program
     return None
 
