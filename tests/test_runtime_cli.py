@@ -57,7 +57,8 @@ def test_up_run_down(tmp_path):
     assert argv[argv.index(b"--concurrency") + 1] == b"32" and load_stack(stack_dir).worker_concurrency == 32
     try:
         too_big = tmp_path / "too-big.yaml"
-        too_big.write_text(yaml.safe_dump({**TINY, "fleet": {"num_clients": 6, "split_depths": [2, 3, 4]}}))
+        too_big.write_text(yaml.safe_dump({**TINY, "data": {**TINY["data"], "num_shards": 12},
+                                           "fleet": {"num_clients": 6, "split_depths": [2, 3, 4]}}))
         result = runner.invoke(app, ["run", str(too_big), "--runtime", "distributed", "--stack", str(stack_dir),
                                      "--devices-timeout", "3", "--out", str(tmp_path / "nothing")])
         message = " ".join(result.output.split())  # rich wraps long lines
