@@ -1,4 +1,5 @@
-# The two commands: `make demo` and `make test`. Both set everything up on a fresh machine.
+# The two commands: `make demo` and `make test` (`make test-fast` for the edit-test loop). Each sets everything
+# up on a fresh machine.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -7,7 +8,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 STAMP := $(VENV)/.installed
 APT_STAMP := .venv-apt-checked
 
-.PHONY: demo test bench reproduce setup system-deps lint clean
+.PHONY: demo test test-fast bench reproduce setup system-deps lint clean
 
 setup: system-deps $(STAMP)
 
@@ -47,6 +48,11 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# The edit-test loop: everything but the tests marked slow (those that start real processes —
+# mosquitto, redis-server, Celery, agents, sshd, chromium — or run an experiment for minutes).
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow"
 
 # Speed and overhead figures (a few minutes each); see benchmarks/RESULTS.md.
 bench: setup

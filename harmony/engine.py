@@ -62,6 +62,16 @@ class RoundRecord:
     rejoined: list[int] = field(default_factory=list)  # completed again after being left out as gone
 
 
+def _session_timing(result: SessionResult) -> dict[str, float]:
+    """A session event's timing fields: ``seconds`` from the round's start (what the deadline
+    measures) and, where the fleet knows when the device was told to start, ``queued_s`` (waiting
+    for a worker thread, say) and ``train_s`` (the device's session itself)."""
+    timing = {"seconds": result.seconds}
+    if result.queued_s is not None:
+        timing.update(queued_s=result.queued_s, train_s=max(0.0, result.seconds - result.queued_s))
+    return timing
+
+
 class TrainingDivergedError(RuntimeError):
     """A round produced NaN or Inf weights; the run stops rather than report garbage."""
 
@@ -185,16 +195,17 @@ class Engine:
         starts = {i: self.client_start_state(i) for i in plan.participants}
         sessions = self.fleet.train(rnd, starts, self.server_global, plan)
         for result in sessions:
+            timing = _session_timing(result)
             if result.status == "dropped":
                 dropped.append(result.client)
-                self.progress("session_dropped", round=rnd, device=result.client, seconds=result.seconds)
+                self.progress("session_dropped", round=rnd, device=result.client, **timing)
             elif result.status == "late" or (plan.deadline_s is not None and result.seconds > plan.deadline_s):
                 late.append(result.client)
-                self.progress("session_late", round=rnd, device=result.client, seconds=result.seconds)
+                self.progress("session_late", round=rnd, device=result.client, **timing)
             else:
                 done[result.client] = result
                 longest = max(longest, result.seconds)
-                self.progress("session_done", round=rnd, device=result.client, seconds=result.seconds,
+                self.progress("session_done", round=rnd, device=result.client, **timing,
                               steps=self.experiment.steps(result.client))
             if plan.hopeless(len(done), len(late) + len(dropped)):
                 # the quorum is out of reach: end the try now (the fleet stops the sessions still running)

@@ -43,7 +43,10 @@ class SessionResult:
     the server replica where the fleet hands it over (in-process); a fleet that aggregates where
     the replicas are (Redis) leaves it ``None``. ``status``: ``done``, ``dropped`` (the device
     vanished; no state) or ``late`` (past the deadline; no state). ``seconds``: the session's
-    duration on the run's clock (measured, or modelled on the simulated clock)."""
+    duration on the run's clock (measured, or modelled on the simulated clock), from the round's
+    start. ``queued_s``: the part of it before the device was told to start (a session waiting for
+    a free worker thread; 0 where sessions start at once, None where the device never started), so
+    ``seconds - queued_s`` is the time the device trained."""
 
     client: int
     state: State
@@ -53,6 +56,7 @@ class SessionResult:
     seconds: float = 0.0
     status: Literal["done", "dropped", "late"] = "done"
     extra: dict[str, Any] = field(default_factory=dict)
+    queued_s: float | None = None
 
     @classmethod
     def missing(cls, client: int, status: Literal["dropped", "late"], seconds: float = 0.0) -> SessionResult:
@@ -225,6 +229,7 @@ class InProcessFleet:
             t0 = time.perf_counter()
             result = self.torch.call(self._session, i, rnd, start, server_start)
             result.seconds = estimate if estimate is not None else time.perf_counter() - t0
+            result.queued_s = 0.0  # each session is timed (or modelled) from its own start
             yield result
 
     def _session(self, i: int, rnd: int, start: State, server_start: State) -> SessionResult:

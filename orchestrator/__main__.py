@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import time
 import uuid
 from pathlib import Path
@@ -33,6 +34,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--devices-from", type=Path, default=None, help="a credential store (`harmony up`'s "
                     "RUN_DIR/credentials): admit only its devices, clear the retained messages of others")
     args = ap.parse_args(argv)
+    # SIGINT stops it, also when its parent started it with SIGINT ignored (`harmony up` run in the
+    # background of a script passes that on to the processes it starts): take the default handler back
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     if not args.redis:
         ap.error("--redis URL (or HSFL_REDIS_URL) is required")
     try:

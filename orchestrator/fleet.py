@@ -39,7 +39,7 @@ import socket
 import time
 import uuid
 from collections.abc import Container, Iterable, Iterator, Mapping
-from typing import Any
+from typing import Any, Literal
 
 from celery.result import AsyncResult
 
@@ -70,6 +70,14 @@ bound (``server.app.redelivery_bound_s``, 130 s by default), so a task lost with
 back within the round."""
 
 log = logging.getLogger(__name__)
+
+
+def _missing(client: int, status: Literal["dropped", "late"], t0: float, started: float | None) -> SessionResult:
+    """A session left out now, ``t0`` being its round's start: its ``queued_s`` runs until its device
+    was told to start (``started``; None: it never was, as when no worker thread took its session)."""
+    result = SessionResult.missing(client, status, time.monotonic() - t0)
+    result.queued_s = None if started is None else started - t0
+    return result
 
 
 class _DeviceGone(Exception):
@@ -409,6 +417,7 @@ class MqttCeleryFleet:
         session (``cancel``), also those still running when the engine ends the try (it closes
         this generator: the quorum is out of reach)."""
         commanded: dict[str, bytes] = {}
+        started: dict[str, float] = {}  # device → when it was last told to start (its session had a thread)
         resent: set[bytes] = set()  # session tokens whose lost session was sent again
         replay: set[str] = set()  # devices whose sessions to replay once they are back on the broker
         lost_at = 0.0
@@ -429,6 +438,7 @@ class MqttCeleryFleet:
                 dev = dev_b.decode()
                 if dev in waiting and commanded.get(dev) != token and not token.startswith(b"stopped:"):
                     commanded[dev] = token
+                    started[dev] = time.monotonic()
                     sent.append(self.mqtt.send(self.topics.cmd(dev), RoundStart(
                         round=rnd, steps=self.experiment.steps(index[dev]),
                         client_model_sha256=client_shas[index[dev]]), round=rnd, wait=False))
@@ -438,6 +448,7 @@ class MqttCeleryFleet:
                 waiting.discard(dev)
                 result = self._session_result(rnd, dev, index[dev])
                 result.seconds = time.monotonic() - t0
+                result.queued_s = started[dev] - t0 if dev in started else None
                 completed += 1
                 derived = derived_deadline_s(plan, result.seconds) if completed == plan.quorum else None
                 if derived is not None and derived < limit:  # the quorum is in: the others get a deadline
@@ -468,7 +479,7 @@ class MqttCeleryFleet:
                     continue
                 waiting.discard(dev)
                 self._stop_session(rnd, dev, outcome, why)
-                yield SessionResult.missing(index[dev], "dropped", time.monotonic() - t0)
+                yield _missing(index[dev], "dropped", t0, started.get(dev))
             for dev in sorted(waiting, key=devs.index):
                 token = commanded.get(dev)
                 if (token is not None and token not in resent and dev not in replay
@@ -486,7 +497,7 @@ class MqttCeleryFleet:
                 for dev in sorted(waiting, key=devs.index):
                     waiting.discard(dev)
                     self._stop_session(rnd, dev, "late", f"past the deadline of {limit:g} s")
-                    yield SessionResult.missing(index[dev], "late", time.monotonic() - t0)
+                    yield _missing(index[dev], "late", t0, started.get(dev))
                 return
             state.wait_notify(self.r, rnd, WAKE_S)
 

@@ -185,8 +185,10 @@ class Registry:
             if time.monotonic() > deadline:
                 refused = self.refused_online()
                 why = "".join(f"; refused: {reason}" for reason in refused.values())
-                raise TimeoutError(f"{len(devices)} device(s) online ({devices}) but the config needs {count}; "
-                                   f"start more agents (harmony up --agents N){why}")
+                fewer = f", or run on those online: --set fleet.num_clients={len(devices)}" if devices else ""
+                raise TimeoutError(f"fleet.num_clients = {count} but {len(devices)} device(s) are online after "
+                                   f"{timeout:g} s ({', '.join(devices) or 'none'}): start more (`harmony fleet "
+                                   f"emulate`, `harmony agent`, a flashed board){fewer}{why}")
 
 
 def devices_for_clients(online: list[str], profiles: dict[str, dict], share_digests: list[str]) -> list[str]:

@@ -25,6 +25,16 @@ every ``unacked_restore_interval × unacked_restore_throttle`` seconds (kombu's 
 mean up to 100 s). We set the throttle to 1, so a lost task is redelivered within
 ``HSFL_VISIBILITY_S + HSFL_RESTORE_INTERVAL_S`` of its delivery (:func:`redelivery_bound_s`).
 
+Root: a worker run as root (a container's default, ``harmony up`` as root) gets Celery's "running the
+worker with superuser privileges" warning. What that warning guards against is pickle: a worker that
+deserialises task messages with pickle runs whatever code a message carries, with root's rights, so
+Celery refuses to start as root with pickle unless ``C_FORCE_ROOT`` is set. This app accepts JSON only
+(``accept_content``), so a message can name only the registered tasks with plain data, as root or
+not, and the broker is the stack's Redis behind its password. The warning is silenced for exactly that
+case, by the worker's configuration as it starts (Celery's ``celeryd_init`` signal, sent just before
+its privilege check: :func:`_quiet_root_warning`); a configuration that accepts pickle gets it back.
+The docker images run the worker as a non-root user anyway.
+
 That bound must sit well inside a round (the driver's ``round_timeout_s``, 900 s by default), or a
 task lost before it started could never come back in time; hence 120 s, not the 900 s this
 default used to be. A *started* session does not wait for it at all: it renews a heartbeat key,
@@ -37,8 +47,11 @@ session is neither duplicated nor restarted (docs/design.md §5).
 from __future__ import annotations
 
 import os
+import warnings
+from typing import Any
 
-from celery import Celery
+from celery import Celery, signals
+from celery.exceptions import SecurityWarning
 
 QUEUE = "hsfl"
 VISIBILITY_S = 120
@@ -79,6 +92,21 @@ def redelivery_bound_s() -> int:
 
 def redis_url() -> str:
     return os.environ.get("HSFL_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+PICKLE_CONTENT = frozenset({"pickle", "application/x-python-serialize", "application/group-python-serialize"})
+"""Content types whose messages run code when deserialised (what Celery's root check looks for)."""
+
+
+@signals.celeryd_init.connect
+def _quiet_root_warning(conf: Any = None, **_: Any) -> None:
+    """A worker starts: silence Celery's superuser warning when its configuration accepts no pickle
+    (module docstring)."""
+    accept_content = getattr(conf, "accept_content", None)
+    accepted = {str(c) for c in accept_content} if isinstance(accept_content, list | tuple | set) else {"pickle"}
+    if not accepted & PICKLE_CONTENT:
+        warnings.filterwarnings("ignore", message="You're running the worker with superuser privileges",
+                                category=SecurityWarning)
 
 
 def celery_app(url: str | None = None, **kwargs: object) -> Celery:

@@ -372,13 +372,17 @@ def _run_distributed(cfg: Any, out: Path, progress: Any, stack_dir: Path, resume
                                "there?") from err
     own = None
     if stack_running(stack_dir):
+        # any device online on the stack serves (its agents, `fleet emulate`, flashed boards): the run
+        # waits up to --devices-timeout for fleet.num_clients of them (docs/design.md, "One stack")
         info = load_stack(stack_dir)
-        if len(info.devices) < cfg.fleet.num_clients:
-            raise ValueError(
-                f"fleet.num_clients = {cfg.fleet.num_clients} but the stack in {stack_dir} hosts "
-                f"{len(info.devices)} devices; restart it with enough (`harmony down --run-dir {stack_dir}` then "
-                f"`harmony up --run-dir {stack_dir} --devices-per-agent {math.ceil(cfg.fleet.num_clients / 2)} "
-                f"--agents 2`) or lower fleet.num_clients")
+        n = cfg.fleet.num_clients
+        console.print(f"waiting up to {timeouts[0]:g} s for {n} device(s) online on the stack in {stack_dir}")
+        threads = info.worker_concurrency
+        if threads is not None and threads < n:
+            console.print(f"[yellow]warning:[/yellow] the stack's worker runs {threads} session threads and a round "
+                          f"has up to {n} sessions: the devices will train in waves (see queued_s in "
+                          f"{out / 'events.jsonl'}); restart the stack with `harmony up --concurrency {n}`",
+                          soft_wrap=True)
     else:
         own = LocalStack(stack_dir)
         agents = math.ceil(cfg.fleet.num_clients / 4)
@@ -418,9 +422,14 @@ def monitor(
                                               "password from $HARMONY_REDIS_PASSWORD)")] = None,
 ) -> None:
     """Watch a run live: the fleet, the current round, accuracy and loss per round, the event log."""
+    import signal
+
     from testbed.monitor.sources import RedisSource, RunDirSource
     from testbed.monitor.state import MonitorState
 
+    # Ctrl-C (SIGINT) stops it, also when started in the background of a script (`harmony monitor --web &`),
+    # which starts it with SIGINT ignored, a disposition Python keeps: take the default handler back
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     given = [name for name, value in (("--stack", stack_dir), ("--run-dir", run_dir), ("--redis", redis))
              if value is not None]
     if len(given) > 1:
@@ -537,8 +546,8 @@ def up(
     devices_per_agent: Annotated[int, typer.Option("--devices-per-agent", min=1,
                                                    help="emulated devices each agent hosts")] = 5,
     concurrency: Annotated[int | None, typer.Option(
-        "--concurrency", min=1, help="sessions per Celery worker (default: one per emulated device, at least 2; "
-        "for real boards, the number of boards in a round)")] = None,
+        "--concurrency", min=1, help="session threads of the Celery worker: how many devices train at once "
+        "(default: 32, or one per emulated device where that is more; threads start only when needed)")] = None,
     run_dir: Annotated[Path, typer.Option("--run-dir", help="where PIDs and logs go")] = Path("runs/stack"),
     auth: Annotated[bool, typer.Option("--auth", help="broker passwords and a per-device ACL (the default; "
                                        "credentials in RUN_DIR/credentials)")] = False,
@@ -973,7 +982,7 @@ def fleet_emulate(
         run_fleet,
         stack_login,
     )
-    from testbed.stack import LocalStack, load_stack, stack_running
+    from testbed.stack import SESSION_THREADS, LocalStack, load_stack, stack_running
 
     try:
         table = load_profiles(profiles_file)
@@ -988,7 +997,8 @@ def fleet_emulate(
     if mqtt is None:
         if not stack_running(stack_dir):
             console.print(f"starting a local stack in {stack_dir} (stop it with `harmony down --run-dir {stack_dir}`)")
-            LocalStack(stack_dir).start(agents=0, worker_concurrency=max(2, sum(len(p.devices) for p in plans)),
+            LocalStack(stack_dir).start(agents=0, worker_concurrency=max(SESSION_THREADS, sum(len(p.devices)
+                                                                                              for p in plans)),
                                         tls=tls, auth=True)
         info = load_stack(stack_dir)
         mqtt = info.mqtt

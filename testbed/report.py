@@ -349,8 +349,8 @@ def _whole(value: Any) -> int | None:
 
 def session_timeline(events: list[dict[str, Any]]) -> tuple[list[SessionBar], list[RoundSpan]]:
     """The sessions and round spans in ``events`` (``harmony run``'s events.jsonl, docs/reporting.md).
-    A session ends at its event's ``t`` and starts ``seconds`` before; without ``seconds`` it is drawn
-    from its round's start. Unknown events and events missing ``t``/``round``/``device`` are ignored."""
+    A session ends at its event's ``t`` and starts ``train_s`` (else ``seconds``) before; without either
+    it is drawn from its round's start. Unknown events and events missing ``t``/``round``/``device`` are ignored."""
     bars: list[SessionBar] = []
     spans: dict[tuple[int, int], RoundSpan] = {}
     attempt_of: dict[int, int] = {}
@@ -379,7 +379,7 @@ def session_timeline(events: list[dict[str, Any]]) -> tuple[list[SessionBar], li
             if rnd is None or device is None or isinstance(device, dict | list):
                 continue
             attempt = attempt_of.get(rnd, 1)
-            seconds = _number(e.get("seconds"))
+            seconds = _number(e.get("train_s", e.get("seconds")))  # what the device trained, without its queueing
             span = spans.get((rnd, attempt))
             start = t - seconds if seconds is not None else (span.start if span is not None else t)
             bars.append(SessionBar(rnd, attempt, str(device), start, t, SESSION_EVENTS[name], seconds is not None))

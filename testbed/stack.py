@@ -44,6 +44,12 @@ from broker.mosquitto import PROFILES, BrokerTls, MosquittoConfig, ServiceListen
 
 STACK_FILE = "stack.json"
 REPO_ROOT = Path(__file__).resolve().parent.parent
+SESSION_THREADS = 32
+"""Default session threads of a stack's Celery worker (``harmony up --concurrency``), or one per
+emulated device where ``harmony up`` starts more. A ceiling, not a cost: Celery's thread pool starts
+a thread only when a task needs one, and a session mostly waits for its device, so every device of a
+round — emulated by ``up``, by ``fleet emulate`` or a flashed board, whatever joined after ``up`` —
+trains at once up to this many; beyond it the sessions queue (their ``queued_s``, docs/design.md)."""
 
 
 @dataclass
@@ -64,6 +70,8 @@ class StackInfo:
     store: str | None = None
     """The stack's credential store (``testbed.credentials``), when auth is on."""
     profile: str = "development"
+    worker_concurrency: int | None = None
+    """Session threads of each Celery worker (None: a stack recorded before this was)."""
 
     def known_devices(self) -> Container[str] | None:
         """With auth, the devices that may log in to this stack: every device of its credential store
@@ -198,11 +206,12 @@ class LocalStack:
         authentication and the per-device ACL (module docstring); off by default in this library
         call, for tests that talk to the broker anonymously — `harmony up`, `harmony run --stack`
         and `fleet emulate` turn it on unless `--insecure` (docs/security.md). ``worker_concurrency``: session
-        threads of the worker; by default one per emulated device (at least 2), so every device of a
-        round trains at once: a session mostly waits for its device, and with fewer threads the
-        round runs in waves whose set-up and tail leave cores idle. ``torch_threads``: the intra-op
-        threads (``OMP_NUM_THREADS``) of the worker and agent processes; ``None`` leaves torch's
-        default (one per core in every process). A run's ``threads`` setting overrides both.
+        threads of the worker; by default :data:`SESSION_THREADS`, or one per emulated device where
+        that is more, so every device of a round trains at once: a session mostly waits for its
+        device, and with fewer threads the round runs in waves whose set-up and tail leave cores idle.
+        ``torch_threads``: the intra-op threads (``OMP_NUM_THREADS``) of the worker and agent
+        processes; ``None`` leaves torch's default (one per core in every process). A run's
+        ``threads`` setting overrides both.
         ``workers``: Celery worker processes (``worker``, ``worker-1``, …), each with
         ``worker_concurrency`` session threads: one process's sessions share one GIL, so past a
         hundred or so concurrent sessions a second process spreads the server side's Python over
@@ -258,7 +267,8 @@ class LocalStack:
             env.update({"HSFL_MQTT_CAFILE": str(server_tls.ca_certs), "HSFL_MQTT_CERTFILE": str(server_tls.certfile),
                         "HSFL_MQTT_KEYFILE": str(server_tls.keyfile)})
         if worker_concurrency is None:
-            worker_concurrency = max(2, agents * devices_per_agent)
+            worker_concurrency = max(SESSION_THREADS, agents * devices_per_agent)
+        info.worker_concurrency = worker_concurrency
         if workers < 1:
             raise ValueError(f"workers must be at least 1, got {workers}")
         for k in range(workers):

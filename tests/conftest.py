@@ -50,3 +50,60 @@ def _restore_torch_threads():
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)
+
+
+# --------------------------------------------------------------------------- the `slow` marker's guard
+SERVICE_PROGRAMS = ("mosquitto", "redis-server", "celery", "edge_agent", "orchestrator", "testbed.cli", "sshd",
+                    "chromium", "playwright", "dockerd")
+"""Words in a command line that make a process a real one of the stack or the bench (a broker, Redis, a
+Celery worker, an agent, the registry, a ``harmony`` command, sshd, a browser, a container engine): a
+test that starts one is a ``slow`` test, left out of ``make test-fast``."""
+
+_spawned: dict[str, list[str]] = {}
+_current: list[str] = []
+
+
+def _service_program(args: object) -> str | None:
+    """The word of :data:`SERVICE_PROGRAMS` that ``args`` (Popen's first argument) names, if any."""
+    words = [str(a) for a in args] if isinstance(args, (list, tuple)) else str(args).split()
+    for word in (w for w in words if not any(c.isspace() for c in w)):  # not a `python -c CODE`
+        for program in SERVICE_PROGRAMS:  # the program itself (mosquitto, not mosquitto_passwd), or its module
+            if Path(word).name == program or (program == "playwright" and program in word):
+                return program
+    return None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    import subprocess
+
+    original = subprocess.Popen.__init__
+
+    def recording_init(self, args, *a, **kw):  # noqa: ANN001 - Popen's own signature
+        program = _service_program(args)
+        if program is not None and _current:
+            _spawned.setdefault(_current[-1], []).append(program)
+        original(self, args, *a, **kw)
+
+    subprocess.Popen.__init__ = recording_init  # type: ignore[method-assign]
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
+    _current.append(item.nodeid)
+    try:
+        yield
+    finally:
+        _current.pop()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    """A test that started a real process (its own or a fixture's, set up for it) without the
+    ``slow`` marker fails at its teardown, naming the processes: `make test-fast` must not start any."""
+    outcome = yield
+    report = outcome.get_result()
+    programs = _spawned.get(item.nodeid)
+    if call.when == "teardown" and programs and item.get_closest_marker("slow") is None and report.passed:
+        report.outcome = "failed"
+        report.longrepr = (f"{item.nodeid} started real processes ({', '.join(sorted(set(programs)))}) but is not "
+                           "marked @pytest.mark.slow: mark it, so that `make test-fast` leaves it out")

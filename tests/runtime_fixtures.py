@@ -9,9 +9,11 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from harmony.engine import LocalEngine
 from server import state
@@ -73,3 +75,29 @@ def when_in_flight(r: Any, rnd: int, devices: set[str], action: Callable[[], Non
             time.sleep(poll_s)
 
     return threading.Thread(target=watch, daemon=True)
+
+
+def paced_class(directory: Path, name: str, compute_flops: float) -> list[str]:
+    """Agent arguments for devices slow *by construction*: a profiles file in ``directory`` with a
+    class ``name`` that computes at ``compute_flops`` FLOP/s, which the agent enforces by pacing
+    (``--emulate --emulate-limits compute``): every training step takes at least its FLOPs ÷ that
+    rate, whatever the host's speed (a slower host only makes it slower). A ``--slowdown`` factor
+    instead scales the host's own step time, so a fast host made "50× slower" devices finish
+    inside a deadline meant to leave them out."""
+    path = directory / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({name: {
+        "compute_flops": int(compute_flops), "uplink_bps": 1_000_000_000, "memory_bytes": 4 * 2**30, "cores": 1,
+        "source": "a test class: slow by construction (the agent paces each step to this rate)"}}))
+    return ["--profiles", str(path), "--device-class", name, "--emulate", "--emulate-limits", "compute"]
+
+
+def paced_step_s(cfg: Any, depth: int, compute_flops: float) -> float:
+    """Seconds one training step at ``depth`` takes at least on a device paced to ``compute_flops``
+    (what the agent's pacer targets: ``harmony.assignment.step_needs``)."""
+    from harmony.assignment import step_needs
+    from harmony.experiment import Experiment
+
+    ex = Experiment.plan(cfg)
+    return step_needs(ex.costs[depth], batch_size=cfg.train.batch_size, batches_per_step=ex.algorithm.batches_per_step,
+                      momentum=cfg.train.momentum, bits_per_element=cfg.eval.bits_per_element,
+                      compute_flops=compute_flops, uplink_bps=1e12).compute_s

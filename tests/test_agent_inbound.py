@@ -29,6 +29,7 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MosquittoProces
     process.stop()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("forged_reply", [False, True], ids=["commands", "commands-and-forged-reply"])
 def test_malformed_command_while_waiting_for_the_server_is_dropped(broker, forged_reply):
     topics = Topics()

@@ -91,17 +91,29 @@ def _wait_registered(proc: subprocess.Popen[bytes], log_path: Path, device_id: s
         time.sleep(0.2)
 
 
-def test_harmony_agent_logs_info_by_default(broker: MosquittoProcess, tmp_path: Path) -> None:
-    log_path = tmp_path / "agent.log"
-    proc = _start_agent(broker, "log-info-0", log_path)
+@pytest.fixture(scope="module")
+def background_agent(broker: MosquittoProcess, tmp_path_factory: pytest.TempPathFactory
+                     ) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
+    """One agent at the default log level, started as from the background of a script (SIGINT
+    ignored) and registered, for the tests that read its log and signal it (one start, not three:
+    an agent's start-up is most of each test's time)."""
+    log_path = tmp_path_factory.mktemp("agent") / "agent.log"
+    proc = _start_agent(broker, "log-bg-0", log_path, sigint_ignored=True)
     try:
-        _wait_registered(proc, log_path, "log-info-0")
+        _wait_registered(proc, log_path, "log-bg-0")
+        yield proc, log_path
     finally:
         _stop_agent(proc)
+
+
+@pytest.mark.slow
+def test_harmony_agent_logs_info_by_default(background_agent: tuple[subprocess.Popen[bytes], Path]) -> None:
+    _, log_path = background_agent
     text = log_path.read_text(errors="replace")
     assert " INFO broker.client: connected to 127.0.0.1:" in text  # the agent's format, with timestamps
 
 
+@pytest.mark.slow
 def test_harmony_agent_log_level_warning_silences_info(broker: MosquittoProcess, tmp_path: Path) -> None:
     log_path = tmp_path / "agent.log"
     watcher = BrokerClient("log-level-watcher", port=broker.port, clean_start=True, session_expiry_s=0)
@@ -125,35 +137,29 @@ def test_harmony_agent_log_level_warning_silences_info(broker: MosquittoProcess,
     assert " INFO " not in log_path.read_text(errors="replace")  # not even the "disconnected" on the way out
 
 
-def test_sigusr1_writes_every_threads_stack_to_the_log_and_the_agent_runs_on(broker: MosquittoProcess,
-                                                                             tmp_path: Path) -> None:
+@pytest.mark.slow
+def test_sigusr1_writes_every_threads_stack_to_the_log_and_the_agent_runs_on(
+        background_agent: tuple[subprocess.Popen[bytes], Path]) -> None:
     """`kill -USR1 PID` is how an engineer sees where a stuck agent is: every thread's stack, in its log."""
-    log_path = tmp_path / "agent.log"
-    proc = _start_agent(broker, "log-usr1-0", log_path)
-    try:
-        _wait_registered(proc, log_path, "log-usr1-0")
-        proc.send_signal(signal.SIGUSR1)
-        deadline = time.monotonic() + 10
-        while "in _main" not in log_path.read_text(errors="replace") and time.monotonic() < deadline:
-            time.sleep(0.1)
-        text = log_path.read_text(errors="replace")
-        assert "most recent call first" in text and 'File "' in text, text[-2000:]
-        assert "in _main" in text  # the device thread's own frames are in it
-        time.sleep(1.0)
-        assert proc.poll() is None, "SIGUSR1 stopped the agent"
-    finally:
-        _stop_agent(proc)
-    assert proc.returncode == 0
+    proc, log_path = background_agent
+    proc.send_signal(signal.SIGUSR1)
+    deadline = time.monotonic() + 10
+    while "in _main" not in log_path.read_text(errors="replace") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    text = log_path.read_text(errors="replace")
+    assert "most recent call first" in text and 'File "' in text, text[-2000:]
+    assert "in _main" in text  # the device thread's own frames are in it
+    time.sleep(1.0)
+    assert proc.poll() is None, "SIGUSR1 stopped the agent"
 
 
-def test_sigint_stops_an_agent_started_with_sigint_ignored(broker: MosquittoProcess, tmp_path: Path) -> None:
+@pytest.mark.slow
+def test_sigint_stops_an_agent_started_with_sigint_ignored(
+        background_agent: tuple[subprocess.Popen[bytes], Path]) -> None:
     """A shell script's `harmony agent … &` (or a CI job's background step) starts the agent with
     SIGINT ignored, and Python keeps it so: before the agent took the default handler back, SIGINT
-    did nothing and only SIGKILL stopped it (seen as 30-s hangs in background test runs)."""
-    log_path = tmp_path / "agent.log"
-    proc = _start_agent(broker, "log-bg-0", log_path, sigint_ignored=True)
-    try:
-        _wait_registered(proc, log_path, "log-bg-0")
-    finally:
-        _stop_agent(proc)
+    did nothing and only SIGKILL stopped it (seen as 30-s hangs in background test runs). (The
+    module's last test: it stops the shared agent.)"""
+    proc, log_path = background_agent
+    _stop_agent(proc)
     assert proc.returncode == 0, log_path.read_text(errors="replace")

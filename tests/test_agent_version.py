@@ -72,6 +72,7 @@ def broker_and_redis(tmp_path):
         mosquitto.stop()
 
 
+@pytest.mark.slow
 def test_a_device_of_another_version_is_refused_naming_the_fix(broker_and_redis, tmp_path):
     port, url = broker_and_redis
     orchestrator = subprocess.Popen([sys.executable, "-m", "orchestrator", "--broker", f"127.0.0.1:{port}",
@@ -80,15 +81,20 @@ def test_a_device_of_another_version_is_refused_naming_the_fix(broker_and_redis,
     devices = [_announce(port, "old-1", OLD), _announce(port, "new-1", installed_version())]
     try:
         r = state.connect(url)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and not r.hget(state.dev_key("old-1"), "refused"):
+        deadline = time.monotonic() + 60
+
+        def refusals() -> list[dict[str, str]]:
+            events = [{k.decode(): v.decode() for k, v in f.items()} for _, f in r.xrange(state.events_key())]
+            return [e for e in events if e["name"] == "device_refused"]
+
+        # the registry records the refusal in the device's hash, then as an event: wait for both
+        while time.monotonic() < deadline and not (r.hget(state.dev_key("old-1"), "refused") and refusals()):
             time.sleep(0.1)
         refused = (r.hget(state.dev_key("old-1"), "refused") or b"").decode()
         assert f"runs agent {OLD}" in refused and installed_version() in refused
         assert "harmony flash USER@HOST --device-id old-1 --upgrade" in refused
         assert r.hget(state.dev_key("new-1"), "refused") is None
-        events = [{k.decode(): v.decode() for k, v in fields.items()} for _, fields in r.xrange(state.events_key())]
-        mine = [e for e in events if e["name"] == "device_refused"]
+        mine = refusals()
         assert len(mine) == 1 and json.loads(mine[0]["device"]) == "old-1"
         assert json.loads(mine[0]["agent_version"]) == OLD
         assert "--upgrade" in (tmp_path / "orch.log").read_text()

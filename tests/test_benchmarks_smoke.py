@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -75,6 +77,7 @@ def test_personalisation_probe_smoke(tmp_path):
         assert abs(expected - rows["none"][key]) < 0.01
 
 
+@pytest.mark.slow
 def test_fleet_scale_smoke():
     """4 devices in 2 agent processes over a real stack: one warm round, its overhead and memory figures."""
     proc = subprocess.run([sys.executable, "benchmarks/fleet_scale.py", "--smoke"], cwd=ROOT, capture_output=True,
@@ -104,6 +107,7 @@ def test_sim_fleet_scale_smoke():
     assert "idle_device_kb" in result
 
 
+@pytest.mark.slow
 def test_emulation_accuracy_smoke():
     """One Pi 4 device paced by its agent (no root needed), one round of 3 steps: its step time and
     hello uplink come out near the class's figures (the full run: benchmarks/RESULTS.md §6)."""
@@ -118,6 +122,7 @@ def test_emulation_accuracy_smoke():
     assert 0.85 < row["step_ratio"] < 1.3 and 0.85 < row["uplink_ratio"] < 1.15, row
 
 
+@pytest.mark.slow
 def test_agent_footprint_smoke():
     """One agent, one tiny cnn8 device, a real session on a local stack; a venv with the agent extra."""
     proc = subprocess.run([sys.executable, "benchmarks/agent_footprint.py", "--smoke"], cwd=ROOT,

@@ -8,7 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
+from typer.testing import CliRunner, Result
+
+from testbed.cli import app
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,6 +35,7 @@ def _tiny_yaml(tmp_path: Path) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_run_writes_results(tmp_path):
     out = tmp_path / "out"
     proc = _harmony("run", str(_tiny_yaml(tmp_path)), "--set", "train.algorithm=multi-exit", "--out", str(out))
@@ -43,6 +48,7 @@ def test_run_writes_results(tmp_path):
     assert events[0] == "run_start" and events[-1] == "run_done" and "round_end" in events  # harmony monitor --run-dir
 
 
+@pytest.mark.slow
 def test_compare_writes_the_documented_shape(tmp_path):
     out = tmp_path / "cmp"
     proc = _harmony("compare", str(_tiny_yaml(tmp_path)), "--algorithms", "splitfed,splitgp(lambda=1)",
@@ -58,18 +64,24 @@ def test_compare_writes_the_documented_shape(tmp_path):
     assert (out / "splitfed" / "seed2" / "results.json").is_file()
 
 
+def _harmony_here(*args: str) -> Result:
+    """``harmony ARGS`` in this process (Typer's runner): for the commands that fail before any work,
+    where a fresh interpreter (importing torch) would be most of the test's time."""
+    return CliRunner().invoke(app, list(args))
+
+
 def test_bad_config_exits_2_naming_the_key(tmp_path):
-    proc = _harmony("run", str(_tiny_yaml(tmp_path)), "--set", "train.rounds=0", "--out", str(tmp_path / "x"))
-    assert proc.returncode == 2
-    assert "train.rounds = 0" in proc.stderr
+    result = _harmony_here("run", str(_tiny_yaml(tmp_path)), "--set", "train.rounds=0", "--out", str(tmp_path / "x"))
+    assert result.exit_code == 2
+    assert "train.rounds = 0" in result.output
     assert not (tmp_path / "x").exists()  # no state changed
-    proc = _harmony("compare", str(_tiny_yaml(tmp_path)), "--algorithms", "splitfed,fedsgd")
-    assert proc.returncode == 2 and "unknown algorithm 'fedsgd'" in proc.stderr
+    result = _harmony_here("compare", str(_tiny_yaml(tmp_path)), "--algorithms", "splitfed,fedsgd")
+    assert result.exit_code == 2 and "unknown algorithm 'fedsgd'" in result.output
 
 
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
-    proc = _harmony("run", str(_tiny_yaml(tmp_path)), "--out", str(tmp_path / "fresh"), "--resume")
-    assert proc.returncode == 2 and "no checkpoint" in proc.stderr
+    result = _harmony_here("run", str(_tiny_yaml(tmp_path)), "--out", str(tmp_path / "fresh"), "--resume")
+    assert result.exit_code == 2 and "no checkpoint" in result.output
 
 
 def test_a_retried_round_is_told_once_in_the_same_words_and_the_bar_counts_every_session(tmp_path):

@@ -12,9 +12,11 @@ from tests.conftest import tiny_config
 
 
 def _cfg(**overrides):
-    return tiny_config(**{"train.rounds": 2, "eval.measure_latency_samples": 0, **overrides})
+    # 4 steps a round instead of an epoch (28): what is compared is the same, a seventh of the training
+    return tiny_config(**{"train.rounds": 2, "train.local_steps": 4, "eval.measure_latency_samples": 0, **overrides})
 
 
+@pytest.mark.slow  # worker processes (harmony compare --jobs)
 def test_parallel_runs_give_the_serial_table_bit_for_bit(tmp_path):
     cfg = _cfg(threads=1)
     serial = compare(cfg, ["splitfed", "multi-exit"], 2, tmp_path / "serial")
@@ -35,6 +37,7 @@ def test_parallel_runs_give_the_serial_table_bit_for_bit(tmp_path):
     assert [r["accuracy_per_seed"] for r in written] == [r["accuracy_per_seed"] for r in serial["rows"]]
 
 
+@pytest.mark.slow  # worker processes (harmony compare --jobs)
 def test_parallel_runs_record_their_thread_count(tmp_path):
     compare(_cfg(), ["splitfed"], 2, tmp_path, jobs=2)
     for seed in (7, 8):
@@ -42,6 +45,7 @@ def test_parallel_runs_record_their_thread_count(tmp_path):
         assert written["threads"] == max(1, host_cores() // 2)
 
 
+@pytest.mark.slow  # worker processes (harmony compare --jobs)
 def test_a_failed_run_stops_new_runs_and_keeps_the_finished_ones(tmp_path):
     (tmp_path / "splitfed").mkdir()
     # the first run handed out fails as it starts (its directory is a file), so no other run can have

@@ -200,6 +200,7 @@ def test_two_classes_run_at_their_rates_and_get_different_depths(stack, tmp_path
     assert leftovers(fleet.tag) == []
 
 
+@pytest.mark.slow
 @needs_root
 def test_an_out_of_memory_kill_is_a_reported_device_failure(stack, tmp_path):
     """A class whose memory cannot hold the agent: the kernel kills it at the cgroup limit, and the
@@ -222,6 +223,7 @@ def test_an_out_of_memory_kill_is_a_reported_device_failure(stack, tmp_path):
     assert leftovers(fleet.tag) == []
 
 
+@pytest.mark.slow
 def test_a_class_with_off_periods_is_power_cycled_and_comes_back_as_a_restarted_device(stack, tmp_path):
     """availability {on_s, off_s}: at an off period the device's process is killed (its last will
     says offline, and it is no failure of the fleet); at the next on period it starts again and

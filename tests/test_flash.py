@@ -319,6 +319,7 @@ def test_flash_brings_a_bare_board_to_a_registered_tls_device_and_upgrades_it(ss
     assert code == 0 and "already has this bundle" in out, out
 
 
+@pytest.mark.slow
 def test_bad_input_names_the_option_and_touches_nothing(sshd, fleet, base_site, tmp_path):
     fleet["base_site"] = base_site
     board = tmp_path / "board"

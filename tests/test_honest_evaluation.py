@@ -237,6 +237,7 @@ def test_policies_are_reported_beside_the_oracle_and_travel_on_the_wire():
         tiny_config(**{"eval.tau_policy": "validation"})
 
 
+@pytest.mark.slow
 def test_compare_tabulates_every_policy_for_a_dirichlet_fleet(tmp_path):
     """The command a new user tried (Dirichlet, 20 clients) evaluates at every ρ, with the label-free
     policy beside the oracle in the table and compare.json."""

@@ -8,6 +8,7 @@ import json
 import urllib.request
 from typing import Any
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 
@@ -118,8 +119,12 @@ def test_terminal_view_marks_a_device_offline():
     assert "emu-1 went offline" in text
 
 
+@pytest.mark.slow
 def test_harmony_monitor_serves_a_run_dir_and_refuses_two_sources(tmp_path):
-    """``harmony monitor --web --run-dir`` as a user starts it; two sources at once exit 2 naming both."""
+    """``harmony monitor --web --run-dir`` as a user starts it; two sources at once exit 2 naming both.
+    Started as from a script's background (``harmony monitor --web &``: SIGINT ignored), SIGINT
+    still stops it (it used to be ignored: only SIGKILL did)."""
+    import signal
     import socket
     import subprocess
     import sys
@@ -133,7 +138,8 @@ def test_harmony_monitor_serves_a_run_dir_and_refuses_two_sources(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-m", "testbed.cli", "monitor", "--web", "--port", str(port),
-                             "--run-dir", str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                             "--run-dir", str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -149,9 +155,15 @@ def test_harmony_monitor_serves_a_run_dir_and_refuses_two_sources(tmp_path):
         assert snap["run"]["name"] == "n" and snap["devices"][0]["split_depth"] == 3
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as response:
             assert b"harmony monitor" in response.read()
+        proc.send_signal(signal.SIGINT)
+        try:
+            assert proc.wait(30) == 0, proc.stdout.read().decode(errors="replace") if proc.stdout else ""
+        except subprocess.TimeoutExpired:
+            raise AssertionError("harmony monitor --web started with SIGINT ignored did not stop on SIGINT") from None
     finally:
-        proc.terminate()
-        proc.wait(10)
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(10)
     bad = subprocess.run([sys.executable, "-m", "testbed.cli", "monitor", "--run-dir", str(tmp_path), "--redis",
                           "redis://127.0.0.1:1/0"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "--run-dir and --redis" in bad.stderr

@@ -10,11 +10,14 @@ import subprocess
 import threading
 import time
 
+import pytest
+
 from broker.mosquitto import free_port
 from server import state
 from testbed.stack import _wait_port
 
 
+@pytest.mark.slow
 def test_a_command_during_a_redis_restart_is_tried_again(tmp_path):
     binary = shutil.which("redis-server") or "/usr/bin/redis-server"
     port = free_port()

@@ -105,6 +105,7 @@ def test_report_of_a_comparison_links_its_runs(compare_dir):
         assert all((run_page.parent / img).is_file() for img in images_of(run_page))
 
 
+@pytest.mark.slow
 def test_report_in_chromium_loads_every_image(run_dir, compare_dir, browser_page, tmp_path):  # noqa: F811
     for directory, shot in ((run_dir, "report_run.png"), (compare_dir, "report_compare.png")):
         if not (directory / "report.html").is_file():

@@ -16,9 +16,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_smoke_reproduction_keeps_the_papers_claim(tmp_path):
     proc = subprocess.run(
         [sys.executable, "benchmarks/reproduce_fmnist.py", "--scale", "smoke", "--seeds", "1",

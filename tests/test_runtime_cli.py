@@ -51,16 +51,20 @@ def test_up_run_down(tmp_path):
     for name in ("worker", "agent-0"):  # --torch-threads reaches the processes that run torch
         environ = Path(f"/proc/{pids[name]}/environ").read_bytes().split(b"\0")
         assert b"OMP_NUM_THREADS=1" in environ, name
-    # one session thread per device by default, so every device of a round trains at once
+    # 32 session threads by default (more than the 4 devices), so every device of a round trains at once,
+    # also those that join the stack later
     argv = Path(f"/proc/{pids['worker']}/cmdline").read_bytes().split(b"\0")
-    assert argv[argv.index(b"--concurrency") + 1] == b"4"
+    assert argv[argv.index(b"--concurrency") + 1] == b"32" and load_stack(stack_dir).worker_concurrency == 32
     try:
         too_big = tmp_path / "too-big.yaml"
-        too_big.write_text(yaml.safe_dump({**TINY, "fleet": {"num_clients": 6, "split_depths": [2, 3, 4]}}))
+        too_big.write_text(yaml.safe_dump({**TINY, "data": {**TINY["data"], "num_shards": 12},
+                                           "fleet": {"num_clients": 6, "split_depths": [2, 3, 4]}}))
         result = runner.invoke(app, ["run", str(too_big), "--runtime", "distributed", "--stack", str(stack_dir),
-                                     "--out", str(tmp_path / "nothing")])
+                                     "--devices-timeout", "3", "--out", str(tmp_path / "nothing")])
         message = " ".join(result.output.split())  # rich wraps long lines
-        assert result.exit_code == 2 and "fleet.num_clients = 6" in message and "hosts 4 devices" in message
+        assert result.exit_code == 2, result.output
+        assert "fleet.num_clients = 6 but 4 device(s) are online after 3 s (emu-0, emu-1, emu-2, emu-3)" in message
+        assert "--set fleet.num_clients=4" in message
         assert not (tmp_path / "nothing" / "results.json").exists()
         result = runner.invoke(app, ["run", str(cfg_path), "--runtime", "distributed", "--stack", str(stack_dir),
                                      "--out", str(out)])
@@ -85,7 +89,7 @@ def test_up_run_down(tmp_path):
         result = runner.invoke(app, ["run", str(cfg_path), "--runtime", "distributed", "--stack", str(stack_dir),
                                      "--devices-timeout", "3", "--out", str(out / "c")])
         message = " ".join(result.output.split())
-        assert result.exit_code == 2 and "0 device(s) online" in message, result.output
+        assert result.exit_code == 2 and "fleet.num_clients = 4 but 0 device(s) are online" in message, result.output
         assert json.loads((out / "c" / "events.jsonl").read_text().splitlines()[-1])["event"] == "run_failed"
         assert time.monotonic() - t0 < 30
     finally:
@@ -93,6 +97,8 @@ def test_up_run_down(tmp_path):
     assert result.exit_code == 0, result.output
     assert not any(_alive(pid) for pid in pids.values())
     assert (stack_dir / "worker.log").is_file() and (stack_dir / "agent-0.log").is_file()
+    # the worker runs as root here; it accepts JSON only, so Celery's superuser warning is silenced (server.app)
+    assert "superuser privileges" not in (stack_dir / "worker.log").read_text()
 
 
 def test_run_rejects_unknown_runtime(tmp_path):

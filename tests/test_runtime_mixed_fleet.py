@@ -20,19 +20,23 @@ from orchestrator.engine import DistributedEngine
 from server import state
 from testbed.stack import LocalStack
 from tests.conftest import same_bits, tiny_config
-from tests.runtime_fixtures import when_in_flight
+from tests.runtime_fixtures import paced_class, paced_step_s, when_in_flight
 
 DEADLINE_S = 40.0
+CRAWL_FLOPS = 15e6
+"""The class of emu-11, paced by its agent: a depth-4 step of the test's config takes 17 s at least, so
+its six steps take twice the deadline on any host (slow by construction, not a factor of the host's speed)."""
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
-    s = LocalStack(tmp_path_factory.mktemp("mixed-stack"))
+    directory = tmp_path_factory.mktemp("mixed-stack")
+    s = LocalStack(directory)
     s.start(agents=0, worker_concurrency=12, registry=False)
     s.add_agent([f"emu-{k}" for k in range(6)])  # agent-0: host speed
     s.add_agent([f"emu-{k}" for k in range(6, 10)], ["--slowdown", "3"])  # agent-1: 3× slower
     s.add_agent(["emu-10"])  # agent-2: killed mid-session
-    s.add_agent(["emu-11"], ["--slowdown", "1000"])  # agent-3: far past any deadline
+    s.add_agent(["emu-11"], paced_class(directory, "crawler", CRAWL_FLOPS))  # agent-3: far past the deadline
     try:
         yield s
     finally:
@@ -51,6 +55,7 @@ def test_a_killed_and_a_slow_device_leave_every_round_on_quorum(stack, tmp_path)
     cfg = tiny_config(**{"fleet.num_clients": 12, "data.num_shards": 24, "fleet.split_depths": [2, 3, 4],
                          "fleet.quorum": 0.75, "fleet.round_deadline_s": DEADLINE_S, "train.local_steps": 6,
                          "train.rounds": 3})
+    assert paced_step_s(cfg, 4, CRAWL_FLOPS) * 6 > 2 * DEADLINE_S  # emu-11 (client 11, depth 4) is late by construction
     assert stack.info is not None
     r = state.connect(stack.info.redis_url)
     killed: dict[str, float] = {}
@@ -77,7 +82,7 @@ def test_a_killed_and_a_slow_device_leave_every_round_on_quorum(stack, tmp_path)
         engine.close()
     rounds = results["rounds"]
     # the evaluation leaves out the dead device; the slow one is left out at the timeout, or reports
-    # when its agent reaches the command in time (--slowdown paces training steps, not evaluation,
+    # when its agent reaches the command in time (its class paces training steps, not evaluation,
     # and how long its last cancelled step sleeps on decides which: seen both ways in the suite)
     unevaluated = results["evaluation"]["unevaluated"]
     assert unevaluated in ([10], [10, 11]), unevaluated

@@ -41,6 +41,7 @@ def _states(seed: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]
     return client, server  # fc.weight is deliberately non-contiguous
 
 
+@pytest.mark.slow
 def test_merged_contributions_equal_the_local_weighted_sum(redis_client):
     devices, weights = ["emu-0", "emu-1", "emu-2"], [300, 1200, 77]
     local_client, local_server = WeightedSum(), WeightedSum()
@@ -64,6 +65,7 @@ def test_merged_contributions_equal_the_local_weighted_sum(redis_client):
     assert redis_client.scard(state.done_key(1)) == 3
 
 
+@pytest.mark.slow
 def test_the_aggregate_task_flushes_denormal_means_as_the_local_engine_does(redis_client, monkeypatch):
     """Two sessions' 2e-38 and 0 average to 1e-38, a float32 denormal: the local engine (its torch
     thread flushes) stores 0, and so must the worker's aggregate task in a thread that ran nothing
@@ -102,6 +104,7 @@ def test_the_aggregate_task_flushes_denormal_means_as_the_local_engine_does(redi
     assert remote.view(torch.int32).tolist() == local["w"].view(torch.int32).tolist()
 
 
+@pytest.mark.slow
 def test_a_session_stores_its_tensors_at_their_own_width(redis_client):
     client, server = _states(5)
     state.store_session_result(redis_client, 2, "emu-9", client, server, 10, {})
@@ -111,11 +114,13 @@ def test_a_session_stores_its_tensors_at_their_own_width(redis_client):
     assert torch.equal(server_sum.sums["fc.weight"], server["fc.weight"].double() * 10)
 
 
+@pytest.mark.slow
 def test_missing_buffer_names_the_device_and_key(redis_client):
     with pytest.raises(KeyError, match=r"emu-404.*hsfl:agg:3:emu-404"):
         state.load_partial_sum(redis_client, 3, "emu-404")
 
 
+@pytest.mark.slow
 def test_non_positive_weight_is_refused_and_stores_nothing(redis_client):
     client, server = _states(0)
     with pytest.raises(ValueError, match="weight must be positive"):
@@ -124,6 +129,7 @@ def test_non_positive_weight_is_refused_and_stores_nothing(redis_client):
     assert not redis_client.sismember(state.done_key(4), "emu-0")
 
 
+@pytest.mark.slow
 def test_task_state_changes_wake_the_waiting_orchestrator(redis_client: redis.Redis):
     """``claim_ready`` and ``store_session_result`` push a wake-up for their round: the
     orchestrator's ``wait_notify`` returns as soon as a task changes the round (no polling), and
@@ -157,6 +163,7 @@ def test_task_state_changes_wake_the_waiting_orchestrator(redis_client: redis.Re
     assert time.monotonic() - t0 < 5.0
 
 
+@pytest.mark.slow
 def test_a_heartbeat_keeps_its_key_alive_and_a_second_copy_stands_down(redis_client, monkeypatch):
     """A running task's ``alive`` key is renewed; a copy of the task (same round, attempt and device)
     cannot take it while it lives; once renewal stops the key expires and a new session may start."""

@@ -22,7 +22,7 @@ def test_connect_retries_until_the_deadline_when_no_connack_comes(monkeypatch, c
         t0 = time.monotonic()
         with pytest.raises(ConnectRefused, match="no CONNACK"):
             tasks.connect_task_client("session-x-1-abc", time.monotonic() + 1.0)
-        assert time.monotonic() - t0 < 3.0
+        assert time.monotonic() - t0 < 5.0  # stops at its 1-s deadline (give or take a busy host), not later
         assert "trying again (1)" in caplog.text and "trying again (2)" in caplog.text
     finally:
         silent.close()
@@ -36,4 +36,4 @@ def test_connect_gives_up_at_once_when_the_broker_refuses(monkeypatch):
     t0 = time.monotonic()
     with pytest.raises(ConnectRefused, match="Not authorized"):
         tasks.connect_task_client("session-x-1-abc", time.monotonic() + 60.0)
-    assert time.monotonic() - t0 < 1.0
+    assert time.monotonic() - t0 < 10.0  # at once: nowhere near its 60-s deadline, even on a busy host

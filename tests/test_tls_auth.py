@@ -106,6 +106,7 @@ def _refused_in_handshake(client: BrokerClient, broker: MosquittoProcess, why: s
         time.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_wrong_password_and_untrusted_certificates_are_refused(fleet, tmp_path):
     store, broker = fleet
     with pytest.raises(ConnectRefused) as refused:
@@ -134,6 +135,7 @@ def test_wrong_password_and_untrusted_certificates_are_refused(fleet, tmp_path):
     ok.close()
 
 
+@pytest.mark.slow
 def test_cross_device_publish_is_refused_and_reaches_no_subscriber(fleet):
     store, broker = fleet
     attacker, watcher = _device(store, broker, "emu-0"), _orchestrator(store, broker)
@@ -179,6 +181,7 @@ def _takeover(store: CredentialStore, broker: MosquittoProcess) -> tuple[BrokerC
         victim.close()
 
 
+@pytest.mark.slow
 def test_client_id_takeover_is_refused(fleet, tmp_path):
     store, broker = fleet
     victim, kicked, received = _takeover(store, broker)
@@ -193,6 +196,7 @@ def test_client_id_takeover_is_refused(fleet, tmp_path):
     assert kicked
 
 
+@pytest.mark.slow
 def test_compose_broker_config_is_generated_and_serves_tls(tmp_path):
     """docker/mosquitto/mosquitto.conf is what broker.mosquitto generates, and a real mosquitto started on
     it (paths and ports moved to this machine) serves a device over TLS and the services on their listener."""
@@ -315,6 +319,7 @@ def test_up_tls_trains_over_tls_and_redis_needs_its_password(tmp_path):
         assert not any(secret in text for text in written), "a secret in the output, results or logs"
 
 
+@pytest.mark.slow
 def test_tls_connect_benchmark_smoke():
     proc = subprocess.run([sys.executable, "benchmarks/tls_connect.py", "--smoke"], cwd=ROOT, capture_output=True,
                           text=True, timeout=120)

@@ -287,7 +287,9 @@ class MonitorState:
         view = self._round(doc.get("round"))
         dev = self.device_name(doc.get("device"))
         row = self._row(dev)
-        seconds = doc.get("seconds")
+        # the device's own session: ``train_s`` (the run's events) leaves out the time it queued for a
+        # worker thread; a server task's ``seconds`` (a stack's events) never counted it
+        seconds = doc.get("train_s", doc.get("seconds"))
         if view is not None:
             if view.outcomes.get(dev) == outcome:
                 return  # the same session reported twice (the engine's and the task's event)

@@ -23,7 +23,7 @@ from harmony.algorithms.messages import FeaturesUp, LogitsDown
 MakeClient = Callable[..., BrokerClient]
 
 
-pytestmark = pytest.mark.timeout(120)  # live broker: fail fast rather than hang the suite
+pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]  # live broker: fail fast rather than hang the suite
 
 def features(step: int) -> FeaturesUp:
     return FeaturesUp(step=step, depth=2, features=torch.full((2, 3), float(step), dtype=torch.float16))

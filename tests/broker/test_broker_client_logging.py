@@ -7,10 +7,13 @@ from __future__ import annotations
 import logging
 import time
 
+import pytest
+
 from broker.client import BrokerClient
 from broker.mosquitto import MosquittoConfig, MosquittoProcess
 
 
+@pytest.mark.slow
 def test_closing_and_losing_the_broker_log_no_paho_error(tmp_path, caplog):
     broker = MosquittoProcess(tmp_path, MosquittoConfig(port=0)).start()
     caplog.set_level(logging.DEBUG, logger="broker.paho")

@@ -79,6 +79,7 @@ def connect_as(make_client: Callable[..., BrokerClient], broker: MosquittoProces
     return make_client(broker.port, user, username=user, password=PASSWORDS[user], **kwargs)
 
 
+@pytest.mark.slow
 def test_acl_stops_a_device_writing_another_devices_topic(
         secured_broker: MosquittoProcess, make_client: Callable[..., BrokerClient]) -> None:
     server = connect_as(make_client, secured_broker, "server")
@@ -96,6 +97,7 @@ def test_acl_stops_a_device_writing_another_devices_topic(
         device_a.send(T.down("b"), features(3), dev="b")
 
 
+@pytest.mark.slow
 def test_devices_read_only_their_own_downlink(
         secured_broker: MosquittoProcess, make_client: Callable[..., BrokerClient]) -> None:
     device_a = connect_as(make_client, secured_broker, "a")
@@ -107,6 +109,7 @@ def test_devices_read_only_their_own_downlink(
     assert message.topic == "hsfl/v1/dev/a/down" and snoop.get_nowait() is None
 
 
+@pytest.mark.slow
 def test_bad_credentials_are_refused(secured_broker: MosquittoProcess,
                                      make_client: Callable[..., BrokerClient]) -> None:
     with pytest.raises(ConnectRefused) as err:
@@ -116,6 +119,7 @@ def test_bad_credentials_are_refused(secured_broker: MosquittoProcess,
         make_client(secured_broker.port, "anon")
 
 
+@pytest.mark.slow
 def test_process_stop_restart_by_pid(tmp_path: Path) -> None:
     process = MosquittoProcess(tmp_path).start()
     pid, port = process.pid, process.port
@@ -142,6 +146,7 @@ def _make_certificates(directory: Path) -> tuple[Path, Path, Path]:
     return directory / "ca.crt", directory / "server.crt", directory / "server.key"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl not installed")
 def test_tls_listener(tmp_path: Path, make_client: Callable[..., BrokerClient]) -> None:
     ca, cert, key = _make_certificates(tmp_path)

@@ -79,6 +79,7 @@ def client(mosquitto) -> Any:
     c.close(timeout=2)
 
 
+@pytest.mark.slow  # a live broker
 def test_session_inbox_takes_only_what_it_expects(client) -> None:
     sub = client.subscribe(TOPICS.up("emu-0"))
     answers = client.subscribe(TOPICS.err("emu-0"))
@@ -105,6 +106,7 @@ def test_session_inbox_takes_only_what_it_expects(client) -> None:
     assert inbox.rejected > 0 and len(answers) == inbox.rejected, "a refusal was not answered"
 
 
+@pytest.mark.slow  # a live broker
 def test_agent_takes_only_its_own_commands(mosquitto) -> None:
     device = Device("emu-0", mosquitto.host, mosquitto.port, SharedRuntime(BlobCache(), ["emu-0"]), topics=TOPICS)
     device.client.connect(timeout=5)
@@ -121,6 +123,7 @@ def test_agent_takes_only_its_own_commands(mosquitto) -> None:
         device.client.close(timeout=2)
 
 
+@pytest.mark.slow  # a live broker
 def test_registry_takes_only_announcements_of_known_devices(client) -> None:
     registry = Registry(client, None, expected_version="0.1.0", known=KNOWN)
 
