@@ -10,10 +10,12 @@ decides how each limit is enforced on this host, and says so (:func:`plan_fleet`
   default there; the quota then has 50 % headroom): a quota only throttles once a period's share
   is spent, so a step shorter than the period that follows a wait for the server runs at host
   speed (``benchmarks/emulation_accuracy.py`` measures it), while the pacing makes a step take
-  at least its FLOPs ÷ the class's rate and the quota caps what a device can take of the host.
-  ``--compute cgroup`` is the quota alone, ``--compute pacing`` (the default without root) the
-  pacing alone. A class faster than one host core cannot be emulated: it runs unthrottled at
-  the host's speed and the table says so.
+  its FLOPs ÷ the class's rate (a closed loop on the last steps' times) and the quota caps what
+  a device can take of the host. The quota is sized from a start-up measurement of the host, so
+  the agent raises it whenever it, not the class, holds a step up (a loaded host:
+  ``edge_agent.emulation.QuotaGovernor``): it only caps. ``--compute cgroup`` is the quota alone,
+  ``--compute pacing`` (the default without root) the pacing alone. A class faster than one host
+  core cannot be emulated: it runs unthrottled at the host's speed and the table says so.
 - **uplink/downlink**: ``tc tbf`` in a network namespace of the device's own (a veth pair; tbf on
   the namespace side shapes the uplink, on the host side the downlink) where root and ``ip netns``
   work, else token buckets in the agent. The broker is reached through a TCP relay on the host
@@ -28,6 +30,12 @@ decides how each limit is enforced on this host, and says so (:func:`plan_fleet`
   losing power: no goodbye, its last will says ``offline``) and started again when the next on
   period begins (a new process: a new ``hello.started_at``, so the round driver assigns it
   again). Periods count from the fleet's start and are checked every poll (about a second).
+- **supervision**: an agent that ends on its own (a crash, ``kill -9``, the out-of-memory killer) is
+  reported and started again by :meth:`EmulatedFleet.supervise` with the same command — in its
+  namespace, joining its cgroups — after a back-off (1 s, doubling to 30 s while it keeps
+  ending); a power-cycled device is not started during its class's off period. ``restart=False``
+  (``--no-restart``) leaves it dead. ``RUN_DIR/fleet.json`` lists the agents (PIDs, states,
+  restarts, namespaces, cgroups) for ``harmony fleet ps``.
 
 Agents run with one torch thread each. An agent process hosts every device of its class when all
 of the class's limits are enforced in the agent; a cgroup quota or a namespace is per process, so
@@ -205,7 +213,8 @@ class ClassPlan:
         """The printed table's row: what enforces each limit."""
         p = self.profile
         rate = f"{p.compute_flops / 1e9:g} GFLOP/s"
-        compute = {"cgroup+pacing": f"cgroup quota {self.cpus or 0:.3f} CPU + agent pacing ({rate})",
+        compute = {"cgroup+pacing": f"cgroup quota {self.cpus or 0:.3f} CPU, raised if it binds + agent pacing "
+                                    f"({rate})",
                    "cgroup": f"cgroup quota {self.cpus or 0:.3f} CPU ({rate})",
                    "pacing": f"agent pacing ({rate})",
                    "host": "not emulated: host speed"}[self.compute]

@@ -140,3 +140,21 @@ def test_the_modelled_latency_uses_the_measured_rates_and_the_results_name_the_c
         assert row["latency_ms"] == pytest.approx(1e3 * expected, rel=1e-12)
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
     assert saved["fleet"]["profiles"][0] == "jetson_nano"
+
+
+def test_the_agent_log_says_what_its_hello_said_and_the_host_benchmark_apart():
+    """An emulated Pi Zero 2 W's hello measured conv 1.31 GFLOP/s (paced) while the host's unpaced
+    matmul ran at 213.8: the registration line gives the hello's rates as the device's, the host's
+    benchmark separately, never the host's figure as the device's rate."""
+    from edge_agent.agent import registration_line
+    from edge_agent.emulation import DeviceLimits
+
+    hello = dataclasses.replace(sample_messages()["hello"], cores=1, cpus=0.06, memory_bytes=512 * 2**20,
+                                gflops=213.8, rates={"conv": 1.31e9, "depthwise": 0.52e9, "attention": 0.8e9},
+                                uplink_bps=19.4e6, rtt_ms=10.6, device_class="pi_zero_2")
+    line = registration_line("pi-zero-2-0", hello, DeviceLimits(get_profile("pi_zero_2")))
+    assert line.startswith("device pi-zero-2-0: registered with 1 core(s), 0.06 CPUs, 512 MiB, training rates "
+                           "conv 1.31, depthwise 0.52, attention 0.80 GFLOP/s (measured, paced to pi_zero_2's 3)")
+    assert "uplink 19.4 Mbit/s" in line and "round trip 10.6 ms" in line
+    assert line.endswith("the host's unpaced matmul benchmark: 213.8 GFLOP/s")
+    assert line.index("1.31") < line.index("213.8")

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -26,6 +27,7 @@ import yaml
 
 from broker.client import BrokerClient
 from edge_agent.emulation import StepPacer, TokenBucket
+from edge_agent.probe import own_cgroups
 from harmony.assignment import from_hello, step_needs
 from harmony.experiment import Experiment
 from harmony.profiles import Availability, get_profile
@@ -33,9 +35,12 @@ from orchestrator.engine import DistributedEngine
 from orchestrator.registry import online_profiles
 from server import state
 from testbed.emulate import (
+    RESTART_DELAYS_S,
+    STATE_FILE,
     EmulatedFleet,
     EmulationError,
     Host,
+    _Process,
     detect_host,
     leftovers,
     parse_profile_option,
@@ -94,6 +99,75 @@ def test_token_bucket_and_step_pacer_hold_their_rates():
     with pacer.phase():  # a phase longer than the target: nothing to add
         time.sleep(0.06)
     assert pacer.finish() == 0.0
+
+
+def _crashing_fleet(tmp_path: Path, profile=None, restart: bool = True) -> tuple[EmulatedFleet, _Process]:
+    """A fleet of one device whose "agent" is `true`: it ends at once, as a crashed agent does, so the
+    supervisor's decisions can be stepped through by handing it the times."""
+    host = Host(False, False, False, False, 30e9)
+    profiles = None if profile is None else {profile.name: profile}
+    (plan,) = plan_fleet([(profile.name if profile else "pi4", 1)], host, compute="pacing", link="agent",
+                         memory=False, profiles=profiles)
+    fleet = EmulatedFleet([plan], ("127.0.0.1", 1), tmp_path, restart=restart)
+
+    def launch() -> subprocess.Popen[bytes]:
+        return subprocess.Popen(["true"])
+
+    fleet._started = time.monotonic()
+    p = _Process("agent-0", plan.devices, plan, launch(), tmp_path / "agent.log", None, start=launch,
+                 started=time.monotonic())
+    fleet._procs.append(p)
+    p.proc.wait(10)
+    return fleet, p
+
+
+def test_the_supervisor_restarts_an_ended_agent_with_back_off(tmp_path):
+    fleet, p = _crashing_fleet(tmp_path)
+    (failure,) = fleet.failures()
+    assert "starting it again in 1 s" in failure.reason and p.state == "restarting" and fleet.alive() == 1
+    assert fleet.supervise(now=p.restart_at - 0.5) == []  # not before its back-off
+    first_pid = p.proc.pid
+    ((devices, pid),) = fleet.supervise(now=p.restart_at)
+    assert devices == ["pi4-0"] and pid == p.proc.pid != first_pid and p.restarts == 1
+    delays = []
+    for _ in range(6):  # it keeps crashing at once: the delay doubles up to its ceiling
+        p.proc.wait(10)
+        fleet.failures()
+        delays.append(p.delay_s)
+        fleet.supervise(now=p.restart_at)
+    assert delays == [2.0, 4.0, 8.0, 16.0, 30.0, 30.0] and RESTART_DELAYS_S == (1.0, 30.0)
+    state = json.loads((tmp_path / STATE_FILE).read_text())  # what `harmony fleet ps` reads
+    assert state["agents"][0]["restarts"] == 7 and state["agents"][0]["pid"] == p.proc.pid
+    p.proc.wait(10)
+    p.started -= 120  # one that ran a while before it ended starts after the shortest delay again
+    fleet.failures()
+    assert p.delay_s == 1.0
+    fleet.stop()
+    assert not (tmp_path / STATE_FILE).exists()
+
+
+def test_without_restarts_an_ended_agent_stays_a_failure(tmp_path):
+    fleet, p = _crashing_fleet(tmp_path, restart=False)
+    (failure,) = fleet.failures()
+    assert "starting it again" not in failure.reason and p.state == "ended"
+    assert fleet.supervise(now=time.monotonic() + 3600) == [] and fleet.alive() == 0
+
+
+def test_a_power_cycled_device_that_crashed_keeps_its_class_schedule(tmp_path):
+    """Crashed during an on period: restarted after its back-off. Crashed just before an off period:
+    not started while its class is off, but at the next on period, as the power cycle says."""
+    profile = replace(get_profile("pi4"), name="blinky", availability=Availability(on_s=60.0, off_s=30.0))
+    fleet, p = _crashing_fleet(tmp_path, profile)
+    fleet.failures()
+    assert len(fleet.supervise(now=fleet._started + 10)) == 1  # on: restarted
+    p.proc.wait(10)
+    fleet.failures()
+    p.restart_at = fleet._started + 61  # its back-off ends inside the off period (60–90 s)
+    assert fleet.supervise(now=fleet._started + 61) == [] and p.state == "off" and fleet.alive() == 1
+    assert fleet.power_cycle(fleet._started + 70) == []  # still off
+    assert fleet.power_cycle(fleet._started + 91) == [("blinky-0", "on")] and p.state in ("running", "ended")
+    p.proc.wait(10)
+    fleet.stop()
 
 
 # ------------------------------------------------------------------------------------ real processes
@@ -362,4 +436,108 @@ def test_the_command_enforces_a_cpu_quota_over_tls_trains_and_cleans_up(tls_stac
     assert proc.returncode == 0, output
     assert "cgroup quota" in output and "agent pacing" in output and "tc tbf in a netns" in output, output
     assert "cgroup 4096 MiB" in output and "over TLS" in output, output
+    assert leftovers(tag) == []
+
+
+def _fleet_ps(stack_dir: Path) -> dict:
+    out = subprocess.run([sys.executable, "-m", "testbed.cli", "fleet", "ps", "--stack", str(stack_dir), "--json"],
+                         capture_output=True, text=True, timeout=60, cwd=REPO_ROOT)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return json.loads(out.stdout)
+
+
+def _start_emulate(stack: LocalStack, *args: str) -> tuple[subprocess.Popen[str], list[str], str]:
+    """`harmony fleet emulate` against ``stack``, read up to its agents table; (process, lines, tag)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "COLUMNS": "300"}
+    proc = subprocess.Popen([sys.executable, "-m", "testbed.cli", "fleet", "emulate", "--stack", str(stack.run_dir),
+                             *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            cwd=REPO_ROOT)
+    lines: list[str] = []
+    assert proc.stdout is not None
+    def read_until(marker: str) -> None:
+        while not lines or marker not in lines[-1]:
+            line = proc.stdout.readline()
+            assert line, "".join(lines)
+            lines.append(line)
+
+    read_until("named hemu-")
+    read_until("┃ devices")  # the agents table, once they are started
+    read_until("└")
+    tag = re.search(r"named hemu-([0-9a-f]{4})-", "".join(lines)).group(1)
+    return proc, lines, tag
+
+
+def _next_hello(sub, monitor: BrokerClient, want, timeout: float = 120.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            message = sub.get(max(0.1, deadline - time.monotonic()))
+        except TimeoutError:
+            break
+        body = message.decode(monitor.max_bytes).body
+        if want(body):
+            return body
+    raise AssertionError(f"no wanted hello within {timeout} s")
+
+
+@needs_root
+@pytest.mark.slow
+def test_fleet_emulate_restarts_a_killed_agent_inside_its_namespace_and_cgroups(stack, tmp_path):
+    """`kill -9` of an emulated device's agent: `fleet emulate` reports it, starts it again after its
+    back-off in the same network namespace and the same CPU and memory cgroups, the device registers
+    again (a new hello.started_at); `fleet ps` and the emulate output list its PIDs, namespace and
+    cgroups."""
+    assert stack.info is not None
+    dev = "sup-pi4-0"
+    monitor = BrokerClient(f"test-{uuid.uuid4().hex[:6]}", *stack.info.mqtt, clean_start=True, session_expiry_s=0)
+    monitor.connect()
+    hellos = monitor.subscribe(monitor.topics.hello(dev))
+    proc, lines, tag = _start_emulate(stack, "--profile", "pi4:1", "--id-prefix", "sup-")
+    try:
+        first = _next_hello(hellos, monitor, lambda b: True)
+        (agent,) = _fleet_ps(stack.run_dir)["agents"]
+        assert agent["devices"] == [dev] and agent["state"] == "running" and agent["restarts"] == 0
+        ns, cgroups = agent["netns"], agent["cgroups"]
+        assert ns == f"hemu-{tag}-0"
+        assert sorted(cgroups) == [f"/sys/fs/cgroup/{c}/hemu-{tag}-0" for c in ("cpu", "memory")]
+        assert str(agent["pid"]) in "".join(lines) and ns in "".join(lines)  # the emulate output lists them too
+
+        os.kill(agent["pid"], signal.SIGKILL)
+        again = _next_hello(hellos, monitor, lambda b: b.started_at != first.started_at)
+        assert again.started_at > first.started_at and again.device_class == "pi4"
+        (after,) = _fleet_ps(stack.run_dir)["agents"]
+        assert after["restarts"] == 1 and after["state"] == "running" and after["pid"] != agent["pid"]
+        assert (after["netns"], after["cgroups"]) == (ns, cgroups)
+        pid = after["pid"]
+        membership = own_cgroups(Path(f"/proc/{pid}/cgroup"))
+        assert membership["cpu"] == f"hemu-{tag}-0" and membership["memory"] == f"hemu-{tag}-0"
+        identify = subprocess.run(["ip", "netns", "identify", str(pid)], capture_output=True, text=True)
+        assert identify.stdout.split() == [ns]
+    finally:
+        monitor.close()
+        proc.send_signal(signal.SIGINT)
+        output = "".join(lines) + proc.communicate(timeout=60)[0]
+    assert proc.returncode == 0, output
+    assert f"device failure: {dev} (pi4): killed (SIGKILL)" in output and "starting it again in 1 s" in output, output
+    assert f"device restarted: {dev} (pid {pid}" in output, output
+    assert leftovers(tag) == [] and not (stack.run_dir / "emulate" / STATE_FILE).exists()
+
+
+@needs_root
+@pytest.mark.slow
+def test_fleet_emulate_no_restart_leaves_a_killed_agent_dead(stack, tmp_path):
+    assert stack.info is not None
+    proc, lines, tag = _start_emulate(stack, "--profile", "pi4:1", "--id-prefix", "dead-", "--no-restart",
+                                      "--link", "agent", "--no-memory")
+    try:
+        (agent,) = _fleet_ps(stack.run_dir)["agents"]
+        os.kill(agent["pid"], signal.SIGKILL)
+        output = "".join(lines) + proc.communicate(timeout=60)[0]  # its only agent is gone for good: it ends
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            proc.communicate(timeout=60)
+    assert proc.returncode == 0, output
+    assert "device failure: dead-pi4-0 (pi4): killed (SIGKILL)" in output and "device restarted" not in output, output
+    assert "starting it again" not in output and "1 agent process(es) failed" in output, output
     assert leftovers(tag) == []

@@ -62,8 +62,8 @@ def test_the_peak_is_scaled_from_the_measured_model_by_what_a_step_needs():
     assert AGENT_FOOTPRINT.reference_step_bytes == reference
     assert AGENT_FOOTPRINT.peak_bytes(reference) == AGENT_FOOTPRINT.peak_rss_bytes
     assert AGENT_FOOTPRINT.peak_bytes(None) == AGENT_FOOTPRINT.peak_rss_bytes
-    half = AGENT_FOOTPRINT.peak_bytes(reference // 2)
-    assert half == AGENT_FOOTPRINT.idle_rss_bytes + (AGENT_FOOTPRINT.peak_rss_bytes - AGENT_FOOTPRINT.idle_rss_bytes) // 2
+    idle, peak = AGENT_FOOTPRINT.idle_rss_bytes, AGENT_FOOTPRINT.peak_rss_bytes
+    assert AGENT_FOOTPRINT.peak_bytes(reference // 2) == idle + (peak - idle) // 2
 
 
 def _announce_hello(port: int, device: str, memory_bytes: int) -> BrokerClient:
