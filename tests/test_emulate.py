@@ -108,6 +108,7 @@ def _crashing_fleet(tmp_path: Path, profile=None, restart: bool = True) -> tuple
     profiles = None if profile is None else {profile.name: profile}
     (plan,) = plan_fleet([(profile.name if profile else "pi4", 1)], host, compute="pacing", link="agent",
                          memory=False, profiles=profiles)
+    tmp_path.mkdir(parents=True, exist_ok=True)
     fleet = EmulatedFleet([plan], ("127.0.0.1", 1), tmp_path, restart=restart)
 
     def launch() -> subprocess.Popen[bytes]:
@@ -144,6 +145,27 @@ def test_the_supervisor_restarts_an_ended_agent_with_back_off(tmp_path):
     assert p.delay_s == 1.0
     fleet.stop()
     assert not (tmp_path / STATE_FILE).exists()
+
+
+def test_fleet_ps_lists_the_agents_and_refuses_a_missing_or_stale_state(tmp_path):
+    from typer.testing import CliRunner
+
+    from testbed.cli import app
+
+    result = CliRunner().invoke(app, ["fleet", "ps", "--stack", str(tmp_path)])
+    assert result.exit_code == 2 and "no emulated fleet runs against" in result.output
+    assert "harmony fleet emulate --stack" in result.output
+    fleet, p = _crashing_fleet(tmp_path / "emulate")
+    fleet.write_state()
+    result = CliRunner().invoke(app, ["fleet", "ps", "--stack", str(tmp_path), "--json"])
+    assert result.exit_code == 0, result.output
+    (agent,) = json.loads(result.output)["agents"]
+    assert agent["pid"] == p.proc.pid and agent["devices"] == ["pi4-0"] and agent["state"] == "ended"
+    state = json.loads((tmp_path / "emulate" / STATE_FILE).read_text())
+    state["supervisor_pid"] = 2**22 + 1  # above pid_max: no such process
+    (tmp_path / "emulate" / STATE_FILE).write_text(json.dumps(state))
+    result = CliRunner().invoke(app, ["fleet", "ps", "--stack", str(tmp_path)])
+    assert result.exit_code == 2 and "no longer running" in result.output
 
 
 def test_without_restarts_an_ended_agent_stays_a_failure(tmp_path):
@@ -488,11 +510,12 @@ def test_fleet_emulate_restarts_a_killed_agent_inside_its_namespace_and_cgroups(
     again (a new hello.started_at); `fleet ps` and the emulate output list its PIDs, namespace and
     cgroups."""
     assert stack.info is not None
-    dev = "sup-pi4-0"
+    dev = "sup-pi-zero-2-0"  # the slowest class: emulated with a CPU quota even on a host under heavy load
     monitor = BrokerClient(f"test-{uuid.uuid4().hex[:6]}", *stack.info.mqtt, clean_start=True, session_expiry_s=0)
     monitor.connect()
     hellos = monitor.subscribe(monitor.topics.hello(dev))
-    proc, lines, tag = _start_emulate(stack, "--profile", "pi4:1", "--id-prefix", "sup-")
+    proc, lines, tag = _start_emulate(stack, "--profile", "pi-zero2:1", "--id-prefix", "sup-",
+                                      "--compute", "cgroup+pacing")
     try:
         first = _next_hello(hellos, monitor, lambda b: True)
         (agent,) = _fleet_ps(stack.run_dir)["agents"]
@@ -504,7 +527,7 @@ def test_fleet_emulate_restarts_a_killed_agent_inside_its_namespace_and_cgroups(
 
         os.kill(agent["pid"], signal.SIGKILL)
         again = _next_hello(hellos, monitor, lambda b: b.started_at != first.started_at)
-        assert again.started_at > first.started_at and again.device_class == "pi4"
+        assert again.started_at > first.started_at and again.device_class == "pi_zero_2"
         (after,) = _fleet_ps(stack.run_dir)["agents"]
         assert after["restarts"] == 1 and after["state"] == "running" and after["pid"] != agent["pid"]
         assert (after["netns"], after["cgroups"]) == (ns, cgroups)
@@ -518,7 +541,8 @@ def test_fleet_emulate_restarts_a_killed_agent_inside_its_namespace_and_cgroups(
         proc.send_signal(signal.SIGINT)
         output = "".join(lines) + proc.communicate(timeout=60)[0]
     assert proc.returncode == 0, output
-    assert f"device failure: {dev} (pi4): killed (SIGKILL)" in output and "starting it again in 1 s" in output, output
+    assert f"device failure: {dev} (pi_zero_2): killed (SIGKILL)" in output, output
+    assert "starting it again in 1 s" in output, output
     assert f"device restarted: {dev} (pid {pid}" in output, output
     assert leftovers(tag) == [] and not (stack.run_dir / "emulate" / STATE_FILE).exists()
 
