@@ -15,7 +15,9 @@ decides how each limit is enforced on this host, and says so (:func:`plan_fleet`
   the agent raises it whenever it, not the class, holds a step up (a loaded host:
   ``edge_agent.emulation.QuotaGovernor``): it only caps. ``--compute cgroup`` is the quota alone,
   ``--compute pacing`` (the default without root) the pacing alone. A class faster than one host
-  core cannot be emulated: it runs unthrottled at the host's speed and the table says so.
+  core (as measured at start-up) gets the pacing without a quota: it holds the class whenever the
+  host is faster than measured, and the device runs at the host's speed otherwise (the table and
+  the agent's log say so; with ``--compute cgroup`` it is not emulated at all).
 - **uplink/downlink**: ``tc tbf`` in a network namespace of the device's own (a veth pair; tbf on
   the namespace side shapes the uplink, on the host side the downlink) where root and ``ip netns``
   work, else token buckets in the agent. The broker is reached through a TCP relay on the host
@@ -193,6 +195,7 @@ class ClassPlan:
     memory: bool  # cgroup memory limit
     cpus: float | None  # the CPU quota per device (compute == "cgroup")
     note: str = ""
+    beyond_host: bool = False  # the class is faster than one host core as measured at start-up
 
     @property
     def per_process(self) -> bool:
@@ -216,7 +219,7 @@ class ClassPlan:
         compute = {"cgroup+pacing": f"cgroup quota {self.cpus or 0:.3f} CPU, raised if it binds + agent pacing "
                                     f"({rate})",
                    "cgroup": f"cgroup quota {self.cpus or 0:.3f} CPU ({rate})",
-                   "pacing": f"agent pacing ({rate})",
+                   "pacing": f"agent pacing ({rate}{'; beyond one host core' if self.beyond_host else ''})",
                    "host": "not emulated: host speed"}[self.compute]
         link = (f"tc tbf in a netns ({p.uplink_bps / 1e6:g}/{p.downlink / 1e6:g} Mbit/s up/down)"
                 if self.link == "netns" else f"agent token bucket ({p.uplink_bps / 1e6:g}/{p.downlink / 1e6:g} "
@@ -259,14 +262,21 @@ def plan_fleet(requests: list[tuple[str, int]], host: Host, *, compute: str = "a
         note = ""
         cpus = None
         if p.compute_flops >= host.training_flops:
-            note = (f"{name} ({p.compute_flops / 1e9:g} GFLOP/s) is faster than one core of this host "
-                    f"({host.training_flops / 1e9:.1f} GFLOP/s): it runs at host speed, unthrottled")
-            method = "host"
+            # a quota cannot help (it only slows down); the pacing still holds the class whenever the
+            # host turns out faster than this start-up measurement, and costs nothing when it is not
+            paced = method.endswith("pacing")
+            note = (f"{name} ({p.compute_flops / 1e9:g} GFLOP/s) is faster than one core of this host as measured "
+                    f"at start-up ({host.training_flops / 1e9:.1f} GFLOP/s): "
+                    + ("paced without a quota; whenever the host is slower it runs at host speed, below its class "
+                       "(the agents log `the host is too slow for class`)" if paced
+                       else "not emulated (--compute cgroup): it runs at host speed, unthrottled"))
+            method = "pacing" if paced else "host"
         elif method.startswith("cgroup"):
             headroom = QUOTA_HEADROOM if method == "cgroup+pacing" else 1.0
             cpus = max(headroom * p.compute_flops / host.training_flops, MIN_QUOTA_US / CFS_PERIOD_US)
         chosen_link = link if link != "auto" else ("netns" if host.netns else "agent")
-        plans.append(ClassPlan(p, devices, method, chosen_link, memory and host.memory_cgroup, cpus, note))
+        plans.append(ClassPlan(p, devices, method, chosen_link, memory and host.memory_cgroup, cpus, note,
+                               beyond_host=p.compute_flops >= host.training_flops))
     return plans
 
 
@@ -722,8 +732,8 @@ def oversubscription(plans: list[ClassPlan], cores: int) -> str | None:
     """A warning when the devices, all computing at once, need more CPU than the host has."""
     need = 0.0
     for plan in plans:
-        per_device = plan.cpus if plan.cpus is not None else (
-            1.0 if plan.compute == "host" else 0.0)  # pacing: the host's time of the paced work
+        per_device = plan.cpus if plan.cpus is not None else (  # pacing: the host's time of the paced work
+            1.0 if plan.beyond_host else 0.0)
         need += per_device * len(plan.devices)
     if need > cores:
         return (f"the CPU quotas add up to {need:.2f} CPUs on a {cores}-core host: devices computing at the same "

@@ -71,7 +71,10 @@ def test_plan_says_per_class_what_enforces_what_and_refuses_a_class_faster_than_
     assert pi4.compute == "cgroup+pacing" and pi4.link == "netns" and pi4.memory and pi4.per_process
     assert math.isclose(pi4.cpus, 1.5 * 10e9 / 30e9)
     assert pi4.row()["uplink"].startswith("tc tbf in a netns") and pi4.row()["memory"] == "cgroup 4096 MiB"
-    assert nano.compute == "host" and "faster than one core" in nano.note  # 35 GFLOP/s > 30
+    # 35 GFLOP/s > 30: paced without a quota (it holds the class whenever the host is faster than measured)
+    assert nano.compute == "pacing" and nano.cpus is None and nano.beyond_host and "faster than one core" in nano.note
+    (alone,) = plan_fleet([("jetson_nano", 1)], root, compute="cgroup")
+    assert alone.compute == "host" and "not emulated" in alone.note  # a quota alone cannot hold it
     plain = Host(root=False, cpu_cgroup=False, memory_cgroup=False, netns=False, training_flops=30e9)
     (zero,) = plan_fleet([("pi_zero_2", 3)], plain)
     assert (zero.compute, zero.link, zero.memory, zero.per_process) == ("pacing", "agent", False, False)
@@ -482,9 +485,14 @@ def _start_emulate(stack: LocalStack, *args: str) -> tuple[subprocess.Popen[str]
             assert line, "".join(lines)
             lines.append(line)
 
-    read_until("named hemu-")
-    read_until("┃ devices")  # the agents table, once they are started
-    read_until("└")
+    try:
+        read_until("named hemu-")
+        read_until("┃ devices")  # the agents table, once they are started
+        read_until("└")
+    except BaseException:
+        proc.send_signal(signal.SIGINT)  # it removes what it made
+        proc.communicate(timeout=60)
+        raise
     tag = re.search(r"named hemu-([0-9a-f]{4})-", "".join(lines)).group(1)
     return proc, lines, tag
 
