@@ -140,6 +140,13 @@ def test_the_modelled_latency_uses_the_measured_rates_and_the_results_name_the_c
         assert row["latency_ms"] == pytest.approx(1e3 * expected, rel=1e-12)
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
     assert saved["fleet"]["profiles"][0] == "jetson_nano"
+    # harmony report's device table: the class and the rates the latency model used
+    from testbed.report import write_run_report
+
+    write_run_report(tmp_path / "run", tsne=False)
+    page = (tmp_path / "run" / "report.html").read_text()
+    assert "<td>jetson_nano</td>" in page and "<td>31.00</td>" in page and "<td>88.0</td>" in page
+    assert "hello: conv 31.00 GFLOP/s (measured)" in page
 
 
 def test_the_agent_log_says_what_its_hello_said_and_the_host_benchmark_apart():
