@@ -134,6 +134,19 @@ def stop_load(procs: list[subprocess.Popen[bytes]]) -> None:
         proc.wait(10)
 
 
+QUOTA_LINE = re.compile(r"CPU quota of \S+ raised from ([0-9.]+) to ([0-9.]+) CPU")
+
+
+def final_quotas(run_dir: Path) -> dict[str, list[float]]:
+    """Class → the CPU quota each of its agents ended with, where the agent raised it."""
+    out: dict[str, list[float]] = {}
+    for log_file in sorted(run_dir.glob("agent-*.log")):
+        raised = QUOTA_LINE.findall(log_file.read_text(errors="replace"))
+        if raised:
+            out.setdefault(log_file.stem.split("-", 2)[2], []).append(float(raised[-1][1]))
+    return out
+
+
 def pacing_lines(run_dir: Path) -> dict[tuple[str, int], tuple[float, float, float]]:
     """(device, round) → (target, realised, host work) seconds per step, from the agents' logs."""
     out = {}
@@ -184,6 +197,7 @@ def measure_fleet(requests: list[tuple[str, int]], host: Host, rounds: int, step
                     meta = state.session_meta(r, rnd, dev)
                     per_step[dev].append(meta["device_compute_s"] / ex.steps(meta["index"]))
             paced = pacing_lines(fleet.run_dir)
+            quotas = final_quotas(fleet.run_dir)
         finally:
             stop_load(competing)
             fleet.stop()
@@ -206,7 +220,7 @@ def measure_fleet(requests: list[tuple[str, int]], host: Host, rounds: int, step
         else:
             verdict = "outside ±15 %"
         rows.append({"load": load, "class": p.name, "devices": len(plan.devices), "compute": plan.compute,
-                     "cpus": plan.cpus, "target_step_s": target, "step_ratio": statistics.median(ratios),
+                     "cpus": plan.cpus, "raised_cpus": quotas.get(p.name, []), "target_step_s": target, "step_ratio": statistics.median(ratios),
                      "step_ratio_range": [min(ratios), max(ratios)],
                      "host_work_s": statistics.median(work) if work else None, "verdict": verdict})
     return rows
@@ -218,14 +232,16 @@ def main_fleet(args: argparse.Namespace, host: Host) -> None:
     rows = []
     for load in (0, args.load) if args.load else (0,):
         rows += measure_fleet(requests, host, args.rounds, args.steps, args.width, args.depth, load)
-    print("| competing load | class | devices | compute | measured / expected step (range) | host work s/step "
-          "| verdict |")
+    print("| competing load | class | devices | compute (quota: start → raised to) | measured / expected step "
+          "(range) | host work s/step | verdict |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         lo, hi = r["step_ratio_range"]
         work = "-" if r["host_work_s"] is None else f"{r['host_work_s']:.3f} (target {r['target_step_s']:.3f})"
-        print(f"| {r['load']} process(es) | {r['class']} | {r['devices']} | {r['compute']} | {r['step_ratio']:.3f} "
-              f"({lo:.3f}-{hi:.3f}) | {work} | {r['verdict']} |")
+        quota = "" if r["cpus"] is None else f" ({r['cpus']:.3f} CPU" + (
+            f" → {', '.join(f'{c:.3f}' for c in r['raised_cpus'])})" if r["raised_cpus"] else ")")
+        print(f"| {r['load']} process(es) | {r['class']} | {r['devices']} | {r['compute']}{quota} | "
+              f"{r['step_ratio']:.3f} ({lo:.3f}-{hi:.3f}) | {work} | {r['verdict']} |")
     print(json.dumps({"bench": "emulation_accuracy_fleet", "host_training_gflops": host.training_flops / 1e9,
                       "fleet": args.fleet, "seconds": time.perf_counter() - t0, "rows": rows}))
 
@@ -242,9 +258,11 @@ def main() -> None:
     ap.add_argument("--fleet", default=None, help="CLASS:N,... run this fleet at once (module docstring)")
     ap.add_argument("--load", type=int, default=0, help="with --fleet: also run it beside this many competing "
                     "CPU-bound processes")
+    ap.add_argument("--host-gflops", type=float, default=None, help="size the CPU quotas as if one host core "
+                    "trained at this rate (e.g. an idle host's, while this one is loaded) instead of measuring it")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    host = detect_host()
+    host = detect_host(None if args.host_gflops is None else args.host_gflops * 1e9)
     print(f"host: {host.describe()}", file=sys.stderr)
     if args.fleet:
         main_fleet(args, host)
