@@ -220,7 +220,8 @@ def measure_fleet(requests: list[tuple[str, int]], host: Host, rounds: int, step
         else:
             verdict = "outside ±15 %"
         rows.append({"load": load, "class": p.name, "devices": len(plan.devices), "compute": plan.compute,
-                     "cpus": plan.cpus, "raised_cpus": quotas.get(p.name, []), "target_step_s": target, "step_ratio": statistics.median(ratios),
+                     "cpus": plan.cpus, "raised_cpus": quotas.get(p.name, []), "target_step_s": target,
+                     "step_ratio": statistics.median(ratios),
                      "step_ratio_range": [min(ratios), max(ratios)],
                      "host_work_s": statistics.median(work) if work else None, "verdict": verdict})
     return rows
