@@ -223,6 +223,7 @@ class Device:
         self.device_class = device_class
         self.limits = limits
         self.governor = governor if limits is not None and limits.compute_flops is not None else None
+        self._pacer: StepPacer | None = None
         creds = credentials or Credentials()
         # a clean session on this process's first connect (what the broker queued for an earlier
         # process of this device is stale), the persistent one on every reconnect
@@ -441,7 +442,10 @@ class Device:
         deadline = time.monotonic() + self.session_timeout_s
         up = self.topics.up(self.id)
         clock, t0 = PhaseClock(), time.perf_counter()
-        pacer = StepPacer(self._step_target_s(plan))
+        target_s = self._step_target_s(plan)
+        if self._pacer is None or self._pacer.target_s != target_s:  # the loop carries on across rounds
+            self._pacer = StepPacer(target_s)
+        pacer = self._pacer
         for step in range(rs.steps):
             with clock("compute"), self._paced(), pacer.phase():
                 features = side.begin_step(step)

@@ -600,7 +600,7 @@ class EmulatedFleet:
             self._launch(p)
             p.restarts += 1
             restarted.append((p.devices, p.proc.pid))
-            log.warning("devices %s (%s): started again (restart %d, pid %d)%s", ", ".join(p.devices),
+            log.info("devices %s (%s): started again (restart %d, pid %d)%s", ", ".join(p.devices),
                         p.plan.profile.name, p.restarts, p.proc.pid, f" in namespace {p.netns}" if p.netns else "")
         if restarted:
             self.write_state()
@@ -649,7 +649,8 @@ class EmulatedFleet:
             if p.restart_at is not None:
                 reason += f"; starting it again in {p.delay_s:g} s"
             self._failures.append(Failure(p.devices, p.plan.profile.name, reason))
-            log.error("devices %s (%s): %s", ", ".join(p.devices), p.plan.profile.name, reason)
+            # info: the caller reports it (``fleet emulate`` prints it once, from ``run_fleet``'s callback)
+            log.info("devices %s (%s): %s", ", ".join(p.devices), p.plan.profile.name, reason)
         if ended and self._procs and self.run_dir.is_dir():
             self.write_state()
         return list(self._failures)

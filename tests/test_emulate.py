@@ -550,6 +550,7 @@ def test_fleet_emulate_restarts_a_killed_agent_inside_its_namespace_and_cgroups(
         output = "".join(lines) + proc.communicate(timeout=60)[0]
     assert proc.returncode == 0, output
     assert f"device failure: {dev} (pi_zero_2): killed (SIGKILL)" in output, output
+    assert output.count("killed (SIGKILL)") == 1 and output.count("started again") == 0, output  # said once
     assert "starting it again in 1 s" in output, output
     assert f"device restarted: {dev} (pid {pid}" in output, output
     assert leftovers(tag) == [] and not (stack.run_dir / "emulate" / STATE_FILE).exists()
