@@ -293,10 +293,22 @@ def test_two_classes_run_at_their_rates_and_get_different_depths(stack, tmp_path
                                 bits_per_element=cfg.eval.bits_per_element,
                                 compute_flops=get_profile(cls).compute_flops, uplink_bps=1.0).compute_s
             per_step = meta["device_compute_s"] / steps
-            assert abs(per_step / target - 1) < TOLERANCE, (dev, per_step, target)
+            # the class's step time, or — where the host's work alone took longer (a loaded host) —
+            # the agent saying plainly that the host is too slow for the class
+            pacing = re.search(rf"device {dev} round 1 pacing: target ([0-9.]+) s/step, realised [0-9.]+, host work "
+                               rf"([0-9.]+)(; the host is too slow for class {cls})?", _agent_logs(fleet))
+            assert pacing is not None and float(pacing.group(1)) == pytest.approx(target, abs=1e-4)
+            if float(pacing.group(2)) > target:
+                assert pacing.group(3) is not None and per_step > target, (dev, pacing.group(0))
+            else:
+                assert abs(per_step / target - 1) < TOLERANCE, (dev, per_step, target, pacing.group(0))
     finally:
         fleet.stop()
     assert leftovers(fleet.tag) == []
+
+
+def _agent_logs(fleet: EmulatedFleet) -> str:
+    return "".join(p.log.read_text(errors="replace") for p in fleet._procs)
 
 
 @needs_root
@@ -410,16 +422,18 @@ def tls_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
 @needs_root
 @pytest.mark.slow
 def test_the_command_enforces_a_cpu_quota_over_tls_trains_and_cleans_up(tls_stack, tmp_path):
-    """`harmony fleet emulate --profile pi4:1 --stack DIR` against a `harmony up --tls` stack, on this
-    host's defaults: the table names the methods (cgroup quota + pacing, tc tbf in a netns, memory
-    cgroup); the device gets its credentials in the stack's store and connects over TLS with its
-    own client certificate through its namespace; its agent runs in its quota's cgroup, the kernel
-    throttles it there and its hello reports that quota and the class's memory; a distributed round
-    over TLS trains it; after SIGINT no cgroup, namespace or veth of the fleet is left."""
+    """`harmony fleet emulate --profile pi-zero2:1 --stack DIR` against a `harmony up --tls` stack, on
+    this host's defaults: the table names the methods (cgroup quota + pacing, tc tbf in a netns,
+    memory cgroup); the device gets its credentials in the stack's store and connects over TLS with
+    its own client certificate through its namespace; its agent runs in its quota's cgroup, the
+    kernel throttles it there and its hello reports that quota (as the table gave it, or raised by
+    the agent where it held the class back on a loaded host) and the class's memory; a distributed
+    round over TLS trains it; after SIGINT no cgroup, namespace or veth of the fleet is left. (The
+    slowest class: a quota even on a host under heavy load.)"""
     info = tls_stack.info
     assert info is not None and info.tls
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "COLUMNS": "250"}
-    proc = subprocess.Popen([sys.executable, "-m", "testbed.cli", "fleet", "emulate", "--profile", "pi4:1",
+    proc = subprocess.Popen([sys.executable, "-m", "testbed.cli", "fleet", "emulate", "--profile", "pi-zero2:1",
                              "--stack", str(tls_stack.run_dir), "--id-prefix", "cli-"], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO_ROOT)
     lines: list[str] = []
@@ -435,13 +449,14 @@ def test_the_command_enforces_a_cpu_quota_over_tls_trains_and_cleans_up(tls_stac
                               tls=info.service_tls("orchestrator"), clean_start=True, session_expiry_s=0)
         client.connect()
         try:
-            hello = online_profiles(client, 1, timeout=60)["cli-pi4-0"]
+            hello = online_profiles(client, 1, timeout=120)["cli-pi-zero-2-0"]
         finally:
             client.close()
         cgroup = Path(f"/sys/fs/cgroup/cpu/hemu-{tag}-0")
         quota = int((cgroup / "cpu.cfs_quota_us").read_text()) / int((cgroup / "cpu.cfs_period_us").read_text())
-        assert hello["cpus"] == pytest.approx(quota, rel=1e-3) and quota < 1
-        assert hello["memory_bytes"] == get_profile("pi4").memory_bytes
+        planned = float(re.search(r"cgroup quota ([0-9.]+) CPU", "".join(lines)).group(1))
+        assert hello["cpus"] == pytest.approx(quota, rel=1e-3) and planned - 1e-3 <= quota <= 1.0
+        assert hello["memory_bytes"] == get_profile("pi_zero_2").memory_bytes
         throttled = dict(line.split() for line in (cgroup / "cpu.stat").read_text().splitlines())
         assert int(throttled["nr_throttled"]) > 0  # the sustained hello benchmark ran into the quota
 
@@ -460,7 +475,7 @@ def test_the_command_enforces_a_cpu_quota_over_tls_trains_and_cleans_up(tls_stac
         output = "".join(lines) + proc.communicate(timeout=30)[0]
     assert proc.returncode == 0, output
     assert "cgroup quota" in output and "agent pacing" in output and "tc tbf in a netns" in output, output
-    assert "cgroup 4096 MiB" in output and "over TLS" in output, output
+    assert "cgroup 512 MiB" in output and "over TLS" in output, output
     assert leftovers(tag) == []
 
 
