@@ -18,7 +18,7 @@ from pathlib import Path
 from broker.client import TlsSettings, tls_settings
 from broker.topics import Topics
 from edge_agent.agent import STOP_DUMP_S, Agent, Credentials, device_path
-from edge_agent.emulation import LIMITS, DeviceLimits
+from edge_agent.emulation import LIMITS, DeviceLimits, QuotaGovernor
 from edge_agent.logs import LOG_LEVELS, configure_logging, parse_log_level
 
 
@@ -111,15 +111,18 @@ def main(argv: list[str] | None = None) -> None:
         device_class, limits = device_limits(args.device_class, args.emulate, args.emulate_limits, args.profiles)
     except (ValueError, OSError) as err:
         ap.error(str(err))
+    governor = None
     for cgroup in args.join_cgroup:
         try:
             (cgroup / "cgroup.procs").write_text(f"{os.getpid()}\n")
         except OSError as err:
             ap.error(f"--join-cgroup {cgroup}: {err}")
+        if limits is not None and limits.compute_flops is not None and (cgroup / "cpu.cfs_quota_us").exists():
+            governor = QuotaGovernor(cgroup)  # a quota beside the pacing: it may only cap, never slow the class
     Agent(host, port, args.device_id, topics=Topics(args.topic_prefix),
           credentials=read_credentials(args.credentials, args.device_id), tls=tls, cache_dir=args.cache_dir,
           data_dir=args.data_dir, slowdown=args.slowdown, corrupt_features=args.corrupt_features,
-          device_class=device_class, limits=limits).run(dump_after_stop_s=STOP_DUMP_S)
+          device_class=device_class, limits=limits, governor=governor).run(dump_after_stop_s=STOP_DUMP_S)
 
 
 def device_limits(device_class: str | None, emulate: bool, enforce: str, profiles: Path | None = None

@@ -79,7 +79,7 @@ from broker.schemas import (
     RoundStart,
 )
 from broker.topics import Topics
-from edge_agent.emulation import DeviceLimits, StepPacer
+from edge_agent.emulation import QUOTA_SLACK, DeviceLimits, QuotaGovernor, StepPacer, next_quota
 from edge_agent.probe import cpu_quota_cpus, kernel_rates, probe_hello, probe_link
 from harmony.assignment import step_needs
 from harmony.data.device_rows import board_data_share
@@ -95,6 +95,21 @@ STOP_DUMP_S = 15.0
 COMMAND_KINDS = ("assign", "round_start", "personalise", "evaluate", "cancel", "stop")
 REQUEST_REFUSALS = ("bad_request", "bad_schema")
 """Error codes that refuse a device's own request; the others answer a copy or a forgery."""
+
+
+def registration_line(device_id: str, hello: Hello, limits: DeviceLimits | None = None) -> str:
+    """The log line of a device's registration: what its ``hello`` says — the training rates it
+    measured per kind of layer (what ``fleet.assignment: measured`` decides from; paced to its class
+    under ``--emulate``), its link, its cgroup-bounded CPUs and memory — and, apart, the host's
+    unpaced matmul benchmark (``hello.gflops``), which is no figure of an emulated class."""
+    rates = ", ".join(f"{kind} {rate / 1e9:.2f}" for kind, rate in (hello.rates or {}).items()) or "none measured"
+    paced = ""
+    if limits is not None and limits.compute_flops is not None:
+        paced = f", paced to {limits.profile.name}'s {limits.compute_flops / 1e9:g}"
+    cpus = "" if hello.cpus is None else f", {hello.cpus:.2f} CPUs"
+    return (f"device {device_id}: registered with {hello.cores} core(s){cpus}, {hello.memory_bytes >> 20} MiB, "
+            f"training rates {rates} GFLOP/s (measured{paced}), uplink {hello.uplink_bps / 1e6:.1f} Mbit/s, round "
+            f"trip {hello.rtt_ms:.1f} ms; the host's unpaced matmul benchmark: {hello.gflops:.1f} GFLOP/s")
 
 
 class Restart(Exception):
@@ -124,15 +139,24 @@ class SharedRuntime:
         self._link: tuple[float, float] | None = None
 
     def measure(self, slowdown: float, publish: Callable[[bytes], None], pace_flops: float | None = None,
-                sustained_s: float = 0.0, probe_bytes: int | None = None) -> tuple[dict[str, float], float, float]:
+                sustained_s: float = 0.0, probe_bytes: int | None = None, governor: QuotaGovernor | None = None
+                ) -> tuple[dict[str, float], float, float]:
         """``(rates, rtt_ms, uplink_bps)`` for a device's ``hello``: the layer rates of a device
         ``slowdown`` times slower than the host (paced to ``pace_flops``, timed over ``sustained_s``
         under a CPU quota: ``kernel_rates``), and the link, each measured once per process (the
-        devices of one process share the host, its class and its link)."""
+        devices of one process share the host, its class and its link). With a ``governor`` (a CPU
+        quota beside the pacing), a quota that held the paced conv rate below the class is raised
+        and the rates measured again, as a training step would have it raised."""
         with self._measure_lock:
             key = (slowdown, pace_flops, sustained_s)
             if key not in self._rates:
                 self._rates[key] = kernel_rates(slowdown, pace_flops=pace_flops, sustained_s=sustained_s)
+                # below QUOTA_SLACK of the class while throttled: the quota, not the pacing, set the pace
+                while (governor is not None and pace_flops is not None and governor.cpus < governor.ceiling_cpus
+                       and governor.throttled() and self._rates[key]["conv"] < QUOTA_SLACK * pace_flops):
+                    governor.set_cpus(next_quota(governor.cpus, work_s=1.0, target_s=1.0, throttled=True,
+                                                 ceiling_cpus=governor.ceiling_cpus))
+                    self._rates[key] = kernel_rates(slowdown, pace_flops=pace_flops, sustained_s=sustained_s)
             if self._link is None:
                 self._link = probe_link(publish) if probe_bytes is None else probe_link(publish, probe_bytes, 3)
             return self._rates[key], *self._link
@@ -193,10 +217,13 @@ class Device:
                  credentials: Credentials | None = None, tls: TlsSettings | None = None,
                  session_timeout_s: float = 600.0,
                  slowdown: float = 1.0, corrupt_features: bool = False, started_at: float | None = None,
-                 device_class: str | None = None, limits: DeviceLimits | None = None) -> None:
+                 device_class: str | None = None, limits: DeviceLimits | None = None,
+                 governor: QuotaGovernor | None = None) -> None:
         self.id, self.host, self.port, self.shared, self.topics = device_id, host, port, shared, topics
         self.device_class = device_class
         self.limits = limits
+        self.governor = governor if limits is not None and limits.compute_flops is not None else None
+        self._pacer: StepPacer | None = None
         creds = credentials or Credentials()
         # a clean session on this process's first connect (what the broker queued for an earlier
         # process of this device is stale), the persistent one on every reconnect
@@ -259,7 +286,7 @@ class Device:
         probe = LINK_PROBE_MAX_BYTES if self.limits is not None else None
         rates, rtt_ms, uplink_bps = self.shared.measure(
             self.slowdown, lambda payload: self.client.send(up, LinkProbe(payload=payload)).wait(30), pace, sustained,
-            probe)
+            probe, self.governor)
         return probe_hello(rtt_ms=rtt_ms, uplink_bps=uplink_bps, rates=rates, device_class=self.device_class)
 
     # ------------------------------------------------------------------------------- loop
@@ -281,8 +308,7 @@ class Device:
             self.err = self.client.subscribe(self.topics.err(self.id))
             hello = dataclasses.replace(self._hello(), started_at=self.started_at, data_share=self.shared.data_share)
             self.client.announce(self.topics.hello(self.id), hello)  # again after every reconnect
-            log.info("device %s: registered with %d core(s), %.2f CPUs, %d MiB, %.1f GFLOP/s", self.id, hello.cores,
-                     hello.cpus, hello.memory_bytes >> 20, hello.gflops)
+            log.info("%s", registration_line(self.id, hello, self.limits))
             self.client.publish_status("idle")
             pending: Envelope | None = None
             while not self.stop_event.is_set():
@@ -416,7 +442,10 @@ class Device:
         deadline = time.monotonic() + self.session_timeout_s
         up = self.topics.up(self.id)
         clock, t0 = PhaseClock(), time.perf_counter()
-        pacer = StepPacer(self._step_target_s(plan))
+        target_s = self._step_target_s(plan)
+        if self._pacer is None or self._pacer.target_s != target_s:  # the loop carries on across rounds
+            self._pacer = StepPacer(target_s)
+        pacer = self._pacer
         for step in range(rs.steps):
             with clock("compute"), self._paced(), pacer.phase():
                 features = side.begin_step(step)
@@ -436,10 +465,16 @@ class Device:
                 with pacer.phase():
                     side.on_feature_grad(restore_layout(grad.body, cfg.model.channels_last))
                 pacer.finish()
+            if self.governor is not None and pacer.target_s > 0:
+                self.governor.after_step(pacer.last_work_s, pacer.target_s)
         split = clock.seconds()
         log.info("device %s round %d: %d steps in %.2f s (device compute %.2f, waiting for the server %.2f, "
                  "sending %.2f); compute cpu %.4f s", self.id, rnd, rs.steps, time.perf_counter() - t0,
                  split["compute"], split["wait"], split["send"], clock.cpu_seconds()["compute"])
+        if pacer.target_s > 0:
+            log.info("device %s round %d pacing: target %.4f s/step, realised %.4f, host work %.4f%s", self.id, rnd,
+                     pacer.target_s, pacer.realised_s, pacer.work_s,
+                     f"; the host is too slow for class {self.device_class}" if pacer.host_too_slow else "")
         self._upload(session_upload_bytes(side.state(), side.stats.vector(), split["compute"]), rnd)
         self.client.publish_status("idle", f"round {rnd} done")
 
@@ -510,7 +545,7 @@ class Agent:
                  credentials: dict[str, Credentials] | None = None, tls: TlsSettings | None = None,
                  cache_dir: str | None = None, data_dir: str | None = None, slowdown: float = 1.0,
                  corrupt_features: bool = False, device_class: str | None = None,
-                 limits: DeviceLimits | None = None) -> None:
+                 limits: DeviceLimits | None = None, governor: QuotaGovernor | None = None) -> None:
         self.shared = SharedRuntime(BlobCache(cache_dir, max_entries=4 * len(device_ids) + 8), device_ids, data_dir)
         topics = topics or Topics()
         creds = credentials or {}
@@ -519,7 +554,7 @@ class Agent:
             log.info("emulating class %s in the agent: %s", limits.profile.name, limits.describe())
         self.devices = [Device(d, host, port, self.shared, topics=topics, credentials=creds.get(d),
                                tls=device_tls(tls, d), slowdown=slowdown, corrupt_features=corrupt_features,
-                               started_at=started_at, device_class=device_class, limits=limits)
+                               started_at=started_at, device_class=device_class, limits=limits, governor=governor)
                         for d in device_ids]
 
     def run(self, dump_after_stop_s: float | None = None) -> None:

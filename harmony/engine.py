@@ -312,7 +312,7 @@ class Engine:
             self.progress("evaluation_incomplete", missing=missing)
         for i, ev in evaluations.items():
             depth = ex.depths[i]
-            profile = profiles[ex.profiles[i]]
+            profile = ex.client_profile(i)  # its measured figures where its hello decided its depth
             rows = []
             for s in ev.scores:
                 chosen = s.policy(headline)
@@ -332,7 +332,9 @@ class Engine:
                                         "offload_probability": p.offload_probability}
                                  for name, p in s.all_policies().items()},
                 })
-            per_client.append({"client": i, "split_depth": depth, "profile": ex.profiles[i], "rho": rows})
+            per_client.append({"client": i, "split_depth": depth, "profile": ex.profiles[i],
+                               "compute_flops": profile.compute_flops, "uplink_bps": profile.uplink_bps,
+                               "figures": profile.source, "rho": rows})
 
         def mean_of(key: str, scale: float = 1.0) -> list[float]:
             return [scale * float(np.mean([c["rho"][k][key] for c in per_client])) for k in range(len(rhos))]

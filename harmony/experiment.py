@@ -45,7 +45,7 @@ from harmony.evaluate import (
 )
 from harmony.latency import assign_profiles_by_depth, session_time_s
 from harmony.models import ClientModel, DepthCost, MultiExitNet, ServerModel, build_model, cost_table
-from harmony.profiles import load_profiles
+from harmony.profiles import DeviceProfile, load_profiles
 from harmony.rounds import load_trace
 from harmony.seeding import numpy_rng, seeded_torch
 
@@ -184,6 +184,8 @@ class Experiment:
             raise PlanError(f"the plan has {len(self.samples)} client sample counts for fleet.num_clients = {n}")
         self.decisions: list[Decision] | None = None
         """Why each client has its depth, where the depths come from profiles or measurements."""
+        self.measurements: list[Measurement] | None = None
+        """What each client's device measured (its ``hello``), where the depths were decided from it."""
         if depths is None or profiles is None:
             depths, profiles = self._plan_depths()
         self.depths, self.profiles = list(depths), list(profiles)
@@ -305,10 +307,32 @@ class Experiment:
         """Every client's depth from its device's measurement (client ``i`` ↔ ``measurements[i]``)."""
         if len(measurements) != self.num_clients:
             raise PlanError(f"{len(measurements)} measurements for fleet.num_clients = {self.num_clients}")
+        self.measurements = list(measurements)
         self.decisions = [self.decide(m) for m in measurements]
         for i, decision in enumerate(self.decisions):
             self.set_depth(i, decision.depth)
         return self.decisions
+
+    def record_classes(self, classes: list[str | None]) -> None:
+        """Each client's device class as its device reported it (``hello.device_class``; client ``i`` ↔
+        ``classes[i]``), in place of the by-depth guess from ``eval.client_profiles``, which is kept
+        only for a device that named no class (decided again now that the depths are known)."""
+        if len(classes) != self.num_clients:
+            raise PlanError(f"{len(classes)} device classes for fleet.num_clients = {self.num_clients}")
+        guessed = assign_profiles_by_depth(self.depths, self.cfg.eval.client_profiles)
+        self.profiles = [cls if cls else guess for cls, guess in zip(classes, guessed, strict=True)]
+
+    def client_profile(self, client: int) -> DeviceProfile:
+        """The figures the latency model and the simulated clock use for ``client``: its device's
+        measured compute rate and uplink where its depth was decided from its measurement (its
+        ``hello``: :meth:`assign_measured`), else its class's (``harmony/profiles.yaml``)."""
+        name = self.profiles[client]
+        table = load_profiles()
+        m = None if self.measurements is None else self.measurements[client]
+        if m is None:
+            return table[name]
+        base = table.get(name) or DeviceProfile(name, m.compute_flops, m.uplink_bps, m.memory_bytes, 1, m.source)
+        return replace(base, compute_flops=m.compute_flops, uplink_bps=m.uplink_bps, source=m.source)
 
     def set_depth(self, client: int, depth: int) -> None:
         """Move ``client`` to split depth ``depth`` (an allowed one)."""
@@ -349,7 +373,7 @@ class Experiment:
         clock; also what ``fleet.deadline_slack`` scales)."""
         profiles = load_profiles()
         return session_time_s(self.costs[self.depths[client]], self.steps(client), self.cfg.train.batch_size,
-                              self.algorithm.batches_per_step, profiles[self.profiles[client]],
+                              self.algorithm.batches_per_step, self.client_profile(client),
                               profiles[self.cfg.eval.server_profile].compute_flops, self.cfg.eval.bits_per_element)
 
     def context(self, rnd: int, client: int) -> SessionContext:

@@ -166,9 +166,14 @@ class MqttCeleryFleet:
         """``fleet.assignment: measured``: each device's depth from the resources its ``hello`` measured."""
         family = self.cfg.model.family
         measurements = [from_hello(dev, self.registry.profiles[dev], family) for dev in self.device_ids]
-        for decision in self.experiment.assign_measured(measurements):
-            log.info("device %s: %s", decision.device, decision.reason)
-            state.event(self.r, "depth_assigned", device=decision.device, depth=decision.depth,
+        decisions = self.experiment.assign_measured(measurements)
+        # each client's class as its device says it is, not a guess from its depth (the results, the
+        # events and the latency model name what trained)
+        self.experiment.record_classes([self.registry.profiles[dev].get("device_class") for dev in self.device_ids])
+        for decision, cls in zip(decisions, self.experiment.profiles, strict=True):
+            log.info("device %s (%s): %s", decision.device, cls, decision.reason)
+            state.event(self.r, "depth_assigned", device=decision.device, depth=decision.depth, device_class=cls,
+                        compute_flops=decision.measurement.compute_flops, uplink_bps=decision.measurement.uplink_bps,
                         reason=decision.reason[:500])
 
     def reassign(self, clients: list[int]) -> None:
@@ -259,7 +264,8 @@ class MqttCeleryFleet:
         self.r.delete(state.run_key())
         run_id = uuid.uuid4().hex
         self.r.hset(state.run_key(), mapping={"id": run_id, "manifest": self.manifest_sha, "last_round": 0})
-        state.event(self.r, "run_started", id=run_id, rounds=self.cfg.train.rounds, devices=self.device_ids)
+        state.event(self.r, "run_started", id=run_id, rounds=self.cfg.train.rounds, devices=self.device_ids,
+                    classes=self.experiment.profiles)
 
     def _resume_point(self) -> ResumePoint | None:
         """Where the run in Redis stands: the last done round's models, the latest upload of each
@@ -352,8 +358,11 @@ class MqttCeleryFleet:
             self.lease.release()
 
     def describe(self) -> dict[str, Any]:
-        # the training ran on the workers and devices, not in this process: no machine record
-        return {"devices": self.device_ids}
+        # the training ran on the workers and devices, not in this process: no machine record; what each
+        # device said of itself in its hello (its class and measured rates), in client order
+        keep = ("device_class", "rates", "uplink_bps", "rtt_ms", "cpus", "memory_bytes", "gflops")
+        hellos = [{k: self.registry.profiles.get(dev, {}).get(k) for k in keep} for dev in self.device_ids]
+        return {"devices": self.device_ids, "device_hellos": hellos}
 
     # ------------------------------------------------------------------------------ rounds
     def train(self, rnd: int, starts: dict[int, State], server_start: State, plan: RoundPlan

@@ -927,21 +927,27 @@ def fleet_plan(
 
 
 def _footprint_warnings(experiment: Any, rows: list[dict[str, Any]], measured: bool) -> list[str | None]:
-    """Per row, a warning when that device cannot hold the agent's measured peak memory
-    (testbed/footprint.py) — by its profile's agent budget, or by the memory its ``hello``
+    """Per row, a warning when that device cannot hold the agent's peak memory for the model it would
+    train (testbed/footprint.py) — by its profile's agent budget, or by the memory its ``hello``
     reported — else None."""
     from harmony.profiles import load_profiles
     from testbed.footprint import budget_bytes, memory_warning
 
     out = []
     profiles = load_profiles()
+    cfg = experiment.cfg
     for i, row in enumerate(rows):
+        # the peak of the model this device would train: its family and width at its depth
+        step = int(row["memory_bytes"])
+        model = f"{cfg.model.family} width {cfg.model.width:g} at depth {row['depth']}, batch {cfg.train.batch_size}"
         if measured:
-            warning = memory_warning(row["device"], int(row["available_memory_bytes"]), "memory reported in its hello")
+            warning = memory_warning(row["device"], int(row["available_memory_bytes"]), "memory reported in its hello",
+                                     step_bytes=step, model=model)
         else:
             name = experiment.profiles[i]
             warning = memory_warning(f"{row['device']} ({name})", budget_bytes(profiles[name]),
-                                     "agent memory budget" if profiles[name].agent_memory_bytes else "memory")
+                                     "agent memory budget" if profiles[name].agent_memory_bytes else "memory",
+                                     step_bytes=step, model=model)
         out.append(warning)
     return out
 
@@ -968,8 +974,12 @@ def fleet_emulate(
                                       "(`harmony up --tls`); a running --tls stack is used over TLS anyway")] = False,
     profiles_file: Annotated[Path | None, typer.Option("--profiles", help="a profiles YAML adding or overriding "
                                                        "classes (e.g. one with availability periods)")] = None,
+    restart: Annotated[bool, typer.Option("--restart/--no-restart", help="start an agent that crashed or was "
+                                          "killed again, inside its namespace and cgroups, with back-off (1 s "
+                                          "doubling to 30 s); --no-restart leaves it dead, to study dropouts")] = True,
 ) -> None:
-    """Run an emulated fleet whose devices are held to their class's compute, link, memory and availability."""
+    """Run an emulated fleet whose devices are held to their class's compute, link, memory and availability;
+    a device whose agent crashes or is killed is started again (see `harmony fleet ps`)."""
     from harmony.profiles import ProfileError, load_profiles
     from testbed.emulate import (
         EmulatedFleet,
@@ -1019,7 +1029,8 @@ def fleet_emulate(
     if warning:
         console.print(f"[yellow]note:[/yellow] {warning}")
     fleet = EmulatedFleet(plans, mqtt, stack_dir / "emulate", credentials=credentials, extra_agent_args=[
-        *agent_args, *(["--profiles", str(profiles_file.resolve())] if profiles_file is not None else [])])
+        *agent_args, *(["--profiles", str(profiles_file.resolve())] if profiles_file is not None else [])],
+        restart=restart)
     if agent_args:
         out_console.print("over TLS: each device with its own client certificate from the stack's credential store")
     out_console.print(f"devices: {', '.join(fleet.devices)}; agent logs in {stack_dir / 'emulate'}; cgroups and "
@@ -1027,12 +1038,72 @@ def fleet_emulate(
     if broker is None:
         register_devices(stack_dir, fleet.devices)  # `harmony run --stack` counts them
     try:
-        failures = run_fleet(fleet, duration_s=duration, on_failure=lambda f: console.print(
-            f"[red]device failure:[/red] {', '.join(f.devices)} ({f.device_class}): {f.reason}"))
+        failures = run_fleet(
+            fleet, duration_s=duration,
+            on_failure=lambda f: console.print(f"[red]device failure:[/red] {', '.join(f.devices)} "
+                                               f"({f.device_class}): {f.reason}", soft_wrap=True),
+            on_start=lambda started: out_console.print(_agents_table(started.processes(), "agents")),
+            on_restart=lambda devices, pid: console.print(
+                f"[yellow]device restarted:[/yellow] {', '.join(devices)} (pid {pid}, same namespace and cgroups)",
+                soft_wrap=True))
     finally:
         if broker is None:
             register_devices(stack_dir, fleet.devices, add=False)
     out_console.print(f"stopped; {len(failures)} agent process(es) failed" if failures else "stopped")
+
+
+def _agents_table(agents: list[dict[str, Any]], title: str) -> Table:
+    """The agent processes of an emulated fleet (``EmulatedFleet.processes``) as a table."""
+    table = Table(title=title)
+    for column in ("devices", "class", "pid", "state", "restarts", "netns", "cgroups"):
+        table.add_column(column)
+    for a in agents:
+        table.add_row(", ".join(a["devices"]), a["class"], str(a["pid"]), a["state"], str(a["restarts"]),
+                      a["netns"] or "-", ", ".join(a["cgroups"]) or "-")
+    return table
+
+
+@fleet_app.command("ps")
+def fleet_ps(
+    stack_dir: Annotated[Path, typer.Option("--stack", help="run directory of the `harmony up` stack the fleet "
+                                            "runs against (its state is in DIR/emulate)")] = Path("runs/stack"),
+    as_json: Annotated[bool, typer.Option("--json", help="the state file's JSON instead of the table")] = False,
+) -> None:
+    """List the agents of the `harmony fleet emulate` running against a stack: PIDs, namespaces, cgroups."""
+    from testbed.emulate import STATE_FILE
+
+    path = stack_dir / "emulate" / STATE_FILE
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
+        _fail(FileNotFoundError(f"no emulated fleet runs against {stack_dir} ({path} is absent); start one with "
+                                f"`harmony fleet emulate --stack {stack_dir} --profile CLASS:N`"))
+    except ValueError as err:
+        _fail(ValueError(f"{path}: not a fleet state file ({err})"))
+    supervisor = int(doc.get("supervisor_pid", 0))
+    if not _pid_alive(supervisor):
+        _fail(RuntimeError(f"{path} is left from a `harmony fleet emulate` (pid {supervisor}) that is no longer "
+                           "running; its agents are not supervised"))
+    for agent in doc["agents"]:  # the file is written at each change; a process may have ended since
+        if agent["state"] == "running" and not _pid_alive(int(agent["pid"])):
+            agent["state"] = "ended"
+    if as_json:
+        typer.echo(json.dumps(doc))
+        return
+    out_console.print(_agents_table(doc["agents"], f"emulated fleet hemu-{doc['tag']} against {doc['broker']} "
+                                    f"(supervisor pid {supervisor}, restarts {'on' if doc['restart'] else 'off'})"))
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 @fleet_app.command("compose")

@@ -10,10 +10,14 @@ decides how each limit is enforced on this host, and says so (:func:`plan_fleet`
   default there; the quota then has 50 % headroom): a quota only throttles once a period's share
   is spent, so a step shorter than the period that follows a wait for the server runs at host
   speed (``benchmarks/emulation_accuracy.py`` measures it), while the pacing makes a step take
-  at least its FLOPs ÷ the class's rate and the quota caps what a device can take of the host.
-  ``--compute cgroup`` is the quota alone, ``--compute pacing`` (the default without root) the
-  pacing alone. A class faster than one host core cannot be emulated: it runs unthrottled at
-  the host's speed and the table says so.
+  its FLOPs ÷ the class's rate (a closed loop on the last steps' times) and the quota caps what
+  a device can take of the host. The quota is sized from a start-up measurement of the host, so
+  the agent raises it whenever it, not the class, holds a step up (a loaded host:
+  ``edge_agent.emulation.QuotaGovernor``): it only caps. ``--compute cgroup`` is the quota alone,
+  ``--compute pacing`` (the default without root) the pacing alone. A class faster than one host
+  core (as measured at start-up) gets the pacing without a quota: it holds the class whenever the
+  host is faster than measured, and the device runs at the host's speed otherwise (the table and
+  the agent's log say so; with ``--compute cgroup`` it is not emulated at all).
 - **uplink/downlink**: ``tc tbf`` in a network namespace of the device's own (a veth pair; tbf on
   the namespace side shapes the uplink, on the host side the downlink) where root and ``ip netns``
   work, else token buckets in the agent. The broker is reached through a TCP relay on the host
@@ -28,6 +32,12 @@ decides how each limit is enforced on this host, and says so (:func:`plan_fleet`
   losing power: no goodbye, its last will says ``offline``) and started again when the next on
   period begins (a new process: a new ``hello.started_at``, so the round driver assigns it
   again). Periods count from the fleet's start and are checked every poll (about a second).
+- **supervision**: an agent that ends on its own (a crash, ``kill -9``, the out-of-memory killer) is
+  reported and started again by :meth:`EmulatedFleet.supervise` with the same command — in its
+  namespace, joining its cgroups — after a back-off (1 s, doubling to 30 s while it keeps
+  ending); a power-cycled device is not started during its class's off period. ``restart=False``
+  (``--no-restart``) leaves it dead. ``RUN_DIR/fleet.json`` lists the agents (PIDs, states,
+  restarts, namespaces, cgroups) for ``harmony fleet ps``.
 
 Agents run with one torch thread each. An agent process hosts every device of its class when all
 of the class's limits are enforced in the agent; a cgroup quota or a namespace is per process, so
@@ -185,6 +195,7 @@ class ClassPlan:
     memory: bool  # cgroup memory limit
     cpus: float | None  # the CPU quota per device (compute == "cgroup")
     note: str = ""
+    beyond_host: bool = False  # the class is faster than one host core as measured at start-up
 
     @property
     def per_process(self) -> bool:
@@ -205,9 +216,10 @@ class ClassPlan:
         """The printed table's row: what enforces each limit."""
         p = self.profile
         rate = f"{p.compute_flops / 1e9:g} GFLOP/s"
-        compute = {"cgroup+pacing": f"cgroup quota {self.cpus or 0:.3f} CPU + agent pacing ({rate})",
+        compute = {"cgroup+pacing": f"cgroup quota {self.cpus or 0:.3f} CPU, raised if it binds + agent pacing "
+                                    f"({rate})",
                    "cgroup": f"cgroup quota {self.cpus or 0:.3f} CPU ({rate})",
-                   "pacing": f"agent pacing ({rate})",
+                   "pacing": f"agent pacing ({rate}{'; beyond one host core' if self.beyond_host else ''})",
                    "host": "not emulated: host speed"}[self.compute]
         link = (f"tc tbf in a netns ({p.uplink_bps / 1e6:g}/{p.downlink / 1e6:g} Mbit/s up/down)"
                 if self.link == "netns" else f"agent token bucket ({p.uplink_bps / 1e6:g}/{p.downlink / 1e6:g} "
@@ -250,14 +262,21 @@ def plan_fleet(requests: list[tuple[str, int]], host: Host, *, compute: str = "a
         note = ""
         cpus = None
         if p.compute_flops >= host.training_flops:
-            note = (f"{name} ({p.compute_flops / 1e9:g} GFLOP/s) is faster than one core of this host "
-                    f"({host.training_flops / 1e9:.1f} GFLOP/s): it runs at host speed, unthrottled")
-            method = "host"
+            # a quota cannot help (it only slows down); the pacing still holds the class whenever the
+            # host turns out faster than this start-up measurement, and costs nothing when it is not
+            paced = method.endswith("pacing")
+            note = (f"{name} ({p.compute_flops / 1e9:g} GFLOP/s) is faster than one core of this host as measured "
+                    f"at start-up ({host.training_flops / 1e9:.1f} GFLOP/s): "
+                    + ("paced without a quota; whenever the host is slower it runs at host speed, below its class "
+                       "(the agents log `the host is too slow for class`)" if paced
+                       else "not emulated (--compute cgroup): it runs at host speed, unthrottled"))
+            method = "pacing" if paced else "host"
         elif method.startswith("cgroup"):
             headroom = QUOTA_HEADROOM if method == "cgroup+pacing" else 1.0
             cpus = max(headroom * p.compute_flops / host.training_flops, MIN_QUOTA_US / CFS_PERIOD_US)
         chosen_link = link if link != "auto" else ("netns" if host.netns else "agent")
-        plans.append(ClassPlan(p, devices, method, chosen_link, memory and host.memory_cgroup, cpus, note))
+        plans.append(ClassPlan(p, devices, method, chosen_link, memory and host.memory_cgroup, cpus, note,
+                               beyond_host=p.compute_flops >= host.training_flops))
     return plans
 
 
@@ -332,6 +351,15 @@ def tbf_burst_bytes(rate_bps: float) -> int:
     return max(4096, min(int(rate_bps / 8 / 1000), 5000))
 
 
+RESTART_DELAYS_S = (1.0, 30.0)
+"""Back-off of the supervisor (``fleet emulate`` without ``--no-restart``): an agent that ended on its
+own is started again after the first delay, doubled after every end up to the second."""
+STABLE_S = 60.0
+"""An agent that ran this long before it ended is restarted after the shortest delay again."""
+STATE_FILE = "fleet.json"
+"""What ``fleet emulate`` runs, in its run directory, for ``harmony fleet ps``."""
+
+
 @dataclass
 class _Process:
     name: str
@@ -340,10 +368,25 @@ class _Process:
     proc: subprocess.Popen[bytes]
     log: Path
     memory_cgroup: Path | None
-    reported: bool = False
-    start: Callable[[], subprocess.Popen[bytes]] | None = None  # starts it again (a power-cycled device)
+    reported: bool = False  # ended, and it will not be started again (failed without a supervisor, or stopped)
+    start: Callable[[], subprocess.Popen[bytes]] | None = None  # starts it again (a power cycle, a restart)
     powered_off: bool = False
     power_cycles: int = 0
+    netns: str | None = None
+    cgroups: list[Path] = field(default_factory=list)
+    started: float = 0.0  # monotonic time of this process's start
+    exit_seen: bool = False  # this process's end is counted (a failure recorded)
+    restart_at: float | None = None  # monotonic time the supervisor starts it again
+    restarts: int = 0
+    delay_s: float = RESTART_DELAYS_S[0]
+
+    @property
+    def state(self) -> str:
+        if self.powered_off:
+            return "off"
+        if self.proc.poll() is None:
+            return "running"
+        return "restarting" if self.restart_at is not None else "ended"
 
 
 @dataclass
@@ -373,6 +416,8 @@ class EmulatedFleet:
     _inner_relays: list[subprocess.Popen[str]] = field(default_factory=list)
     _failures: list[Failure] = field(default_factory=list)
     _started: float = 0.0
+    restart: bool = True
+    """Start an agent that ended on its own again, with back-off (:meth:`supervise`); ``--no-restart``: leave it."""
 
     @property
     def devices(self) -> list[str]:
@@ -391,6 +436,7 @@ class EmulatedFleet:
         except BaseException:
             self.stop()
             raise
+        self.write_state()
 
     # -- pieces ------------------------------------------------------------------------------
     def _cgroup(self, controller: str, name: str) -> Path:
@@ -443,6 +489,7 @@ class EmulatedFleet:
         name = f"agent-{k}-{plan.profile.name}"
         host, port = self.broker
         prefix: list[str] = []
+        ns = None
         if plan.link == "netns":
             ns, host_ip = self._namespace(k, plan)
             # a process of its own (not a thread of this one, whose GIL a busy host would make it wait for)
@@ -493,7 +540,8 @@ class EmulatedFleet:
                                         env=env, cwd=self.run_dir, start_new_session=True, preexec_fn=join_cgroups)
 
         proc = launch()
-        self._procs.append(_Process(name, devices, plan, proc, log_path, mem_cg, start=launch))
+        self._procs.append(_Process(name, devices, plan, proc, log_path, mem_cg, start=launch, netns=ns,
+                                    cgroups=[g for g in (cpu_cg, mem_cg) if g is not None], started=time.monotonic()))
         log.info("%s: %s (pid %d)", name, " ".join(argv), proc.pid)
 
     # -- availability ------------------------------------------------------------------------
@@ -511,26 +559,86 @@ class EmulatedFleet:
                 if p.proc.poll() is None:
                     os.kill(p.proc.pid, signal.SIGKILL)  # power lost: no goodbye, the last will fires
                     p.proc.wait(10)
+                    p.exit_seen = True  # switched off, not failed
                 p.powered_off = True
+                p.restart_at = None  # a crashed device waiting for its restart comes back at the next on period
                 switched += [(d, "off") for d in p.devices]
             elif on and p.powered_off:
-                assert p.start is not None
-                p.proc = p.start()
+                self._launch(p)
                 p.powered_off = False
                 p.power_cycles += 1
                 switched += [(d, "on") for d in p.devices]
         for device, state in switched:
             log.info("device %s: power %s (availability of its class)", device, state)
+        if switched:
+            self.write_state()
         return switched
+
+    def _launch(self, p: _Process) -> None:
+        assert p.start is not None
+        p.proc = p.start()
+        p.started = time.monotonic()
+        p.exit_seen = False
+        p.restart_at = None
+
+    def supervise(self, now: float | None = None) -> list[tuple[list[str], int]]:
+        """Start again, inside their namespace and cgroups (the same command: ``nsenter`` into the
+        namespace, ``--join-cgroup``, the memory cgroup joined before ``exec``), the agents that
+        ended on their own once their back-off has passed; a device of a power-cycled class during
+        its off period is left for its next on period instead. Returns ``(devices, new pid)`` per
+        restart. Without :attr:`restart` nothing is restarted (the ends are failures only)."""
+        self.failures()
+        now = time.monotonic() if now is None else now
+        restarted = []
+        for p in self._procs:
+            if p.restart_at is None or now < p.restart_at:
+                continue
+            availability = p.plan.profile.availability
+            if availability is not None and not availability.is_on(now - self._started):
+                p.restart_at, p.powered_off = None, True  # its class is off now: the power cycle brings it back
+                continue
+            self._launch(p)
+            p.restarts += 1
+            restarted.append((p.devices, p.proc.pid))
+            log.info("devices %s (%s): started again (restart %d, pid %d)%s", ", ".join(p.devices),
+                        p.plan.profile.name, p.restarts, p.proc.pid, f" in namespace {p.netns}" if p.netns else "")
+        if restarted:
+            self.write_state()
+        return restarted
+
+    def processes(self) -> list[dict[str, object]]:
+        """Each agent process: its devices, class, pid, state, restarts, namespace, cgroups and log."""
+        return [{"agent": p.name, "devices": p.devices, "class": p.plan.profile.name, "pid": p.proc.pid,
+                 "state": p.state, "restarts": p.restarts, "power_cycles": p.power_cycles, "netns": p.netns,
+                 "cgroups": [str(g) for g in p.cgroups], "log": str(p.log)} for p in self._procs]
+
+    def write_state(self) -> None:
+        """``RUN_DIR/fleet.json``: this fleet (its tag, broker, this process's pid) and :meth:`processes`,
+        replaced atomically; what ``harmony fleet ps`` reads."""
+        import json
+
+        doc = {"tag": self.tag, "supervisor_pid": os.getpid(), "broker": f"{self.broker[0]}:{self.broker[1]}",
+               "restart": self.restart, "updated": time.time(), "agents": self.processes()}
+        tmp = self.run_dir / f".{STATE_FILE}.tmp"
+        tmp.write_text(json.dumps(doc, indent=2))
+        os.replace(tmp, self.run_dir / STATE_FILE)
 
     # -- watching ----------------------------------------------------------------------------
     def failures(self) -> list[Failure]:
         """Agent processes that ended since the start, each once, with why (an out-of-memory kill
         is named as such: its devices are gone, and their last will told the orchestrator)."""
+        ended = False
         for p in self._procs:
-            if p.reported or p.powered_off or p.proc.poll() is None:
+            if p.reported or p.exit_seen or p.powered_off or p.proc.poll() is None:
                 continue
-            p.reported = True
+            p.exit_seen = ended = True
+            if self.restart:  # the supervisor starts it again after its back-off
+                ran = time.monotonic() - p.started
+                p.delay_s = RESTART_DELAYS_S[0] if ran >= STABLE_S or p.restarts == 0 else min(
+                    RESTART_DELAYS_S[1], 2 * p.delay_s)
+                p.restart_at = time.monotonic() + p.delay_s
+            else:
+                p.reported = True
             code = p.proc.returncode
             reason = f"exited with code {code}; see {p.log}"
             if p.memory_cgroup is not None and _oom_kills(p.memory_cgroup) > 0:
@@ -538,18 +646,25 @@ class EmulatedFleet:
                           f"{p.plan.profile.memory_bytes * len(p.devices) / 2**20:.0f} MiB ({p.plan.profile.name})")
             elif code == -signal.SIGKILL:
                 reason = f"killed (SIGKILL); see {p.log}"
+            if p.restart_at is not None:
+                reason += f"; starting it again in {p.delay_s:g} s"
             self._failures.append(Failure(p.devices, p.plan.profile.name, reason))
-            log.error("devices %s (%s): %s", ", ".join(p.devices), p.plan.profile.name, reason)
+            # info: the caller reports it (``fleet emulate`` prints it once, from ``run_fleet``'s callback)
+            log.info("devices %s (%s): %s", ", ".join(p.devices), p.plan.profile.name, reason)
+        if ended and self._procs and self.run_dir.is_dir():
+            self.write_state()
         return list(self._failures)
 
     def alive(self) -> int:
-        """Agent processes running or switched off for now (a power-cycled device comes back)."""
-        return sum(p.powered_off or p.proc.poll() is None for p in self._procs)
+        """Agent processes running, switched off for now (a power-cycled device comes back) or waiting
+        for their restart."""
+        return sum(p.powered_off or p.restart_at is not None or p.proc.poll() is None for p in self._procs)
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop every agent (SIGINT, then SIGKILL), then remove relays, veths, namespaces and cgroups."""
         self.failures()  # what ended on its own before the stop
         for p in self._procs:
+            p.restart_at = None
             if p.proc.poll() is None:
                 p.reported = True  # stopped here: not a failure
                 os.kill(p.proc.pid, signal.SIGINT)
@@ -590,6 +705,7 @@ class EmulatedFleet:
             else:
                 log.warning("could not remove cgroup %s", cg)
         self._cgroups.clear()
+        (self.run_dir / STATE_FILE).unlink(missing_ok=True)
 
 
 def _oom_kills(cgroup: Path) -> int:
@@ -617,8 +733,8 @@ def oversubscription(plans: list[ClassPlan], cores: int) -> str | None:
     """A warning when the devices, all computing at once, need more CPU than the host has."""
     need = 0.0
     for plan in plans:
-        per_device = plan.cpus if plan.cpus is not None else (
-            1.0 if plan.compute == "host" else 0.0)  # pacing: the host's time of the paced work
+        per_device = plan.cpus if plan.cpus is not None else (  # pacing: the host's time of the paced work
+            1.0 if plan.beyond_host else 0.0)
         need += per_device * len(plan.devices)
     if need > cores:
         return (f"the CPU quotas add up to {need:.2f} CPUs on a {cores}-core host: devices computing at the same "
@@ -627,9 +743,13 @@ def oversubscription(plans: list[ClassPlan], cores: int) -> str | None:
 
 
 def run_fleet(fleet: EmulatedFleet, *, duration_s: float | None = None, poll_s: float = 1.0,
-              on_failure: Callable[[Failure], None] | None = None) -> list[Failure]:
-    """Start ``fleet`` and watch it until ``duration_s`` passed, every agent ended, or SIGINT/SIGTERM;
-    then stop it (removing what it made). Returns the failures seen."""
+              on_failure: Callable[[Failure], None] | None = None,
+              on_start: Callable[[EmulatedFleet], None] | None = None,
+              on_restart: Callable[[list[str], int], None] | None = None) -> list[Failure]:
+    """Start ``fleet`` (then ``on_start``) and supervise it until ``duration_s`` passed, every agent
+    ended for good, or SIGINT/SIGTERM; then stop it (removing what it made). Agents that end on their
+    own are started again with back-off (:meth:`EmulatedFleet.supervise`; ``on_restart(devices, pid)``)
+    unless ``fleet.restart`` is off. Returns the failures seen."""
     def terminate(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
 
@@ -639,6 +759,8 @@ def run_fleet(fleet: EmulatedFleet, *, duration_s: float | None = None, poll_s: 
     seen = 0
     try:
         fleet.start()
+        if on_start is not None:
+            on_start(fleet)
         deadline = None if duration_s is None else time.monotonic() + duration_s
         while deadline is None or time.monotonic() < deadline:
             time.sleep(poll_s)
@@ -648,6 +770,9 @@ def run_fleet(fleet: EmulatedFleet, *, duration_s: float | None = None, poll_s: 
                 if on_failure is not None:
                     on_failure(failure)
             seen = len(failures)
+            for devices, pid in fleet.supervise():
+                if on_restart is not None:
+                    on_restart(devices, pid)
             if fleet.alive() == 0:
                 break
     except KeyboardInterrupt:

@@ -481,6 +481,20 @@ img {{ max-width: 100%; height: auto; border: 1px solid #eee; }}
 """
 
 
+def _device_table(results: dict[str, Any]) -> str:
+    """Per client: its device, class, depth and the compute rate and uplink its modelled latency used
+    (its ``hello``'s measurement where that decided its depth, else its class's figures)."""
+    per_client = (results.get("evaluation") or {}).get("per_client") or []
+    if not per_client or "compute_flops" not in per_client[0]:
+        return ""
+    devices = results.get("devices") or []
+    rows = [[str(c["client"]), devices[c["client"]] if c["client"] < len(devices) else "", str(c.get("profile")),
+             str(c["split_depth"]), f"{c['compute_flops'] / 1e9:.2f}", f"{c['uplink_bps'] / 1e6:.1f}",
+             str(c.get("figures", ""))] for c in per_client]
+    return "\n<p>Devices:</p>" + _table(["client", "device", "class", "depth", "compute GFLOP/s", "uplink Mbit/s",
+                                         "figures"], rows)
+
+
 def _table(header: list[str], rows: list[list[str]]) -> str:
     e = html.escape
     head = "".join(f"<th>{e(h)}</th>" for h in header)
@@ -524,7 +538,8 @@ ABOUT = {
     "tsne": "t-SNE of the server's pre-head representation of every client's test queries, coloured by "
             "class: well-separated clusters mean the server side separates the classes.",
     "depths": "How many devices train at each split depth (blocks on the device; the rest runs on the server).",
-    "devices": "Per device, the modelled latency per sample (its class's compute and uplink, eq. 12) and the "
+    "devices": "Per device, the modelled latency per sample (eq. 12, with the compute and uplink its hello "
+               "measured, else its class's) and the "
                "latency measured on the host that evaluated (batch 1, no network).",
     "rounds": "Train accuracy of the exit head (on the device) and the server head per round; dotted: the "
               "periodic test evaluations of eval.eval_every.",
@@ -598,6 +613,7 @@ def write_run_report(run_dir: Path, rho: float = 0.8, tsne: bool = True, note: s
               if ev.get("offload_probability") else []),
             *([["modelled latency ms", *(f"{a:.2f}" for a in ev["latency_ms"])]] if ev.get("latency_ms") else []),
         ])
+        summary += _device_table(results)
     cfg = results.get("config") or {}
     meta = (f"{name}, seed {results.get('seed')}, {results.get('runtime', 'local')} runtime, "
             f"{len(results.get('rounds') or [])} round(s), {len(fleet.get('split_depths') or [])} clients, "

@@ -72,6 +72,7 @@ class RunEventLog:
         self.write("run_start", name=cfg.name, algorithm=engine.algorithm.name, runtime=engine.fleet.runtime,
                    rounds=cfg.train.rounds, clients=ex.num_clients, split_depths=list(ex.depths),
                    profiles=list(ex.profiles) if ex.profiles is not None else None,
+                   figures=[_figures(ex, i) for i in range(ex.num_clients)],
                    devices=list(devices) if devices is not None else None, resume=resume)
 
     def end(self, status: str, error: str | None = None) -> None:
@@ -86,6 +87,13 @@ class RunEventLog:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+def _figures(ex: Any, client: int) -> dict[str, Any]:
+    """The compute rate and uplink the run models ``client`` with: its device's measured ones (its
+    ``hello``) where they decided its depth, else its class's."""
+    profile = ex.client_profile(client)
+    return {"compute_flops": profile.compute_flops, "uplink_bps": profile.uplink_bps, "source": profile.source}
 
 
 def read_events(path: str | Path, offset: int = 0) -> tuple[list[dict[str, Any]], int]:
