@@ -20,6 +20,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from edge_agent.selfcheck import ARM_CORES
+
 TORCH_RANGE = ((2, 8), (2, 13))
 """The torch releases the agent supports on devices (pyproject.toml's ``[agent]`` extra), first and last."""
 PINNED_TORCH = "2.13.0"
@@ -35,15 +37,6 @@ ARMV82_FEATURES = frozenset({"atomics", "asimdrdm", "fphp", "asimdhp", "dcpop"})
 HWCAP_NAMES = ("fp", "asimd", "evtstrm", "aes", "pmull", "sha1", "sha2", "crc32", "atomics", "fphp", "asimdhp",
                "cpuid", "asimdrdm", "jscvt", "fcma", "lrcpc", "dcpop", "sha3", "sm3", "sm4", "asimddp", "sha512",
                "sve", "asimdfhm", "dit", "uscat", "ilrcpc", "flagm", "ssbs", "sb", "paca", "pacg")
-# (implementer, part) from /proc/cpuinfo -> core name
-ARM_CORES = {
-    (0x41, 0xD03): "Cortex-A53", (0x41, 0xD04): "Cortex-A35", (0x41, 0xD05): "Cortex-A55",
-    (0x41, 0xD07): "Cortex-A57", (0x41, 0xD08): "Cortex-A72", (0x41, 0xD09): "Cortex-A73",
-    (0x41, 0xD0A): "Cortex-A75", (0x41, 0xD0B): "Cortex-A76", (0x41, 0xD0C): "Neoverse-N1",
-    (0x41, 0xD0D): "Cortex-A77", (0x41, 0xD41): "Cortex-A78", (0x41, 0xD42): "Cortex-A78AE",
-    (0x41, 0xD40): "Neoverse-V1", (0x41, 0xD49): "Neoverse-N2", (0x4E, 0x004): "NVIDIA Carmel",
-}
-
 PROBE_SCRIPT = r"""
 import json, os, platform, shutil, struct, sys
 f = {"machine": platform.machine(), "python": "%d.%d" % sys.version_info[:2]}

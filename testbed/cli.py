@@ -495,8 +495,19 @@ def agent(
                                           "limits in the agent (docs/emulation.md)")] = False,
     emulate_limits: Annotated[str | None, typer.Option("--emulate-limits", help="with --emulate: the limits the "
                                                        "agent enforces, from compute,uplink,downlink,latency")] = None,
+    self_check: Annotated[bool, typer.Option("--self-check", help="check this board instead: torch and one model "
+                                             "step, the TLS login to the broker, memory; exit 0 when it passes")
+                          ] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="with --self-check: one JSON object")] = False,
+    check_model: Annotated[str, typer.Option("--check-model", help="with --self-check: model family")] = "cnn8",
+    check_width: Annotated[float, typer.Option("--check-width", help="with --self-check: width multiplier")] = 1.0,
+    check_depth: Annotated[int | None, typer.Option("--check-depth", help="with --self-check: split depth "
+                                                    "(default: the deepest allowed)")] = None,
+    min_memory_mib: Annotated[float, typer.Option("--min-memory-mib", help="with --self-check: the memory the "
+                                                  "agent needs free")] = 0.0,
 ) -> None:
-    """Run the edge agent: register, then train, personalise and evaluate on command."""
+    """Run the edge agent: register, then train, personalise and evaluate on command (or, with
+    --self-check, check that this board can)."""
     from edge_agent.__main__ import main as agent_main
 
     argv = ["--broker", broker, "--topic-prefix", topic_prefix, "--log-level", log_level]
@@ -519,6 +530,11 @@ def agent(
         argv += ["--emulate"]
     if emulate_limits is not None:
         argv += ["--emulate-limits", emulate_limits]
+    if self_check:
+        argv += ["--self-check", "--check-model", check_model, "--check-width", str(check_width),
+                 "--min-memory-mib", str(min_memory_mib)] + (["--json"] if json_out else [])
+        if check_depth is not None:
+            argv += ["--check-depth", str(check_depth)]
     try:
         agent_main(argv)
     except ValueError as err:
