@@ -746,6 +746,55 @@ def _add_device(store_dir: Path, device_id: str, tls: bool, rotate: bool = False
     return creds
 
 
+board_app = typer.Typer(no_args_is_help=True, help="emulated arm64 boards on this machine (qemu-user, an sshd "
+                        "of their own): up, down, list")
+app.add_typer(board_app, name="board")
+
+
+@board_app.command("up")
+def board_up_cmd(
+    name: Annotated[str, typer.Option("--name", help="the board's name")] = "pi4",
+    cpu: Annotated[str, typer.Option("--cpu", help="qemu CPU model: cortex-a72 (Pi 4), cortex-a53 (Pi Zero 2 W, "
+                                     "Pi 3), cortex-a76 (Pi 5)")] = "cortex-a72",
+    memory: Annotated[str, typer.Option("--memory", help="memory limit (cgroup), e.g. 512m, 1g")] = "1g",
+) -> None:
+    """Start an emulated arm64 board: a Debian bookworm arm64 root run as CPU --cpu, its sshd on a loopback
+    port with key login, a memory limit; prints how to reach and flash it."""
+    from testbed.board import BoardError, board_up
+
+    try:
+        board = board_up(name, cpu=cpu, memory=memory)
+    except BoardError as err:
+        _fail(err)
+    out_console.print(board.describe(), markup=False, soft_wrap=True)
+    out_console.print("flash it with: harmony flash " + " ".join(board.flash_args())
+                      + " --device-id ID --broker 127.0.0.1:PORT ...", markup=False, soft_wrap=True)
+
+
+@board_app.command("down")
+def board_down_cmd(name: Annotated[str, typer.Argument(help="the board's name")]) -> None:
+    """Stop an emulated board (every process in it, by PID); its files stay for the next `board up`."""
+    from testbed.board import BoardError, board_down
+
+    try:
+        board = board_down(name)
+    except BoardError as err:
+        _fail(err)
+    out_console.print(f"board {board.name} is down", markup=False)
+
+
+@board_app.command("list")
+def board_list_cmd() -> None:
+    """The emulated boards on this machine, up or down."""
+    from testbed.board import list_boards
+
+    boards = list_boards()
+    for board in boards:
+        out_console.print(board.describe(), markup=False, soft_wrap=True)
+    if not boards:
+        out_console.print("no boards (harmony board up --cpu cortex-a72 --memory 1g)", markup=False)
+
+
 fleet_app = typer.Typer(no_args_is_help=True, help="the devices of a run: their split depths and why")
 app.add_typer(fleet_app, name="fleet")
 
