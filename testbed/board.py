@@ -27,6 +27,8 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -267,3 +269,14 @@ def list_boards() -> list[Board]:
     base = boards_dir()
     found = [_read(d) for d in sorted(base.iterdir())] if base.is_dir() else []
     return [b for b in found if b is not None]
+
+
+@contextmanager
+def emulated_board(name: str, *, cpu: str = "cortex-a72", memory: str | int = "1g",
+                   directory: Path | None = None) -> Iterator[Board]:
+    """A board for the length of a ``with`` block (the tests' fixture): up, then down whatever happens."""
+    board = board_up(name, cpu=cpu, memory=memory, directory=directory)
+    try:
+        yield board
+    finally:
+        board_down(name, directory=Path(board.directory))

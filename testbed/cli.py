@@ -654,6 +654,11 @@ def flash(
                                                "user)")] = None,
     service: Annotated[str, typer.Option("--service", help="auto (systemd where it runs), systemd, none")] = "auto",
     wheel: Annotated[Path | None, typer.Option("--wheel", help="install this wheel instead of building one")] = None,
+    torch: Annotated[str | None, typer.Option("--torch", help="the torch to install (e.g. 2.9.1), instead of the one "
+                                              "chosen from the board's CPU (see --dry-run)")] = None,
+    wheelhouse: Annotated[Path | None, typer.Option("--wheelhouse", help="install every wheel from this directory "
+                                                    "(made here for the board's platform; no internet on the "
+                                                    "board)")] = None,
 ) -> None:
     """Flash an agent onto a board over SSH: the project wheel with its agent extra in a venv, the device's credentials,
     its own data and a systemd unit; idempotent (docs/flashing.md)."""
@@ -679,7 +684,7 @@ def flash(
             local_data_dir=data_dir, board_data=board_data, root=PurePosixPath(root), prefix=PurePosixPath(prefix),
             python=python, pip_args=shlex.split(pip_args), system_site_packages=system_site_packages,
             site_packages=list(site_packages or []), run_as=run_as, service=service, wheel=wheel, upgrade=upgrade,
-            dry_run=dry_run)
+            dry_run=dry_run, torch=torch, wheelhouse=wheelhouse)
         opts.check()  # bad options fail before any credential is created
         if not _has_credentials(store_dir, device_id):
             if dry_run:  # show the steps with the credentials a real run would create, in a copy of the store
