@@ -43,7 +43,7 @@ def pytest_collection_modifyitems(config, items):
         return
     skip = pytest.mark.skip(reason="emulated arm64 boards: run them with `make test-boards`")
     for item in items:
-        if "boards" in item.keywords:
+        if item.get_closest_marker("boards") is not None:
             item.add_marker(skip)
 
 
