@@ -29,7 +29,9 @@ from testbed.rootfs import cache_dir
 
 log = logging.getLogger(__name__)
 
-# What each extra of pyproject.toml needs besides torch (tests/test_wheelhouse.py keeps them equal).
+# What pyproject.toml's dependencies and each extra need besides torch (tests/test_wheelhouse.py keeps
+# them equal to it).
+BASE_DEPS = ("numpy>=1.26", "pyyaml>=6", "pydantic>=2.6", "typer>=0.12", "rich>=13", "psutil>=5.9")
 EXTRA_DEPS: dict[str, tuple[str, ...]] = {
     "agent": ("numpy>=1.26", "paho-mqtt>=2.1,<3", "msgpack>=1.0", "psutil>=5.9", "pyyaml>=6"),
     "server": ("numpy>=1.26", "paho-mqtt>=2.1,<3", "msgpack>=1.0", "psutil>=5.9", "pyyaml>=6",
@@ -112,7 +114,8 @@ def build_wheelhouse(dest: Path | None = None, *, machine: str, torch_spec: str,
     dest = Path(dest) if dest is not None else wheelhouse_dir(machine=machine, torch_spec=torch_spec,
                                                               extras=extras, python=python)
     dest.mkdir(parents=True, exist_ok=True)
-    stamp_text = "\n".join([torch_req, f"index={torch_index}", python, *platforms, *sorted(extras)]) + "\n"
+    deps = sorted({d for e in extras for d in EXTRA_DEPS[e]} | set(BASE_DEPS) | set(TORCH_PURE_DEPS))
+    stamp_text = "\n".join([torch_req, f"index={torch_index}", python, *platforms, *deps]) + "\n"
     stamp = dest / ".harmony-wheelhouse-complete"
     with open(dest / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -123,7 +126,6 @@ def build_wheelhouse(dest: Path | None = None, *, machine: str, torch_spec: str,
             index = ["--index-url", torch_index] if torch_index else []
             log.info("wheelhouse %s: downloading %s for %s (Python %s)", dest, torch_req, machine, python)
             _pip(["download", "-d", str(dest), *target, *index, "--no-deps", torch_req], f"downloading {torch_req}")
-            deps = sorted({d for e in extras for d in EXTRA_DEPS[e]} | set(TORCH_PURE_DEPS))
             _pip(["download", "-d", str(dest), *target, *deps], "downloading the dependencies")
             stamp.write_text(stamp_text)
         if project_wheel:

@@ -9,6 +9,7 @@ import pytest
 
 from testbed import wheelhouse
 from testbed.wheelhouse import (
+    BASE_DEPS,
     EXTRA_DEPS,
     WheelhouseError,
     build_wheelhouse,
@@ -22,10 +23,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_the_extras_named_here_are_pyprojects_without_torch():
     tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
-    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
     for extra, deps in EXTRA_DEPS.items():
         wanted = sorted(d for d in extras[extra] if not re.match(r"torch\b", d))
         assert sorted(deps) == wanted, f"wheelhouse.EXTRA_DEPS[{extra!r}] differs from pyproject.toml's extra"
+    assert sorted(BASE_DEPS) == sorted(d for d in project["dependencies"] if not re.match(r"torch\b", d))
 
 
 @pytest.mark.parametrize(("spec", "requirement"), [
