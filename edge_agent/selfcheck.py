@@ -144,15 +144,17 @@ def cpu_name() -> str:
 
 
 # ----------------------------------------------------------------------------------- memory
-def available_memory() -> int:
+def available_memory(cgroup_root: Path = Path("/sys/fs/cgroup"), proc_cgroup: Path = Path("/proc/self/cgroup")) -> int:
     """Bytes this process may still use: free memory, bounded by its cgroup's limit minus its usage
-    (v2 ``memory.max``/``memory.current``, v1 ``memory.limit_in_bytes``/``memory.usage_in_bytes``)."""
+    (v2 ``memory.max``/``memory.current``, v1 ``memory.limit_in_bytes``/``memory.usage_in_bytes``). The
+    usage counts the page cache, which the kernel reclaims before it kills: its inactive file pages
+    (``memory.stat``) are left out, as ``docker stats`` does."""
     import psutil
 
     free = int(psutil.virtual_memory().available)
-    root = Path("/sys/fs/cgroup")
+    root = cgroup_root
     try:
-        lines = Path("/proc/self/cgroup").read_text().splitlines()
+        lines = proc_cgroup.read_text().splitlines()
     except OSError:
         lines = []
     paths = {}
@@ -173,8 +175,14 @@ def available_memory() -> int:
             limit_text, usage = limit_file.read_text().strip(), int(usage_file.read_text().strip())
         except (OSError, ValueError):
             continue
+        inactive = 0
+        try:
+            stat = dict(line.split() for line in (usage_file.parent / "memory.stat").read_text().splitlines())
+            inactive = int(stat.get("total_inactive_file", stat.get("inactive_file", 0)))
+        except (OSError, ValueError):
+            pass
         if limit_text.isdigit():
-            free = min(free, max(0, int(limit_text) - usage))
+            free = min(free, max(0, int(limit_text) - max(0, usage - inactive)))
         break
     return free
 

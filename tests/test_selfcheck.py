@@ -18,7 +18,7 @@ from broker.codec import decode, encode, make_envelope
 from broker.errors import WireError
 from broker.mosquitto import MosquittoConfig, MosquittoProcess, free_port, write_password_file
 from broker.schemas import Hello, from_body
-from edge_agent.selfcheck import MIB, SelfCheckReport, memory, run_self_check
+from edge_agent.selfcheck import MIB, SelfCheckReport, available_memory, memory, run_self_check
 
 ROOT = Path(__file__).resolve().parents[1]
 SIGILL_TORCH = "import os, signal\nos.kill(os.getpid(), signal.SIGILL)\n"
@@ -114,3 +114,16 @@ def test_report_round_trips_through_json():
     assert report.ok, report.message()
     back = SelfCheckReport.from_json(report.to_json())
     assert back == report and json.loads(report.to_json())["ok"] is True
+
+
+def test_free_memory_is_the_cgroup_limit_less_what_cannot_be_reclaimed(tmp_path):
+    """A board's cgroup v1 usage counts its page cache (a flash writes hundreds of MiB of wheels): the
+    inactive file pages are reclaimable and do not count against the agent."""
+    cg = tmp_path / "memory" / "hboard-x"
+    cg.mkdir(parents=True)
+    (cg / "memory.limit_in_bytes").write_text(str(1024 * MIB))
+    (cg / "memory.usage_in_bytes").write_text(str(900 * MIB))
+    (cg / "memory.stat").write_text(f"cache {700 * MIB}\ntotal_inactive_file {600 * MIB}\n")
+    proc = tmp_path / "cgroup"
+    proc.write_text("4:memory:/hboard-x\n0::/\n")
+    assert available_memory(tmp_path, proc) == 724 * MIB  # 1024 - (900 - 600)
