@@ -228,7 +228,7 @@ def mosquitto_listeners() -> list[int]:
 
 def mqtt_service_port() -> tuple[str, int]:
     """The compose service running Mosquitto and the port its device listener binds in the container."""
-    name = next(n for n, s in services().items() if str(s.get("image", "")).startswith("eclipse-mosquitto"))
+    name = next(n for n, s in services().items() if interpolate(str(s.get("image", ""))).startswith("eclipse-mosquitto"))
     return name, mosquitto_listeners()[0]
 
 
@@ -269,7 +269,7 @@ def env_files(service: dict[str, Any]) -> dict[str, str]:
 
 
 def redis_service() -> str:
-    return next(n for n, s in services().items() if str(s.get("image", "")).startswith("redis:"))
+    return next(n for n, s in services().items() if interpolate(str(s.get("image", ""))).startswith("redis:"))
 
 
 # ------------------------------------------------------------------------------------ argv checks
@@ -442,7 +442,7 @@ def test_every_service_image_is_built_here_or_pinned():
     for name, service in services().items():
         build = service.get("build")
         if build is None:
-            image = str(service["image"])
+            image = interpolate(str(service["image"]))
             assert ":" in image and not image.endswith(":latest"), f"{name}: pin the image tag ({image})"
             continue
         context = (DOCKER / (build if isinstance(build, str) else build["context"])).resolve()
@@ -713,6 +713,8 @@ def test_copy_sources_exist_and_pass_the_context_filter():
                 continue
             sources = [w for w in words[:-1] if not w.startswith("--")]
             for src in sources:
+                # an ARG in the source (the wheelhouse directory) is checked at its default
+                src = re.sub(r"\$\{(\w+)\}", lambda m: arg_default(instructions, m.group(1)) or m.group(0), src)
                 assert "://" not in src, f"{name}: {ins.keyword} from a URL"
                 assert (ROOT / src).exists(), f"{name}: COPY source {src} does not exist"
                 assert not ignored(src.rstrip("/"), patterns), f"{name}: {src} is excluded by {name}.dockerignore"
