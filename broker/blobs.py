@@ -3,15 +3,16 @@
 A blob is addressed by the sha256 (lowercase hex) of its whole content and split into chunks of at
 most ``BLOB_CHUNK_BYTES`` (8 MiB − 64 KiB, so each encoded ``blob_chunk`` message stays within the
 8 MiB message limit). Reassembly checks count, indices and the final hash; any inconsistency is a
-``WireError``. ``state_dict`` bytes come from ``torch.save`` and are only ever read back with
-``torch.load(..., weights_only=True)``. ``BlobCache`` keeps blobs by hash so an agent fetches
+``WireError``. A state dict travels as a msgpack map ``{"format": "harmony-state/1", "tensors": {name:
+tensor}}``, each tensor the codec's raw ext type (``broker.codec``: dtype, shape, little-endian bytes):
+no pickle, and nothing that depends on the torch version of either side (a board runs the torch
+that runs on its CPU, the server another). ``BlobCache`` keeps blobs by hash so an agent fetches
 weights only when the hash in ``round_start`` changed.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 import math
 import os
@@ -21,8 +22,10 @@ from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
+import msgpack
 import torch
 
+from broker.codec import TENSOR_EXT_CODE, decode_tensor, encode_tensor
 from broker.errors import WireError
 from broker.limits import BLOB_CHUNK_BYTES
 from broker.schemas import BlobChunk
@@ -104,28 +107,36 @@ def reassemble(chunks: Iterable[BlobChunk], sha256: str | None = None) -> bytes:
     return result
 
 
+STATE_FORMAT = "harmony-state/1"
+"""The ``format`` of a state-dict blob (:func:`state_dict_to_bytes`)."""
+
+
 def state_dict_to_bytes(state: Mapping[str, torch.Tensor]) -> bytes:
-    """Serialise a state dict with ``torch.save`` (tensors moved to the CPU, made contiguous)."""
-    clean = {}
+    """Serialise a state dict: names and raw tensors (contiguous, on the CPU) in a msgpack map, in order."""
+    tensors = {}
     for name, value in state.items():
         if not isinstance(name, str) or not isinstance(value, torch.Tensor):
             raise WireError(f"state.{name}", f"expected str → tensor entries, got {type(value).__name__}")
-        clean[name] = value.detach().cpu().contiguous()
-    buffer = io.BytesIO()
-    torch.save(clean, buffer)
-    return buffer.getvalue()
+        # weights are sent as they are (a diverged model's NaN included): the receiver decides
+        tensors[name] = msgpack.ExtType(TENSOR_EXT_CODE, encode_tensor(value, field=f"state.{name}",
+                                                                       allow_nonfinite=True))
+    return msgpack.packb({"format": STATE_FORMAT, "tensors": tensors}, use_bin_type=True)
 
 
 def bytes_to_state_dict(data: bytes | bytearray | memoryview) -> dict[str, torch.Tensor]:
-    """Load a state dict with ``torch.load(weights_only=True)`` onto the CPU; ``WireError`` if it is not one."""
+    """The state dict of :func:`state_dict_to_bytes` (CPU tensors that own their memory); ``WireError`` if
+    ``data`` is not one."""
     try:
-        state = torch.load(io.BytesIO(bytes(data)), map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types (UnpicklingError, RuntimeError, EOFError, …)
-        raise WireError("blob", f"not a weights-only torch state dict ({type(exc).__name__}: {exc})") from exc
-    if not isinstance(state, dict) or not all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
-    ):
-        raise WireError("blob", "expected a mapping of parameter names to tensors")
+        doc = msgpack.unpackb(bytes(data), raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several types (ExtraData, FormatError, ValueError, …)
+        raise WireError("blob", f"not a {STATE_FORMAT} state dict ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(doc, dict) or doc.get("format") != STATE_FORMAT or not isinstance(doc.get("tensors"), dict):
+        raise WireError("blob", f"expected a {STATE_FORMAT} map of parameter names to tensors")
+    state = {}
+    for name, value in doc["tensors"].items():
+        if not isinstance(name, str) or not isinstance(value, msgpack.ExtType) or value.code != TENSOR_EXT_CODE:
+            raise WireError("blob", f"expected a mapping of parameter names to tensors, got {name!r}")
+        state[name] = decode_tensor(value.data, field=f"blob.{name}", allow_nonfinite=True)
     return state
 
 

@@ -6,7 +6,7 @@ Key layout under the ``hsfl:`` prefix::
     hsfl:devices                  set of registered device ids
     hsfl:config:{sha}             the run manifest (config, data shape, depths, n_i, device → client, the
                                   devices' share-blob hashes), JSON
-    hsfl:model:{sha}              weights: ``torch.save`` bytes of a state dict (sha256 of those bytes)
+    hsfl:model:{sha}              weights: a state-dict blob (``broker.blobs``; sha256 of its bytes)
     hsfl:round:{r}                hash: state (planned/running/aggregating/done/failed), participants, deadline,
                                   attempt (this try of the round), eval_attempt, and once done the
                                   aggregated shas, the uploads and the round's record (JSON)

@@ -5,8 +5,10 @@ from __future__ import annotations
 import io
 import os
 import random
+import struct
 from pathlib import Path
 
+import msgpack
 import pytest
 import torch
 
@@ -81,17 +83,35 @@ class Payload:
         return (os.getpid, ())
 
 
-def test_arbitrary_pickles_are_refused() -> None:
+def test_state_dict_bytes_are_msgpack_and_raw_tensors_not_a_torch_format() -> None:
+    """The bytes are fixed by the documented layout alone (no torch.save, no pickle): a board on another
+    torch version reads them the same."""
+    state = {"w": torch.tensor([1.0, -2.0]), "n": torch.tensor(3)}
+    data = state_dict_to_bytes(state)
+    w = bytes([2, 1]) + (2).to_bytes(4, "little") + struct.pack("<2f", 1.0, -2.0)
+    n = bytes([5, 0]) + struct.pack("<q", 3)
+    assert data == msgpack.packb({"format": "harmony-state/1", "tensors": {
+        "w": msgpack.ExtType(84, w), "n": msgpack.ExtType(84, n)}}, use_bin_type=True)
+
+
+def test_torch_pickles_and_garbage_are_refused() -> None:
     buffer = io.BytesIO()
     torch.save({"w": torch.zeros(1), "evil": Payload()}, buffer)
-    with pytest.raises(WireError, match="^blob: not a weights-only torch state dict"):
+    with pytest.raises(WireError, match="^blob: "):
+        bytes_to_state_dict(buffer.getvalue())
+    buffer = io.BytesIO()
+    torch.save({"w": torch.zeros(1)}, buffer)  # even a plain torch state dict: not this format
+    with pytest.raises(WireError, match="^blob: "):
         bytes_to_state_dict(buffer.getvalue())
     with pytest.raises(WireError, match="^blob"):
         bytes_to_state_dict(b"garbage")
-    buffer = io.BytesIO()
-    torch.save([torch.zeros(1)], buffer)
-    with pytest.raises(WireError, match="^blob: expected a mapping"):
-        bytes_to_state_dict(buffer.getvalue())
+    with pytest.raises(WireError, match="^blob: expected a harmony-state/1 map"):
+        bytes_to_state_dict(msgpack.packb([1, 2]))
+    with pytest.raises(WireError, match="^blob: expected a mapping of parameter names to tensors"):
+        bytes_to_state_dict(msgpack.packb({"format": "harmony-state/1", "tensors": {"w": [1.0]}}))
+    with pytest.raises(WireError, match="^blob.w"):
+        bad = msgpack.ExtType(84, b"\x02")  # a truncated tensor header
+        bytes_to_state_dict(msgpack.packb({"format": "harmony-state/1", "tensors": {"w": bad}}))
 
 
 def test_memory_cache_fetches_only_changed_hashes() -> None:
