@@ -7,7 +7,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 STAMP := $(VENV)/.installed
 APT_STAMP := .venv-apt-checked
 
-.PHONY: demo test bench reproduce setup system-deps lint clean
+.PHONY: demo test test-boards board-deps bench reproduce setup system-deps lint clean
 
 setup: system-deps $(STAMP)
 
@@ -47,6 +47,21 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# `harmony flash` onto emulated Raspberry Pi 4s (tests/test_boards.py; tens of minutes): a Debian arm64
+# root made by debootstrap (cached), run by qemu-user-static through binfmt_misc, from an arm64 wheelhouse.
+test-boards: setup board-deps
+	$(BIN)/python -m pytest -q -m boards tests/test_boards.py
+
+board-deps:
+	@missing=""; \
+	command -v qemu-aarch64-static >/dev/null || missing="$$missing qemu-user-static"; \
+	command -v update-binfmts >/dev/null || [ -x /usr/sbin/update-binfmts ] || missing="$$missing binfmt-support"; \
+	command -v debootstrap >/dev/null || [ -x /usr/sbin/debootstrap ] || missing="$$missing debootstrap"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing with apt-get:$$missing"; \
+	  $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
 
 # Speed and overhead figures (a few minutes each); see benchmarks/RESULTS.md.
 bench: setup

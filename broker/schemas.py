@@ -68,6 +68,7 @@ class Hello:
     started_at: float | None = None  # when the agent process started (unix s); a new value: the device restarted
     device_class: str | None = None  # the harmony/profiles.yaml class it runs as or emulates (--device-class)
     data_share: str | None = None  # sha256 of the client share whose rows its board data file holds (harmony flash)
+    self_check: dict[str, Any] | None = None  # the self-check at agent start (edge_agent.selfcheck): ok, cpu, torch
 
 
 @dataclass
@@ -495,6 +496,7 @@ SCHEMAS: dict[str, Schema] = {
             _float("started_at", 0, 1e11, optional=True),
             FieldSpec("device_class", "str", True, max_len=64, pattern=_IDENT),
             dataclasses.replace(_SHA, name="data_share", optional=True),
+            FieldSpec("self_check", "scalar_map", optional=True),
         ), frozenset({"hello"})),
         Schema("link_probe", LinkProbe, (FieldSpec("payload", "bytes", max_len=LINK_PROBE_MAX_BYTES),),
                frozenset({"up"})),

@@ -122,6 +122,19 @@ class SharedRuntime:
         self._measure_lock = threading.Lock()
         self._rates: dict[tuple[float, float | None, float], dict[str, float]] = {}
         self._link: tuple[float, float] | None = None
+        self._self_check: dict[str, Any] | None = None
+
+    def self_check(self) -> dict[str, Any]:
+        """The agent's self-check at start (``edge_agent.selfcheck.in_process_check``; run once per process),
+        as ``hello.self_check``. A failure is logged and reported, the agent goes on."""
+        with self._measure_lock:
+            if self._self_check is None:
+                from edge_agent.selfcheck import in_process_check
+
+                report = in_process_check(batch=1)
+                (log.info if report.ok else log.warning)("%s", report.message())
+                self._self_check = report.hello_summary()
+            return self._self_check
 
     def measure(self, slowdown: float, publish: Callable[[bytes], None], pace_flops: float | None = None,
                 sustained_s: float = 0.0, probe_bytes: int | None = None) -> tuple[dict[str, float], float, float]:
@@ -279,7 +292,8 @@ class Device:
             self.cmd = self.client.subscribe(self.topics.cmd(self.id))
             self.down = self.client.subscribe(self.topics.down(self.id))
             self.err = self.client.subscribe(self.topics.err(self.id))
-            hello = dataclasses.replace(self._hello(), started_at=self.started_at, data_share=self.shared.data_share)
+            hello = dataclasses.replace(self._hello(), started_at=self.started_at, data_share=self.shared.data_share,
+                                        self_check=self.shared.self_check())
             self.client.announce(self.topics.hello(self.id), hello)  # again after every reconnect
             log.info("device %s: registered with %d core(s), %.2f CPUs, %d MiB, %.1f GFLOP/s", self.id, hello.cores,
                      hello.cpus, hello.memory_bytes >> 20, hello.gflops)

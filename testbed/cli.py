@@ -495,8 +495,19 @@ def agent(
                                           "limits in the agent (docs/emulation.md)")] = False,
     emulate_limits: Annotated[str | None, typer.Option("--emulate-limits", help="with --emulate: the limits the "
                                                        "agent enforces, from compute,uplink,downlink,latency")] = None,
+    self_check: Annotated[bool, typer.Option("--self-check", help="check this board instead: torch and one model "
+                                             "step, the TLS login to the broker, memory; exit 0 when it passes")
+                          ] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="with --self-check: one JSON object")] = False,
+    check_model: Annotated[str, typer.Option("--check-model", help="with --self-check: model family")] = "cnn8",
+    check_width: Annotated[float, typer.Option("--check-width", help="with --self-check: width multiplier")] = 1.0,
+    check_depth: Annotated[int | None, typer.Option("--check-depth", help="with --self-check: split depth "
+                                                    "(default: the deepest allowed)")] = None,
+    min_memory_mib: Annotated[float, typer.Option("--min-memory-mib", help="with --self-check: the memory the "
+                                                  "agent needs free")] = 0.0,
 ) -> None:
-    """Run the edge agent: register, then train, personalise and evaluate on command."""
+    """Run the edge agent: register, then train, personalise and evaluate on command (or, with
+    --self-check, check that this board can)."""
     from edge_agent.__main__ import main as agent_main
 
     argv = ["--broker", broker, "--topic-prefix", topic_prefix, "--log-level", log_level]
@@ -519,6 +530,11 @@ def agent(
         argv += ["--emulate"]
     if emulate_limits is not None:
         argv += ["--emulate-limits", emulate_limits]
+    if self_check:
+        argv += ["--self-check", "--check-model", check_model, "--check-width", str(check_width),
+                 "--min-memory-mib", str(min_memory_mib)] + (["--json"] if json_out else [])
+        if check_depth is not None:
+            argv += ["--check-depth", str(check_depth)]
     try:
         agent_main(argv)
     except ValueError as err:
@@ -638,6 +654,11 @@ def flash(
                                                "user)")] = None,
     service: Annotated[str, typer.Option("--service", help="auto (systemd where it runs), systemd, none")] = "auto",
     wheel: Annotated[Path | None, typer.Option("--wheel", help="install this wheel instead of building one")] = None,
+    torch: Annotated[str | None, typer.Option("--torch", help="the torch to install (e.g. 2.9.1), instead of the one "
+                                              "chosen from the board's CPU (see --dry-run)")] = None,
+    wheelhouse: Annotated[Path | None, typer.Option("--wheelhouse", help="install every wheel from this directory "
+                                                    "(made here for the board's platform; no internet on the "
+                                                    "board)")] = None,
 ) -> None:
     """Flash an agent onto a board over SSH: the project wheel with its agent extra in a venv, the device's credentials,
     its own data and a systemd unit; idempotent (docs/flashing.md)."""
@@ -663,7 +684,7 @@ def flash(
             local_data_dir=data_dir, board_data=board_data, root=PurePosixPath(root), prefix=PurePosixPath(prefix),
             python=python, pip_args=shlex.split(pip_args), system_site_packages=system_site_packages,
             site_packages=list(site_packages or []), run_as=run_as, service=service, wheel=wheel, upgrade=upgrade,
-            dry_run=dry_run)
+            dry_run=dry_run, torch=torch, wheelhouse=wheelhouse)
         opts.check()  # bad options fail before any credential is created
         if not _has_credentials(store_dir, device_id):
             if dry_run:  # show the steps with the credentials a real run would create, in a copy of the store
@@ -728,6 +749,55 @@ def _add_device(store_dir: Path, device_id: str, tls: bool, rotate: bool = False
     creds = store.add_device(device_id, tls=tls, rotate=rotate)
     store.write_broker_files()
     return creds
+
+
+board_app = typer.Typer(no_args_is_help=True, help="emulated arm64 boards on this machine (qemu-user, an sshd "
+                        "of their own): up, down, list")
+app.add_typer(board_app, name="board")
+
+
+@board_app.command("up")
+def board_up_cmd(
+    name: Annotated[str, typer.Option("--name", help="the board's name")] = "pi4",
+    cpu: Annotated[str, typer.Option("--cpu", help="qemu CPU model: cortex-a72 (Pi 4), cortex-a53 (Pi Zero 2 W, "
+                                     "Pi 3), cortex-a76 (Pi 5)")] = "cortex-a72",
+    memory: Annotated[str, typer.Option("--memory", help="memory limit (cgroup), e.g. 512m, 1g")] = "1g",
+) -> None:
+    """Start an emulated arm64 board: a Debian bookworm arm64 root run as CPU --cpu, its sshd on a loopback
+    port with key login, a memory limit; prints how to reach and flash it."""
+    from testbed.board import BoardError, board_up
+
+    try:
+        board = board_up(name, cpu=cpu, memory=memory)
+    except BoardError as err:
+        _fail(err)
+    out_console.print(board.describe(), markup=False, soft_wrap=True)
+    out_console.print("flash it with: harmony flash " + " ".join(board.flash_args())
+                      + " --device-id ID --broker 127.0.0.1:PORT ...", markup=False, soft_wrap=True)
+
+
+@board_app.command("down")
+def board_down_cmd(name: Annotated[str, typer.Argument(help="the board's name")]) -> None:
+    """Stop an emulated board (every process in it, by PID); its files stay for the next `board up`."""
+    from testbed.board import BoardError, board_down
+
+    try:
+        board = board_down(name)
+    except BoardError as err:
+        _fail(err)
+    out_console.print(f"board {board.name} is down", markup=False)
+
+
+@board_app.command("list")
+def board_list_cmd() -> None:
+    """The emulated boards on this machine, up or down."""
+    from testbed.board import list_boards
+
+    boards = list_boards()
+    for board in boards:
+        out_console.print(board.describe(), markup=False, soft_wrap=True)
+    if not boards:
+        out_console.print("no boards (harmony board up --cpu cortex-a72 --memory 1g)", markup=False)
 
 
 fleet_app = typer.Typer(no_args_is_help=True, help="the devices of a run: their split depths and why")

@@ -16,6 +16,16 @@ The *bundle* is built here, in a staging directory, then copied over SSH (the sy
 - ``bundle.json``: what was installed, as content digests per component (agent, credentials, data,
   unit), written on the board last.
 
+Before installing, the board is probed (``testbed.board_probe``: CPU core and its instruction-set
+features, Python, a Jetson's L4T release, free memory and disk) and its torch chosen
+(``choose_torch``: the CPU build that runs on that core, a Jetson's own JetPack torch, or ``--torch
+SPEC``); ``--wheelhouse DIR`` (``testbed.wheelhouse``) installs from wheels made here, for a board with
+no internet. After installing, the agent's self-check runs on the board (``python -m edge_agent
+--self-check``: torch and one model step, the TLS login to the broker, memory); only when it passes are
+the unit installed, ``bundle.json`` written and the service enabled and started. When it fails, the flash
+stops with the board's CPU, the torch version, what failed and the command to try next, and leaves no
+unit and no service enabled.
+
 A second flash compares its digests with the board's ``bundle.json``: nothing changed, nothing is
 copied or installed; changed credentials, data or unit are replaced and the service restarted; a
 different agent (wheel) is refused unless ``--upgrade``, which replaces it in place in the same venv.
@@ -27,6 +37,7 @@ giving the command the unit would run.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import logging
@@ -143,6 +154,10 @@ class FlashOptions:
     wheel: Path | None = None
     upgrade: bool = False
     dry_run: bool = False
+    torch: str | None = None
+    """``--torch SPEC``: the torch to install, instead of the one chosen from the board's probe."""
+    wheelhouse: Path | None = None
+    """``--wheelhouse DIR``: install every wheel from this directory (copied to the board), no index."""
 
     def check(self) -> None:
         """Clear errors for bad input, before anything is built or touched."""
@@ -166,6 +181,17 @@ class FlashOptions:
             raise FlashError(f"--client {self.client}: a client index is >= 0")
         if self.wheel is not None and not (self.wheel.is_file() and self.wheel.suffix == ".whl"):
             raise FlashError(f"--wheel {self.wheel}: not a .whl file")
+        if self.wheelhouse is not None and not any(self.wheelhouse.glob("torch-*.whl")):
+            raise FlashError(f"--wheelhouse {self.wheelhouse}: no torch-*.whl there; make one with `python -c "
+                             "\"from testbed.wheelhouse import build_wheelhouse; print(build_wheelhouse(machine="
+                             "'aarch64', torch_spec='2.9.1'))\"` (docs/flashing.md)")
+        if self.torch is not None:
+            from testbed.wheelhouse import WheelhouseError, torch_requirement
+
+            try:
+                torch_requirement(self.torch)
+            except WheelhouseError as err:
+                raise FlashError(f"--torch {self.torch!r}: {err}") from None
         if not self.root.is_absolute() or not self.prefix.is_absolute():
             raise FlashError(f"--root {self.root} / --prefix {self.prefix}: absolute paths on the board")
         for path in (str(self.root), str(self.prefix), self.python, *(self.site_packages or ()),
@@ -207,6 +233,17 @@ class Bundle:
     unit_text: str
     data_dir_on_board: str | None
     notes: list[str] = field(default_factory=list)
+    wheelhouse: list[Path] = field(default_factory=list)
+    """``--wheelhouse``'s wheels (without this project's), copied to the board with the agent."""
+    torch: Any = None
+    """The :class:`testbed.board_probe.TorchChoice` (set once the board is probed)."""
+
+    def choose(self, choice: Any) -> None:
+        """Set the torch choice; it is part of the agent component (another torch reinstalls)."""
+        self.torch = choice
+        key = json.dumps([choice.requirement, choice.index_url, choice.system_site_packages,
+                          sorted(w.name for w in self.wheelhouse)])
+        self.digests["agent"] = hashlib.sha256((zip_digest(self.wheel) + key).encode()).hexdigest()
 
     def manifest(self, opts: FlashOptions) -> dict[str, Any]:
         return {"device_id": opts.device_id, "agent_version": self.agent_version, "wheel": self.wheel.name,
@@ -386,6 +423,11 @@ def build_bundle(opts: FlashOptions, staging: Path, user: str, say: Say) -> Bund
         say(f"agent: built {wheel.name} from {project_root()} ({time.perf_counter() - t0:.1f} s)")
     version = wheel_version(wheel)
     files["agent"].append(wheel.name)
+    wheelhouse = []
+    if opts.wheelhouse is not None:
+        wheelhouse = sorted(w for w in opts.wheelhouse.glob("*.whl") if not w.name.startswith("harmony_testbed-"))
+        say(f"wheelhouse: {len(wheelhouse)} wheels from {opts.wheelhouse} "
+            f"({sum(w.stat().st_size for w in wheelhouse) / 2**20:.0f} MiB), installed with --no-index")
     # the data
     data_dir: str | None = None
     if opts.config is not None:
@@ -410,7 +452,7 @@ def build_bundle(opts: FlashOptions, staging: Path, user: str, say: Say) -> Bund
     digests = {"agent": zip_digest(wheel)}
     for component in ("credentials", "data", "unit"):
         digests[component] = _digest_files([staging / n for n in files[component]]) if files[component] else ""
-    return Bundle(staging, wheel, version, files, digests, text, data_dir, notes)
+    return Bundle(staging, wheel, version, files, digests, text, data_dir, notes, wheelhouse)
 
 
 def _stage_rows(opts: FlashOptions, staging: Path) -> Path:
@@ -455,15 +497,22 @@ class BoardState:
     installed: dict[str, Any] | None = None
     agent_active: bool | None = None
     error: str = ""
+    facts: Any = None
+    """:class:`testbed.board_probe.BoardFacts` (None where the board has no Python)."""
 
 
 def probe_board(opts: FlashOptions) -> BoardState:
     """Read the board's user id, architecture, Python, systemd and installed ``bundle.json``."""
+    from testbed.board_probe import PROBE_SCRIPT
+
     py = shlex.quote(opts.python)
+    probe = base64.b64encode(PROBE_SCRIPT.encode()).decode()
     script = "; ".join([
         'echo "uid=$(id -u)"', 'echo "arch=$(uname -m)"',
         f'if command -v {py} >/dev/null 2>&1; then {py} -c '
-        '"import sys; print(\'python=%d.%d\' % sys.version_info[:2])"; else echo python=none; fi',
+        '"import sys; print(\'python=%d.%d\' % sys.version_info[:2])"; '
+        f"printf probe=; HARMONY_PROBE_DIR={shlex.quote(str(opts.home))} {py} -c "
+        f'"import base64; exec(base64.b64decode(\'{probe}\'))" 2>/dev/null || echo; else echo python=none; fi',
         'if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then echo systemd=yes; '
         f'echo "active=$(systemctl is-active {UNIT_NAME} 2>/dev/null || true)"; else echo systemd=no; fi',
         "echo ---",
@@ -481,6 +530,13 @@ def probe_board(opts: FlashOptions) -> BoardState:
         state.python = (int(major), int(minor))
     if "active" in facts:
         state.agent_active = facts["active"] == "active"
+    if facts.get("probe"):
+        from testbed.board_probe import ProbeError, parse_probe
+
+        try:
+            state.facts = parse_probe(facts["probe"])
+        except ProbeError as err:
+            log.warning("%s", err)
     if tail.strip():
         try:
             state.installed = json.loads(tail)
@@ -506,7 +562,8 @@ class FlashReport:
 
 
 def install_script(opts: FlashOptions, bundle: Bundle, incoming: str, changed: list[str], user: str) -> list[str]:
-    """The board's install steps, one POSIX shell command each, for the ``changed`` components."""
+    """The board's install steps, one POSIX shell command each, for the ``changed`` components — all but
+    the unit and ``bundle.json``, which :func:`finish_script` installs once the self-check passed."""
     home, q = opts.home, shlex.quote
     h = q(str(home))
     inc = q(incoming)
@@ -524,28 +581,122 @@ def install_script(opts: FlashOptions, bundle: Bundle, incoming: str, changed: l
         wheel = f"{h}/wheels/{q(bundle.wheel.name)}"
         pip = f"{h}/venv/bin/python -m pip install --no-input --disable-pip-version-check -q"
         extra = " ".join(q(a) for a in opts.pip_args)
+        if bundle.wheelhouse:
+            extra = f"--no-index --find-links {h}/wheelhouse {extra}".strip()
+            lines.append(f"rm -rf {h}/wheelhouse && mkdir -p {h}/wheelhouse")
+            lines.append(f"mv {' '.join(f'{inc}/{q(w.name)}' for w in bundle.wheelhouse)} {h}/wheelhouse/")
         pip = f"{pip} {extra}" if extra else pip
         lines.append(f"find {h}/wheels -name '*.whl' ! -name {q(bundle.wheel.name)} -delete")
         lines.append(f"install -m 644 {inc}/{q(bundle.wheel.name)} {wheel}")
-        flags = " --system-site-packages" if opts.system_site_packages else ""
+        choice = bundle.torch
+        flags = " --system-site-packages" if (opts.system_site_packages or (choice and choice.system_site_packages)) \
+            else ""
         venv = f"{q(opts.python)} -m venv{flags} {h}/venv"
         if opts.site_packages:
             site = f'"$({h}/venv/bin/python -c \'import sysconfig; print(sysconfig.get_paths()["purelib"])\')"'
             venv += f" && printf '%s\\n' {' '.join(q(s) for s in opts.site_packages)} > {site}/harmony-base.pth"
-        # a fresh venv: the wheel with its [agent] dependencies; an existing one (in place): the
-        # project replaced even at an equal version, then its dependencies brought in line (pip
+        lines.append(f"[ -x {h}/venv/bin/python ] || {venv}")
+        # torch first, from where the choice says (its index, or the wheelhouse): the agent extra then
+        # finds it satisfied; an existing venv gets the chosen torch even when another one is in range
+        if choice is not None and choice.requirement:
+            index = "" if bundle.wheelhouse or not choice.index_url else f"--index-url {q(choice.index_url)} "
+            lines.append(f"{pip} {index}{q(choice.requirement)}")
+        # the project replaced even at an equal version, then its dependencies brought in line (pip
         # installs only what is missing or of another version)
-        lines.append(f"if [ -x {h}/venv/bin/python ]; then {pip} --force-reinstall --no-deps {wheel} && "
-                     f"{pip} {wheel}'[agent]'; else {venv} && {pip} {wheel}'[agent]'; fi")
-        lines.append(f"{h}/venv/bin/python -c 'import edge_agent.agent; from importlib import metadata; "
-                     f"print(\"installed harmony-testbed\", metadata.version(\"harmony-testbed\"))'")
-    if "unit" in changed:
-        lines.append(f"install -m 644 {inc}/{UNIT_NAME} {q(str(opts.unit_path))}")
+        lines.append(f"{pip} --force-reinstall --no-deps {wheel} && {pip} {wheel}'[agent]'")
+        lines.append(f"{h}/venv/bin/python -c 'from importlib import metadata; "
+                     f"print(\"installed harmony-testbed\", metadata.version(\"harmony-testbed\"), "
+                     f"\"torch\", metadata.version(\"torch\"))'")
     if user != "root":
         lines.append(f"chown -R {q(user)} {h}/credentials {h}/data {h}/cache")
-    lines.append(f"install -m 644 {inc}/bundle.json {h}/bundle.json")
-    lines.append(f"rm -rf {inc}")
     return lines
+
+
+def finish_script(opts: FlashOptions, bundle: Bundle, incoming: str, changed: list[str]) -> list[str]:
+    """After the self-check passed: the unit (when changed) and ``bundle.json``; the upload removed."""
+    q = shlex.quote
+    lines = ["set -eu", "umask 022"]
+    if "unit" in changed:
+        lines.append(f"install -m 644 {q(incoming)}/{UNIT_NAME} {q(str(opts.unit_path))}")
+    lines.append(f"install -m 644 {q(incoming)}/bundle.json {q(str(opts.home / 'bundle.json'))}")
+    lines.append(f"rm -rf {q(incoming)}")
+    return lines
+
+
+def self_check_command(opts: FlashOptions) -> str:
+    """The agent's self-check as the board runs it after installing (``edge_agent.selfcheck``), JSON out."""
+    from testbed.footprint import AGENT_FOOTPRINT
+
+    home, q = opts.home, shlex.quote
+    argv = [str(home / "venv/bin/python"), "-m", "edge_agent", "--self-check", "--json", "--broker", opts.broker,
+            "--device-id", opts.device_id, "--credentials", str(home / "credentials/password")]
+    if opts.tls:
+        argv += ["--cafile", str(home / "credentials/ca.crt"), "--certfile", str(home / "credentials/client.crt"),
+                 "--keyfile", str(home / "credentials/client.key")]
+    family, width = "cnn8", 1.0
+    if opts.config is not None:
+        from harmony.config import ConfigError, load_config
+
+        try:
+            cfg = load_config(opts.config, opts.overrides)
+            family, width = cfg.model.family, cfg.model.width
+        except ConfigError:
+            pass
+    argv += ["--check-model", family, "--check-width", str(width)]
+    if family == "cnn8" and width == 1.0:  # the agent's measured peak is for exactly this model
+        argv += ["--min-memory-mib", f"{AGENT_FOOTPRINT.peak_rss_bytes / 2**20:.0f}"]
+    return " ".join(q(a) for a in argv)
+
+
+_FLAG_DEFAULTS: dict[str, Any] = {"tls": True, "root": PurePosixPath("/"), "prefix": DEFAULT_PREFIX,
+                                  "python": "python3", "service": "auto"}
+
+
+def flash_command(opts: FlashOptions, *, upgrade: bool | None = None, torch: str | None = None) -> str:
+    """The ``harmony flash`` command line of ``opts`` — every option the user gave — with ``--upgrade``
+    and ``--torch`` set as asked: what a message tells the user to run next."""
+    t = opts.target
+    argv = ["harmony", "flash", t.login, "--device-id", opts.device_id, "--broker", opts.broker]
+    if t.port != 22:
+        argv += ["--ssh-port", str(t.port)]
+    if t.identity is not None:
+        argv += ["--identity", str(t.identity)]
+    for option in t.options:
+        argv += ["--ssh-option", option]
+    argv += ["--credentials-dir", str(opts.credentials_dir)]
+    if not opts.tls:
+        argv.append("--no-tls")
+    if opts.profile:
+        argv += ["--profile", opts.profile]
+    if opts.config is not None:
+        argv += ["--config", str(opts.config), "--client", str(opts.client)]
+        for item in opts.overrides:
+            argv += ["--set", item]
+    if opts.local_data_dir:
+        argv += ["--data-dir", opts.local_data_dir]
+    if opts.board_data:
+        argv += ["--board-data", opts.board_data]
+    for name, flag in (("root", "--root"), ("prefix", "--prefix"), ("python", "--python"), ("service", "--service")):
+        if getattr(opts, name) != _FLAG_DEFAULTS[name]:
+            argv += [flag, str(getattr(opts, name))]
+    if opts.pip_args:
+        argv += ["--pip-args", shlex.join(opts.pip_args)]
+    if opts.system_site_packages:
+        argv.append("--system-site-packages")
+    for site in opts.site_packages:
+        argv += ["--site-packages", site]
+    if opts.run_as:
+        argv += ["--run-as", opts.run_as]
+    if opts.wheel is not None:
+        argv += ["--wheel", str(opts.wheel)]
+    if opts.wheelhouse is not None:
+        argv += ["--wheelhouse", str(opts.wheelhouse)]
+    torch = torch if torch is not None else opts.torch
+    if torch:
+        argv += ["--torch", torch]
+    if upgrade if upgrade is not None else opts.upgrade:
+        argv.append("--upgrade")
+    return shlex.join(argv)
 
 
 def flash(opts: FlashOptions, say: Say | None = None) -> FlashReport:
@@ -580,36 +731,52 @@ def flash(opts: FlashOptions, say: Say | None = None) -> FlashReport:
                 "board")
         else:
             _check_board(opts, board)
+        _choose_torch(opts, board, bundle, say)
         # system paths as a user other than root: through sudo (assumed so for an unreachable board)
         sudo = str(opts.root) == "/" and (board.uid != 0 if board.reachable else opts.target.user != "root")
+        s = "sudo -n " if sudo else ""
         installed = board.installed if board.reachable else None
         changed = _changed(opts, bundle, installed)
         service = _service_kind(opts, board)
         argv, _ = unit_exec(bundle.unit_text)
         if not changed:
-            step(f"board {opts.target.login} already has this bundle (agent {bundle.agent_version}, device "
-                 f"{opts.device_id}): nothing to copy or install")
+            if opts.upgrade:
+                step(f"--upgrade: nothing changed — {opts.target.login} already runs this exact bundle (agent "
+                     f"{bundle.agent_version}, device {opts.device_id}, {bundle.torch.requirement or 'its own torch'})")
+            else:
+                step(f"board {opts.target.login} already has this bundle (agent {bundle.agent_version}, device "
+                     f"{opts.device_id}): nothing to copy or install")
             if service == "systemd" and board.agent_active is False:
-                _remote(opts, f"{'sudo -n ' if sudo else ''}systemctl start {UNIT_NAME}", f"{prefix}start the service "
-                        "(it was not running)", step)
+                _remote(opts, f"{s}systemctl start {UNIT_NAME}", f"{prefix}start the service (it was not running)",
+                        step)
             return FlashReport([], steps, bundle.unit_text, bundle.agent_version, service, argv, opts.dry_run)
         (staging / "bundle.json").write_text(json.dumps(bundle.manifest(opts), indent=1, sort_keys=True) + "\n")
         incoming = str(_under(opts.root, PurePosixPath("/tmp")) / f"harmony-flash-{opts.device_id}-{int(time.time())}")
         script = install_script(opts, bundle, incoming, changed, user)
+        finish = finish_script(opts, bundle, incoming, changed)
         (staging / "install.sh").write_text("\n".join(script) + "\n")
-        uploads = sorted({n for c in changed for n in bundle.files[c]} | {"bundle.json", "install.sh"})
+        (staging / "finish.sh").write_text("\n".join(finish) + "\n")
+        uploads = [staging / n for n in sorted({n for c in changed for n in bundle.files[c]}
+                                                | {"bundle.json", "install.sh", "finish.sh"})]
+        if "agent" in changed:
+            uploads += bundle.wheelhouse
         step(f"{prefix}replace on the board: {', '.join(changed)}")
         _remote(opts, f"mkdir -p -m 700 {shlex.quote(incoming)}", f"{prefix}make the upload directory {incoming}",
                 step)
-        _run(opts, opts.target.scp([staging / n for n in uploads], incoming),
-             f"{prefix}copy {', '.join(uploads)} to {opts.target.login}:{incoming}", step)
+        _run(opts, opts.target.scp(uploads, incoming),
+             f"{prefix}copy {len(uploads)} files ({', '.join(p.name for p in uploads[:6])}"
+             f"{', …' if len(uploads) > 6 else ''}) to {opts.target.login}:{incoming}", step, timeout=3600)
         for line in script[2:]:
             step(f"{prefix}run on the board: {line}")
-        _remote(opts, f"{'sudo -n ' if sudo else ''}sh {shlex.quote(incoming + '/install.sh')}",
+        _remote(opts, f"{s}sh {shlex.quote(incoming + '/install.sh')}",
                 f"{prefix}run the install script ({len(script)} commands above, as "
                 f"{'root via sudo' if sudo else opts.target.user})", step, timeout=3600)
+        _self_check(opts, board, bundle, service, s, incoming, step)
+        for line in finish[2:]:
+            step(f"{prefix}run on the board: {line}")
+        _remote(opts, f"{s}sh {shlex.quote(incoming + '/finish.sh')}", f"{prefix}install the unit and bundle.json",
+                step)
         if service == "systemd":
-            s = "sudo -n " if sudo else ""
             _remote(opts, f"{s}systemctl daemon-reload && {s}systemctl enable {UNIT_NAME} && "
                     f"{s}systemctl restart {UNIT_NAME}", f"{prefix}enable and (re)start {UNIT_NAME}", step)
         else:
@@ -617,6 +784,81 @@ def flash(opts: FlashOptions, say: Say | None = None) -> FlashReport:
                    "the board runs no systemd" if opts.service == "auto" else "--service none")
             step(f"service: skipped ({why}); start the agent as the unit would: {shlex.join(argv)}")
         return FlashReport(changed, steps, bundle.unit_text, bundle.agent_version, service, argv, opts.dry_run)
+
+
+def _choose_torch(opts: FlashOptions, board: BoardState, bundle: Bundle, say: Say) -> None:
+    """Pick the board's torch from its probe (or ``--torch``), say which and why; part of the agent digest."""
+    from testbed.board_probe import BoardFacts, TorchChoice, choose_torch
+
+    facts = board.facts
+    if facts is None:
+        if opts.torch is None and board.reachable:
+            raise FlashError(f"{opts.target.login}: the board's probe printed nothing ({opts.python} could not run "
+                             "it); name the torch with --torch SPEC")
+        facts = BoardFacts(machine=board.arch or "unknown")
+    if facts is not None and board.reachable:
+        say(f"board: {facts.describe()}")
+    if facts.machine not in ("aarch64", "x86_64") and opts.torch is None:
+        choice = TorchChoice(None, None, False, "unknown until the board can be probed")
+    else:
+        try:
+            choice = choose_torch(facts, override=opts.torch, wheelhouse=opts.wheelhouse is not None)
+        except ValueError as err:
+            raise FlashError(str(err)) from None
+    if opts.wheelhouse is not None and choice.requirement:
+        version = choice.requirement.split("==", 1)[-1].split("+", 1)[0] if "==" in choice.requirement else None
+        have = sorted(w.name for w in bundle.wheelhouse if w.name.startswith("torch-"))
+        if version and not any(n.startswith(f"torch-{version}") for n in have):
+            raise FlashError(f"--wheelhouse {opts.wheelhouse} has {', '.join(have)} but the board needs "
+                             f"{choice.requirement} ({choice.reason}); add it to the wheelhouse or name one it has "
+                             "with --torch")
+    bundle.choose(choice)
+    say(choice.describe())
+
+
+def _self_check(opts: FlashOptions, board: BoardState, bundle: Bundle, service: str, sudo: str, incoming: str,
+                step: Say) -> None:
+    """Run the agent's self-check on the board; on failure, leave nothing enabled and raise with the next command."""
+    from edge_agent.selfcheck import SelfCheckReport
+    from testbed.board_probe import ARMV80_TORCH
+
+    command = self_check_command(opts)
+    step(f"{'would ' if opts.dry_run else ''}run the agent's self-check on the board: {command}")
+    if opts.dry_run:
+        return
+    done = subprocess.run(opts.target.ssh(f"{sudo}{command}"), capture_output=True, text=True, timeout=7200)
+    lines = done.stdout.strip().splitlines()
+    try:
+        report = SelfCheckReport.from_json(lines[-1])
+    except (IndexError, ValueError, TypeError):
+        report = None
+    if report is not None and report.ok and done.returncode == 0:
+        for line in report.message().splitlines():
+            step(line.strip())
+        return
+    # nothing left enabled: no unit, no bundle.json (the next flash installs again), the upload removed
+    q = shlex.quote
+    cleanup = [f"rm -rf {q(incoming)}", f"rm -f {q(str(opts.home / 'bundle.json'))}"]
+    if service == "systemd":
+        cleanup.insert(0, f"{{ {sudo}systemctl disable --now {UNIT_NAME} 2>/dev/null || true; }}")
+    cleanup.append(f"rm -f {q(str(opts.unit_path))}")
+    subprocess.run(opts.target.ssh(f"{sudo}sh -c {q('; '.join(cleanup))}"), capture_output=True, text=True,
+                   timeout=300)
+    if report is None:
+        output = (done.stderr.strip() or done.stdout.strip())[-2000:]
+        raise FlashError(f"the self-check could not run on {opts.target.login} (exit {done.returncode}):\n{output}\n"
+                         "nothing was enabled; the agent's venv stays for the next try")
+    if report.failure == "illegal_instruction":
+        next_command = flash_command(opts, torch=ARMV80_TORCH)
+    elif report.failure == "broker_refused":
+        next_command = f"harmony fleet add {opts.device_id} (on the stack), then {flash_command(opts)}"
+    else:
+        next_command = f"{report.next_step}; then {flash_command(opts)}"
+    failed = next((c for c in report.checks if not c.ok), None)
+    raise FlashError(
+        f"self-check failed on {opts.target.login} ({report.cpu}, torch {report.torch_version or 'not importable'}): "
+        f"{failed.name + ': ' + failed.detail if failed else report.failure}\n{report.message()}\n"
+        f"nothing was enabled (no unit installed, no service started). Next: {next_command}")
 
 
 def _check_board(opts: FlashOptions, board: BoardState) -> None:
@@ -646,8 +888,8 @@ def _changed(opts: FlashOptions, bundle: Bundle, installed: dict[str, Any] | Non
         what = (f"device {installed.get('device_id')}" if other_device else
                 f"agent {installed.get('agent_version', '?')} ({installed.get('wheel', '?')})")
         raise FlashError(f"{opts.target.login} already runs {what}; this bundle is agent {bundle.agent_version} for "
-                         f"device {opts.device_id}: replace it in place with `harmony flash {opts.target.login} "
-                         f"--device-id {opts.device_id} --upgrade` (nothing was changed)")
+                         f"device {opts.device_id}: replace it in place with `{flash_command(opts, upgrade=True)}` "
+                         "(nothing was changed)")
     if other_device:
         return list(COMPONENTS)
     return changed

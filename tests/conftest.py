@@ -36,6 +36,17 @@ def tiny_config(**overrides) -> ExperimentConfig:
     return cfg.with_overrides(**overrides) if overrides else cfg
 
 
+def pytest_collection_modifyitems(config, items):
+    """The emulated-board tests take many minutes: they run only when asked for (``-m boards``,
+    ``make test-boards``)."""
+    if "boards" in (config.getoption("-m") or ""):
+        return
+    skip = pytest.mark.skip(reason="emulated arm64 boards: run them with `make test-boards`")
+    for item in items:
+        if item.get_closest_marker("boards") is not None:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _needs_fashion_mnist():
     if not FMNIST.exists():

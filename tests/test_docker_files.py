@@ -758,16 +758,31 @@ def test_dockerfiles_pass_hadolint(tmp_path):
     assert flagged.returncode != 0 and "DL3007" in flagged.stdout, flagged.stdout
 
 
-def test_torch_is_pinned_through_the_project_extras():
+def _check_torch_module():
+    spec = importlib.util.spec_from_file_location("_docker_check_torch", DOCKER / "check_torch.py")
+    assert spec and spec.loader
+    check_torch = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check_torch)
+    return check_torch
+
+
+def test_torch_is_bounded_through_the_project_extras():
+    """The server extra pins torch exactly; the agent extra gives a range; each image's ARG
+    TORCH_REQUIREMENT is an exact pin that its extra accepts."""
     tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    check_torch = _check_torch_module()
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     for name, instructions in dockerfiles().items():
         extra = EXTRA_OF[name]
-        pins = [r for r in project["optional-dependencies"][extra] if re.match(r"torch\b", r)]
-        assert len(pins) == 1 and re.fullmatch(r"torch==[0-9][\w.]*", pins[0]), (
-            f"pyproject.toml: extra {extra!r} must pin torch exactly, has {pins}")
-        assert arg_default(instructions, "TORCH_REQUIREMENT") == pins[0], (
-            f"{name}: ARG TORCH_REQUIREMENT must equal the {extra!r} extra's {pins[0]}")
+        bounds = [r for r in project["optional-dependencies"][extra] if re.match(r"torch\b", r)]
+        assert len(bounds) == 1, f"pyproject.toml: extra {extra!r} must bound torch once, has {bounds}"
+        if extra == "server":
+            assert re.fullmatch(r"torch==[0-9][\w.]*", bounds[0]), f"the server extra must pin torch, has {bounds}"
+        pin = arg_default(instructions, "TORCH_REQUIREMENT")
+        assert pin is not None and re.fullmatch(r"torch==[0-9][\w.]*", pin), f"{name}: ARG TORCH_REQUIREMENT {pin}"
+        specs = re.findall(r"([<>=!]=?)\s*([0-9][\w.]*)", bounds[0])
+        assert check_torch.accepts(specs, pin.removeprefix("torch==")), (
+            f"{name}: ARG TORCH_REQUIREMENT {pin} is outside the {extra!r} extra's {bounds[0]}")
         runs = [i.args for i in instructions if i.keyword == "RUN"]
         installs = [r for r in runs if "pip install" in r]
         extras = [set(m.split(",")) for r in installs for m in re.findall(r"""["']\.\[([\w,-]+)\]["']""", r)]
@@ -778,19 +793,21 @@ def test_torch_is_pinned_through_the_project_extras():
         assert any(f"check_torch.py {extra}" in r for r in runs), f"{name}: torch is not checked after install"
 
 
-def test_check_torch_reads_the_pin_of_the_requested_extra(monkeypatch):
-    spec = importlib.util.spec_from_file_location("_docker_check_torch", DOCKER / "check_torch.py")
-    assert spec and spec.loader
-    check_torch = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(check_torch)
-    requires = ["torch==9.9.9", 'torch==2.13.0; extra == "agent"', 'torch==2.12.0 ; extra == "server"',
+def test_check_torch_reads_the_bounds_of_the_requested_extra(monkeypatch):
+    check_torch = _check_torch_module()
+    requires = ["torch==9.9.9", 'torch<2.14,>=2.8; extra == "agent"', 'torch==2.12.0 ; extra == "server"',
                 'celery<6,>=5.3; extra == "server"']
     monkeypatch.setattr(importlib.metadata, "requires", lambda dist: requires)
-    assert check_torch.pinned_torch("agent") == "2.13.0"
     assert check_torch.pinned_torch("server") == "2.12.0"
-    monkeypatch.setattr(importlib.metadata, "requires", lambda dist: ['torch>=2; extra == "agent"'])
+    agent = check_torch.torch_specifiers("agent")
+    assert sorted(agent) == [("<", "2.14"), (">=", "2.8")]
+    assert check_torch.accepts(agent, "2.9.1") and check_torch.accepts(agent, "2.13.0+cpu")
+    assert not check_torch.accepts(agent, "2.7.1") and not check_torch.accepts(agent, "2.14.0")
     with pytest.raises(SystemExit):
         check_torch.pinned_torch("agent")
+    monkeypatch.setattr(importlib.metadata, "requires", lambda dist: ['numpy>=2; extra == "agent"'])
+    with pytest.raises(SystemExit):
+        check_torch.torch_specifiers("agent")
 
 
 # ------------------------------------------------------------------------------------ Mosquitto, Redis

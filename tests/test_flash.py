@@ -220,6 +220,7 @@ def test_flash_brings_a_bare_board_to_a_registered_tls_device_and_upgrades_it(ss
     assert f"created credentials for {DEVICE}" in out and "reloaded its password file" in out
     assert (device_dir / "client.crt").is_file() and DEVICE.encode() in (fleet["dir"] / "mosquitto.passwd").read_bytes()
     assert "service: skipped" in out and "start the agent as the unit would" in out
+    assert "self-check passed on " in out and "ok broker: logged in to 127.0.0.1" in out
     venv_python = home / "venv" / "bin" / "python"
     inode = venv_python.resolve().stat().st_ino, (home / "venv").stat().st_ino
     version = subprocess.run([str(venv_python), "-c", "from importlib import metadata; print(metadata.version("
@@ -271,6 +272,11 @@ def test_flash_brings_a_bare_board_to_a_registered_tls_device_and_upgrades_it(ss
         code, out = _flash(sshd, fleet, board, *data)
         assert code != 0
         assert f"already runs agent {OLD}" in out and "--upgrade" in out and "nothing was changed" in out
+        # the command it suggests is the user's own, every option kept, plus --upgrade
+        suggested = out.split("replace it in place with `", 1)[1].split("`", 1)[0]
+        for option in (f"--ssh-port {sshd['port']}", f"--identity {sshd['key']}", f"--root {board}",
+                       f"--config {cfg_path} --client 1", f"--site-packages {base_site}", "--upgrade"):
+            assert option in suggested, (option, suggested)
         assert (home / "bundle.json").stat().st_mtime_ns == before
 
         # 4. --dry-run --upgrade prints every step and changes nothing
@@ -314,9 +320,12 @@ def test_flash_brings_a_bare_board_to_a_registered_tls_device_and_upgrades_it(ss
     finally:
         _stop(agent)
 
-    # 6. and again: idempotent (the same code, the wheel built anew by the flash itself)
+    # 6. and again: idempotent (the same code, the wheel built anew by the flash itself); with --upgrade
+    # it says that nothing changed
     code, out = _flash(sshd, fleet, board, *data)
     assert code == 0 and "already has this bundle" in out, out
+    code, out = _flash(sshd, fleet, board, *data, "--upgrade")
+    assert code == 0 and "--upgrade: nothing changed" in out and "already runs this exact bundle" in out, out
 
 
 def test_bad_input_names_the_option_and_touches_nothing(sshd, fleet, base_site, tmp_path):
