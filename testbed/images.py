@@ -161,10 +161,12 @@ def build_project_image(engine: DockerEngine, repo: Path, dockerfile: str, image
     staged: Path | None = None
     try:
         if wheelhouse is not None:
-            staged = repo / "docker" / "wheelhouse" / f".build-{arch}-{os.getpid()}"
+            # one fixed name per architecture: the name is a build argument, and a new one would miss
+            # the build cache of every step after it
+            staged = repo / "docker" / "wheelhouse" / f".build-{arch}"
             shutil.rmtree(staged, ignore_errors=True)
             shutil.copytree(wheelhouse, staged, copy_function=_link_or_copy,
-                            ignore=shutil.ignore_patterns(".*"))
+                            ignore=shutil.ignore_patterns(".*", "harmony_testbed-*"))  # built from source
             args["WHEELHOUSE"] = str(staged.relative_to(repo))
         argv = ["build", "--platform", f"linux/{arch}", "-f", f"docker/{dockerfile}", "-t", image]
         for key, value in args.items():

@@ -103,9 +103,11 @@ def images(engine: DockerEngine) -> dict[str, str]:
     t0 = time.monotonic()
     amd64, arm64 = base_image(engine, "amd64"), base_image(engine, "arm64")
     services = service_images(engine)
+    # third-party wheels only: the Dockerfiles build the project from its source (a wheel made afresh on
+    # every run would also miss the build cache)
     server_wheels = build_wheelhouse(machine="x86_64", torch_spec=f"{SERVER_TORCH}+cpu",
-                                     extras=("agent", "server", "monitor"))
-    arm_wheels = build_wheelhouse(machine="aarch64", torch_spec=ARM64_TORCH, extras=("agent",))
+                                     extras=("agent", "server", "monitor"), project_wheel=False)
+    arm_wheels = build_wheelhouse(machine="aarch64", torch_spec=ARM64_TORCH, extras=("agent",), project_wheel=False)
     build_project_image(engine, REPO, "Dockerfile.server", SERVER_IMAGE, arch="amd64", base=amd64,
                         wheelhouse=server_wheels)
     build_project_image(engine, REPO, "Dockerfile.agent", AGENT_IMAGE, arch="amd64", base=amd64,
@@ -268,11 +270,15 @@ def test_compose_fleet_trains_a_round_within_its_class_limits(engine, images, tm
     assert local["fleet"]["split_depths"] == doc["fleet"]["split_depths"]
     assert local["fleet"]["train_samples"] == doc["fleet"]["train_samples"]
     for a, b in zip(doc["rounds"], local["rounds"], strict=True):
-        assert a["participants"] == b["participants"]
-        for key in ("samples", "train_loss_exit", "train_loss_server", "train_acc_exit", "train_acc_server"):
-            assert a[key] == pytest.approx(b[key], abs=1e-9), key
+        for key in ("participants", "samples", "train_loss_exit", "train_acc_exit", "train_acc_server"):
+            assert a[key] == b[key], key
+        # the server side's float32 loss varies in its last bits between two runs over one `harmony up`
+        # stack as well (concurrent sessions on a worker's threads): equal to float32 precision
+        assert a["train_loss_server"] == pytest.approx(b["train_loss_server"], rel=1e-6)
     assert doc["evaluation"]["accuracy"] == local["evaluation"]["accuracy"]
-    assert [c["rho"] for c in doc["evaluation"]["per_client"]] == [c["rho"] for c in local["evaluation"]["per_client"]]
+    for mine, theirs in zip(doc["evaluation"]["per_client"], local["evaluation"]["per_client"], strict=True):
+        for key in ("accuracy", "tau", "offload_probability", "accuracy_fixed_tau", "offload_probability_fixed_tau"):
+            assert [row[key] for row in mine["rho"]] == [row[key] for row in theirs["rho"]], (mine["client"], key)
 
 
 def _get(engine: DockerEngine, url: str, *, contains: str, timeout: float = 90) -> str:
