@@ -8,7 +8,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 STAMP := $(VENV)/.installed
 APT_STAMP := .venv-apt-checked
 
-.PHONY: demo test test-fast test-boards board-deps bench reproduce setup system-deps lint clean
+.PHONY: demo test test-fast test-boards board-deps test-containers container-deps bench reproduce setup system-deps lint clean
 
 setup: system-deps $(STAMP)
 
@@ -68,6 +68,16 @@ board-deps:
 	  echo "installing with apt-get:$$missing"; \
 	  $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	fi
+
+# The images and the compose fleet on a real Docker engine (tests/test_containers.py; docker/README.md has
+# the times): Debian's dockerd in a network namespace of its own, base images made from debootstrap roots,
+# the server and agent images for amd64 and the agent for arm64 built from wheelhouses, a HARMONY round
+# through the compose fleet's driver. Needs root; images are cached in $HARMONY_CACHE/docker.
+test-containers: setup board-deps container-deps
+	$(BIN)/python -m pytest -q -m containers tests/test_containers.py
+
+container-deps:
+	@command -v dockerd >/dev/null || [ -x /usr/sbin/dockerd ] || { 	  echo "installing with apt-get: docker.io"; 	  $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker.io; }
 
 # Speed and overhead figures (a few minutes each); see benchmarks/RESULTS.md.
 bench: setup

@@ -34,6 +34,8 @@ and the agents, ``internal``): agents cannot reach Redis.
 from __future__ import annotations
 
 import math
+import os
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -49,8 +51,20 @@ CREDENTIALS = "${HARMONY_CREDENTIALS_DIR:-../credentials}"
 DATA = "${HARMONY_DATA_DIR:-/usr/share/datasets}:/data:ro"
 TOPICS = "hsfl/v1"
 MONITOR_PORT = 8765  # `harmony monitor --web`'s default port (dashboard and /metrics)
+MOSQUITTO_IMAGE = "eclipse-mosquitto:2.0"
+REDIS_IMAGE = "redis:7.4-alpine"
 PROMETHEUS_IMAGE = "prom/prometheus:v2.53.3"
 GRAFANA_IMAGE = "grafana/grafana:11.3.0"
+# The third-party images, each replaceable by a host variable (a registry mirror, or images made
+# locally where no registry is reachable: testbed/engine.py makes Mosquitto and Redis ones from
+# Debian's packages). Their defaults are the pinned upstream images.
+IMAGE_VARIABLES = {"mosquitto": ("MOSQUITTO_IMAGE", MOSQUITTO_IMAGE), "redis": ("REDIS_IMAGE", REDIS_IMAGE),
+                   "prometheus": ("PROMETHEUS_IMAGE", PROMETHEUS_IMAGE), "grafana": ("GRAFANA_IMAGE", GRAFANA_IMAGE)}
+
+
+def _image(service: str) -> str:
+    variable, default = IMAGE_VARIABLES[service]
+    return f"${{{variable}:-{default}}}"
 DEFAULT_FLEET = [("pi_zero_2", 4), ("pi4", 4), ("jetson_nano", 2)]
 
 HEADER = """\
@@ -73,7 +87,8 @@ HEADER = """\
 # ../credentials), HARMONY_DATA_DIR (datasets, default /usr/share/datasets), HARMONY_RUNS_DIR
 # (results, default ../runs), HARMONY_UID/HARMONY_GID (owner of the results), MQTT_PORT/REDIS_PORT and
 # MONITOR_PORT/PROMETHEUS_PORT/GRAFANA_PORT (loopback ports published on the host), WORKER_CONCURRENCY
-# (sessions per worker).
+# (sessions per worker), MOSQUITTO_IMAGE/REDIS_IMAGE/PROMETHEUS_IMAGE/GRAFANA_IMAGE (a mirror's or a
+# locally made image instead of the pinned upstream one).
 """
 
 
@@ -101,7 +116,7 @@ def _infrastructure(devices: int) -> dict[str, dict]:
                "-P \"$$(cat /mosquitto/credentials/services/orchestrator.password)\" -t hsfl/v1/health -m ok -q 1")
     return {
         "mosquitto": {
-            "image": "eclipse-mosquitto:2.0",
+            "image": _image("mosquitto"),
             "restart": "unless-stopped",
             "ports": [f"127.0.0.1:${{MQTT_PORT:-{DEVICE_PORT}}}:{DEVICE_PORT}"],
             "volumes": ["./mosquitto/mosquitto.conf:/mosquitto/config/mosquitto.conf:ro",
@@ -110,7 +125,7 @@ def _infrastructure(devices: int) -> dict[str, dict]:
             "networks": ["backend", "devices"],
         },
         "redis": {
-            "image": "redis:7.4-alpine",
+            "image": _image("redis"),
             "restart": "unless-stopped",
             # round state survives a restart (AOF, docs/design.md §5); the store's ACL: default user off
             "command": ["redis-server", "--appendonly", "yes", "--save", "", "--aclfile", "/credentials/redis.acl"],
@@ -199,7 +214,7 @@ def _monitoring() -> dict[str, dict]:
             "networks": ["backend"],
         },
         "prometheus": {
-            "image": PROMETHEUS_IMAGE,
+            "image": _image("prometheus"),
             "profiles": ["monitoring"],
             "restart": "unless-stopped",
             "volumes": ["./prometheus.yml:/etc/prometheus/prometheus.yml:ro", "prometheus-data:/prometheus"],
@@ -208,7 +223,7 @@ def _monitoring() -> dict[str, dict]:
             "networks": ["backend"],
         },
         "grafana": {
-            "image": GRAFANA_IMAGE,
+            "image": _image("grafana"),
             "profiles": ["monitoring"],
             "restart": "unless-stopped",
             # anonymous viewers see the provisioned dashboard (the port is the host's loopback only);
@@ -317,3 +332,51 @@ def prepare_credentials(root: Path, fleet: list[tuple[str, int]], hosts: list[st
         store.service_certificate(name)
     store.write_broker_files()
     return store.write_service_env()
+
+
+# Who reads each file of the mounted credential store (uids of the images): eclipse-mosquitto's broker
+# drops to uid 1883, the redis image runs redis-server as uid 999, the project's images run as 10001.
+MOSQUITTO_UID = 1883
+REDIS_UID = 999
+PROJECT_UID = 10001
+_BROKER_FILES = ("broker.key", "mosquitto.passwd", "mosquitto.acl")
+_REDIS_FILES = ("redis.acl",)
+_NOT_MOUNTED = ("ca.key", "services/ca.key")  # the CAs' keys sign new certificates: they stay home
+
+
+def credential_owners(store: Path, project_uid: int = PROJECT_UID) -> dict[str, int]:
+    """Relative path → the uid that must own it in the mounted copy of ``store``: the broker's
+    files Mosquitto's, ``redis.acl`` Redis's, the services' and devices' files the project's
+    (``project_uid``: ``HARMONY_UID`` where the driver runs as another user); the public
+    certificates (mode 0644) stay root's. The CA keys are not in the copy."""
+    owners: dict[str, int] = {}
+    for path in sorted(p for p in store.rglob("*") if p.is_file()):
+        rel = path.relative_to(store).as_posix()
+        if rel in _NOT_MOUNTED:
+            continue
+        if rel in _BROKER_FILES:
+            owners[rel] = MOSQUITTO_UID
+        elif rel in _REDIS_FILES:
+            owners[rel] = REDIS_UID
+        elif rel.startswith(("services/", "devices/")) and path.stat().st_mode & 0o077 == 0:
+            owners[rel] = project_uid
+        else:
+            owners[rel] = 0
+    return owners
+
+
+def mounted_copy(store: Path, dest: Path, project_uid: int = PROJECT_UID) -> Path:
+    """A copy of the credential store ``store`` at ``dest`` that the compose fleet's containers can
+    read (docker/README.md): each private file (0600) owned by the service that reads it
+    (:func:`credential_owners`), directories 0755, without the CAs' keys. Needs root (chown)."""
+    if os.geteuid() != 0:
+        raise PermissionError("mounted_copy gives files to the containers' users (chown): run it as root")
+    owners = credential_owners(store, project_uid)
+    for rel, uid in owners.items():
+        source, target = store / rel, dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source, target)
+        os.chown(target, uid, uid if uid else 0)
+    for folder in [dest, *(p for p in dest.rglob("*") if p.is_dir())]:
+        folder.chmod(0o755)
+    return dest

@@ -35,8 +35,17 @@ BASE_DEPS = ("numpy>=1.26", "pyyaml>=6", "pydantic>=2.6", "typer>=0.12", "rich>=
 EXTRA_DEPS: dict[str, tuple[str, ...]] = {
     "agent": ("numpy>=1.26", "paho-mqtt>=2.1,<3", "msgpack>=1.0", "psutil>=5.9", "pyyaml>=6"),
     "server": ("numpy>=1.26", "paho-mqtt>=2.1,<3", "msgpack>=1.0", "psutil>=5.9", "pyyaml>=6",
-               "celery>=5.3,<6", "redis[hiredis]>=5", "cryptography>=41"),
+               "celery[redis]>=5.3,<6", "redis[hiredis]>=5", "cryptography>=41"),
+    "monitor": ("starlette>=0.37", "uvicorn>=0.29", "prometheus-client>=0.20", "redis[hiredis]>=5"),
 }
+# What pip needs to build the project from its source (pyproject.toml's build-system.requires): an
+# image's Dockerfile installs `.[EXTRA]` from the source tree, offline from the wheelhouse.
+BUILD_DEPS = ("setuptools>=68", "wheel")
+# Dependencies behind a marker that this host (pip evaluates markers for it, not for the target) may
+# rule out: redis needs async-timeout on Python < 3.11.3, which Debian bookworm's 3.11.2 is.
+MARKER_DEPS = {"redis[hiredis]>=5": ("async-timeout>=4.0.3",)}
+# pyproject.toml's own dependencies besides torch: every extra installs them too
+BASE_DEPS = ("numpy>=1.26", "pyyaml>=6", "pydantic>=2.6", "typer>=0.12", "rich>=13", "psutil>=5.9")
 # torch's dependencies that are not CUDA libraries (the same for every torch from 2.8 to 2.13)
 TORCH_PURE_DEPS = ("filelock", "typing-extensions>=4.10.0", "sympy>=1.13.3", "mpmath", "networkx>=2.5.1",
                    "jinja2", "MarkupSafe", "fsspec>=0.8.5", "setuptools")
@@ -114,8 +123,10 @@ def build_wheelhouse(dest: Path | None = None, *, machine: str, torch_spec: str,
     dest = Path(dest) if dest is not None else wheelhouse_dir(machine=machine, torch_spec=torch_spec,
                                                               extras=extras, python=python)
     dest.mkdir(parents=True, exist_ok=True)
-    deps = sorted({d for e in extras for d in EXTRA_DEPS[e]} | set(BASE_DEPS) | set(TORCH_PURE_DEPS))
-    stamp_text = "\n".join([torch_req, f"index={torch_index}", python, *platforms, *deps]) + "\n"
+    deps = {d for e in extras for d in EXTRA_DEPS[e]} | set(TORCH_PURE_DEPS) | set(BUILD_DEPS) | set(BASE_DEPS)
+    deps = sorted(deps | {m for d in deps for m in MARKER_DEPS.get(d, ())})
+    # what was asked for, dependencies included: a changed list downloads again
+    stamp_text = "\n".join([torch_req, f"index={torch_index}", python, *platforms, *sorted(extras), *deps]) + "\n"
     stamp = dest / ".harmony-wheelhouse-complete"
     with open(dest / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)

@@ -36,15 +36,22 @@ def tiny_config(**overrides) -> ExperimentConfig:
     return cfg.with_overrides(**overrides) if overrides else cfg
 
 
+# Tests that take many minutes run only when asked for by their marker (``-m boards``, ``-m containers``).
+ON_REQUEST = {"boards": "emulated arm64 boards: run them with `make test-boards`",
+              "containers": "images and the compose fleet on a Docker engine: run them with `make test-containers`"}
+
+
 def pytest_collection_modifyitems(config, items):
-    """The emulated-board tests take many minutes: they run only when asked for (``-m boards``,
-    ``make test-boards``)."""
-    if "boards" in (config.getoption("-m") or ""):
-        return
-    skip = pytest.mark.skip(reason="emulated arm64 boards: run them with `make test-boards`")
-    for item in items:
-        if item.get_closest_marker("boards") is not None:
-            item.add_marker(skip)
+    """The emulated-board and container tests run only when their marker is selected (``make
+    test-boards``, ``make test-containers``)."""
+    selected = config.getoption("-m") or ""
+    for marker, reason in ON_REQUEST.items():
+        if marker in selected:
+            continue
+        skip = pytest.mark.skip(reason=reason)
+        for item in items:
+            if item.get_closest_marker(marker) is not None:
+                item.add_marker(skip)
 
 
 @pytest.fixture(scope="session", autouse=True)

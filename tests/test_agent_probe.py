@@ -72,6 +72,20 @@ def test_falls_back_to_cgroup_v1(tmp_path: Path, cpu_dir: str) -> None:
     assert read_cgroup_limits(root) == CgroupLimits(cpus=pytest.approx(1.5), memory_bytes=GIB)
 
 
+def test_docker_v1_container_reads_its_own_hierarchies_at_the_mount_root(tmp_path: Path) -> None:
+    """A container under Docker with cgroup v1 (as `make test-containers` runs the agents): its
+    /proc/self/cgroup names the host's path (the engine's cgroup parent and the container id), which
+    does not exist inside, where each hierarchy's root is the container's own cgroup."""
+    root = _write(tmp_path / "cgroup", {"cpu/cpu.cfs_quota_us": "18000\n", "cpu/cpu.cfs_period_us": "100000\n",
+                                        "cpuacct/cpuacct.usage": "0\n",
+                                        "memory/memory.limit_in_bytes": "536870912\n",
+                                        "unified/cgroup.procs": "1\n"})
+    proc = _write(tmp_path, {"self-cgroup": "12:pids:/harmony-engine-x/3f2a\n5:memory:/harmony-engine-x/3f2a\n"
+                                            "3:cpu:/harmony-engine-x/3f2a\n2:cpuacct:/harmony-engine-x/3f2a\n"
+                                            "0::/system.slice/containerd.service\n"}) / "self-cgroup"
+    assert read_cgroup_limits(root, proc) == CgroupLimits(cpus=pytest.approx(0.18), memory_bytes=512 << 20)
+
+
 def test_no_cgroup_files_mean_no_limits(tmp_path: Path) -> None:
     assert read_cgroup_limits(tmp_path) == CgroupLimits()
 

@@ -228,7 +228,8 @@ def mosquitto_listeners() -> list[int]:
 
 def mqtt_service_port() -> tuple[str, int]:
     """The compose service running Mosquitto and the port its device listener binds in the container."""
-    name = next(n for n, s in services().items() if str(s.get("image", "")).startswith("eclipse-mosquitto"))
+    name = next(n for n, s in services().items()
+                if interpolate(str(s.get("image", ""))).startswith("eclipse-mosquitto"))
     return name, mosquitto_listeners()[0]
 
 
@@ -269,7 +270,7 @@ def env_files(service: dict[str, Any]) -> dict[str, str]:
 
 
 def redis_service() -> str:
-    return next(n for n, s in services().items() if str(s.get("image", "")).startswith("redis:"))
+    return next(n for n, s in services().items() if interpolate(str(s.get("image", ""))).startswith("redis:"))
 
 
 # ------------------------------------------------------------------------------------ argv checks
@@ -442,7 +443,7 @@ def test_every_service_image_is_built_here_or_pinned():
     for name, service in services().items():
         build = service.get("build")
         if build is None:
-            image = str(service["image"])
+            image = interpolate(str(service["image"]))
             assert ":" in image and not image.endswith(":latest"), f"{name}: pin the image tag ({image})"
             continue
         context = (DOCKER / (build if isinstance(build, str) else build["context"])).resolve()
@@ -714,6 +715,9 @@ def test_copy_sources_exist_and_pass_the_context_filter():
                 continue
             sources = [w for w in words[:-1] if not w.startswith("--")]
             for src in sources:
+                # an ARG in the source (the wheelhouse directory) is checked at its default
+                src = re.sub(r"\$\{(\w+)\}", lambda m, ins_=instructions: arg_default(ins_, m.group(1)) or m.group(0),
+                             src)
                 assert "://" not in src, f"{name}: {ins.keyword} from a URL"
                 assert (ROOT / src).exists(), f"{name}: COPY source {src} does not exist"
                 assert not ignored(src.rstrip("/"), patterns), f"{name}: {src} is excluded by {name}.dockerignore"
@@ -834,3 +838,54 @@ def test_redis_keeps_an_append_only_file_on_a_volume():
     argv = [str(a) for a in service["command"]]
     assert option_values(argv, "--appendonly") == ["yes"], "docs/design.md §5: AOF on, round state survives a restart"
     assert any(interpolate(v).split(":")[1] == "/data" for v in service["volumes"]), "Redis's /data is not a volume"
+
+
+# ------------------------------------------------------------------------------------ what an engine needs
+def test_third_party_images_are_replaceable_by_a_variable():
+    """Where no registry is reachable (make test-containers) the fleet runs on locally made images;
+    unset, each variable falls back to the pinned upstream image."""
+    from testbed.compose import IMAGE_VARIABLES
+
+    for name, (variable, default) in IMAGE_VARIABLES.items():
+        assert services()[name]["image"] == f"${{{variable}:-{default}}}"
+        assert variable in interpolation_variables(load_compose())
+
+
+def test_mounted_credentials_are_owned_by_their_readers(tmp_path):
+    """The store's private files, copied for the containers: each owned by the uid of the service
+    that reads it (the 0600 originals are readable by their owner only), without the CAs' keys."""
+    from testbed.compose import (
+        MOSQUITTO_UID,
+        PROJECT_UID,
+        REDIS_UID,
+        credential_owners,
+        mounted_copy,
+        prepare_credentials,
+    )
+
+    fleet = [("pi4", 1)]
+    prepare_credentials(tmp_path / "store", fleet)
+    owners = credential_owners(tmp_path / "store")
+    assert owners["broker.key"] == owners["mosquitto.passwd"] == owners["mosquitto.acl"] == MOSQUITTO_UID
+    assert owners["redis.acl"] == REDIS_UID
+    for rel in ("services/server.key", "services/orchestrator.env", "services/server.env", "devices/pi4-0/password",
+                "devices/pi4-0/client.key"):
+        assert owners[rel] == PROJECT_UID, rel
+    assert owners["ca.crt"] == 0 and "ca.key" not in owners and "services/ca.key" not in owners
+    if os.geteuid() != 0:
+        with pytest.raises(PermissionError, match="root"):
+            mounted_copy(tmp_path / "store", tmp_path / "mounted")
+        return
+    dest = mounted_copy(tmp_path / "store", tmp_path / "mounted")
+    for rel, uid in owners.items():
+        stat = (dest / rel).stat()
+        assert stat.st_uid == uid and stat.st_mode & 0o777 == (tmp_path / "store" / rel).stat().st_mode & 0o777, rel
+    assert not (dest / "ca.key").exists() and (dest / "devices").stat().st_mode & 0o777 == 0o755
+
+
+def test_an_engine_name_is_checked_before_anything_starts(tmp_path):
+    from testbed.engine import DockerEngine, EngineError
+
+    with pytest.raises(EngineError, match="engine name"):
+        DockerEngine("no spaces allowed", tmp_path)
+    assert not list(tmp_path.iterdir())

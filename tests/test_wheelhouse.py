@@ -71,3 +71,15 @@ def test_cache_dir_names_machine_python_torch_and_extras(monkeypatch, tmp_path):
     assert path == tmp_path / "wheelhouse" / "aarch64-py3.11-torch2.9.1-agent+server"
     x86 = wheelhouse_dir(machine="x86_64", torch_spec="torch==2.13.0+cpu")
     assert x86.name == "x86_64-py3.11-torch2.13.0+cpu-agent"
+
+
+def test_base_dependencies_are_pyprojects_without_torch():
+    """Every extra installs the project's own dependencies too: an offline install needs their wheels."""
+    import tomllib
+
+    from testbed.wheelhouse import BASE_DEPS, BUILD_DEPS
+
+    project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    wanted = sorted(d for d in project["project"]["dependencies"] if not d.startswith("torch"))
+    assert sorted(BASE_DEPS) == wanted
+    assert sorted(BUILD_DEPS) == sorted(project["build-system"]["requires"])
