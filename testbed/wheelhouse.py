@@ -29,9 +29,7 @@ from testbed.rootfs import cache_dir
 
 log = logging.getLogger(__name__)
 
-# What pyproject.toml's dependencies and each extra need besides torch (tests/test_wheelhouse.py keeps
-# them equal to it).
-BASE_DEPS = ("numpy>=1.26", "pyyaml>=6", "pydantic>=2.6", "typer>=0.12", "rich>=13", "psutil>=5.9")
+# What each extra of pyproject.toml needs besides torch (tests/test_wheelhouse.py keeps them equal).
 EXTRA_DEPS: dict[str, tuple[str, ...]] = {
     "agent": ("numpy>=1.26", "paho-mqtt>=2.1,<3", "msgpack>=1.0", "psutil>=5.9", "pyyaml>=6"),
     "server": ("numpy>=1.26", "paho-mqtt>=2.1,<3", "msgpack>=1.0", "psutil>=5.9", "pyyaml>=6",
