@@ -108,8 +108,10 @@ def test_seven_devices_one_agent_killed_mid_round(bench, tmp_path):
     def progress(event: str, **fields: Any) -> None:
         if event == "round_end" and fields["record"].round == 1:
             killer.start()
-        if event == "round_end" and fields["record"].round == 2 and "at" in killed:
-            _await_hello(bench, "emu-6", killed["at"])  # (a round takes seconds; an agent's start more)
+        if event == "round_end" and fields["record"].round == 2:
+            killer.join(timeout=60)  # (round 2 may end on the last will before the killer has noted the time)
+            if "at" in killed:
+                _await_hello(bench, "emu-6", killed["at"])  # (a round takes seconds; an agent's start more)
 
     engine = DistributedEngine(cfg, tmp_path, progress, mqtt=bench.info.mqtt, redis_url=bench.info.redis_url,
                                devices_timeout_s=120, round_timeout_s=300)
