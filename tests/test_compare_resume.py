@@ -24,6 +24,7 @@ class Interrupted(Exception):
 # are checked the same, at a seventh of the training.
 
 
+@pytest.mark.slow  # long: out of make test-fast
 def test_resume_reuses_finished_runs_and_continues_interrupted_ones(tmp_path):
     cfg = tiny_config(**{"train.rounds": 2, "train.local_steps": 4, "eval.measure_latency_samples": 0})
     full = compare(cfg, ["splitfed"], 2, tmp_path / "full")
