@@ -82,12 +82,16 @@ _current: list[str] = []
 
 
 def _service_program(args: object) -> str | None:
-    """The word of :data:`SERVICE_PROGRAMS` that ``args`` (Popen's first argument) names, if any."""
+    """The word of :data:`SERVICE_PROGRAMS` that ``args`` (Popen's first argument) runs, if any: the
+    program itself (``mosquitto``, not ``mosquitto_passwd``) or a ``python -m`` module (not a user or
+    service named ``orchestrator`` among the arguments); playwright's driver by its path."""
     words = [str(a) for a in args] if isinstance(args, (list, tuple)) else str(args).split()
-    for word in (w for w in words if not any(c.isspace() for c in w)):  # not a `python -c CODE`
-        for program in SERVICE_PROGRAMS:  # the program itself (mosquitto, not mosquitto_passwd), or its module
-            if Path(word).name == program or (program == "playwright" and program in word):
-                return program
+    if not words:
+        return None
+    runs = [Path(words[0]).name] + [words[k + 1] for k, w in enumerate(words[:-1]) if w == "-m"]
+    for program in SERVICE_PROGRAMS:
+        if program in runs or (program == "playwright" and program in words[0]):
+            return program
     return None
 
 

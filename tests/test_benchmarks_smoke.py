@@ -12,6 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # long: out of make test-fast
 def test_engine_throughput_smoke():
     proc = subprocess.run([sys.executable, "benchmarks/engine_throughput.py", "--smoke"], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
@@ -21,6 +22,7 @@ def test_engine_throughput_smoke():
     assert result["ratio_to_floor"] > 0 and result["gflops"] > 0 and result["matmul_gflops"] > 0
 
 
+@pytest.mark.slow  # long: out of make test-fast
 def test_speed_options_smoke():
     proc = subprocess.run([sys.executable, "benchmarks/speed_options.py", "--smoke"], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
@@ -33,6 +35,7 @@ def test_speed_options_smoke():
     assert result["time_vs_channels_last"]["channels_last"] == 1.0
 
 
+@pytest.mark.slow  # long: out of make test-fast
 def test_personalisation_probe_smoke(tmp_path):
     """Tiny: trains one round, evaluates the same model without and with two fine-tuning steps, on
     the validation split (50 samples per client by default). The un-personalised variant must
@@ -93,6 +96,7 @@ def test_fleet_scale_smoke():
     assert set(size["split_s"]) == {"publish", "sessions", "aggregate", "load"}
 
 
+@pytest.mark.slow  # long: out of make test-fast
 def test_sim_fleet_scale_smoke():
     """20 and 200 registered devices, 10 training per round on the simulated clock."""
     proc = subprocess.run([sys.executable, "benchmarks/sim_fleet_scale.py", "--smoke"], cwd=ROOT,

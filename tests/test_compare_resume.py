@@ -20,8 +20,13 @@ class Interrupted(Exception):
     pass
 
 
+# The sweeps train 4 steps a round instead of an epoch (28): resuming, re-evaluating and the tables
+# are checked the same, at a seventh of the training.
+
+
+@pytest.mark.slow  # long: out of make test-fast
 def test_resume_reuses_finished_runs_and_continues_interrupted_ones(tmp_path):
-    cfg = tiny_config(**{"train.rounds": 2, "eval.measure_latency_samples": 0})
+    cfg = tiny_config(**{"train.rounds": 2, "train.local_steps": 4, "eval.measure_latency_samples": 0})
     full = compare(cfg, ["splitfed"], 2, tmp_path / "full")
 
     def stop_after_seed8_round1(event: str, **f) -> None:
@@ -53,7 +58,7 @@ def test_resume_reuses_finished_runs_and_continues_interrupted_ones(tmp_path):
 
 
 def test_resume_refuses_a_directory_written_by_another_config(tmp_path):
-    cfg = tiny_config(**{"train.rounds": 1, "eval.measure_latency_samples": 0})
+    cfg = tiny_config(**{"train.rounds": 1, "train.local_steps": 4, "eval.measure_latency_samples": 0})
     compare(cfg, ["splitfed"], 1, tmp_path)
     with pytest.raises(ValueError, match="different config; use a fresh --out"):
         compare(cfg.with_overrides(**{"train.lr": 0.02}), ["splitfed"], 1, tmp_path, resume=True)
@@ -65,7 +70,8 @@ def test_resume_evaluates_a_finished_sweep_again_under_other_evaluation_settings
     """Personalisation steps and τ settings are read only by the final evaluation: a finished sweep
     resumed with other values is evaluated again from its checkpoints, not retrained; the same
     change halfway through training is refused."""
-    cfg = tiny_config(**{"train.rounds": 2, "eval.measure_latency_samples": 0, "train.finetune_lr": 0.05})
+    cfg = tiny_config(**{"train.rounds": 2, "train.local_steps": 4, "eval.measure_latency_samples": 0,
+                         "train.finetune_lr": 0.05})
     first = compare(cfg, ["splitgp+ft"], 1, tmp_path)
     run = tmp_path / "splitgp+ft" / "seed7" / "results.json"
     rounds = json.loads(run.read_text())["rounds"]
@@ -95,7 +101,7 @@ def test_a_table_can_keep_rows_of_an_earlier_sweep_and_says_what_differs(tmp_pat
     spec = importlib.util.spec_from_file_location("reproduce_fmnist", ROOT / "benchmarks" / "reproduce_fmnist.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    cfg = tiny_config(**{"train.rounds": 1, "eval.measure_latency_samples": 0})
+    cfg = tiny_config(**{"train.rounds": 1, "train.local_steps": 4, "eval.measure_latency_samples": 0})
     earlier = compare(cfg, ["splitfed"], 2, tmp_path / "earlier")
     now = cfg.with_overrides(**{"train.harmony.csa_weight": 2.0})
     doc = compare(now, ["multi-exit"], 2, tmp_path / "now")

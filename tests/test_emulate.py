@@ -91,7 +91,9 @@ def test_token_bucket_and_step_pacer_hold_their_rates():
     t0 = time.perf_counter()
     for _ in range(20):
         bucket.consume(10_000)
-    assert 0.85 * 0.2 < time.perf_counter() - t0 < 1.15 * 0.2 + 0.1  # 0.1: sleeps overshoot on a busy host
+    # the limit holds (never faster); slower only by a sleep's overshoot, which the bucket credits to the
+    # next transfer, so at most the last one's: up to half a second on a loaded 2-core host
+    assert 0.85 * 0.2 < time.perf_counter() - t0 < 1.15 * 0.2 + 0.5
     pacer = StepPacer(0.05)
     t0 = time.perf_counter()
     with pacer.phase():

@@ -19,6 +19,7 @@ def _states_equal(a: dict, b: dict) -> bool:
     return all(same_bits(a[side][k], b[side][k]) for side in a for k in a[side])
 
 
+@pytest.mark.slow  # long: out of make test-fast
 @pytest.mark.parametrize("algorithm", ["splitgp", "splitfed"])
 def test_same_seed_gives_bit_identical_weights(algorithm):
     cfg = tiny_config(**{"train.algorithm": algorithm})
@@ -51,6 +52,7 @@ def test_in_process_work_flushes_denormals_in_every_intra_op_thread():
     assert on_it is not threading.current_thread()
 
 
+@pytest.mark.slow  # long: out of make test-fast
 def test_client_order_does_not_change_the_result():
     cfg = tiny_config()
     forward = LocalEngine(cfg)
@@ -63,6 +65,7 @@ def test_client_order_does_not_change_the_result():
     assert worst <= 1e-6
 
 
+@pytest.mark.slow  # long: out of make test-fast
 def test_resume_continues_bit_identically(tmp_path):
     cfg = tiny_config(**{"train.rounds": 3})
     whole = LocalEngine(cfg, tmp_path / "whole")
@@ -95,6 +98,7 @@ def test_partial_participation_picks_seeded_subsets():
 
 @pytest.mark.parametrize("algorithm", ["splitfed", "multi-exit", "splitgp", "splitgp(lambda=1)", "splitgp+ft",
                                        "harmony", "harmony(depth-agnostic)", "splitgp+csa"])
+@pytest.mark.slow  # long: out of make test-fast
 def test_server_side_never_receives_labels(algorithm):
     """Every payload handed to the server side is inspected: only features (and, for
     logit gradients, floats); never the label tensor or anything integer-valued."""

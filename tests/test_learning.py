@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
+
 from harmony.engine import LocalEngine
 from tests.conftest import tiny_config
 
 
+@pytest.mark.slow  # long: out of make test-fast
 def test_multi_exit_learns_fashion_mnist():
     # 4 clients, near-IID Dirichlet(100) over 6% of the training set (~900 samples each),
     # half-width cnn8, 3 rounds. Measured over seeds 0–2: 75.5 / 76.8 / 74.6 % test accuracy;
@@ -21,6 +24,7 @@ def test_multi_exit_learns_fashion_mnist():
     assert losses[-1] < losses[0]
 
 
+@pytest.mark.slow  # long: out of make test-fast
 def test_personalisation_wins_in_distribution_and_generalisation_wins_ood():
     """The hybrid-SFL trade-off on Shard-2: max personalisation (λ=1) beats SplitFed on
     in-distribution queries (ρ=0); SplitFed never exits and so keeps its (lower) accuracy

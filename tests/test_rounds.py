@@ -56,6 +56,7 @@ def test_plan_is_seeded_and_draws_participants_among_the_available():
     assert [plan_round(plain, r).participants for r in range(1, 4)] == [plain.participants(r) for r in range(1, 4)]
 
 
+@pytest.mark.slow  # long: out of make test-fast
 def test_deadline_leaves_stragglers_out_and_the_model_is_the_run_without_them():
     cfg = tiny_config(**MIXED)
     ex = Experiment.plan(cfg)
@@ -78,6 +79,7 @@ def test_deadline_leaves_stragglers_out_and_the_model_is_the_run_without_them():
     assert slack["rounds"][0]["stragglers"] == [] and slack["rounds"][0]["deadline_s"] == pytest.approx(max(estimates))
 
 
+@pytest.mark.slow  # long: out of make test-fast
 def test_dropouts_are_discarded_and_deterministic():
     cfg = tiny_config(**{"fleet.dropout_probability": 0.4, "fleet.quorum": 0.25, "train.rounds": 3})
     first, second = LocalEngine(cfg), LocalEngine(cfg)
@@ -89,6 +91,7 @@ def test_dropouts_are_discarded_and_deterministic():
         assert r["participants"] == 4 - len(r["dropouts"])
 
 
+@pytest.mark.slow  # long: out of make test-fast
 def test_below_quorum_the_round_is_retried_then_fails_visibly():
     cfg = tiny_config(**{"fleet.dropout_probability": 0.5, "fleet.quorum": 4, "fleet.round_retries": 30,
                          "train.rounds": 1})

@@ -364,6 +364,7 @@ def _prefix(net: MultiExitNet, x: torch.Tensor, depth: int) -> torch.Tensor:
     return x
 
 
+@pytest.mark.slow  # long: out of make test-fast
 @pytest.mark.parametrize("family", sorted(SMALL))
 def test_split_views_reproduce_the_template(family: str) -> None:
     net, x = _small_template(family)
