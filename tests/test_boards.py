@@ -110,8 +110,9 @@ def test_a_pi4_is_flashed_self_checked_and_trains_beside_x86_devices(stack, tmp_
         unit = _on_board(board, f"cat /etc/systemd/system/{UNIT_NAME}").stdout
         argv, env = unit_exec(unit)
         start = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
-        _on_board(board, f"cd /opt/harmony && {start} nohup {shlex.join(argv)} < /dev/null "
-                         "> /opt/harmony/agent.log 2>&1 &", 120)
+        # in a subshell of its own, every descriptor away from the SSH channel, so that ssh returns at once
+        _on_board(board, f"cd /opt/harmony && ({start} nohup {shlex.join(argv)} < /dev/null "
+                         "> /opt/harmony/agent.log 2>&1 &)", 120)
 
         device = _wait_registered(stack, board)
         profile = json.loads(device["profile"])
