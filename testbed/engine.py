@@ -153,12 +153,10 @@ class DockerEngine:
             subprocess.run(["umount", "-l", mount], capture_output=True)
         if self.netns.exists():
             subprocess.run(["ip", "netns", "del", self.name], capture_output=True)
-        for hierarchy in (CGROUP_ROOT.iterdir() if CGROUP_ROOT.is_dir() else []):
-            parent = hierarchy / self.cgroup_parent
-            if parent.is_dir():
-                for child in sorted(parent.glob("*/"), reverse=True):
-                    _rmdir(child)
-                _rmdir(parent)
+        for parent in self.cgroup_dirs():
+            for child in sorted(parent.glob("*/"), reverse=True):
+                _rmdir(child)
+            _rmdir(parent)
         if self._lock is not None:
             self._lock.close()
             self._lock = None
@@ -179,10 +177,20 @@ class DockerEngine:
         return pids
 
     def cgroup_dirs(self) -> list[Path]:
-        """This engine's cgroup directories (its parent in each hierarchy) that exist now."""
+        """This engine's cgroup directories (its parent in each hierarchy) that exist now. The parent is
+        relative to dockerd's own cgroup, which it inherits from this process: ``/harmony-engine-NAME``
+        in a hierarchy where this process sits at the root, deeper where it does not."""
         if not CGROUP_ROOT.is_dir():
             return []
-        return [h / self.cgroup_parent for h in CGROUP_ROOT.iterdir() if (h / self.cgroup_parent).is_dir()]
+        own = _own_cgroups()
+        found = []
+        for hierarchy in CGROUP_ROOT.iterdir():
+            names = hierarchy.name.split(",")
+            bases = {""} | {own[n] for n in (*names, f"name={hierarchy.name}") if n in own}
+            if hierarchy.name == "unified":
+                bases.add(own.get("", ""))
+            found += [d for d in {hierarchy / base / self.cgroup_parent for base in bases} if d.is_dir()]
+        return sorted(found)
 
     def _claim_root(self) -> Path:
         root = self.wanted_root
@@ -230,6 +238,17 @@ class DockerEngine:
             raise EngineError(f"{' '.join(argv[:4])} ... failed ({out.returncode}): "
                               f"{(out.stderr or out.stdout)[-3000:]}")
         return out
+
+
+def _own_cgroups() -> dict[str, str]:
+    """Controller (``cpu``, ``memory``, ``name=systemd``; ``""`` for v2) → this process's cgroup path."""
+    out: dict[str, str] = {}
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        parts = line.split(":", 2)
+        if len(parts) == 3:
+            for controller in parts[1].split(","):
+                out[controller] = parts[2].strip().lstrip("/")
+    return out
 
 
 def _alive(pid: int) -> bool:

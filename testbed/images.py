@@ -17,6 +17,7 @@ Each image carries a label with what it was made from; an image whose label matc
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
@@ -25,14 +26,13 @@ import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
+from testbed.compose import MOSQUITTO_UID, REDIS_UID
 from testbed.engine import DockerEngine, EngineError
 from testbed.rootfs import IMAGE_PACKAGES, debian_root, ensure_binfmt, host_arch
 
 log = logging.getLogger(__name__)
 
 SERVICE_PACKAGES = ("mosquitto", "mosquitto-clients", "redis-server", "prometheus", "ca-certificates")
-MOSQUITTO_UID = 1883
-REDIS_UID = 999
 LABEL = "org.harmony-testbed.made-from"
 
 MOSQUITTO_DOCKERFILE = f"""\
@@ -190,6 +190,4 @@ def _link_or_copy(src: str, dst: str) -> None:
 
 
 def _digest(text: str) -> str:
-    import hashlib
-
     return hashlib.sha256(text.encode()).hexdigest()[:12]

@@ -225,11 +225,12 @@ def test_every_dashboard_query_is_valid_promql(tmp_path):
 def test_docker_compose_accepts_the_monitoring_profile():
     """docker-compose 1.29 (Debian's) knows `profiles:` (1.28 and later): its resolved config keeps the
     three services in profile `monitoring`, which `up` starts only with `--profile monitoring`."""
-    env = {**os.environ, "HARMONY_CREDENTIALS_DIR": str(credential_store())}
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_IMAGE")}  # the file's default images
+    env["HARMONY_CREDENTIALS_DIR"] = str(credential_store())
     run = subprocess.run(["docker-compose", "-f", str(COMPOSE_FILE), "--profile", "monitoring", "config"],
                          capture_output=True, text=True, env=env, cwd=DOCKER, timeout=60)
     assert run.returncode == 0, run.stderr
     resolved = yaml.safe_load(run.stdout)["services"]
     for name in ("monitor", "prometheus", "grafana"):
         assert resolved[name]["profiles"] == ["monitoring"], name
-    assert resolved["prometheus"]["image"] == services()["prometheus"]["image"]
+    assert resolved["prometheus"]["image"] == interpolate(services()["prometheus"]["image"])
