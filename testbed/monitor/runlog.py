@@ -5,8 +5,9 @@ The file is flushed per event so a monitor can tail it while the run goes on
 (``harmony monitor --run-dir OUT``). Fields are the engine's progress fields made JSON-able
 (a ``RoundRecord`` becomes its ``dataclasses.asdict``); session events carry ``round``,
 ``device`` (the client index) and ``seconds`` (from the round's start) where known, and
-``queued_s``/``train_s`` (before and after the device was told to start) where the runtime knows. Writing it reads the events only, so
-it changes no trained bit. Readers must tolerate unknown events and missing fields."""
+``queued_s``/``train_s`` (before and after the device was told to start) where the runtime knows.
+Writing it reads the events only, so it changes no trained bit. Readers must tolerate unknown
+events and missing fields."""
 
 from __future__ import annotations
 
