@@ -84,6 +84,7 @@ def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
     assert result.exit_code == 2 and "no checkpoint" in result.output
 
 
+@pytest.mark.slow
 def test_a_retried_round_is_told_once_in_the_same_words_and_the_bar_counts_every_session(tmp_path):
     """A round below quorum: one line per failed try, saying what the engine does next ("trying
     again", then "giving up" on the last), never twice; the progress bar's count never passes its

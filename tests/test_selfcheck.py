@@ -37,6 +37,7 @@ def self_check_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.
                           capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})}, cwd=ROOT)
 
 
+@pytest.mark.slow
 def test_a_torch_that_dies_by_sigill_is_reported_as_an_illegal_instruction(tmp_path):
     done = self_check_cli("--broker", f"127.0.0.1:{free_port()}", "--json",
                           env={"PYTHONPATH": fake_torch(tmp_path, SIGILL_TORCH), "QEMU_CPU": "cortex-a72"})
@@ -49,6 +50,7 @@ def test_a_torch_that_dies_by_sigill_is_reported_as_an_illegal_instruction(tmp_p
     assert "--torch 2.9.1" in report.next_step
 
 
+@pytest.mark.slow
 def test_a_missing_cuda_library_is_named(tmp_path):
     done = self_check_cli("--broker", f"127.0.0.1:{free_port()}", env={"PYTHONPATH": fake_torch(tmp_path, CUDA_TORCH)})
     assert done.returncode == 1
