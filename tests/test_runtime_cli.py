@@ -56,16 +56,6 @@ def test_up_run_down(tmp_path):
     argv = Path(f"/proc/{pids['worker']}/cmdline").read_bytes().split(b"\0")
     assert argv[argv.index(b"--concurrency") + 1] == b"32" and load_stack(stack_dir).worker_concurrency == 32
     try:
-        too_big = tmp_path / "too-big.yaml"
-        too_big.write_text(yaml.safe_dump({**TINY, "data": {**TINY["data"], "num_shards": 12},
-                                           "fleet": {"num_clients": 6, "split_depths": [2, 3, 4]}}))
-        result = runner.invoke(app, ["run", str(too_big), "--runtime", "distributed", "--stack", str(stack_dir),
-                                     "--devices-timeout", "3", "--out", str(tmp_path / "nothing")])
-        message = " ".join(result.output.split())  # rich wraps long lines
-        assert result.exit_code == 2, result.output
-        assert "fleet.num_clients = 6 but 4 device(s) are online after 3 s (emu-0, emu-1, emu-2, emu-3)" in message
-        assert "--set fleet.num_clients=4" in message
-        assert not (tmp_path / "nothing" / "results.json").exists()
         result = runner.invoke(app, ["run", str(cfg_path), "--runtime", "distributed", "--stack", str(stack_dir),
                                      "--out", str(out)])
         assert result.exit_code == 0, result.output
@@ -76,6 +66,18 @@ def test_up_run_down(tmp_path):
         events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]  # harmony monitor
         assert events[0]["event"] == "run_start" and events[0]["devices"] == doc["devices"]
         assert sum(e["event"] == "session_done" for e in events) == doc["rounds"][0]["participants"]
+        # a run larger than the devices online (all four are: the run above waited for them) stops
+        # after --devices-timeout, naming those online
+        too_big = tmp_path / "too-big.yaml"
+        too_big.write_text(yaml.safe_dump({**TINY, "data": {**TINY["data"], "num_shards": 12},
+                                           "fleet": {"num_clients": 6, "split_depths": [2, 3, 4]}}))
+        result = runner.invoke(app, ["run", str(too_big), "--runtime", "distributed", "--stack", str(stack_dir),
+                                     "--devices-timeout", "3", "--out", str(tmp_path / "nothing")])
+        message = " ".join(result.output.split())  # rich wraps long lines
+        assert result.exit_code == 2, result.output
+        assert "fleet.num_clients = 6 but 4 device(s) are online after 3 s (emu-0, emu-1, emu-2, emu-3)" in message
+        assert "--set fleet.num_clients=4" in message
+        assert not (tmp_path / "nothing" / "results.json").exists()
         # the same fleet addressed by its broker and Redis (as for a remote or containerised fleet)
         info = load_stack(stack_dir)
         result = runner.invoke(app, ["run", str(cfg_path), "--runtime", "distributed", "--broker",
