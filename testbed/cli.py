@@ -1141,6 +1141,7 @@ def fleet_ps(
 ) -> None:
     """List the agents of the `harmony fleet emulate` running against a stack: PIDs, namespaces, cgroups."""
     from testbed.emulate import STATE_FILE
+    from testbed.stack import process_alive
 
     path = stack_dir / "emulate" / STATE_FILE
     try:
@@ -1151,29 +1152,17 @@ def fleet_ps(
     except ValueError as err:
         _fail(ValueError(f"{path}: not a fleet state file ({err})"))
     supervisor = int(doc.get("supervisor_pid", 0))
-    if not _pid_alive(supervisor):
+    if not process_alive(supervisor):
         _fail(RuntimeError(f"{path} is left from a `harmony fleet emulate` (pid {supervisor}) that is no longer "
                            "running; its agents are not supervised"))
     for agent in doc["agents"]:  # the file is written at each change; a process may have ended since
-        if agent["state"] == "running" and not _pid_alive(int(agent["pid"])):
+        if agent["state"] == "running" and not process_alive(int(agent["pid"])):
             agent["state"] = "ended"
     if as_json:
         typer.echo(json.dumps(doc))
         return
     out_console.print(_agents_table(doc["agents"], f"emulated fleet hemu-{doc['tag']} against {doc['broker']} "
                                     f"(supervisor pid {supervisor}, restarts {'on' if doc['restart'] else 'off'})"))
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 @fleet_app.command("compose")

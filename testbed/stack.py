@@ -370,7 +370,7 @@ class LocalStack:
             proc.wait(timeout)
         else:
             deadline = time.monotonic() + timeout
-            while _alive(pid):
+            while process_alive(pid):
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"{name} (pid {pid}) still runs {timeout} s after signal {sig}")
                 time.sleep(0.05)
@@ -435,7 +435,7 @@ a PID the system gave to another program since is not the stack's."""
 
 def _runs_as(name: str, pid: int) -> bool:
     """Whether ``pid`` is alive and still the program process ``name`` of a stack was."""
-    if not _alive(pid):
+    if not process_alive(pid):
         return False
     program = _PROGRAMS.get(name.split("-")[0])
     try:
@@ -486,10 +486,12 @@ def stack_running(run_dir: str | Path) -> bool:
     return all(name in info.pids and _runs_as(name, info.pids[name]) for name in ("mosquitto", "redis"))
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     """Whether ``pid`` still runs. An exited child of this very process (``harmony up`` and ``down`` in one
     process, as in the tests) is a zombie until reaped, so reap it first: otherwise every stop would wait
     its full SIGTERM timeout and then SIGKILL a process that is already gone."""
+    if pid <= 0:  # 0 and -1 would address a process group, not a process
+        return False
     try:
         os.waitpid(pid, os.WNOHANG)
     except ChildProcessError:  # not our child: init reaps it
@@ -520,7 +522,7 @@ def stop_stack(run_dir: str | Path, procs: dict[str, subprocess.Popen[bytes]] | 
             continue
         os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout
-        while (proc.poll() is None) if proc is not None else _alive(pid):
+        while (proc.poll() is None) if proc is not None else process_alive(pid):
             if time.monotonic() > deadline:
                 os.kill(pid, signal.SIGKILL)
                 if proc is not None:

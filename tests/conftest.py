@@ -129,3 +129,35 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
         report.outcome = "failed"
         report.longrepr = (f"{item.nodeid} started real processes ({', '.join(sorted(set(programs)))}) but is not "
                            "marked @pytest.mark.slow: mark it, so that `make test-fast` leaves it out")
+
+
+@pytest.fixture
+def broker_and_redis(tmp_path):
+    """A real mosquitto and redis-server on free loopback ports, for tests that talk to both without a
+    whole stack: (the broker's port, the Redis URL)."""
+    import shutil
+    import subprocess
+    import time
+
+    from broker.mosquitto import MosquittoConfig, MosquittoProcess, free_port
+    from server import state
+
+    mosquitto = MosquittoProcess(tmp_path / "mosquitto", MosquittoConfig(port=free_port())).start()
+    redis_port = free_port()
+    redis = subprocess.Popen([shutil.which("redis-server") or "/usr/bin/redis-server", "--port", str(redis_port),
+                              "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    url = f"redis://127.0.0.1:{redis_port}/0"
+    r = state.connect(url)
+    for _ in range(200):
+        try:
+            r.ping()
+            break
+        except Exception:
+            time.sleep(0.05)
+    try:
+        yield mosquitto.port, url
+    finally:
+        redis.terminate()
+        redis.wait(10)
+        mosquitto.stop()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 import subprocess
 import sys
 import time
@@ -20,7 +19,6 @@ import yaml
 from typer.testing import CliRunner
 
 from broker.client import BrokerClient
-from broker.mosquitto import MosquittoConfig, MosquittoProcess, free_port
 from broker.topics import Topics
 from edge_agent.probe import AGENT_VERSION
 from harmony.version import installed_version
@@ -47,29 +45,6 @@ def _announce(port: int, device: str, version: str) -> BrokerClient:
     client.announce(client.topics.hello(device), hello).wait(10)
     client.publish_status("idle").wait(10)
     return client
-
-
-@pytest.fixture
-def broker_and_redis(tmp_path):
-    mosquitto = MosquittoProcess(tmp_path / "mosquitto", MosquittoConfig(port=free_port())).start()
-    redis_port = free_port()
-    redis = subprocess.Popen([shutil.which("redis-server") or "/usr/bin/redis-server", "--port", str(redis_port),
-                              "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    url = f"redis://127.0.0.1:{redis_port}/0"
-    r = state.connect(url)
-    for _ in range(100):
-        try:
-            r.ping()
-            break
-        except Exception:
-            time.sleep(0.05)
-    try:
-        yield mosquitto.port, url
-    finally:
-        redis.terminate()
-        redis.wait(10)
-        mosquitto.stop()
 
 
 @pytest.mark.slow

@@ -9,14 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
-import subprocess
-import time
 
 import pytest
 
 from broker.client import BrokerClient
-from broker.mosquitto import MosquittoConfig, MosquittoProcess, free_port
 from broker.topics import Topics
 from harmony.assignment import Measurement
 from harmony.engine import Engine, LocalEngine
@@ -33,29 +29,6 @@ from tests.conftest import tiny_config
 # the seven-device bench of the report, shrunk: a Jetson Nano, a Pi 4 and a Pi Zero 2 W
 DEVICES = {"jetson-nano-0": ("jetson_nano", 30e9, 90e6), "pi4-0": ("pi4", 9e9, 95e6),
            "pi-zero-2-0": ("pi_zero_2", 2.5e9, 19e6)}
-
-
-@pytest.fixture
-def broker_and_redis(tmp_path):
-    mosquitto = MosquittoProcess(tmp_path / "mosquitto", MosquittoConfig(port=free_port())).start()
-    redis_port = free_port()
-    redis = subprocess.Popen([shutil.which("redis-server") or "/usr/bin/redis-server", "--port", str(redis_port),
-                              "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    url = f"redis://127.0.0.1:{redis_port}/0"
-    r = state.connect(url)
-    for _ in range(200):
-        try:
-            r.ping()
-            break
-        except Exception:
-            time.sleep(0.05)
-    try:
-        yield mosquitto.port, url
-    finally:
-        redis.terminate()
-        redis.wait(10)
-        mosquitto.stop()
 
 
 def _announce(port: int, device: str, cls: str, conv: float, uplink: float) -> BrokerClient:
