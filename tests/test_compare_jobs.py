@@ -53,8 +53,9 @@ def test_a_failed_run_stops_new_runs_and_keeps_the_finished_ones(tmp_path):
     (tmp_path / "splitfed" / "seed7").write_text("a file where the run directory should be")
     events: list[tuple[str, dict]] = []
     with pytest.raises(OSError):
-        compare(_cfg(threads=1), ["splitfed", "multi-exit"], 2, tmp_path, lambda e, **f: events.append((e, f)),
-                jobs=2)
+        # a whole epoch a round (not _cfg's 4 steps): seed 8 must still be running when seed 7's failure is seen
+        compare(_cfg(threads=1, **{"train.local_steps": None}), ["splitfed", "multi-exit"], 2, tmp_path,
+                lambda e, **f: events.append((e, f)), jobs=2)
     failed = [f for e, f in events if e == "run_failed"]
     assert [f["run"] for f in failed] == ["splitfed seed 7"] and "seed7" in failed[0]["error"]
     assert (tmp_path / "splitfed" / "seed8" / "results.json").is_file()  # handed out already: finished and kept

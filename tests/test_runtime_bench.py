@@ -28,7 +28,7 @@ from orchestrator.engine import DistributedEngine
 from server import state
 from testbed.stack import LocalStack
 from tests.conftest import tiny_config
-from tests.runtime_fixtures import left_out, local_without, same_weights, when_in_flight
+from tests.runtime_fixtures import left_out, local_without, paced_class, paced_step_s, same_weights, when_in_flight
 
 ROOT = Path(__file__).resolve().parents[1]
 SEVEN = {"fleet.num_clients": 7, "data.num_shards": 14, "train.local_steps": 20}
@@ -204,12 +204,16 @@ def test_an_agent_restarted_just_before_the_final_evaluation_is_assigned_again_o
 
 @pytest.mark.slow
 def test_a_far_slower_device_is_a_straggler_without_any_deadline_configured(bench, tmp_path):
-    """An eighth device emulated 50× slower than the host, no fleet.round_deadline_s: once the
-    quorum is in, the others get fleet.quorum_slack (5) × that time, so the slow device is a
-    straggler of every round (50 > 5 whatever the host's speed) — today the round waits for it."""
-    bench.add_agent(["emu-7"], ["--slowdown", "50"])
+    """An eighth device paced to a crawl, no fleet.round_deadline_s: once the quorum is in, the others
+    get max(30 s, fleet.quorum_slack × that time), so the slow device — whose steps take longer than
+    that by construction, whatever the host's speed — is a straggler of every round; without the
+    derived deadline the round would wait for it."""
     cfg = tiny_config(**{**SEVEN, "fleet.num_clients": 8, "data.num_shards": 16, "train.rounds": 2})
     assert cfg.fleet.round_deadline_s is None and cfg.fleet.deadline_slack is None
+    crawl_flops = 1e7  # steps of 9 s or more: 20 of them outlast a derived deadline of 30 s
+    depths = set(cfg.fleet.split_depths)
+    assert min(paced_step_s(cfg, d, crawl_flops) for d in depths) * cfg.train.local_steps > 150
+    bench.add_agent(["emu-7"], paced_class(tmp_path, "crawler", crawl_flops))
     ends: list[float] = []
     engine = DistributedEngine(cfg, tmp_path, lambda event, **f: ends.append(time.monotonic())
                                if event in ("round_start", "round_end") else None,
