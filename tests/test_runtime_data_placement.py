@@ -31,7 +31,10 @@ def test_worker_without_dataset_and_agents_with_only_their_devices(tmp_path, mon
     empty.mkdir()
     # every process would look in the empty folder: the config names it (nothing else is searched)
     # and so does the worker's environment; only the planner and the agents are told where the files are
-    cfg = tiny_config(**{"train.algorithm": "harmony", "data.data_dir": str(empty), "train.rounds": 1})
+    # every device in the round (quorum 1: no derived deadline can leave a slow first session out), so
+    # the model must be the local run's with all of them
+    cfg = tiny_config(**{"train.algorithm": "harmony", "data.data_dir": str(empty), "train.rounds": 1,
+                         "fleet.quorum": 1.0})
     monkeypatch.setenv("HARMONY_DATA_DIR", str(empty))
     stack = LocalStack(tmp_path / "stack")
     info = stack.start(agents=0, registry=False, worker_concurrency=4)
