@@ -241,7 +241,12 @@ def test_an_agent_restarted_after_kill_9_takes_part_again(stack, tmp_path):
     assert "at" in killed, "the sessions of emu-2/emu-3 were never seen in flight"
     assert rounds[0]["dropouts"] == [2, 3] and rounds[0]["participants"] == 2
     assert killed["round_1_end"] - killed["at"] < 30, "round 1 waited on the killed devices"
-    assert [(rec["dropouts"], rec["participants"]) for rec in rounds[1:]] == [([], 4), ([], 4)]
+    # back in the first round that starts after the driver's registry has their new hellos: round 2 when
+    # they beat its start (the usual case), round 3 at the latest; a round that starts first records them
+    # offline (not invited), never as dropouts
+    assert [rec["dropouts"] for rec in rounds[1:]] == [[], []]
+    assert rounds[2]["participants"] == 4
+    assert rounds[1]["participants"] + len(rounds[1]["offline"]) == 4 and set(rounds[1]["offline"]) <= {2, 3}
     assert sorted(e["device"] for e in _events(r, "device_reassigned", since)) == ['"emu-2"', '"emu-3"']
     reference = local_without(cfg, left_out(rounds))
     assert same_weights(reference.model_state(), engine.model_state())
