@@ -130,18 +130,6 @@ class MqttCeleryFleet:
         self.lease = state.StackLease(self.r, {"id": uuid.uuid4().hex[:12], "pid": os.getpid(),
                                                "host": socket.gethostname(), "config": self.cfg.name,
                                                "started": round(time.time(), 3), **(run_label or {})})
-        try:
-            self.lease.acquire()
-        except BaseException:
-            self.mqtt.close()
-            raise
-        if self.cfg.fleet.assignment == "measured":
-            try:
-                self._decide_depths()
-            except BaseException:
-                self.lease.release()
-                self.mqtt.close()
-                raise
         self._assigned_at: dict[str, float | None] = {}  # device → the agent start its assign went to
         self.published: dict[str, int] = {}
         self._stale: set[str] = set()  # published before the broker was lost (_after_reconnect)
@@ -149,6 +137,13 @@ class MqttCeleryFleet:
         self._sent: list[AsyncResult] = []  # every task sent (their results are forgotten at the run's end)
         self._finished = False  # the final evaluation is done: close() cleans the run's keys
         try:
+            self.lease.acquire()
+        except BaseException:
+            self.mqtt.close()
+            raise
+        try:  # a measured assignment or the assign that fails gives the stack back
+            if self.cfg.fleet.assignment == "measured":
+                self._decide_depths()
             self._assign()
         except BaseException:
             self.lease.release()
